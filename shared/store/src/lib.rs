@@ -1,0 +1,305 @@
+//! Where data lives. Every path a user gives (inputs, datasets, the services' own state) is either a
+//! plain local path or an object-store URL:
+//!
+//! - `file:///abs/dir` or `/abs/dir` or `rel/dir`: the local file system (the default);
+//! - `memory://name`: an in-process store, shared by every location with the same name (tests);
+//! - `s3://bucket/prefix`: S3 or MinIO, configured from the environment the way the AWS tools read
+//!   it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
+//!   `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`; plain `http://` endpoints are allowed).
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{memory::InMemory, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Cursor};
+use std::sync::{Arc, Mutex, OnceLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid location '{uri}': {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error("{uri}: not found")]
+    NotFound { uri: String },
+    #[error("{uri}: already exists")]
+    AlreadyExists { uri: String },
+    #[error("{uri}: {source}")]
+    Io { uri: String, source: Box<dyn std::error::Error + Send + Sync> },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A prefix in an object store, with the URI it was parsed from (for messages).
+#[derive(Clone)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    uri: String,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.uri)
+    }
+}
+
+fn memory_store(name: &str) -> Arc<InMemory> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    let mut stores = STORES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+}
+
+fn invalid(uri: &str, reason: impl ToString) -> StoreError {
+    StoreError::InvalidUri { uri: uri.to_string(), reason: reason.to_string() }
+}
+
+/// Whether `uri` names something on the local file system (a plain path or `file://`).
+pub fn is_local(uri: &str) -> bool {
+    !uri.contains("://") || uri.starts_with("file://")
+}
+
+/// Makes a plain relative path absolute against the current directory; URLs pass unchanged.
+/// Clients call this before sending a path to a service that runs elsewhere.
+pub fn absolutize(uri: &str) -> String {
+    if uri.is_empty() || uri.contains("://") {
+        return uri.to_string();
+    }
+    let p = std::path::Path::new(uri);
+    if p.is_absolute() {
+        return uri.to_string();
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => cwd.join(p).to_string_lossy().into_owned(),
+        Err(_) => uri.to_string(),
+    }
+}
+
+fn local_path(uri: &str) -> Result<std::path::PathBuf> {
+    let raw = if let Some(rest) = uri.strip_prefix("file://") {
+        let url = url::Url::parse(&format!("file://{rest}")).map_err(|e| invalid(uri, e))?;
+        url.to_file_path().map_err(|_| invalid(uri, "not an absolute file path"))?
+    } else {
+        std::path::PathBuf::from(absolutize(uri))
+    };
+    Ok(raw)
+}
+
+impl Location {
+    /// Parses a local path or an object-store URL.
+    pub fn parse(uri: &str) -> Result<Self> {
+        let uri = uri.trim();
+        if uri.is_empty() {
+            return Err(invalid(uri, "empty"));
+        }
+        if is_local(uri) {
+            let path = local_path(uri)?;
+            let prefix = Path::from_absolute_path(&path).map_err(|e| invalid(uri, e))?;
+            let store = Arc::new(object_store::local::LocalFileSystem::new());
+            return Ok(Self { store, prefix, uri: format!("file://{}", path.display()) });
+        }
+        let url = url::Url::parse(uri).map_err(|e| invalid(uri, e))?;
+        let prefix = Path::parse(url.path().trim_start_matches('/')).map_err(|e| invalid(uri, e))?;
+        let store: Arc<dyn ObjectStore> = match url.scheme() {
+            "memory" => memory_store(url.host_str().unwrap_or("")),
+            "s3" | "s3a" => {
+                let bucket = url.host_str().ok_or_else(|| invalid(uri, "missing bucket"))?;
+                let mut builder =
+                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
+                    .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                    .ok();
+                if let Some(endpoint) = endpoint {
+                    if endpoint.starts_with("http://") {
+                        builder = builder.with_allow_http(true);
+                    }
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+                    builder = builder.with_region("us-east-1");
+                } else if let Ok(region) = std::env::var("AWS_REGION") {
+                    builder = builder.with_region(region);
+                }
+                Arc::new(builder.build().map_err(|e| invalid(uri, e))?)
+            }
+            other => return Err(invalid(uri, format!("unsupported scheme '{other}' (use file://, memory:// or s3://)"))),
+        };
+        Ok(Self { store, prefix, uri: uri.trim_end_matches('/').to_string() })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// The object path of `name` below this prefix (`name` may contain `/`).
+    pub fn path(&self, name: &str) -> Path {
+        let mut p = self.prefix.clone();
+        for part in name.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    /// The location of `name` below this prefix.
+    pub fn child(&self, name: &str) -> Location {
+        Location {
+            store: self.store.clone(),
+            prefix: self.path(name),
+            uri: format!("{}/{}", self.uri, name.trim_matches('/')),
+        }
+    }
+
+    /// The URI of `name` below this prefix, for messages.
+    pub fn uri_of(&self, name: &str) -> String {
+        format!("{}/{}", self.uri, name.trim_matches('/'))
+    }
+
+    fn err(&self, name: &str, e: object_store::Error) -> StoreError {
+        let uri = if name.is_empty() { self.uri.clone() } else { self.uri_of(name) };
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+                StoreError::AlreadyExists { uri }
+            }
+            other => StoreError::Io { uri, source: Box::new(other) },
+        }
+    }
+
+    /// Reads a whole object below this prefix.
+    pub async fn get(&self, name: &str) -> Result<Bytes> {
+        let path = if name.is_empty() { self.prefix.clone() } else { self.path(name) };
+        let res = self.store.get(&path).await.map_err(|e| self.err(name, e))?;
+        res.bytes().await.map_err(|e| self.err(name, e))
+    }
+
+    /// Reads the object at this location itself.
+    pub async fn get_self(&self) -> Result<Bytes> {
+        self.get("").await
+    }
+
+    /// Writes (or replaces) an object.
+    pub async fn put(&self, name: &str, data: Bytes) -> Result<()> {
+        self.store.put(&self.path(name), PutPayload::from(data)).await.map_err(|e| self.err(name, e))?;
+        Ok(())
+    }
+
+    /// Writes an object only if nothing is there yet; `AlreadyExists` otherwise. This is the commit
+    /// primitive: of two writers, exactly one wins.
+    pub async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.store
+            .put_opts(&self.path(name), PutPayload::from(data), opts)
+            .await
+            .map_err(|e| self.err(name, e))?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        match self.store.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    pub async fn exists(&self, name: &str) -> Result<bool> {
+        match self.store.head(&self.path(name)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err(name, e)),
+        }
+    }
+
+    /// Names (relative to this prefix) of the objects directly below `dir` (not recursive), sorted.
+    pub async fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let base = if dir.is_empty() { self.prefix.clone() } else { self.path(dir) };
+        let listing = self.store.list_with_delimiter(Some(&base)).await.map_err(|e| self.err(dir, e))?;
+        let mut names: Vec<String> = listing
+            .objects
+            .into_iter()
+            .filter_map(|m| {
+                let rel: Vec<_> = m.location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
+                Some(rel.join("/"))
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes every object below this prefix.
+    pub async fn delete_all(&self) -> Result<()> {
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&self.prefix))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(|e| self.err("", e))?;
+        for path in objects {
+            match self.store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(path.as_ref(), e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a text file for line reading: local files are streamed from disk, remote objects are
+/// fetched whole.
+pub async fn open_text(uri: &str) -> Result<Box<dyn BufRead + Send>> {
+    if is_local(uri) {
+        let path = local_path(uri)?;
+        let file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::NotFound { uri: path.display().to_string() },
+            _ => StoreError::Io { uri: path.display().to_string(), source: Box::new(e) },
+        })?;
+        return Ok(Box::new(BufReader::with_capacity(1 << 20, file)));
+    }
+    let loc = Location::parse(uri)?;
+    let bytes = loc.get_self().await?;
+    Ok(Box::new(Cursor::new(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_put_if_absent_commits_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap()).unwrap();
+        loc.put_if_absent("a/b.json", Bytes::from_static(b"1")).await.unwrap();
+        let again = loc.put_if_absent("a/b.json", Bytes::from_static(b"2")).await;
+        assert!(matches!(again, Err(StoreError::AlreadyExists { .. })), "{again:?}");
+        assert_eq!(loc.get("a/b.json").await.unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(loc.list("a").await.unwrap(), vec!["a/b.json".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn memory_locations_with_the_same_name_share_data() {
+        let a = Location::parse("memory://shared-test/x").unwrap();
+        a.put("k", Bytes::from_static(b"v")).await.unwrap();
+        let b = Location::parse("memory://shared-test/x").unwrap();
+        assert_eq!(b.get("k").await.unwrap(), Bytes::from_static(b"v"));
+        assert!(matches!(b.get("missing").await, Err(StoreError::NotFound { .. })));
+    }
+
+    #[test]
+    fn bad_schemes_are_named() {
+        let err = Location::parse("ftp://x/y").unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme 'ftp'"), "{err}");
+    }
+}
