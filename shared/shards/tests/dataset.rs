@@ -1,0 +1,130 @@
+use distill_shards::*;
+use distill_store::Location;
+use futures::TryStreamExt;
+
+fn teacher() -> TeacherIdentity {
+    TeacherIdentity { kind: "first_stage".into(), name: "bm25".into(), details: serde_json::Value::Null }
+}
+
+fn triple(q: usize, n: usize) -> TripleRow {
+    TripleRow {
+        query_id: format!("q{q}"),
+        query: format!("query {q}"),
+        pos_id: format!("p{q}"),
+        pos_text: format!("positive passage of {q}"),
+        pos_score: Some(10.0 + q as f64),
+        pos_label: Some(1),
+        neg_id: format!("n{q}-{n}"),
+        neg_text: "x".repeat(n),
+        neg_score: if n % 3 == 0 { None } else { Some(n as f64 * 0.5) },
+        neg_label: None,
+    }
+}
+
+fn opts(rows: u64) -> WriterOptions {
+    WriterOptions { rows_per_shard: rows, batch_rows: 4, ..Default::default() }
+}
+
+async fn write_triples(loc: &Location, queries: std::ops::Range<usize>, stop_after: Option<usize>) -> Option<Manifest> {
+    let (mut w, cursor) = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts(7), "job1").await.unwrap();
+    for q in queries.start.max(cursor as usize)..queries.end {
+        w.append_triples((0..3).map(|n| triple(q, n))).unwrap();
+        w.end_unit(q as u64 + 1).await.unwrap();
+        if stop_after == Some(q) {
+            return None; // dropped without commit: a crash
+        }
+    }
+    Some(w.commit(serde_json::json!({"note": "test"})).await.unwrap())
+}
+
+async fn read_all(loc: &Location) -> Vec<TripleRow> {
+    let reader = DatasetReader::open(loc.clone()).await.unwrap();
+    let batches: Vec<_> = reader.batches(5).try_collect().await.unwrap();
+    batches.iter().flat_map(|b| TripleRow::from_batch(b).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn triples_round_trip_and_roll_at_unit_boundaries() {
+    let loc = Location::parse("memory://shards-test/triples").unwrap();
+    let m = write_triples(&loc, 0..10, None).await.unwrap();
+    assert_eq!(m.rows, 30);
+    // 3 rows per unit, target 7: shards close after 9 rows, the last holds the rest.
+    assert_eq!(m.shards.iter().map(|s| s.rows).collect::<Vec<_>>(), [9, 9, 9, 3]);
+    let rows = read_all(&loc).await;
+    let want: Vec<_> = (0..10).flat_map(|q| (0..3).map(move |n| triple(q, n))).collect();
+    assert_eq!(rows, want);
+    assert_eq!(m.teacher, teacher());
+}
+
+#[tokio::test]
+async fn resumed_writer_produces_the_uninterrupted_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Location::parse(dir.path().join("full").to_str().unwrap()).unwrap();
+    let resumed = Location::parse(dir.path().join("resumed").to_str().unwrap()).unwrap();
+    let m_full = write_triples(&full, 0..10, None).await.unwrap();
+    assert!(write_triples(&resumed, 0..10, Some(4)).await.is_none());
+    // A half-written shard file may be left behind; the reader refuses the uncommitted dataset.
+    assert!(matches!(DatasetReader::open(resumed.clone()).await, Err(ShardError::NotCommitted { .. })));
+    let m_res = write_triples(&resumed, 0..10, None).await.unwrap();
+    assert_eq!(read_all(&full).await, read_all(&resumed).await);
+    let sums = |m: &Manifest| m.shards.iter().map(|s| (s.rows, s.sha256.clone())).collect::<Vec<_>>();
+    assert_eq!(sums(&m_full), sums(&m_res), "same shards, byte for byte");
+    assert!(resumed.list("_progress").await.unwrap().is_empty());
+    // A committed dataset is not opened for writing again.
+    let again = DatasetWriter::open(resumed.clone(), Layout::Triples, teacher(), opts(7), "job2").await;
+    assert!(matches!(again, Err(ShardError::AlreadyCommitted { ref job_id, .. }) if job_id == "job1"));
+}
+
+#[tokio::test]
+async fn another_jobs_partial_output_is_refused() {
+    let loc = Location::parse("memory://shards-test/foreign").unwrap();
+    assert!(write_triples(&loc, 0..10, Some(5)).await.is_none());
+    let other = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts(7), "job9").await;
+    let msg = other.err().unwrap().to_string();
+    assert!(msg.contains("partial output of job job1"), "{msg}");
+}
+
+#[tokio::test]
+async fn tampered_shard_fails_its_checksum() {
+    let loc = Location::parse("memory://shards-test/tamper").unwrap();
+    let m = write_triples(&loc, 0..4, None).await.unwrap();
+    let mut bytes = loc.get(&m.shards[0].path).await.unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    loc.put(&m.shards[0].path, bytes.into()).await.unwrap();
+    let reader = DatasetReader::open(loc.clone()).await.unwrap();
+    let err = reader.batches(8).try_collect::<Vec<_>>().await.unwrap_err().to_string();
+    assert!(err.contains("checksum") && err.contains(&m.shards[0].path), "{err}");
+}
+
+#[tokio::test]
+async fn lists_round_trip() {
+    let loc = Location::parse("memory://shards-test/lists").unwrap();
+    let (mut w, _) = DatasetWriter::open(loc.clone(), Layout::Lists, teacher(), opts(2), "job1").await.unwrap();
+    let rows: Vec<ListRow> = (0..5)
+        .map(|q| ListRow {
+            query_id: format!("q{q}"),
+            query: format!("query {q}"),
+            items: (0..q + 1)
+                .map(|i| ListItem {
+                    doc_id: format!("d{i}"),
+                    text: format!("text {i}"),
+                    teacher_score: -(i as f64),
+                    teacher_rank: i as i32 + 1,
+                    label: (i == 0).then_some(2),
+                })
+                .collect(),
+        })
+        .collect();
+    for (q, row) in rows.iter().enumerate() {
+        w.append_lists([row.clone()]).unwrap();
+        w.end_unit(q as u64 + 1).await.unwrap();
+    }
+    assert!(w.append_triples([triple(0, 0)]).is_err(), "layout is enforced");
+    let m = w.commit(serde_json::Value::Null).await.unwrap();
+    assert_eq!(m.shards.len(), 3);
+    let reader = DatasetReader::open(loc).await.unwrap();
+    let batches: Vec<_> = reader.batches(2).try_collect().await.unwrap();
+    let back: Vec<ListRow> = batches.iter().flat_map(|b| ListRow::from_batch(b).unwrap()).collect();
+    assert_eq!(back, rows);
+}
