@@ -70,6 +70,8 @@ pub struct RunEntry {
     /// The rank column as written in the file.
     pub rank: i64,
     pub score: f64,
+    /// Line of the run file it came from (1-based), for messages.
+    pub line: usize,
 }
 
 /// A query's ranked list.
@@ -110,7 +112,7 @@ pub fn read_run(reader: impl BufRead, file: &str) -> Result<Vec<RankedList>> {
         if !seen.insert((qi, cols[2].to_string())) {
             return Err(err(file, n, format!("document '{}' listed twice for query '{}'", cols[2], cols[0])));
         }
-        lists[qi].entries.push(RunEntry { docid: cols[2].to_string(), rank, score });
+        lists[qi].entries.push(RunEntry { docid: cols[2].to_string(), rank, score, line: n });
         Ok(())
     })?;
     for list in &mut lists {

@@ -24,7 +24,7 @@ pub use manifest::{Manifest, ShardInfo, MANIFEST_NAME};
 pub use reader::DatasetReader;
 pub use rows::{ListItem, ListRow, TripleRow};
 pub use schema::{Layout, TeacherIdentity};
-pub use writer::{DatasetWriter, WriterOptions};
+pub use writer::{DatasetWriter, Resume, WriterOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {

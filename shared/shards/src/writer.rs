@@ -50,6 +50,17 @@ struct ProgressRecord {
     job_id: String,
     cursor: u64,
     shard: ShardInfo,
+    /// The producer's own state at `cursor` (counters), handed back on resume.
+    #[serde(default)]
+    state: serde_json::Value,
+}
+
+/// Where a reopened writer continues: units before `cursor` are in closed shards; `state` is what
+/// the producer recorded with the last closed shard.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resume {
+    pub cursor: u64,
+    pub state: serde_json::Value,
 }
 
 #[derive(Default)]
@@ -100,6 +111,7 @@ pub struct DatasetWriter {
     buffer: Rows,
     buffer_bytes: usize,
     cursor: u64,
+    state: serde_json::Value,
 }
 
 fn shard_name(seq: u32, job_id: &str) -> String {
@@ -123,8 +135,8 @@ pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
 }
 
 impl DatasetWriter {
-    /// Opens a writer on `loc` for `job_id`. Returns the writer and the cursor to continue from
-    /// (0 for a new dataset). Fails if the prefix holds a committed dataset or another job's
+    /// Opens a writer on `loc` for `job_id`. Returns the writer and where to continue from
+    /// (cursor 0 for a new dataset). Fails if the prefix holds a committed dataset or another job's
     /// partial output.
     pub async fn open(
         loc: Location,
@@ -132,7 +144,7 @@ impl DatasetWriter {
         teacher: TeacherIdentity,
         opts: WriterOptions,
         job_id: &str,
-    ) -> Result<(Self, u64)> {
+    ) -> Result<(Self, Resume)> {
         if let Some(m) = read_manifest(&loc).await? {
             return Err(ShardError::AlreadyCommitted { uri: loc.uri().to_string(), job_id: m.job_id });
         }
@@ -155,7 +167,7 @@ impl DatasetWriter {
         // Only an unbroken run of records from shard 0 counts.
         let kept: Vec<ProgressRecord> =
             records.into_iter().enumerate().take_while(|(i, r)| r.seq as usize == *i).map(|(_, r)| r).collect();
-        let cursor = kept.last().map_or(0, |r| r.cursor);
+        let resume = kept.last().map_or(Resume::default(), |r| Resume { cursor: r.cursor, state: r.state.clone() });
         let shards: Vec<ShardInfo> = kept.iter().map(|r| r.shard.clone()).collect();
         // Records past a gap, and shard files that no kept record names, are leftovers of a crash.
         for name in loc.list(PROGRESS_DIR).await? {
@@ -184,9 +196,10 @@ impl DatasetWriter {
             shards,
             current: None,
             buffer_bytes: 0,
-            cursor,
+            cursor: resume.cursor,
+            state: resume.state.clone(),
         };
-        Ok((writer, cursor))
+        Ok((writer, resume))
     }
 
     pub fn layout(&self) -> Layout {
@@ -273,17 +286,25 @@ impl DatasetWriter {
             (hex::encode(d.hasher.clone().finalize()), d.bytes)
         };
         let info = ShardInfo { path: shard.name, rows: shard.rows, bytes, sha256 };
-        let record = ProgressRecord { seq: shard.seq, job_id: self.job_id.clone(), cursor: self.cursor, shard: info.clone() };
+        let record = ProgressRecord {
+            seq: shard.seq,
+            job_id: self.job_id.clone(),
+            cursor: self.cursor,
+            shard: info.clone(),
+            state: self.state.clone(),
+        };
         let json = serde_json::to_vec_pretty(&record).expect("record serializes");
         self.loc.put_if_absent(&progress_name(shard.seq), Bytes::from(json)).await?;
         self.shards.push(info.clone());
         Ok(Some(info))
     }
 
-    /// Marks the end of a unit: every row of the first `cursor` units has been appended. Closes the
-    /// shard (and returns it) when it has reached its target.
-    pub async fn end_unit(&mut self, cursor: u64) -> Result<Option<ShardInfo>> {
+    /// Marks the end of a unit: every row of the first `cursor` units has been appended, and
+    /// `state` is the producer's state after them. Closes the shard (and returns it) when it has
+    /// reached its target.
+    pub async fn end_unit(&mut self, cursor: u64, state: serde_json::Value) -> Result<Option<ShardInfo>> {
         self.cursor = cursor;
+        self.state = state;
         if self.buffer.len() >= self.opts.batch_rows {
             self.flush_buffer().await?;
         }

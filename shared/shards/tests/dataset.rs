@@ -26,10 +26,13 @@ fn opts(rows: u64) -> WriterOptions {
 }
 
 async fn write_triples(loc: &Location, queries: std::ops::Range<usize>, stop_after: Option<usize>) -> Option<Manifest> {
-    let (mut w, cursor) = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts(7), "job1").await.unwrap();
-    for q in queries.start.max(cursor as usize)..queries.end {
+    let (mut w, resume) = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts(7), "job1").await.unwrap();
+    if resume.cursor > 0 {
+        assert_eq!(resume.state, serde_json::json!({"done": resume.cursor}), "state comes back with the cursor");
+    }
+    for q in queries.start.max(resume.cursor as usize)..queries.end {
         w.append_triples((0..3).map(|n| triple(q, n))).unwrap();
-        w.end_unit(q as u64 + 1).await.unwrap();
+        w.end_unit(q as u64 + 1, serde_json::json!({"done": q + 1})).await.unwrap();
         if stop_after == Some(q) {
             return None; // dropped without commit: a crash
         }
@@ -118,7 +121,7 @@ async fn lists_round_trip() {
         .collect();
     for (q, row) in rows.iter().enumerate() {
         w.append_lists([row.clone()]).unwrap();
-        w.end_unit(q as u64 + 1).await.unwrap();
+        w.end_unit(q as u64 + 1, serde_json::Value::Null).await.unwrap();
     }
     assert!(w.append_triples([triple(0, 0)]).is_err(), "layout is enforced");
     let m = w.commit(serde_json::Value::Null).await.unwrap();
