@@ -1,0 +1,182 @@
+//! The job table: every job's record, its event channel and its cancellation token. Records are
+//! persisted as `jobs/<id>.pb` (the `Job` message) in the service's store, so that a restarted
+//! service knows its jobs and resumes the unfinished ones.
+
+use crate::error::Error;
+use bytes::Bytes;
+use distill_proto::{job_event, Job, JobEvent, JobKind, JobSpec, JobState, LogLine, Progress, StateChange};
+use distill_store::Location;
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// One job: its current record, the events its watchers receive, and how to cancel it.
+pub struct JobEntry {
+    job: Mutex<Job>,
+    events: broadcast::Sender<JobEvent>,
+    pub cancel: CancellationToken,
+    /// Serialises writes of the record so an older snapshot never overwrites a newer one.
+    persist_lock: tokio::sync::Mutex<()>,
+}
+
+impl JobEntry {
+    fn new(job: Job) -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Self { job: Mutex::new(job), events, cancel: CancellationToken::new(), persist_lock: Default::default() })
+    }
+
+    pub fn snapshot(&self) -> Job {
+        self.job.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn id(&self) -> String {
+        self.snapshot().id
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Job)) -> Job {
+        let mut job = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut job);
+        job.clone()
+    }
+
+    fn emit(&self, id: &str, event: job_event::Event) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(JobEvent { job_id: id.to_string(), time_ms: now_ms(), event: Some(event) });
+    }
+}
+
+pub struct Jobs {
+    dir: Location,
+    entries: Mutex<HashMap<String, Arc<JobEntry>>>,
+}
+
+impl Jobs {
+    /// Loads the job records under `dir`. Returns the table and the jobs to resume (those that were
+    /// queued or running when the service stopped), already marked QUEUED with `resumes` counted.
+    pub async fn load(dir: Location) -> Result<(Arc<Self>, Vec<Arc<JobEntry>>), Error> {
+        let jobs = Arc::new(Self { dir: dir.clone(), entries: Mutex::new(HashMap::new()) });
+        let mut resume = Vec::new();
+        for name in dir.list("").await? {
+            if !name.ends_with(".pb") {
+                continue;
+            }
+            let bytes = dir.get(&name).await?;
+            let mut job = match Job::decode(bytes) {
+                Ok(job) => job,
+                Err(e) => {
+                    tracing::error!(record = %dir.uri_of(&name), error = %e, "unreadable job record skipped");
+                    continue;
+                }
+            };
+            let unfinished = !job.state().is_terminal();
+            if unfinished {
+                job.set_state(JobState::Queued);
+                job.resumes += 1;
+            }
+            let entry = JobEntry::new(job);
+            jobs.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.id(), entry.clone());
+            if unfinished {
+                jobs.persist(&entry).await?;
+                resume.push(entry);
+            }
+        }
+        resume.sort_by_key(|e| e.snapshot().created_at_ms);
+        Ok((jobs, resume))
+    }
+
+    /// Records a new QUEUED job.
+    pub async fn create(&self, kind: JobKind, spec: JobSpec, output_uri: String, id: String) -> Result<Arc<JobEntry>, Error> {
+        let job = Job {
+            id: id.clone(),
+            kind: kind as i32,
+            state: JobState::Queued as i32,
+            spec: Some(spec),
+            progress: Some(Progress::default()),
+            created_at_ms: now_ms(),
+            output_uri,
+            ..Default::default()
+        };
+        let entry = JobEntry::new(job);
+        self.persist(&entry).await?;
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(id, entry.clone());
+        Ok(entry)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<JobEntry>, Error> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::JobNotFound(id.to_string()))
+    }
+
+    /// All jobs (optionally in one state), oldest first.
+    pub fn list(&self, state: Option<JobState>) -> Vec<Job> {
+        let mut jobs: Vec<Job> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|e| e.snapshot())
+            .filter(|j| state.is_none_or(|s| j.state() == s))
+            .collect();
+        jobs.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then_with(|| a.id.cmp(&b.id)));
+        jobs
+    }
+
+    async fn persist(&self, entry: &JobEntry) -> Result<(), Error> {
+        let _guard = entry.persist_lock.lock().await;
+        let job = entry.snapshot();
+        self.dir.put(&format!("{}.pb", job.id), Bytes::from(job.encode_to_vec())).await?;
+        Ok(())
+    }
+
+    async fn persist_logged(&self, entry: &JobEntry) {
+        if let Err(e) = self.persist(entry).await {
+            tracing::error!(job = %entry.id(), error = %e, "could not persist job record");
+        }
+    }
+
+    /// Moves a job to `state` (with `error` for FAILED), records the times, persists and tells
+    /// the watchers.
+    pub async fn set_state(&self, entry: &JobEntry, state: JobState, error: &str) {
+        let job = entry.update(|j| {
+            j.set_state(state);
+            j.error = error.to_string();
+            match state {
+                JobState::Running => j.started_at_ms = now_ms(),
+                s if s.is_terminal() => j.finished_at_ms = now_ms(),
+                _ => {}
+            }
+        });
+        tracing::info!(job = %job.id, state = ?state, error, "job state");
+        self.persist_logged(entry).await;
+        entry.emit(&job.id, job_event::Event::State(StateChange { state: state as i32, error: error.to_string() }));
+    }
+
+    /// Updates the progress counters; `persist` also writes the record (at shard commits).
+    pub async fn set_progress(&self, entry: &JobEntry, progress: Progress, persist: bool) {
+        let job = entry.update(|j| j.progress = Some(progress.clone()));
+        if persist {
+            self.persist_logged(entry).await;
+        }
+        entry.emit(&job.id, job_event::Event::Progress(progress));
+    }
+
+    pub fn log(&self, entry: &JobEntry, level: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(job = %entry.id(), level, "{message}");
+        entry.emit(&entry.id(), job_event::Event::Log(LogLine { level: level.to_string(), message }));
+    }
+}

@@ -1,0 +1,203 @@
+//! The labelling job: read candidates, score them with the teacher, sample rows, write shards.
+
+use crate::candidates::{self, QueryCandidates};
+use crate::error::Error;
+use crate::jobs::{JobEntry, Jobs};
+use crate::sampling::{self, SamplingParams};
+use crate::teachers;
+use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};
+use distill_shards::{DatasetReader, DatasetWriter, Layout, Manifest, ShardError, WriterOptions};
+use distill_store::Location;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub enum Outcome {
+    Committed(Manifest),
+    Cancelled,
+}
+
+pub fn layout_of(spec: &LabelingSpec) -> Result<Layout, Error> {
+    match OutputLayout::try_from(spec.layout).unwrap_or(OutputLayout::Unspecified) {
+        OutputLayout::Triples => Ok(Layout::Triples),
+        OutputLayout::Lists => Ok(Layout::Lists),
+        OutputLayout::Unspecified => Err(Error::InvalidArgument("layout: unspecified (TRIPLES or LISTS)".into())),
+    }
+}
+
+fn require(field: &str, value: &str) -> Result<(), Error> {
+    if value.trim().is_empty() {
+        return Err(Error::InvalidArgument(format!("{field}: empty")));
+    }
+    if distill_store::is_local(value) {
+        let path = value.strip_prefix("file://").unwrap_or(value);
+        if !std::path::Path::new(path).is_file() {
+            return Err(Error::InvalidArgument(format!("{field}: {path}: no such file")));
+        }
+    } else {
+        Location::parse(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Checks a spec before a job is created: everything that makes a request wrong as sent.
+pub fn validate(spec: &LabelingSpec) -> Result<(), Error> {
+    layout_of(spec)?;
+    match spec.source.as_ref().and_then(|s| s.source.as_ref()) {
+        None => return Err(Error::InvalidArgument("source: no candidate source given (trec or jsonl)".into())),
+        Some(Source::Trec(t)) => {
+            require("source.trec.run", &t.run)?;
+            require("source.trec.queries", &t.queries)?;
+            require("source.trec.collection", &t.collection)?;
+            if !t.qrels.is_empty() {
+                require("source.trec.qrels", &t.qrels)?;
+            }
+        }
+        Some(Source::Jsonl(j)) => require("source.jsonl.path", &j.path)?,
+    }
+    teachers::validate(spec.teacher.as_ref())?;
+    if let Some(distill_proto::teacher_spec::Teacher::Precomputed(p)) =
+        spec.teacher.as_ref().and_then(|t| t.teacher.as_ref())
+    {
+        require("teacher.precomputed.path", &p.path)?;
+    }
+    if !spec.output_uri.is_empty() {
+        Location::parse(&spec.output_uri).map_err(|e| Error::InvalidArgument(format!("output_uri: {e}")))?;
+    }
+    Ok(())
+}
+
+fn writer_options(spec: &LabelingSpec) -> WriterOptions {
+    let mut opts = WriterOptions::default();
+    if let Some(s) = &spec.shards {
+        if s.rows_per_shard > 0 {
+            opts.rows_per_shard = s.rows_per_shard;
+        }
+        if s.bytes_per_shard > 0 {
+            opts.bytes_per_shard = s.bytes_per_shard;
+        }
+    }
+    opts.batch_rows = opts.batch_rows.min(opts.rows_per_shard as usize).max(1);
+    opts
+}
+
+fn progress(done: u64, total: u64, writer: &DatasetWriter, counters: &BTreeMap<String, f64>) -> Progress {
+    Progress {
+        done,
+        total,
+        unit: "queries".into(),
+        rows: writer.rows(),
+        shards: writer.shards().len() as u64,
+        bytes: writer.bytes(),
+        counters: counters.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
+async fn score(teacher: &dyn teachers::Teacher, q: &QueryCandidates) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), Error> {
+    let scores = teacher.score(q, &q.candidates).await?;
+    let extra = if q.unretrieved_relevant.is_empty() {
+        Vec::new()
+    } else {
+        teacher.score(q, &q.unretrieved_relevant).await?
+    };
+    Ok((scores, extra))
+}
+
+/// Runs (or resumes) a labelling job to its committed dataset.
+pub async fn run(
+    spec: &LabelingSpec,
+    job_id: &str,
+    output: Location,
+    jobs: &Jobs,
+    entry: &JobEntry,
+    cancel: &CancellationToken,
+) -> Result<Outcome, Error> {
+    let layout = layout_of(spec)?;
+    let sampling_spec = spec.sampling.clone().unwrap_or_default();
+    let params = SamplingParams::from_proto(&sampling_spec);
+    let source = spec.source.clone().unwrap_or_default();
+    let teacher_spec = spec.teacher.clone().unwrap_or_default();
+
+    jobs.log(entry, "info", "reading candidates");
+    let queries = candidates::load(&source, &sampling_spec).await?;
+    let total = queries.len() as u64;
+    jobs.log(entry, "info", format!("{total} queries; loading teacher"));
+    let teacher = teachers::build(&teacher_spec).await?;
+
+    let opened = DatasetWriter::open(output.clone(), layout, teacher.identity(), writer_options(spec), job_id).await;
+    let (mut writer, resume) = match opened {
+        Ok(w) => w,
+        // Committed by this job before a restart could record it: the work is done.
+        Err(ShardError::AlreadyCommitted { job_id: ref owner, .. }) if owner == job_id => {
+            let reader = DatasetReader::open(output).await?;
+            return Ok(Outcome::Committed(reader.manifest().clone()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut counters: BTreeMap<String, f64> = serde_json::from_value(resume.state.clone()).unwrap_or_default();
+    if resume.cursor > 0 {
+        jobs.log(entry, "info", format!("resuming after {} queries already in committed shards", resume.cursor));
+    }
+    jobs.set_progress(entry, progress(resume.cursor, total, &writer, &counters), true).await;
+
+    let mut last_report = Instant::now();
+    for (i, q) in queries.iter().enumerate().skip(resume.cursor as usize) {
+        if cancel.is_cancelled() {
+            return Ok(Outcome::Cancelled);
+        }
+        let (scores, extra) = score(teacher.as_ref(), q).await?;
+        match layout {
+            Layout::Triples => match sampling::triple_rows(q, &scores, &extra, &params) {
+                Ok(rows) => writer.append_triples(rows)?,
+                Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
+            },
+            Layout::Lists => {
+                let (row, unscored) = sampling::list_row(q, &scores);
+                if unscored > 0 {
+                    *counters.entry("unscored_candidates".into()).or_default() += unscored as f64;
+                }
+                match row {
+                    Ok(row) => writer.append_lists([row])?,
+                    Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
+                }
+            }
+        }
+        let done = i as u64 + 1;
+        let closed = writer.end_unit(done, serde_json::to_value(&counters).expect("counters serialize")).await?;
+        if closed.is_some() || last_report.elapsed() > Duration::from_millis(200) {
+            jobs.set_progress(entry, progress(done, total, &writer, &counters), closed.is_some()).await;
+            last_report = Instant::now();
+        }
+        tokio::task::yield_now().await;
+    }
+    let extra = serde_json::json!({
+        "source": match &source.source {
+            Some(Source::Trec(t)) => serde_json::json!({"run": t.run, "queries": t.queries, "collection": t.collection, "qrels": t.qrels}),
+            Some(Source::Jsonl(j)) => serde_json::json!({"jsonl": j.path}),
+            None => serde_json::Value::Null,
+        },
+        "sampling": {
+            "depth": sampling_spec.depth,
+            "negatives_per_query": params.negatives,
+            "positives_from_qrels": params.positives_from_qrels,
+            "min_relevance": params.min_relevance,
+            "seed": params.seed,
+            "max_queries": sampling_spec.max_queries,
+        },
+        "queries": total,
+        "counters": counters,
+    });
+    let manifest = writer.commit(extra).await?;
+    let mut p = Progress {
+        done: total,
+        total,
+        unit: "queries".into(),
+        rows: manifest.rows,
+        shards: manifest.shards.len() as u64,
+        bytes: manifest.bytes,
+        ..Default::default()
+    };
+    p.counters = counters.into_iter().collect();
+    jobs.set_progress(entry, p, true).await;
+    Ok(Outcome::Committed(manifest))
+}

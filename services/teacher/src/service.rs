@@ -1,0 +1,185 @@
+//! The gRPC face of the teacher: job control and direct scoring.
+
+use crate::error::Error;
+use crate::jobs::{JobEntry, Jobs};
+use crate::labeling::{self, Outcome};
+use distill_proto::teacher_service_server::TeacherService;
+use distill_proto::{
+    job_event, job_spec, CancelJobRequest, GetJobRequest, Job, JobEvent, JobKind, JobSpec, JobState, LabelingSpec,
+    ListJobsRequest, ListJobsResponse, ScoreRequest, ScoreResponse, StateChange, WatchJobRequest,
+};
+use distill_store::Location;
+use futures::Stream;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::{broadcast, Semaphore};
+use tonic::{Request, Response, Status};
+
+/// The service's state: its job table, store and job slots.
+pub struct TeacherState {
+    jobs: Arc<Jobs>,
+    store: Location,
+    permits: Arc<Semaphore>,
+}
+
+/// The gRPC handle (cheap to clone).
+#[derive(Clone)]
+pub struct Teacher(Arc<TeacherState>);
+
+impl Teacher {
+    /// Loads the job table from `store` and resumes the jobs a previous run left unfinished.
+    pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
+        let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
+        let state = Arc::new(TeacherState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
+        for entry in resume {
+            tracing::info!(job = %entry.id(), "resuming job after restart");
+            state.clone().spawn(entry);
+        }
+        Ok(Self(state))
+    }
+}
+
+impl TeacherState {
+    fn spawn(self: Arc<Self>, entry: Arc<JobEntry>) {
+        tokio::spawn(async move {
+            let _permit = self.permits.clone().acquire_owned().await;
+            let job = entry.snapshot();
+            if entry.cancel.is_cancelled() {
+                return;
+            }
+            self.jobs.set_state(&entry, JobState::Running, "").await;
+            let result = match job.spec.and_then(|s| s.spec) {
+                Some(job_spec::Spec::Labeling(spec)) => match Location::parse(&job.output_uri) {
+                    Ok(output) => labeling::run(&spec, &job.id, output, &self.jobs, &entry, &entry.cancel).await,
+                    Err(e) => Err(e.into()),
+                },
+                None => Err(Error::Internal("job has no spec".into())),
+            };
+            match result {
+                Ok(Outcome::Committed(m)) => {
+                    self.jobs.log(&entry, "info", format!("committed {} rows in {} shards", m.rows, m.shards.len()));
+                    self.jobs.set_state(&entry, JobState::Succeeded, "").await
+                }
+                Ok(Outcome::Cancelled) => self.jobs.set_state(&entry, JobState::Cancelled, "").await,
+                Err(e) => self.jobs.set_state(&entry, JobState::Failed, &e.to_string()).await,
+            }
+        });
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+fn snapshot_events(job: &Job) -> Vec<JobEvent> {
+    let now = crate::jobs::now_ms();
+    let mut events = vec![JobEvent {
+        job_id: job.id.clone(),
+        time_ms: now,
+        event: Some(job_event::Event::State(StateChange { state: job.state, error: job.error.clone() })),
+    }];
+    if let Some(p) = &job.progress {
+        events.push(JobEvent { job_id: job.id.clone(), time_ms: now, event: Some(job_event::Event::Progress(p.clone())) });
+    }
+    events
+}
+
+#[tonic::async_trait]
+impl TeacherService for Teacher {
+    async fn start_labeling(&self, request: Request<LabelingSpec>) -> Result<Response<Job>, Status> {
+        let spec = request.into_inner();
+        labeling::validate(&spec)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let output = if spec.output_uri.is_empty() {
+            self.0.store.child(&format!("datasets/{id}")).uri().to_string()
+        } else {
+            spec.output_uri.clone()
+        };
+        // Refuse an output that already holds a committed dataset before queueing anything.
+        let loc = Location::parse(&output).map_err(Error::from)?;
+        if loc.exists(distill_shards::MANIFEST_NAME).await.map_err(Error::from)? {
+            return Err(Error::FailedPrecondition(format!("output_uri: {output} already holds a committed dataset")).into());
+        }
+        let entry = self
+            .0
+            .jobs
+            .create(JobKind::Labeling, JobSpec { spec: Some(job_spec::Spec::Labeling(spec)) }, output, id)
+            .await?;
+        let job = entry.snapshot();
+        self.0.clone().spawn(entry);
+        Ok(Response::new(job))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.0.jobs.get(&request.into_inner().id)?.snapshot()))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let entry = self.0.jobs.get(&request.into_inner().id)?;
+        // Subscribe before the snapshot so that nothing falls between them.
+        let mut rx = entry.subscribe();
+        let job = entry.snapshot();
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            for e in snapshot_events(&job) {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            if job.state().is_terminal() {
+                return;
+            }
+            loop {
+                let event = match rx.recv().await {
+                    Ok(e) => e,
+                    // A slow watcher missed events: send the current state instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let job = entry.snapshot();
+                        for e in snapshot_events(&job) {
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if job.state().is_terminal() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let terminal = matches!(&event.event, Some(job_event::Event::State(s)) if s.state().is_terminal());
+                if tx.send(Ok(event)).await.is_err() || terminal {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let entry = self.0.jobs.get(&request.into_inner().id)?;
+        let job = entry.snapshot();
+        if !job.state().is_terminal() {
+            entry.cancel.cancel();
+            if job.state() == JobState::Queued {
+                self.0.jobs.set_state(&entry, JobState::Cancelled, "").await;
+            }
+        }
+        Ok(Response::new(entry.snapshot()))
+    }
+
+    async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let state = match request.into_inner().state() {
+            JobState::Unspecified => None,
+            s => Some(s),
+        };
+        Ok(Response::new(ListJobsResponse { jobs: self.0.jobs.list(state) }))
+    }
+
+    async fn score(&self, _request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
+        Err(Error::Unimplemented(
+            "this teacher service has no model scorer loaded: direct scoring needs a cross-encoder or LLM teacher".into(),
+        )
+        .into())
+    }
+}
