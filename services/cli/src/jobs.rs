@@ -1,0 +1,101 @@
+//! Showing jobs: tables, details, and a progress bar that follows `WatchJob`.
+
+use crate::client::Teacher;
+use distill_proto::{job_event, GetJobRequest, Job, JobState, WatchJobRequest};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub fn state_name(state: JobState) -> &'static str {
+    match state {
+        JobState::Unspecified => "unspecified",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+pub fn print_table(jobs: &[Job]) {
+    println!("{:<38} {:<10} {:<10} {:>15} {:>10} {:>7}  output", "id", "kind", "state", "done/total", "rows", "shards");
+    for j in jobs {
+        let p = j.progress.clone().unwrap_or_default();
+        let kind = format!("{:?}", j.kind()).to_lowercase();
+        println!(
+            "{:<38} {:<10} {:<10} {:>15} {:>10} {:>7}  {}",
+            j.id,
+            kind,
+            state_name(j.state()),
+            format!("{}/{}", p.done, p.total),
+            p.rows,
+            p.shards,
+            j.output_uri
+        );
+    }
+}
+
+pub fn print_job(j: &Job) {
+    let p = j.progress.clone().unwrap_or_default();
+    println!("id:        {}", j.id);
+    println!("kind:      {}", format!("{:?}", j.kind()).to_lowercase());
+    println!("state:     {}", state_name(j.state()));
+    if !j.error.is_empty() {
+        println!("error:     {}", j.error);
+    }
+    println!("progress:  {}/{} {} ({} rows, {} shards, {} bytes)", p.done, p.total, p.unit, p.rows, p.shards, p.bytes);
+    let mut counters: Vec<_> = p.counters.iter().collect();
+    counters.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in counters {
+        println!("           {k}: {v}");
+    }
+    println!("output:    {}", j.output_uri);
+    if j.resumes > 0 {
+        println!("resumed:   {} time(s) after a restart", j.resumes);
+    }
+}
+
+/// Follows a job until it ends, with a progress bar; returns its final record.
+pub async fn watch(client: &mut Teacher, id: &str) -> anyhow::Result<Job> {
+    let mut stream = client.watch_job(WatchJobRequest { id: id.to_string() }).await?.into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let mut ended = false;
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(job_event::Event::Progress(p)) => {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+                bar.set_message(format!("{} · {} rows · {} shards", p.unit, p.rows, p.shards));
+            }
+            Some(job_event::Event::Log(l)) => bar.println(format!("[{}] {}", l.level, l.message)),
+            Some(job_event::Event::Metric(m)) => bar.println(format!("{} = {} (step {})", m.name, m.value, m.step)),
+            Some(job_event::Event::State(s)) => {
+                if s.state().is_terminal() {
+                    ended = true;
+                    break;
+                }
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    if !ended {
+        anyhow::bail!("lost the event stream of job {id}; it goes on in the service: `distill jobs watch {id}`");
+    }
+    Ok(client.get_job(GetJobRequest { id: id.to_string() }).await?.into_inner())
+}
+
+/// Prints how a job ended; Err for anything but success.
+pub fn conclude(job: &Job) -> anyhow::Result<()> {
+    let p = job.progress.clone().unwrap_or_default();
+    match job.state() {
+        JobState::Succeeded => {
+            println!("job {} succeeded: {} rows in {} shards at {}", job.id, p.rows, p.shards, job.output_uri);
+            Ok(())
+        }
+        JobState::Failed => anyhow::bail!("job {} failed: {}", job.id, job.error),
+        other => anyhow::bail!("job {} ended {}", job.id, state_name(other)),
+    }
+}
