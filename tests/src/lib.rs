@@ -1,0 +1,253 @@
+//! Harness of the end-to-end tests: spawns the real service binaries (built by
+//! `cargo build --workspace` before `cargo test`), a real S3 server (`s3s-fs`), and Python with
+//! pyarrow, all on 127.0.0.1.
+
+use distill_proto::teacher_service_client::TeacherServiceClient;
+use distill_proto::{GetJobRequest, Job, JobState};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// The workspace's target directory holding the binaries of this build.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A running service process, killed (SIGKILL) when dropped.
+pub struct Service {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Service {
+    /// Starts `distill-teacher` on 127.0.0.1:0 with `store` (a path or URL) and extra args/env,
+    /// and waits until it prints its address.
+    pub fn teacher(store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
+        let mut cmd = Command::new(bin("distill-teacher"));
+        cmd.args(["--addr", "127.0.0.1:0", "--store"])
+            .arg(store.as_ref())
+            .args(args)
+            .env_remove("DISTILL_AUTH_TOKEN")
+            .env_remove("DISTILL_AUTH_TOKEN_FILE")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn distill-teacher");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("teacher did not report its address in 30 s");
+        Service { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> TeacherServiceClient<Channel> {
+        TeacherServiceClient::connect(self.url()).await.expect("connect to teacher")
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real S3 server (`s3s-fs`) on 127.0.0.1 with one bucket.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    _root: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(bucket)).unwrap();
+        let exe = std::env::var("S3S_FS").unwrap_or_else(|_| "s3s-fs".to_string());
+        let (access_key, secret_key) = ("distill-test".to_string(), "distill-test-secret".to_string());
+        let port = free_port();
+        let child = Command::new(&exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &access_key, "--secret-key", &secret_key])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {exe} (cargo install s3s-fs@0.14.1 --features binary --locked): {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: bucket.to_string(),
+            access_key,
+            secret_key,
+            _root: root,
+        }
+    }
+
+    /// The environment the AWS tools (and our services) read.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls a job until it ends (or `timeout`), returning its final record.
+pub async fn wait_job(client: &mut TeacherServiceClient<Channel>, id: &str, timeout: Duration) -> Job {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let job = client.get_job(GetJobRequest { id: id.to_string() }).await.expect("get job").into_inner();
+        if job.state().is_terminal() {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} still {:?} after {timeout:?}", job.state());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn assert_succeeded(job: &Job) {
+    assert_eq!(job.state(), JobState::Succeeded, "job failed: {}", job.error);
+}
+
+/// Python with pyarrow: `DISTILL_PYTHON`, else the repo's `.venv`, else `python3`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("DISTILL_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = workspace_root().join(".venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("python3")
+}
+
+/// Reads a dataset with pyarrow (tests/py/read_dataset.py) and returns its JSON dump.
+pub fn read_with_pyarrow(uri: &str, s3: Option<&S3Server>) -> serde_json::Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(workspace_root().join("tests/py/read_dataset.py")).arg(uri);
+    if let Some(s3) = s3 {
+        for (k, v) in s3.env() {
+            cmd.env(k, v);
+        }
+    }
+    let out = cmd.output().expect("run python");
+    assert!(out.status.success(), "pyarrow reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("reader prints JSON")
+}
+
+/// A small deterministic IR collection: `queries` queries with `depth` candidates each from a pool
+/// of documents, one relevant document per query (sometimes outside the run).
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub queries: usize,
+    pub depth: usize,
+}
+
+impl Fixture {
+    pub fn new(queries: usize, depth: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = queries * 3 + depth * 2;
+        let mut collection = String::new();
+        for d in 0..docs {
+            collection.push_str(&format!("D{d}\tpassage {d} on subject {} with words {}\n", d % 13, d * 7 % 101));
+        }
+        let (mut qs, mut run, mut qrels) = (String::new(), String::new(), String::new());
+        // A small LCG keeps the fixture identical everywhere.
+        let mut x: u64 = 12345;
+        let mut next = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as usize
+        };
+        for q in 0..queries {
+            qs.push_str(&format!("Q{q}\twhat is subject {} number {q}\n", q % 13));
+            let mut picked = Vec::new();
+            while picked.len() < depth {
+                let d = next() % docs;
+                if !picked.contains(&d) {
+                    picked.push(d);
+                }
+            }
+            for (r, d) in picked.iter().enumerate() {
+                // Some ties, so that trec_eval's docid tie-break matters.
+                let score = 30.0 - (r / 2) as f64 * 0.75 + (q % 5) as f64 * 0.125;
+                run.push_str(&format!("Q{q} Q0 D{d} {} {score} bm25\n", r + 1));
+            }
+            let rel = if q % 4 == 3 { (picked[0] + 1) % docs } else { picked[next() % depth] };
+            if !picked.contains(&rel) || q % 4 != 3 {
+                qrels.push_str(&format!("Q{q} 0 D{rel} 2\n"));
+            }
+            qrels.push_str(&format!("Q{q} 0 D{} 0\n", picked[depth - 1]));
+        }
+        for (name, text) in [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        Fixture { dir, queries, depth }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+
+    pub fn trec_source(&self, qrels: bool) -> distill_proto::CandidateSource {
+        distill_proto::CandidateSource {
+            source: Some(distill_proto::candidate_source::Source::Trec(distill_proto::TrecCandidates {
+                run: self.path("run.trec"),
+                queries: self.path("queries.tsv"),
+                collection: self.path("collection.tsv"),
+                qrels: if qrels { self.path("qrels.txt") } else { String::new() },
+            })),
+        }
+    }
+}
