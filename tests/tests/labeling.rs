@@ -217,6 +217,13 @@ async fn labels_into_a_real_s3_server() {
     check_lists(&f, &rows);
     assert_eq!(py_lists(&read_with_pyarrow(&lists_uri, Some(&s3))), rows);
 
+    // Put-if-absent holds on S3 too: of two commits of the same object, one wins.
+    let loc = distill_store::Location::parse(&format!("s3://{}/commit-test", s3.bucket)).unwrap();
+    loc.put_if_absent("x.json", "1".into()).await.unwrap();
+    let second = loc.put_if_absent("x.json", "2".into()).await;
+    assert!(matches!(second, Err(distill_store::StoreError::AlreadyExists { .. })), "{second:?}");
+    assert_eq!(loc.get("x.json").await.unwrap(), "1");
+
     // Job records live in the S3 store: a restarted service still lists them.
     drop(svc);
     let svc = Service::teacher(&store_uri, &[], &s3.env());
