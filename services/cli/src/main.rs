@@ -233,6 +233,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    // Both ring and aws-lc-rs are linked (object_store's HTTP stack); pick one for TLS.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Err(e) = run(cli).await {
         match e.downcast_ref::<tonic::Status>() {
             Some(s) => eprintln!("error: {:?}: {}", s.code(), s.message()),

@@ -1,0 +1,98 @@
+//! Access: bearer tokens (UNAUTHENTICATED when missing or wrong; health exempt), gRPC health and
+//! reflection, and TLS with a certificate and key.
+
+use distill_e2e::*;
+use distill_proto as pb;
+use distill_proto::teacher_service_client::TeacherServiceClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+fn with_token<T>(mut req: tonic::Request<T>, token: &str) -> tonic::Request<T> {
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn health(channel: Channel) -> ServingStatus {
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: "distill.v1.TeacherService".into() })
+        .await
+        .expect("health is exempt from auth")
+        .into_inner();
+    resp.status()
+}
+
+async fn services(channel: Channel, token: Option<&str>) -> Result<Vec<String>, tonic::Status> {
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut req = tonic::Request::new(futures::stream::iter(vec![req]));
+    if let Some(t) = token {
+        req = with_token(req, t);
+    }
+    let mut stream = ServerReflectionClient::new(channel).server_reflection_info(req).await?.into_inner();
+    let resp = stream.message().await?.expect("one response");
+    match resp.message_response {
+        Some(MessageResponse::ListServicesResponse(l)) => Ok(l.service.into_iter().map(|s| s.name).collect()),
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_token_is_required_except_for_health() {
+    let state = tempfile::tempdir().unwrap();
+    let token_file = state.path().join("token");
+    std::fs::write(&token_file, "correct-horse-battery\n").unwrap();
+    let svc = Service::teacher(state.path().join("store"), &["--auth-token-file", token_file.to_str().unwrap()], &[]);
+    let channel = Endpoint::from_shared(svc.url()).unwrap().connect().await.unwrap();
+    let mut client = TeacherServiceClient::new(channel.clone());
+
+    let err = client.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "missing token: {err:?}");
+    let err = client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "wrong")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "wrong token: {err:?}");
+    let ok = client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "correct-horse-battery")).await;
+    assert!(ok.is_ok(), "{ok:?}");
+
+    assert_eq!(health(channel.clone()).await, ServingStatus::Serving);
+    let err = services(channel.clone(), None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let names = services(channel, Some("correct-horse-battery")).await.unwrap();
+    assert!(names.contains(&"distill.v1.TeacherService".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+
+    // The token from the environment works the same way.
+    drop(svc);
+    let svc = Service::teacher(state.path().join("store"), &[], &[("DISTILL_AUTH_TOKEN", "env-token".to_string())]);
+    let mut client = svc.client().await;
+    assert_eq!(client.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    assert!(client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "env-token")).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_with_certificate_and_key() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let state = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let (cert_path, key_path) = (state.path().join("cert.pem"), state.path().join("key.pem"));
+    std::fs::write(&cert_path, &cert_pem).unwrap();
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let svc = Service::teacher(
+        state.path().join("store"),
+        &["--tls-cert", cert_path.to_str().unwrap(), "--tls-key", key_path.to_str().unwrap()],
+        &[],
+    );
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cert_pem)).domain_name("localhost");
+    let channel = Endpoint::from_shared(format!("https://{}", svc.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let jobs = TeacherServiceClient::new(channel.clone()).list_jobs(pb::ListJobsRequest::default()).await.unwrap();
+    assert!(jobs.into_inner().jobs.is_empty());
+    assert_eq!(health(channel).await, ServingStatus::Serving);
+    // Plain text is refused.
+    let plain = Endpoint::from_shared(svc.url()).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        assert!(TeacherServiceClient::new(ch).list_jobs(pb::ListJobsRequest::default()).await.is_err());
+    }
+}
