@@ -1,0 +1,189 @@
+//! Precomputed teachers (Hofstätter's ensemble TSV, a Rank-DistiLLM-style TREC run) and the JSONL
+//! candidate source, through the service; and the `distill` CLI driving it.
+
+use distill_e2e::*;
+use distill_proto as pb;
+use distill_shards::{DatasetReader, ListRow, TripleRow};
+use futures::TryStreamExt;
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+async fn run_job(svc: &Service, spec: pb::LabelingSpec) -> pb::Job {
+    let mut client = svc.client().await;
+    let id = client.start_labeling(spec).await.unwrap().into_inner().id;
+    let job = wait_job(&mut client, &id, Duration::from_secs(60)).await;
+    assert_succeeded(&job);
+    job
+}
+
+async fn lists(uri: &str) -> (distill_shards::Manifest, Vec<ListRow>) {
+    let r = DatasetReader::open_uri(uri).await.unwrap();
+    let b: Vec<_> = r.batches(100).try_collect().await.unwrap();
+    (r.manifest().clone(), b.iter().flat_map(|b| ListRow::from_batch(b).unwrap()).collect())
+}
+
+fn run_lines(f: &Fixture) -> Vec<Vec<String>> {
+    std::fs::read_to_string(f.path("run.trec"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
+fn precomputed(path: String, format: pb::PrecomputedFormat) -> Option<pb::TeacherSpec> {
+    Some(pb::TeacherSpec {
+        teacher: Some(pb::teacher_spec::Teacher::Precomputed(pb::PrecomputedTeacher {
+            path,
+            format: format as i32,
+            name: "ensemble-v1".into(),
+        })),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn precomputed_teachers_and_jsonl_candidates() {
+    let f = Fixture::new(12, 10);
+    let state = tempfile::tempdir().unwrap();
+    let svc = Service::teacher(state.path(), &[], &[]);
+    let out = tempfile::tempdir().unwrap();
+    let o = |n: &str| out.path().join(n).to_str().unwrap().to_string();
+
+    // Hofstätter TSV: teacher scores for the first 6 candidates of each query (in file order);
+    // pairs of (candidate i, candidate i+3).
+    let lines = run_lines(&f);
+    let mut teacher: HashMap<(String, String), f64> = HashMap::new();
+    let mut tsv = String::new();
+    let mut by_q: HashMap<String, Vec<String>> = HashMap::new();
+    for l in &lines {
+        by_q.entry(l[0].clone()).or_default().push(l[2].clone());
+    }
+    for (q, docs) in &by_q {
+        for i in 0..3 {
+            let (p, n) = (&docs[i], &docs[i + 3]);
+            let (ps, ns) = (10.0 - i as f64 * 0.5, -(i as f64) - 1.25);
+            teacher.insert((q.clone(), p.clone()), ps);
+            teacher.insert((q.clone(), n.clone()), ns);
+            tsv.push_str(&format!("{ps}\t{ns}\t{q}\t{p}\t{n}\n"));
+        }
+    }
+    std::fs::write(f.path("teacher.tsv"), tsv).unwrap();
+    let spec = pb::LabelingSpec {
+        source: Some(f.trec_source(false)),
+        sampling: Some(pb::Sampling::default()),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: precomputed(f.path("teacher.tsv"), pb::PrecomputedFormat::HofstatterTsv),
+        output_uri: o("hof"),
+        ..Default::default()
+    };
+    let job = run_job(&svc, spec).await;
+    let (m, rows) = lists(&o("hof")).await;
+    assert_eq!(m.teacher.kind, "precomputed");
+    assert_eq!(m.teacher.name, "ensemble-v1");
+    assert_eq!(rows.len(), 12);
+    for r in &rows {
+        assert_eq!(r.items.len(), 6, "only the candidates the teacher scored");
+        let mut by_score: Vec<_> = r.items.iter().collect();
+        by_score.sort_by(|a, b| b.teacher_score.partial_cmp(&a.teacher_score).unwrap());
+        for (rank, item) in by_score.iter().enumerate() {
+            assert_eq!(item.teacher_score, teacher[&(r.query_id.clone(), item.doc_id.clone())]);
+            assert_eq!(item.teacher_rank, rank as i32 + 1);
+        }
+    }
+    assert_eq!(job.progress.unwrap().counters["unscored_candidates"], (12 * 4) as f64);
+
+    // A TREC-run teacher that reverses the first stage: the teacher ranks are reversed.
+    let mut reversed = String::new();
+    for q in by_q.keys() {
+        // The first stage's order as trec_eval sorts it (score desc, docid desc); the teacher's
+        // score grows with the position, so it ranks the list upside down.
+        let mut entries: Vec<&Vec<String>> = lines.iter().filter(|l| &l[0] == q).collect();
+        entries.sort_by(|a, b| {
+            b[4].parse::<f64>().unwrap().partial_cmp(&a[4].parse::<f64>().unwrap()).unwrap().then_with(|| b[2].cmp(&a[2]))
+        });
+        for (pos, l) in entries.iter().enumerate() {
+            reversed.push_str(&format!("{q} Q0 {} {} {} rankzephyr\n", l[2], entries.len() - pos, pos as f64 * 0.5));
+        }
+    }
+    std::fs::write(f.path("teacher.trec"), reversed).unwrap();
+    let spec = pb::LabelingSpec {
+        source: Some(f.trec_source(false)),
+        sampling: Some(pb::Sampling { depth: 10, ..Default::default() }),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: precomputed(f.path("teacher.trec"), pb::PrecomputedFormat::TrecRun),
+        output_uri: o("trec"),
+        ..Default::default()
+    };
+    run_job(&svc, spec).await;
+    let (_, rows) = lists(&o("trec")).await;
+    for r in &rows {
+        let ranks: Vec<i32> = r.items.iter().map(|i| i.teacher_rank).collect();
+        assert_eq!(ranks, (1..=10).rev().collect::<Vec<_>>(), "query {}", r.query_id);
+    }
+
+    // JSONL candidates with labels, triples with positives from the labels.
+    let jsonl: String = (0..4)
+        .map(|q| {
+            let cands: Vec<_> = (0..5)
+                .map(|d| serde_json::json!({"docid": format!("j{q}-{d}"), "text": format!("text {d}"), "score": 5.0 - d as f64, "label": (d == 2) as i32}))
+                .collect();
+            serde_json::json!({"qid": format!("jq{q}"), "query": format!("query {q}"), "candidates": cands}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(f.path("cands.jsonl"), jsonl).unwrap();
+    let spec = pb::LabelingSpec {
+        source: Some(pb::CandidateSource {
+            source: Some(pb::candidate_source::Source::Jsonl(pb::JsonlCandidates { path: f.path("cands.jsonl") })),
+        }),
+        sampling: Some(pb::Sampling { negatives_per_query: 2, positives_from_qrels: true, seed: 3, ..Default::default() }),
+        layout: pb::OutputLayout::Triples as i32,
+        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        output_uri: o("jsonl"),
+        ..Default::default()
+    };
+    run_job(&svc, spec).await;
+    let r = DatasetReader::open_uri(&o("jsonl")).await.unwrap();
+    let b: Vec<_> = r.batches(100).try_collect().await.unwrap();
+    let rows: Vec<TripleRow> = b.iter().flat_map(|b| TripleRow::from_batch(b).unwrap()).collect();
+    assert_eq!(rows.len(), 8);
+    for t in &rows {
+        assert!(t.pos_id.ends_with("-2") && t.pos_score == Some(3.0) && t.pos_label == Some(1));
+        assert_eq!(t.neg_label, Some(0));
+        assert_ne!(t.neg_id, t.pos_id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_labels_lists_jobs_and_inspects_shards() {
+    let f = Fixture::new(20, 10);
+    let state = tempfile::tempdir().unwrap();
+    let svc = Service::teacher(state.path(), &[], &[]);
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("cli").to_str().unwrap().to_string();
+    let distill = |args: &[&str]| {
+        let o = Command::new(bin("distill")).args(["--teacher", &svc.url()]).args(args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, stdout, stderr) = distill(&[
+        "label", "--run", &f.path("run.trec"), "--queries", &f.path("queries.tsv"), "--collection",
+        &f.path("collection.tsv"), "--qrels", &f.path("qrels.txt"), "--positives-from-qrels", "--negatives", "2",
+        "--output", &uri, "--rows-per-shard", "10",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("succeeded") && stdout.contains(&uri), "{stdout}");
+    let (ok, stdout, _) = distill(&["jobs", "list"]);
+    assert!(ok && stdout.contains("succeeded") && stdout.contains("20/20"), "{stdout}");
+    let id = stdout.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let (ok, stdout, _) = distill(&["jobs", "get", &id]);
+    assert!(ok && stdout.contains("state:     succeeded"), "{stdout}");
+    let (ok, stdout, _) = distill(&["shards", "inspect", &uri, "--rows", "2"]);
+    assert!(ok, "{stdout}");
+    assert!(stdout.contains("layout:   triples") && stdout.contains("pos_score") && stdout.contains("part-00000-"), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("  Q")).count(), 2, "{stdout}");
+    let (ok, _, stderr) = distill(&["jobs", "get", "nope"]);
+    assert!(!ok && stderr.contains("NotFound"), "{stderr}");
+    let (ok, _, stderr) = distill(&["label", "--run", &f.path("nothere"), "--queries", "q", "--collection", "c"]);
+    assert!(!ok && stderr.contains("InvalidArgument") && stderr.contains("nothere: no such file"), "{stderr}");
+    let (ok, _, stderr) = distill(&["shards", "inspect", out.path().to_str().unwrap()]);
+    assert!(!ok && stderr.contains("no committed manifest"), "{stderr}");
+}
