@@ -67,20 +67,6 @@ impl Rows {
         self.len() == 0
     }
 
-    /// Rough size in bytes once written, for the shard byte target.
-    pub fn estimated_bytes(&self) -> usize {
-        match self {
-            Rows::Triples(r) => r
-                .iter()
-                .map(|t| 40 + t.query_id.len() + t.query.len() + t.pos_id.len() + t.pos_text.len() + t.neg_id.len() + t.neg_text.len())
-                .sum(),
-            Rows::Lists(r) => r
-                .iter()
-                .map(|l| 16 + l.query_id.len() + l.query.len() + l.items.iter().map(|i| 20 + i.doc_id.len() + i.text.len()).sum::<usize>())
-                .sum(),
-        }
-    }
-
     fn layout(&self) -> Layout {
         match self {
             Rows::Triples(_) => Layout::Triples,
@@ -193,6 +179,11 @@ fn opt<T: Copy>(valid: bool, v: T) -> Option<T> {
 }
 
 impl TripleRow {
+    /// Rough size in bytes once written.
+    pub fn estimated_bytes(&self) -> usize {
+        40 + self.query_id.len() + self.query.len() + self.pos_id.len() + self.pos_text.len() + self.neg_id.len() + self.neg_text.len()
+    }
+
     /// Decodes a `triples` record batch.
     pub fn from_batch(batch: &RecordBatch) -> Result<Vec<TripleRow>, String> {
         let (qid, q) = (str_col(batch, "query_id")?, str_col(batch, "query")?);
@@ -218,6 +209,11 @@ impl TripleRow {
 }
 
 impl ListRow {
+    /// Rough size in bytes once written.
+    pub fn estimated_bytes(&self) -> usize {
+        16 + self.query_id.len() + self.query.len() + self.items.iter().map(|i| 20 + i.doc_id.len() + i.text.len()).sum::<usize>()
+    }
+
     /// Decodes a `lists` record batch.
     pub fn from_batch(batch: &RecordBatch) -> Result<Vec<ListRow>, String> {
         let (qid, q) = (str_col(batch, "query_id")?, str_col(batch, "query")?);

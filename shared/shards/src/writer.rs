@@ -231,17 +231,19 @@ impl DatasetWriter {
 
     pub fn append_triples(&mut self, rows: impl IntoIterator<Item = TripleRow>) -> Result<()> {
         let Rows::Triples(buf) = &mut self.buffer else { return Err(self.wrong_layout(Layout::Triples)) };
-        let start = buf.len();
-        buf.extend(rows);
-        self.buffer_bytes += Rows::Triples(buf[start..].to_vec()).estimated_bytes();
+        for row in rows {
+            self.buffer_bytes += row.estimated_bytes();
+            buf.push(row);
+        }
         Ok(())
     }
 
     pub fn append_lists(&mut self, rows: impl IntoIterator<Item = ListRow>) -> Result<()> {
         let Rows::Lists(buf) = &mut self.buffer else { return Err(self.wrong_layout(Layout::Lists)) };
-        let start = buf.len();
-        buf.extend(rows);
-        self.buffer_bytes += Rows::Lists(buf[start..].to_vec()).estimated_bytes();
+        for row in rows {
+            self.buffer_bytes += row.estimated_bytes();
+            buf.push(row);
+        }
         Ok(())
     }
 
