@@ -26,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         command: JobsCommand,
     },
+    /// Metrics of an existing run against qrels, as trec_eval computes them.
+    Eval(EvalArgs),
     /// Look into datasets of shards.
     Shards {
         #[command(subcommand)]
@@ -53,6 +55,24 @@ enum ShardsCommand {
         #[arg(long, default_value_t = 5)]
         rows: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct EvalArgs {
+    #[arg(long)]
+    qrels: String,
+    #[arg(long)]
+    run: String,
+    /// Comma-separated: ndcg@k, ndcg, mrr@k (rr@k), map, map@k, recall@k, p@k; `(rel=N)` sets the
+    /// relevance threshold of binary measures.
+    #[arg(long, default_value = "ndcg@10,mrr@10,map,recall@100")]
+    metrics: String,
+    /// Also print each query's values (`qid<TAB>metric<TAB>value`), as `trec_eval -q`.
+    #[arg(long)]
+    per_query: bool,
+    /// Count judged queries missing from the run as 0, as `trec_eval -c`.
+    #[arg(long)]
+    complete: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -189,6 +209,25 @@ fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
     })
 }
 
+async fn eval(args: &EvalArgs) -> anyhow::Result<()> {
+    let metrics = distill_eval::parse_metrics(&args.metrics)?;
+    let run = distill_formats::read_run(distill_store::open_text(&args.run).await?, &args.run)?;
+    let qrels = distill_formats::read_qrels(distill_store::open_text(&args.qrels).await?, &args.qrels)?;
+    let e = distill_eval::evaluate(&run, &qrels, &metrics, args.complete);
+    if args.per_query {
+        for (qid, values) in &e.per_query {
+            for (m, v) in e.metrics.iter().zip(values) {
+                println!("{qid}\t{m}\t{v:.4}");
+            }
+        }
+    }
+    for (m, v) in e.metrics.iter().zip(&e.means) {
+        println!("{m}\t{v:.4}");
+    }
+    eprintln!("{} queries evaluated", e.per_query.len());
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Label(args) => {
@@ -226,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Eval(args) => eval(&args).await,
         Command::Shards { command: ShardsCommand::Inspect { uri, rows } } => shards::inspect(&uri, rows).await,
     }
 }
