@@ -1,0 +1,3 @@
+//! The trainer service (issue 5). Built so far: the training objectives.
+
+pub mod objectives;
