@@ -116,3 +116,22 @@ fn objectives_refuse_datasets_without_their_fields() {
     assert!("bogus".parse::<Objective>().is_err());
     assert_eq!("margin-mse".parse::<Objective>().unwrap(), Objective::MarginMse);
 }
+
+/// MarginMSE, ADR-MSE, BCE and MSE agree with sentence-transformers' own cross-encoder losses (6.x)
+/// on the same scores (some run in f32 there, hence the tolerance).
+#[test]
+fn agrees_with_sentence_transformers_implementations() {
+    let fx = fixture();
+    let st = &fx["sentence_transformers"]["values"];
+    let mut checked = 0;
+    for case in fx["cases"].as_array().unwrap() {
+        let cname = case["name"].as_str().unwrap();
+        for (name, want) in st[cname].as_object().unwrap() {
+            let (loss, _) = run(case, name, DType::F64);
+            let want = want.as_f64().unwrap();
+            assert!(close(loss, want, 2e-6, 1e-6), "{cname}/{name}: {loss} vs sentence-transformers {want}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 19, "{checked}");
+}
