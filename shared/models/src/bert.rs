@@ -1,0 +1,144 @@
+//! BERT (and MiniLM) for sequence classification with one label, mirroring transformers'
+//! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
+//! encoder layers, tanh pooler on [CLS], linear `classifier`.
+
+use crate::layers::{dropout, softmax_last_dim, Embedding, LayerNorm, Linear};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    match name {
+        "gelu" => x.gelu_erf(),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu(),
+        "relu" => x.relu(),
+        other => candle_core::bail!("unsupported hidden_act '{other}'"),
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+pub struct BertCrossEncoder {
+    pub config: BertConfig,
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    pooler: Linear,
+    classifier: Linear,
+}
+
+impl BertCrossEncoder {
+    /// Creates (or looks up) every weight under its HF name: `bert.*` and `classifier.*`.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let b = vb.pp("bert");
+        let e = b.pp("embeddings");
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = b.pp(format!("encoder.layer.{i}"));
+            layers.push(Layer {
+                query: Linear::load(l.pp("attention.self.query"), h, h, true)?,
+                key: Linear::load(l.pp("attention.self.key"), h, h, true)?,
+                value: Linear::load(l.pp("attention.self.value"), h, h, true)?,
+                attn_out: Linear::load(l.pp("attention.output.dense"), h, h, true)?,
+                attn_norm: LayerNorm::load(l.pp("attention.output.LayerNorm"), h, eps, true)?,
+                intermediate: Linear::load(l.pp("intermediate.dense"), h, config.intermediate_size, true)?,
+                output: Linear::load(l.pp("output.dense"), config.intermediate_size, h, true)?,
+                out_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps, true)?,
+            });
+        }
+        Ok(Self {
+            word: Embedding::load(e.pp("word_embeddings"), config.vocab_size, h)?,
+            position: Embedding::load(e.pp("position_embeddings"), config.max_position_embeddings, h)?,
+            token_type: Embedding::load(e.pp("token_type_embeddings"), config.type_vocab_size, h)?,
+            emb_norm: LayerNorm::load(e.pp("LayerNorm"), h, eps, true)?,
+            layers,
+            pooler: Linear::load(b.pp("pooler.dense"), h, h, true)?,
+            classifier: Linear::load(vb.pp("classifier"), h, 1, true)?,
+            config: config.clone(),
+        })
+    }
+
+    /// One score per pair: `input_ids`, `token_type_ids` [B, L] u32, `attention_mask` [B, L]
+    /// (1 token, 0 padding). Dropout is active when `train`.
+    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (bsz, len) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, len as u32, input_ids.device())?.unsqueeze(0)?.broadcast_as((bsz, len))?;
+        let x = (self.word.forward(input_ids)? + self.position.forward(&positions.contiguous()?)?)?;
+        let x = (x + self.token_type.forward(token_type_ids)?)?;
+        let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;
+        // Padding keys get a very negative bias: exp of it is 0, as with transformers' dtype-min mask.
+        let dtype = x.dtype();
+        let bias = attention_mask.to_dtype(dtype)?.affine(1e9, -1e9)?.reshape((bsz, 1, 1, len))?;
+        let heads = cfg.num_attention_heads;
+        let head_dim = cfg.hidden_size / heads;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let split = |t: Tensor| -> Result<Tensor> { t.reshape((bsz, len, heads, head_dim))?.transpose(1, 2)?.contiguous() };
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?.broadcast_add(&bias)?;
+            let probs = dropout(&softmax_last_dim(&scores)?, cfg.attention_probs_dropout_prob, train)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+            let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
+            let attn = layer.attn_norm.forward(&(attn + &x)?)?;
+            let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
+            let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
+            x = layer.out_norm.forward(&(out + attn)?)?;
+        }
+        let cls = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        let pooled = self.pooler.forward(&cls)?.tanh()?;
+        let p = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
+        let logits = self.classifier.forward(&dropout(&pooled, p, train)?)?;
+        logits.squeeze(D::Minus1)?.to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,23 @@
+//! Cross-encoder backbones, written from differentiable candle ops only (candle-transformers'
+//! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
+//! that `*ForSequenceClassification` checkpoints load and save without renaming.
+//!
+//! So far: pair tokenization and BERT (covers MiniLM). ELECTRA, RoBERTa, DeBERTa-v3 and
+//! ModernBERT follow in their own files, dispatched on `config.json`'s `model_type`.
+
+pub mod bert;
+pub mod checkpoint;
+pub mod layers;
+pub mod tokenize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
