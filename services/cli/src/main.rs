@@ -2,6 +2,7 @@
 
 mod client;
 mod jobs;
+mod score;
 mod shards;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -28,6 +29,8 @@ enum Command {
     },
     /// Metrics of an existing run against qrels, as trec_eval computes them.
     Eval(EvalArgs),
+    /// Score (query, passage) JSON lines with a cross-encoder directory.
+    Score(score::ScoreArgs),
     /// Look into datasets of shards.
     Shards {
         #[command(subcommand)]
@@ -266,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Eval(args) => eval(&args).await,
+        Command::Score(args) => tokio::task::spawn_blocking(move || score::run(&args)).await?,
         Command::Shards { command: ShardsCommand::Inspect { uri, rows } } => shards::inspect(&uri, rows).await,
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod bert;
 pub mod checkpoint;
+pub mod cross_encoder;
 pub mod layers;
 pub mod tokenize;
 
@@ -19,5 +20,7 @@ pub enum ModelError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+pub use cross_encoder::CrossEncoder;
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,62 @@
+//! `distill score`: scores `{"query", "passage"}` JSON lines with a cross-encoder directory and
+//! writes one line per pair with a `"score"` field, in input order.
+
+use distill_models::CrossEncoder;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSON lines with "query" and "passage"; other fields are kept in the output.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write the scored lines (default: standard output).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
+    #[arg(long, default_value_t = 64)]
+    max_query_length: usize,
+}
+
+pub fn run(a: &ScoreArgs) -> anyhow::Result<()> {
+    let model = CrossEncoder::load(&a.model, a.max_query_length, a.max_length, &candle_core::Device::Cpu)?;
+    if model.new_head() {
+        eprintln!("warning: {} has no classification head; a new random head was initialised", a.model.display());
+    }
+    let name = a.input.display().to_string();
+    let file = std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let mut rows: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| anyhow::anyhow!("{name}:{}: {e}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{name}:{}: not a JSON object: {e}", n + 1))?;
+        for field in ["query", "passage"] {
+            if !row.get(field).is_some_and(|v| v.is_string()) {
+                anyhow::bail!("{name}:{}: missing string field \"{field}\"", n + 1);
+            }
+        }
+        rows.push(row);
+    }
+    let pairs: Vec<(&str, &str)> =
+        rows.iter().map(|r| (r["query"].as_str().unwrap_or_default(), r["passage"].as_str().unwrap_or_default())).collect();
+    let scores = model.score(&pairs, a.batch_size)?;
+    let mut out: Box<dyn Write> = match &a.output {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    for (mut row, score) in rows.into_iter().zip(scores) {
+        row.insert("score".into(), serde_json::json!(score));
+        writeln!(out, "{}", serde_json::Value::Object(row))?;
+    }
+    out.flush()?;
+    Ok(())
+}

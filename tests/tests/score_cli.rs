@@ -1,0 +1,50 @@
+//! `distill score` scores JSON lines with a model directory, in input order, as transformers does
+//! (the tiny BERT fixture of shared/models), and refuses bad directories and lines clearly.
+
+use distill_e2e::*;
+use std::process::Command;
+
+fn distill(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(bin("distill")).args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn scores_json_lines_like_transformers() {
+    let model = workspace_root().join("shared/models/tests/fixtures/bert");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(model.join("reference.json")).unwrap()).unwrap();
+    let pairs: Vec<(String, String)> = serde_json::from_value(r["pairs"].clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("pairs.jsonl");
+    let lines: String = pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (q, p))| serde_json::json!({"id": i, "query": q, "passage": p}).to_string() + "\n")
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let output = dir.path().join("scores.jsonl");
+    let (ok, _, err) = distill(&[
+        "score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output",
+        output.to_str().unwrap(), "--batch-size", "2", "--max-query-length", "8", "--max-length", "40",
+    ]);
+    assert!(ok, "{err}");
+    let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+    let got: Vec<serde_json::Value> =
+        std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (row, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(row["id"], i, "input order, other fields kept");
+        let s = row["score"].as_f64().unwrap();
+        assert!((s - w).abs() < 1e-4, "pair {i}: {s} vs transformers {w}");
+    }
+
+    // Bad inputs get clear errors.
+    let (ok, _, err) = distill(&["score", "--model", dir.path().to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    assert!(!ok && err.contains("config.json"), "{err}");
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
+    let (ok, _, err) = distill(&["score", "--model", dir.path().to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    assert!(!ok && err.contains("unsupported model_type 'gpt2'"), "{err}");
+    std::fs::write(&input, "{\"query\": \"q\", \"passage\": \"p\"}\n{\"query\": \"q\"}\n").unwrap();
+    let (ok, _, err) = distill(&["score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap()]);
+    assert!(!ok && err.contains("pairs.jsonl:2: missing string field \"passage\""), "{err}");
+}
