@@ -4,18 +4,18 @@
 # a real teacher, trained students — is `distill demo`, coming with the trainer.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins
+cargo build --bins
 work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
-./target/release/distill-teacher --addr 127.0.0.1:0 --store "$work/store" >"$work/addr" &
+RUST_LOG=${RUST_LOG:-warn} ./target/debug/distill-teacher --addr 127.0.0.1:0 --store "$work/store" >"$work/addr" &
 pid=$!
 for _ in $(seq 100); do grep -q listening "$work/addr" 2>/dev/null && break; sleep 0.1; done
 export DISTILL_TEACHER_ADDR="http://$(sed -n 's/listening on //p' "$work/addr")"
 ex=examples/tiny
-./target/release/distill label --run $ex/run.trec --queries $ex/queries.tsv --collection $ex/collection.tsv \
+./target/debug/distill label --run $ex/run.trec --queries $ex/queries.tsv --collection $ex/collection.tsv \
   --qrels $ex/qrels.txt --positives-from-qrels --negatives 2 --output "$work/triples"
-./target/release/distill label --run $ex/run.trec --queries $ex/queries.tsv --collection $ex/collection.tsv \
+./target/debug/distill label --run $ex/run.trec --queries $ex/queries.tsv --collection $ex/collection.tsv \
   --qrels $ex/qrels.txt --layout lists --output "$work/lists"
-./target/release/distill jobs list
-./target/release/distill shards inspect "$work/triples" --rows 4
-./target/release/distill shards inspect "$work/lists" --rows 2
+./target/debug/distill jobs list
+./target/debug/distill shards inspect "$work/triples" --rows 4
+./target/debug/distill shards inspect "$work/lists" --rows 2
