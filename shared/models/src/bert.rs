@@ -43,7 +43,7 @@ fn default_eps() -> f64 {
     1e-12
 }
 
-fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     match name {
         "gelu" => x.gelu_erf(),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu(),
@@ -63,26 +63,34 @@ struct Layer {
     out_norm: LayerNorm,
 }
 
-pub struct BertCrossEncoder {
-    pub config: BertConfig,
+/// The BERT encoder (embeddings and layers), shared by BERT and ELECTRA.
+pub struct Encoder {
+    config: BertConfig,
     word: Embedding,
     position: Embedding,
     token_type: Embedding,
     emb_norm: LayerNorm,
+    /// ELECTRA: embeddings narrower than the hidden size are projected up.
+    project: Option<Linear>,
     layers: Vec<Layer>,
+}
+
+pub struct BertCrossEncoder {
+    pub config: BertConfig,
+    encoder: Encoder,
     pooler: Linear,
     classifier: Linear,
 }
 
-impl BertCrossEncoder {
-    /// Creates (or looks up) every weight under its HF name: `bert.*` and `classifier.*`.
-    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+impl Encoder {
+    /// Weights under `vb` with HF's names (`embeddings.*`, `encoder.layer.N.*`, and
+    /// `embeddings_project` when `embedding_size` differs from the hidden size).
+    pub fn load(vb: VarBuilder, config: &BertConfig, embedding_size: usize) -> Result<Self> {
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
-        let b = vb.pp("bert");
-        let e = b.pp("embeddings");
+        let e = vb.pp("embeddings");
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let l = b.pp(format!("encoder.layer.{i}"));
+            let l = vb.pp(format!("encoder.layer.{i}"));
             layers.push(Layer {
                 query: Linear::load(l.pp("attention.self.query"), h, h, true)?,
                 key: Linear::load(l.pp("attention.self.key"), h, h, true)?,
@@ -94,20 +102,24 @@ impl BertCrossEncoder {
                 out_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps, true)?,
             });
         }
+        let project = if embedding_size != h {
+            Some(Linear::load(vb.pp("embeddings_project"), embedding_size, h, true)?)
+        } else {
+            None
+        };
         Ok(Self {
-            word: Embedding::load(e.pp("word_embeddings"), config.vocab_size, h)?,
-            position: Embedding::load(e.pp("position_embeddings"), config.max_position_embeddings, h)?,
-            token_type: Embedding::load(e.pp("token_type_embeddings"), config.type_vocab_size, h)?,
-            emb_norm: LayerNorm::load(e.pp("LayerNorm"), h, eps, true)?,
+            word: Embedding::load(e.pp("word_embeddings"), config.vocab_size, embedding_size)?,
+            position: Embedding::load(e.pp("position_embeddings"), config.max_position_embeddings, embedding_size)?,
+            token_type: Embedding::load(e.pp("token_type_embeddings"), config.type_vocab_size, embedding_size)?,
+            emb_norm: LayerNorm::load(e.pp("LayerNorm"), embedding_size, eps, true)?,
+            project,
             layers,
-            pooler: Linear::load(b.pp("pooler.dense"), h, h, true)?,
-            classifier: Linear::load(vb.pp("classifier"), h, 1, true)?,
             config: config.clone(),
         })
     }
 
-    /// One score per pair: `input_ids`, `token_type_ids` [B, L] u32, `attention_mask` [B, L]
-    /// (1 token, 0 padding). Dropout is active when `train`.
+    /// Hidden states [B, L, H]: `input_ids`, `token_type_ids` [B, L] u32, `attention_mask`
+    /// [B, L] (1 token, 0 padding). Dropout is active when `train`.
     pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
         let cfg = &self.config;
         let (bsz, len) = input_ids.dims2()?;
@@ -115,6 +127,9 @@ impl BertCrossEncoder {
         let x = (self.word.forward(input_ids)? + self.position.forward(&positions.contiguous()?)?)?;
         let x = (x + self.token_type.forward(token_type_ids)?)?;
         let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;
+        if let Some(project) = &self.project {
+            x = project.forward(&x)?;
+        }
         // Padding keys get a very negative bias: exp of it is 0, as with transformers' dtype-min mask.
         let dtype = x.dtype();
         let bias = attention_mask.to_dtype(dtype)?.affine(1e9, -1e9)?.reshape((bsz, 1, 1, len))?;
@@ -135,9 +150,32 @@ impl BertCrossEncoder {
             let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
             x = layer.out_norm.forward(&(out + attn)?)?;
         }
-        let cls = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-        let pooled = self.pooler.forward(&cls)?.tanh()?;
-        let p = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
+        Ok(x)
+    }
+}
+
+/// The first token's hidden state, [B, H].
+pub fn first_token(hidden: &Tensor) -> Result<Tensor> {
+    hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()
+}
+
+impl BertCrossEncoder {
+    /// Creates (or looks up) every weight under its HF name: `bert.*` and `classifier.*`.
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        Ok(Self {
+            encoder: Encoder::load(vb.pp("bert"), config, h)?,
+            pooler: Linear::load(vb.pp("bert.pooler.dense"), h, h, true)?,
+            classifier: Linear::load(vb.pp("classifier"), h, 1, true)?,
+            config: config.clone(),
+        })
+    }
+
+    /// One score per pair (see [`Encoder::forward`] for the inputs).
+    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?;
+        let pooled = self.pooler.forward(&first_token(&x)?)?.tanh()?;
+        let p = self.config.classifier_dropout.unwrap_or(self.config.hidden_dropout_prob);
         let logits = self.classifier.forward(&dropout(&pooled, p, train)?)?;
         logits.squeeze(D::Minus1)?.to_dtype(DType::F32)
     }
