@@ -2,6 +2,7 @@
 //! `model_type`), `model.safetensors`, `tokenizer.json`.
 
 use crate::bert::{BertConfig, BertCrossEncoder};
+use crate::electra::{ElectraConfig, ElectraCrossEncoder};
 use crate::checkpoint::{load_safetensors, LoadReport};
 use crate::tokenize::PairTokenizer;
 use crate::{ModelError, Result};
@@ -9,17 +10,19 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::Path;
 
-pub const SUPPORTED: &[&str] = &["bert"];
-const PLANNED: &[&str] = &["electra", "roberta", "xlm-roberta", "deberta-v2", "modernbert"];
+pub const SUPPORTED: &[&str] = &["bert", "electra"];
+const PLANNED: &[&str] = &["roberta", "xlm-roberta", "deberta-v2", "modernbert"];
 
 pub enum Backbone {
     Bert(BertCrossEncoder),
+    Electra(ElectraCrossEncoder),
 }
 
 impl Backbone {
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Backbone::Bert(m) => m.forward(ids, types, mask, train),
+            Backbone::Electra(m) => m.forward(ids, types, mask, train),
         }
     }
 }
@@ -58,6 +61,12 @@ impl CrossEncoder {
                 let pad = cfg.pad_token_id;
                 (Backbone::Bert(BertCrossEncoder::load(vb, &cfg)?), pad)
             }
+            "electra" => {
+                let cfg: ElectraConfig =
+                    serde_json::from_value(value).map_err(|e| invalid(&config_path, format!("not an ELECTRA config: {e}")))?;
+                let pad = cfg.bert.pad_token_id;
+                (Backbone::Electra(ElectraCrossEncoder::load(vb, &cfg)?), pad)
+            }
             t if PLANNED.contains(&t) => {
                 return Err(invalid(&config_path, format!("model_type '{t}' is not supported yet (supported: {})", SUPPORTED.join(", "))))
             }
@@ -69,6 +78,7 @@ impl CrossEncoder {
         }
         let report = load_safetensors(&varmap, &weights, device)?;
         let encoder_missing: Vec<_> = report.missing.iter().filter(|n| !n.starts_with("classifier.")).collect();
+        // (ELECTRA's head is `classifier.dense` + `classifier.out_proj`: also a new head when absent.)
         if !encoder_missing.is_empty() {
             return Err(invalid(&weights, format!("weights missing for {encoder_missing:?}")));
         }

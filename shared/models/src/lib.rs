@@ -2,12 +2,13 @@
 //! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
 //! that `*ForSequenceClassification` checkpoints load and save without renaming.
 //!
-//! So far: pair tokenization and BERT (covers MiniLM). ELECTRA, RoBERTa, DeBERTa-v3 and
+//! So far: pair tokenization, BERT (covers MiniLM) and ELECTRA. RoBERTa, DeBERTa-v3 and
 //! ModernBERT follow in their own files, dispatched on `config.json`'s `model_type`.
 
 pub mod bert;
 pub mod checkpoint;
 pub mod cross_encoder;
+pub mod electra;
 pub mod layers;
 pub mod tokenize;
 
