@@ -5,7 +5,13 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["distill/v1/common.proto", "distill/v1/labeling.proto", "distill/v1/teacher.proto"];
+    let files = [
+        "distill/v1/common.proto",
+        "distill/v1/labeling.proto",
+        "distill/v1/training.proto",
+        "distill/v1/teacher.proto",
+        "distill/v1/trainer.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }

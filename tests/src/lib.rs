@@ -3,6 +3,7 @@
 //! pyarrow, all on 127.0.0.1.
 
 use distill_proto::teacher_service_client::TeacherServiceClient;
+use distill_proto::trainer_service_client::TrainerServiceClient;
 use distill_proto::{GetJobRequest, Job, JobState};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -34,7 +35,16 @@ impl Service {
     /// Starts `distill-teacher` on 127.0.0.1:0 with `store` (a path or URL) and extra args/env,
     /// and waits until it prints its address.
     pub fn teacher(store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
-        let mut cmd = Command::new(bin("distill-teacher"));
+        Self::start("distill-teacher", store, args, env)
+    }
+
+    /// Starts `distill-trainer` likewise.
+    pub fn trainer(store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
+        Self::start("distill-trainer", store, args, env)
+    }
+
+    fn start(name: &str, store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
+        let mut cmd = Command::new(bin(name));
         cmd.args(["--addr", "127.0.0.1:0", "--store"])
             .arg(store.as_ref())
             .args(args)
@@ -46,7 +56,7 @@ impl Service {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn distill-teacher");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -56,7 +66,7 @@ impl Service {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("teacher did not report its address in 30 s");
+        let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{name} did not report its address in 30 s"));
         Service { child, addr }
     }
 
@@ -66,6 +76,10 @@ impl Service {
 
     pub async fn client(&self) -> TeacherServiceClient<Channel> {
         TeacherServiceClient::connect(self.url()).await.expect("connect to teacher")
+    }
+
+    pub async fn trainer_client(&self) -> TrainerServiceClient<Channel> {
+        TrainerServiceClient::connect(self.url()).await.expect("connect to trainer")
     }
 
     /// SIGKILL, no chance to clean up.
@@ -144,17 +158,42 @@ impl Drop for S3Server {
     }
 }
 
+/// A client of either service: both have `GetJob`.
+#[tonic::async_trait]
+pub trait JobClient {
+    async fn job(&mut self, id: &str) -> Job;
+}
+
+#[tonic::async_trait]
+impl JobClient for TeacherServiceClient<Channel> {
+    async fn job(&mut self, id: &str) -> Job {
+        self.get_job(GetJobRequest { id: id.to_string() }).await.expect("get job").into_inner()
+    }
+}
+
+#[tonic::async_trait]
+impl JobClient for TrainerServiceClient<Channel> {
+    async fn job(&mut self, id: &str) -> Job {
+        self.get_job(GetJobRequest { id: id.to_string() }).await.expect("get job").into_inner()
+    }
+}
+
 /// Polls a job until it ends (or `timeout`), returning its final record.
-pub async fn wait_job(client: &mut TeacherServiceClient<Channel>, id: &str, timeout: Duration) -> Job {
+pub async fn wait_job(client: &mut impl JobClient, id: &str, timeout: Duration) -> Job {
     let deadline = Instant::now() + timeout;
     loop {
-        let job = client.get_job(GetJobRequest { id: id.to_string() }).await.expect("get job").into_inner();
+        let job = client.job(id).await;
         if job.state().is_terminal() {
             return job;
         }
         assert!(Instant::now() < deadline, "job {id} still {:?} after {timeout:?}", job.state());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A committed model fixture of distill-models (tiny random checkpoints with HF names).
+pub fn model_fixture(name: &str) -> String {
+    workspace_root().join("shared/models/tests/fixtures").join(name).to_str().unwrap().to_string()
 }
 
 pub fn assert_succeeded(job: &Job) {
@@ -229,6 +268,37 @@ impl Fixture {
                 qrels.push_str(&format!("Q{q} 0 D{rel} 2\n"));
             }
             qrels.push_str(&format!("Q{q} 0 D{} 0\n", picked[depth - 1]));
+        }
+        for (name, text) in [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        Fixture { dir, queries, depth }
+    }
+
+    /// A collection a tiny model can learn from: each query names a topic word; its relevant
+    /// passage mentions that topic (and the word "storage"), the others other topics. First-stage
+    /// scores rank the relevant passage first with a wide margin, so teacher margins carry signal.
+    pub fn topical(queries: usize, depth: usize) -> Fixture {
+        const TOPICS: &[&str] =
+            &["water", "carbon", "garden", "protein", "weather", "nuclear", "oxygen", "teacher", "river", "metal", "music", "paper"];
+        let dir = tempfile::tempdir().unwrap();
+        let (mut collection, mut qs, mut run, mut qrels) = (String::new(), String::new(), String::new(), String::new());
+        for q in 0..queries {
+            let topic = TOPICS[q % TOPICS.len()];
+            qs.push_str(&format!("Q{q}	what about the {topic}
+"));
+            for k in 0..depth {
+                let (text, score) = if k == 0 {
+                    (format!("the {topic} and the {topic} storage"), 12.0)
+                } else {
+                    let other = TOPICS[(q + k * 5) % TOPICS.len()];
+                    let other = if other == topic { TOPICS[(q + 1) % TOPICS.len()] } else { other };
+                    (format!("the {other} only"), 4.0 - k as f64 * 0.25)
+                };
+                collection.push_str(&format!("D{q}x{k}\t{text}\n"));
+                run.push_str(&format!("Q{q} Q0 D{q}x{k} {} {score} bm25\n", k + 1));
+            }
+            qrels.push_str(&format!("Q{q} 0 D{q}x0 1\n"));
         }
         for (name, text) in [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)] {
             std::fs::write(dir.path().join(name), text).unwrap();

@@ -14,8 +14,8 @@ pub enum Error {
     Store(#[from] distill_store::StoreError),
     #[error(transparent)]
     Shards(#[from] distill_shards::ShardError),
-    #[error("job '{0}' not found")]
-    JobNotFound(String),
+    #[error(transparent)]
+    Jobs(#[from] distill_jobs::JobsError),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -32,7 +32,7 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument(_) | Error::InvalidInput(_) | Error::Format(_) => tonic::Status::invalid_argument(msg),
             Error::Store(StoreError::InvalidUri { .. }) => tonic::Status::invalid_argument(msg),
             Error::Store(StoreError::NotFound { .. }) => tonic::Status::not_found(msg),
-            Error::JobNotFound(_) => tonic::Status::not_found(msg),
+            Error::Jobs(e) => e.into(),
             Error::Shards(distill_shards::ShardError::AlreadyCommitted { .. }) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),

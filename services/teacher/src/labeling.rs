@@ -2,7 +2,7 @@
 
 use crate::candidates::{self, QueryCandidates};
 use crate::error::Error;
-use crate::jobs::{JobEntry, Jobs};
+use distill_jobs::{JobEntry, Jobs};
 use crate::sampling::{self, SamplingParams};
 use crate::teachers;
 use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};

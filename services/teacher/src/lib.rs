@@ -10,13 +10,10 @@
 //!                                                               └ DatasetWriter      (rolling shards, progress records, manifest)
 //! ```
 
-pub mod auth;
 pub mod candidates;
 pub mod error;
-pub mod jobs;
 pub mod labeling;
 pub mod sampling;
-pub mod server;
 pub mod service;
 pub mod teachers;
 

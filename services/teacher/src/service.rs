@@ -1,18 +1,16 @@
 //! The gRPC face of the teacher: job control and direct scoring.
 
 use crate::error::Error;
-use crate::jobs::{JobEntry, Jobs};
+use distill_jobs::{JobEntry, Jobs};
 use crate::labeling::{self, Outcome};
 use distill_proto::teacher_service_server::TeacherService;
 use distill_proto::{
-    job_event, job_spec, CancelJobRequest, GetJobRequest, Job, JobEvent, JobKind, JobSpec, JobState, LabelingSpec,
-    ListJobsRequest, ListJobsResponse, ScoreRequest, ScoreResponse, StateChange, WatchJobRequest,
+    job_spec, CancelJobRequest, GetJobRequest, Job, JobKind, JobSpec, JobState, LabelingSpec, ListJobsRequest,
+    ListJobsResponse, ScoreRequest, ScoreResponse, WatchJobRequest,
 };
 use distill_store::Location;
-use futures::Stream;
-use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 /// The service's state: its job table, store and job slots.
@@ -53,7 +51,7 @@ impl TeacherState {
                     Ok(output) => labeling::run(&spec, &job.id, output, &self.jobs, &entry, &entry.cancel).await,
                     Err(e) => Err(e.into()),
                 },
-                None => Err(Error::Internal("job has no spec".into())),
+                _ => Err(Error::Internal("not a labelling job".into())),
             };
             match result {
                 Ok(Outcome::Committed(m)) => {
@@ -65,21 +63,6 @@ impl TeacherState {
             }
         });
     }
-}
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
-
-fn snapshot_events(job: &Job) -> Vec<JobEvent> {
-    let now = crate::jobs::now_ms();
-    let mut events = vec![JobEvent {
-        job_id: job.id.clone(),
-        time_ms: now,
-        event: Some(job_event::Event::State(StateChange { state: job.state, error: job.error.clone() })),
-    }];
-    if let Some(p) = &job.progress {
-        events.push(JobEvent { job_id: job.id.clone(), time_ms: now, event: Some(job_event::Event::Progress(p.clone())) });
-    }
-    events
 }
 
 #[tonic::async_trait]
@@ -112,68 +95,18 @@ impl TeacherService for Teacher {
         Ok(Response::new(self.0.jobs.get(&request.into_inner().id)?.snapshot()))
     }
 
-    type WatchJobStream = EventStream;
+    type WatchJobStream = distill_jobs::EventStream;
 
-    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<EventStream>, Status> {
-        let entry = self.0.jobs.get(&request.into_inner().id)?;
-        // Subscribe before the snapshot so that nothing falls between them.
-        let mut rx = entry.subscribe();
-        let job = entry.snapshot();
-        let (tx, out) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            for e in snapshot_events(&job) {
-                if tx.send(Ok(e)).await.is_err() {
-                    return;
-                }
-            }
-            if job.state().is_terminal() {
-                return;
-            }
-            loop {
-                let event = match rx.recv().await {
-                    Ok(e) => e,
-                    // A slow watcher missed events: send the current state instead.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let job = entry.snapshot();
-                        for e in snapshot_events(&job) {
-                            if tx.send(Ok(e)).await.is_err() {
-                                return;
-                            }
-                        }
-                        if job.state().is_terminal() {
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                let terminal = matches!(&event.event, Some(job_event::Event::State(s)) if s.state().is_terminal());
-                if tx.send(Ok(event)).await.is_err() || terminal {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        Ok(Response::new(distill_jobs::watch(self.0.jobs.get(&request.into_inner().id)?)))
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
-        let entry = self.0.jobs.get(&request.into_inner().id)?;
-        let job = entry.snapshot();
-        if !job.state().is_terminal() {
-            entry.cancel.cancel();
-            if job.state() == JobState::Queued {
-                self.0.jobs.set_state(&entry, JobState::Cancelled, "").await;
-            }
-        }
-        Ok(Response::new(entry.snapshot()))
+        Ok(Response::new(distill_jobs::cancel(&self.0.jobs, &request.into_inner().id).await?))
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
-        let state = match request.into_inner().state() {
-            JobState::Unspecified => None,
-            s => Some(s),
-        };
-        Ok(Response::new(ListJobsResponse { jobs: self.0.jobs.list(state) }))
+        Ok(Response::new(distill_jobs::list(&self.0.jobs, request.into_inner().state())))
     }
 
     async fn score(&self, _request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {

@@ -8,7 +8,7 @@ use crate::tokenize::PairTokenizer;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const SUPPORTED: &[&str] = &["bert", "electra"];
 const PLANNED: &[&str] = &["roberta", "xlm-roberta", "deberta-v2", "modernbert"];
@@ -19,6 +19,27 @@ pub enum Backbone {
 }
 
 impl Backbone {
+    /// Builds the architecture `model_type` from its `config.json` value, creating (or looking up)
+    /// its variables in `vb`; returns the padding token id too.
+    pub fn from_config(model_type: &str, config: serde_json::Value, vb: VarBuilder) -> Result<(Self, Option<u32>)> {
+        let bad = |message: String| ModelError::Invalid { path: "config.json".into(), message };
+        match model_type {
+            "bert" => {
+                let cfg: BertConfig = serde_json::from_value(config).map_err(|e| bad(format!("not a BERT config: {e}")))?;
+                Ok((Backbone::Bert(BertCrossEncoder::load(vb, &cfg)?), cfg.pad_token_id))
+            }
+            "electra" => {
+                let cfg: ElectraConfig =
+                    serde_json::from_value(config).map_err(|e| bad(format!("not an ELECTRA config: {e}")))?;
+                Ok((Backbone::Electra(ElectraCrossEncoder::load(vb, &cfg)?), cfg.bert.pad_token_id))
+            }
+            t if PLANNED.contains(&t) => {
+                Err(bad(format!("model_type '{t}' is not supported yet (supported: {})", SUPPORTED.join(", "))))
+            }
+            t => Err(bad(format!("unsupported model_type '{t}' (supported: {})", SUPPORTED.join(", ")))),
+        }
+    }
+
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         match self {
             Backbone::Bert(m) => m.forward(ids, types, mask, train),
@@ -36,6 +57,33 @@ pub struct CrossEncoder {
     pub report: LoadReport,
     pub model_type: String,
     pub device: Device,
+    /// The directory it was loaded from and its `config.json`, for saving.
+    pub source: PathBuf,
+    pub config: serde_json::Value,
+}
+
+/// Tokenizer files a saved checkpoint carries over from its source.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spm.model",
+    "sentencepiece.bpe.model",
+];
+
+fn architecture(model_type: &str) -> &'static str {
+    match model_type {
+        "electra" => "ElectraForSequenceClassification",
+        "roberta" => "RobertaForSequenceClassification",
+        "xlm-roberta" => "XLMRobertaForSequenceClassification",
+        "deberta-v2" => "DebertaV2ForSequenceClassification",
+        "modernbert" => "ModernBertForSequenceClassification",
+        _ => "BertForSequenceClassification",
+    }
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ModelError {
@@ -54,24 +102,10 @@ impl CrossEncoder {
         let model_type = value["model_type"].as_str().ok_or_else(|| invalid(&config_path, "no model_type"))?.to_string();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let (backbone, pad_id) = match model_type.as_str() {
-            "bert" => {
-                let cfg: BertConfig =
-                    serde_json::from_value(value).map_err(|e| invalid(&config_path, format!("not a BERT config: {e}")))?;
-                let pad = cfg.pad_token_id;
-                (Backbone::Bert(BertCrossEncoder::load(vb, &cfg)?), pad)
-            }
-            "electra" => {
-                let cfg: ElectraConfig =
-                    serde_json::from_value(value).map_err(|e| invalid(&config_path, format!("not an ELECTRA config: {e}")))?;
-                let pad = cfg.bert.pad_token_id;
-                (Backbone::Electra(ElectraCrossEncoder::load(vb, &cfg)?), pad)
-            }
-            t if PLANNED.contains(&t) => {
-                return Err(invalid(&config_path, format!("model_type '{t}' is not supported yet (supported: {})", SUPPORTED.join(", "))))
-            }
-            t => return Err(invalid(&config_path, format!("unsupported model_type '{t}' (supported: {})", SUPPORTED.join(", ")))),
-        };
+        let (backbone, pad_id) = Backbone::from_config(&model_type, value.clone(), vb).map_err(|e| match e {
+            ModelError::Invalid { message, .. } => invalid(&config_path, message),
+            e => e,
+        })?;
         let weights = dir.join("model.safetensors");
         if !weights.is_file() {
             return Err(invalid(&weights, "missing (safetensors weights are required)"));
@@ -83,12 +117,78 @@ impl CrossEncoder {
             return Err(invalid(&weights, format!("weights missing for {encoder_missing:?}")));
         }
         let tokenizer = PairTokenizer::from_file(&dir.join("tokenizer.json"), max_query_length, max_length, pad_id)?;
-        Ok(Self { backbone, tokenizer, varmap, report, model_type, device: device.clone() })
+        Ok(Self {
+            backbone,
+            tokenizer,
+            varmap,
+            report,
+            model_type,
+            device: device.clone(),
+            source: dir.to_path_buf(),
+            config: value,
+        })
     }
 
     /// Whether the classification head was initialised here rather than loaded.
     pub fn new_head(&self) -> bool {
         self.report.missing.iter().any(|n| n.starts_with("classifier."))
+    }
+
+    /// Re-initialises the variables loading did not find (a new head) from `seed`, as Hugging
+    /// Face does: weights ~ N(0, initializer_range), biases 0. Makes a new head reproducible.
+    pub fn init_missing(&self, seed: u64) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        let std = self.config["initializer_range"].as_f64().unwrap_or(0.02);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        for name in &self.report.missing {
+            let var = &data[name];
+            let n = var.elem_count();
+            let values: Vec<f32> = if name.ends_with("bias") {
+                vec![0.0; n]
+            } else {
+                // Box-Muller normals.
+                (0..n)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+                        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                    })
+                    .collect()
+            };
+            var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Every variable by its Hugging Face name.
+    pub fn tensors(&self) -> std::collections::HashMap<String, Tensor> {
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// Saves a Hugging Face checkpoint into `dir`: `model.safetensors` (the
+    /// `*ForSequenceClassification` names, one label), `config.json`, and the tokenizer files of
+    /// the source directory, so that transformers and sentence-transformers load it as it is.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |p: &Path, e: std::io::Error| invalid(p, e.to_string());
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        candle_core::safetensors::save(&self.tensors(), dir.join("model.safetensors"))?;
+        let mut config = self.config.clone();
+        config["architectures"] = serde_json::json!([architecture(&self.model_type)]);
+        config["id2label"] = serde_json::json!({"0": "LABEL_0"});
+        config["label2id"] = serde_json::json!({"LABEL_0": 0});
+        if let Some(obj) = config.as_object_mut() {
+            obj.remove("num_labels");
+        }
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("JSON value")).map_err(|e| io(&path, e))?;
+        for name in TOKENIZER_FILES {
+            let from = self.source.join(name);
+            if from.is_file() && from != dir.join(name) {
+                std::fs::copy(&from, dir.join(name)).map_err(|e| io(&from, e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Scores pairs in batches of `batch_size`, in input order.

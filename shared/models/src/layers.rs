@@ -67,12 +67,34 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-/// Dropout that is active only in training.
+thread_local! {
+    /// The dropout masks' generator on this thread, when seeded (training that must be
+    /// reproducible and resumable); otherwise candle's own random source is used.
+    static DROPOUT_RNG: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Seeds this thread's dropout masks (`None` returns to candle's unseeded generator). A trainer
+/// seeds each step from (seed, step), so a resumed run draws the same masks as an uninterrupted one.
+pub fn seed_dropout(seed: Option<u64>) {
+    use rand::SeedableRng;
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
+}
+
+/// Dropout that is active only in training (inverted: kept values are scaled by 1 / (1 - p)).
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
-    } else {
-        Ok(x.clone())
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let seeded = DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            use rand::Rng;
+            let keep = 1.0 / (1.0 - p) as f32;
+            (0..x.elem_count()).map(|_| if rng.random::<f32>() >= p as f32 { keep } else { 0.0 }).collect::<Vec<f32>>()
+        })
+    });
+    match seeded {
+        Some(mask) => x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        None => candle_nn::ops::dropout(x, p as f32),
     }
 }
 

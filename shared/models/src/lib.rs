@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cross_encoder;
 pub mod electra;
 pub mod layers;
+pub mod optim;
 pub mod tokenize;
 
 #[derive(Debug, thiserror::Error)]

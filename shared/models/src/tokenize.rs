@@ -9,6 +9,7 @@ use crate::{ModelError, Result};
 use candle_core::{Device, Tensor};
 use tokenizers::{PostProcessor, Tokenizer, TruncationDirection};
 
+#[derive(Clone)]
 pub struct PairTokenizer {
     inner: Tokenizer,
     pad_id: u32,

@@ -79,7 +79,8 @@ pub fn absolutize(uri: &str) -> String {
     }
 }
 
-fn local_path(uri: &str) -> Result<std::path::PathBuf> {
+/// The file-system path a local URI (plain path or `file://`) names.
+pub fn local_path(uri: &str) -> Result<std::path::PathBuf> {
     let raw = if let Some(rest) = uri.strip_prefix("file://") {
         let url = url::Url::parse(&format!("file://{rest}")).map_err(|e| invalid(uri, e))?;
         url.to_file_path().map_err(|_| invalid(uri, "not an absolute file path"))?
@@ -238,15 +239,63 @@ impl Location {
         Ok(names)
     }
 
+    /// Every object path below this prefix, recursively.
+    async fn all_paths(&self) -> Result<Vec<Path>> {
+        self.store.list(Some(&self.prefix)).map_ok(|m| m.location).try_collect().await.map_err(|e| self.err("", e))
+    }
+
+    /// Names (relative to this prefix) of every object below it, recursively, sorted.
+    pub async fn list_recursive(&self) -> Result<Vec<String>> {
+        let objects = self.all_paths().await?;
+        let mut names: Vec<String> = objects
+            .iter()
+            .filter_map(|p| Some(p.prefix_match(&self.prefix)?.map(|c| c.as_ref().to_string()).collect::<Vec<_>>().join("/")))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Copies every object below this prefix into the local directory `dir` (recursively,
+    /// keeping relative names); returns how many files were written.
+    pub async fn download_to(&self, dir: &std::path::Path) -> Result<usize> {
+        let objects = self.all_paths().await?;
+        let mut n = 0;
+        for path in objects {
+            let Some(rel) = path.prefix_match(&self.prefix) else { continue };
+            let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
+            let rel = rel.join("/");
+            let bytes = self.get(&rel).await?;
+            let target = dir.join(&rel);
+            let io = |e: std::io::Error| StoreError::Io { uri: target.display().to_string(), source: Box::new(e) };
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&target, &bytes).map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Uploads the files directly inside the local directory `dir` below this prefix.
+    pub async fn upload_dir(&self, dir: &std::path::Path) -> Result<usize> {
+        let io = |e: std::io::Error| StoreError::Io { uri: dir.display().to_string(), source: Box::new(e) };
+        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<std::io::Result<_>>().map_err(io)?;
+        entries.sort_by_key(|e| e.file_name());
+        let mut n = 0;
+        for e in entries {
+            if !e.file_type().map_err(io)?.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(e.path()).map_err(io)?;
+            self.put(&e.file_name().to_string_lossy(), Bytes::from(bytes)).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Removes every object below this prefix.
     pub async fn delete_all(&self) -> Result<()> {
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&self.prefix))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(|e| self.err("", e))?;
+        let objects = self.all_paths().await?;
         for path in objects {
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -255,6 +304,32 @@ impl Location {
         }
         Ok(())
     }
+}
+
+/// A local directory holding what `uri` names: a local path as it is; an object-store prefix is
+/// downloaded once into a cache directory below the system temp dir (keyed by the URI).
+pub async fn materialize_dir(uri: &str) -> Result<std::path::PathBuf> {
+    if is_local(uri) {
+        let path = local_path(uri)?;
+        if !path.is_dir() {
+            return Err(StoreError::NotFound { uri: path.display().to_string() });
+        }
+        return Ok(path);
+    }
+    let loc = Location::parse(uri)?;
+    use sha2::Digest;
+    let key = hex::encode(&sha2::Sha256::digest(loc.uri().as_bytes())[..8]);
+    let dir = std::env::temp_dir().join("distill-models").join(key);
+    let done = dir.join(".complete");
+    if done.is_file() {
+        return Ok(dir);
+    }
+    let n = loc.download_to(&dir).await?;
+    if n == 0 {
+        return Err(StoreError::NotFound { uri: loc.uri().to_string() });
+    }
+    std::fs::write(&done, b"").map_err(|e| StoreError::Io { uri: done.display().to_string(), source: Box::new(e) })?;
+    Ok(dir)
 }
 
 /// Opens a text file for line reading: local files are streamed from disk, remote objects are

@@ -2,9 +2,9 @@
 //! persisted as `jobs/<id>.pb` (the `Job` message) in the service's store, so that a restarted
 //! service knows its jobs and resumes the unfinished ones.
 
-use crate::error::Error;
+use crate::JobsError as Error;
 use bytes::Bytes;
-use distill_proto::{job_event, Job, JobEvent, JobKind, JobSpec, JobState, LogLine, Progress, StateChange};
+use distill_proto::{job_event, Job, JobEvent, JobKind, JobSpec, JobState, LogLine, Metric, Progress, StateChange};
 use distill_store::Location;
 use prost::Message;
 use std::collections::HashMap;
@@ -118,7 +118,7 @@ impl Jobs {
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::JobNotFound(id.to_string()))
+            .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// All jobs (optionally in one state), oldest first.
@@ -172,6 +172,11 @@ impl Jobs {
             self.persist_logged(entry).await;
         }
         entry.emit(&job.id, job_event::Event::Progress(progress));
+    }
+
+    /// Tells the watchers a metric's value at a step (training loss, evaluation metrics).
+    pub fn metric(&self, entry: &JobEntry, name: &str, value: f64, step: u64) {
+        entry.emit(&entry.id(), job_event::Event::Metric(Metric { name: name.to_string(), value, step }));
     }
 
     pub fn log(&self, entry: &JobEntry, level: &str, message: impl Into<String>) {

@@ -1,0 +1,25 @@
+//! `distill-trainer`: the training and evaluation service.
+
+use clap::Parser;
+use distill_proto::trainer_service_server::TrainerServiceServer;
+use std::net::SocketAddr;
+
+#[derive(Parser, Debug)]
+#[command(name = "distill-trainer", version, about = "Trains student re-rankers on teacher shards, evaluates them, exports Hugging Face checkpoints")]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "DISTILL_ADDR", default_value = "127.0.0.1:50052")]
+    addr: SocketAddr,
+    #[command(flatten)]
+    service: distill_jobs::serving::ServiceArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = args.service.setup(args.addr)?;
+    let start = |store, jobs| async move {
+        Ok(TrainerServiceServer::new(distill_trainer::service::Trainer::start(store, jobs).await?))
+    };
+    distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
+}

@@ -1,0 +1,155 @@
+//! Serving plumbing both services use: TLS from PEM files, binding and announcing the address,
+//! shutdown on SIGTERM / Ctrl-C, and logging setup.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+/// A server builder, speaking TLS when both a certificate and a key are given.
+pub fn builder(tls_cert: Option<&Path>, tls_key: Option<&Path>) -> anyhow::Result<Server> {
+    let builder = Server::builder();
+    match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert = std::fs::read(cert).map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", cert.display()))?;
+            let key = std::fs::read(key).map_err(|e| anyhow::anyhow!("TLS key {}: {e}", key.display()))?;
+            Ok(builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?)
+        }
+        (None, None) => Ok(builder),
+        _ => anyhow::bail!("TLS needs both --tls-cert and --tls-key"),
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Prints `listening on <addr>` on stdout, so that callers binding port 0 learn the port.
+pub fn announce(local: SocketAddr) {
+    use std::io::Write;
+    println!("listening on {local}");
+    let _ = std::io::stdout().flush();
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}
+
+/// Logs to stderr, as JSON lines when `json`; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+}
+
+/// The flags both services take besides their address (each also read from the environment).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServiceArgs {
+    /// Where the service keeps job records and default outputs: a path or object-store URL.
+    #[arg(long, env = "DISTILL_STORE", default_value = "./distill-data")]
+    pub store: String,
+    /// File holding the bearer token clients must send; without it (or DISTILL_AUTH_TOKEN) no auth.
+    #[arg(long, env = "DISTILL_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<std::path::PathBuf>,
+    /// TLS certificate (PEM); with --tls-key, the service speaks TLS.
+    #[arg(long, env = "DISTILL_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "DISTILL_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Jobs run at once; the rest wait QUEUED.
+    #[arg(long, env = "DISTILL_MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    pub max_concurrent_jobs: usize,
+    /// Log as JSON lines.
+    #[arg(long, env = "DISTILL_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// What a service is started with, secrets resolved.
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    pub store: String,
+    pub auth_token: Option<String>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    pub max_concurrent_jobs: usize,
+}
+
+impl ServiceArgs {
+    /// Process setup every service binary does first: the TLS crypto provider, logging, and the
+    /// auth token (read here and never logged).
+    pub fn setup(self, addr: SocketAddr) -> anyhow::Result<ServerConfig> {
+        // Both ring and aws-lc-rs are linked (object_store's HTTP stack); pick one for TLS.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        init_tracing(self.log_json);
+        let token = crate::auth::load_token(self.auth_token_file.as_deref(), std::env::var("DISTILL_AUTH_TOKEN").ok().as_deref())?;
+        tracing::info!(addr = %addr, store = %self.store, tls = self.tls_cert.is_some(), "starting");
+        Ok(ServerConfig {
+            addr,
+            store: self.store,
+            auth_token: token,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            max_concurrent_jobs: self.max_concurrent_jobs,
+        })
+    }
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+/// Serves one job service with gRPC health (NOT_SERVING until `start` has loaded the job table
+/// and resumed unfinished jobs, then SERVING) and reflection, both behind the bearer-token check
+/// (health excepted), until `shutdown` resolves. Prints `listening on <addr>` once bound.
+pub async fn serve<S, F, Fut>(cfg: ServerConfig, start: F, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()>
+where
+    F: FnOnce(distill_store::Location, usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<S>>,
+    S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
+        + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use tonic::service::interceptor::InterceptedService;
+    let store = distill_store::Location::parse(&cfg.store)?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distill_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let auth = crate::auth::BearerAuth::new(cfg.auth_token.clone());
+    let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
+    let (listener, local) = bind(cfg.addr).await?;
+
+    let service = start(store.clone(), cfg.max_concurrent_jobs).await?;
+    let check = auth.clone();
+    let service = InterceptedService::new(service, move |r| check.check(r));
+    let check = auth.clone();
+    let reflection = InterceptedService::new(reflection, move |r| check.check(r));
+    health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::Serving).await;
+    tracing::info!(addr = %local, store = %store, auth = auth.enabled(), service = S::NAME, "ready");
+    announce(local);
+
+    builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

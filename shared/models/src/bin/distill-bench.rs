@@ -1,0 +1,189 @@
+//! `distill-bench`: scoring and training throughput of the cross-encoder backbones, the numbers to
+//! put next to `../shared/bench/pytorch_baseline.py` (same shapes, same batch, same step: forward,
+//! MarginMSE-like loss on pairs, backward, clipping, AdamW) run on the same machine.
+//!
+//! ```text
+//! distill-bench --device cuda:0 --shapes minilm-l6,bert-base,electra-base --seq 256
+//! distill-bench --device cpu --model path/to/all-MiniLM-L6-v2 --modes score --score-batch 32
+//! ```
+//! Prints one JSON object per (model, mode) and a table; `--json FILE` writes them all.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Parser;
+use distill_models::cross_encoder::Backbone;
+use distill_models::optim::{AdamW, AdamWConfig};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(name = "distill-bench", about = "Cross-encoder scoring and training throughput")]
+struct Args {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Random-init shapes: minilm-l6, bert-base, electra-base.
+    #[arg(long, value_delimiter = ',', default_value = "minilm-l6,bert-base,electra-base")]
+    shapes: Vec<String>,
+    /// A Hugging Face model directory to bench instead of the shapes (its config and weights).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "score,train")]
+    modes: Vec<String>,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 512)]
+    score_batch: usize,
+    #[arg(long, default_value_t = 64)]
+    train_batch: usize,
+    /// Scoring weights and activations: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    score_dtype: String,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
+    let bert = |h: usize, layers: usize, inter: usize| {
+        serde_json::json!({"vocab_size": 30522, "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": 12,
+            "intermediate_size": inter, "max_position_embeddings": 512, "type_vocab_size": 2, "pad_token_id": 0})
+    };
+    Ok(match name {
+        "minilm-l6" => ("bert".into(), bert(384, 6, 1536)),
+        "bert-base" => ("bert".into(), bert(768, 12, 3072)),
+        "electra-base" => {
+            let mut c = bert(768, 12, 3072);
+            c["embedding_size"] = 768.into();
+            ("electra".into(), c)
+        }
+        other => anyhow::bail!("unknown shape '{other}' (minilm-l6, bert-base, electra-base)"),
+    })
+}
+
+fn device(spec: &str) -> anyhow::Result<Device> {
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
+        s => anyhow::bail!("unknown device '{s}' (cpu, cuda, cuda:N)"),
+    })
+}
+
+/// Median seconds of `iters` timed calls after `warmup` untimed ones.
+fn timed(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut ts = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(f64::total_cmp);
+    Ok(ts[ts.len() / 2])
+}
+
+struct Built {
+    backbone: Backbone,
+    varmap: VarMap,
+    params: usize,
+    vocab: usize,
+}
+
+fn build(name: &str, model: Option<&std::path::Path>, dtype: DType, dev: &Device) -> anyhow::Result<Built> {
+    let (model_type, config) = match model {
+        Some(dir) => {
+            let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+            (config["model_type"].as_str().unwrap_or_default().to_string(), config)
+        }
+        None => shape_config(name)?,
+    };
+    let vocab = config["vocab_size"].as_u64().unwrap_or(30522) as usize;
+    let varmap = VarMap::new();
+    let (backbone, _) = Backbone::from_config(&model_type, config, VarBuilder::from_varmap(&varmap, dtype, dev))?;
+    if let Some(dir) = model {
+        distill_models::checkpoint::load_safetensors(&varmap, &dir.join("model.safetensors"), dev)?;
+    }
+    let params = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    Ok(Built { backbone, varmap, params, vocab })
+}
+
+fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
+    let ids: Vec<u32> = (0..batch * seq).map(|i| 1000 + ((i as u64 * 2654435761) % (vocab as u64 - 1001)) as u32).collect();
+    let ids = Tensor::from_vec(ids, (batch, seq), dev)?;
+    let types = Tensor::zeros((batch, seq), DType::U32, dev)?;
+    let mask = Tensor::ones((batch, seq), DType::U32, dev)?;
+    Ok((ids, types, mask))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dev = device(&args.device)?;
+    let score_dtype = match args.score_dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        s => anyhow::bail!("--score-dtype {s}: f32 or bf16"),
+    };
+    let names: Vec<String> = match &args.model {
+        Some(dir) => vec![dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into())],
+        None => args.shapes.clone(),
+    };
+    let mut rows = Vec::new();
+    for name in &names {
+        if args.modes.iter().any(|m| m == "score") {
+            let b = build(name, args.model.as_deref(), score_dtype, &dev)?;
+            let (ids, types, mask) = random_ids(b.vocab, args.score_batch, args.seq, &dev)?;
+            let t = timed(&dev, args.warmup, args.iters, || {
+                b.backbone.forward(&ids, &types, &mask, false)?;
+                Ok(())
+            })?;
+            let n = args.score_batch as f64;
+            rows.push(serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
+                "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t,
+                "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
+            println!("{}", rows.last().unwrap());
+        }
+        if args.modes.iter().any(|m| m == "train") {
+            let b = build(name, args.model.as_deref(), DType::F32, &dev)?;
+            let mut opt = AdamW::new(&b.varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
+            let (ids, types, mask) = random_ids(b.vocab, args.train_batch, args.seq, &dev)?;
+            let target = Tensor::randn(0f32, 1.0, args.train_batch / 2, &dev)?;
+            let t = timed(&dev, args.warmup, args.iters, || {
+                let s = b.backbone.forward(&ids, &types, &mask, true)?.reshape((args.train_batch / 2, 2))?;
+                let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
+                let loss = (margin - &target)?.sqr()?.mean_all()?;
+                let mut grads = opt.grads(&loss.backward()?);
+                grads.clip(1.0)?;
+                opt.update(&grads, 1e-5)?;
+                Ok(())
+            })?;
+            let n = args.train_batch as f64;
+            rows.push(serde_json::json!({"model": name, "mode": "train-f32", "params": b.params, "batch": args.train_batch,
+                "seq": args.seq, "s": t, "pairs_per_s": n / t,
+                "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
+            println!("{}", rows.last().unwrap());
+        }
+    }
+    println!("\n{:<16} {:<15} {:>9} {:>10} {:>8}", "model", "mode", "params(M)", "pairs/s", "TFLOP/s");
+    for r in &rows {
+        println!(
+            "{:<16} {:<15} {:>9.1} {:>10.0} {:>8.2}",
+            r["model"].as_str().unwrap_or_default(),
+            r["mode"].as_str().unwrap_or_default(),
+            r["params"].as_f64().unwrap_or_default() / 1e6,
+            r["pairs_per_s"].as_f64().unwrap_or_default(),
+            r["tflops"].as_f64().unwrap_or_default()
+        );
+    }
+    if let Some(path) = &args.json {
+        let device = format!("{:?}", dev.location());
+        std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({"device": device, "rows": rows}))?)?;
+    }
+    Ok(())
+}

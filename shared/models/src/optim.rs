@@ -1,0 +1,169 @@
+//! AdamW with its state in the open (candle's keeps it private), so that a trainer can checkpoint
+//! and resume it, plus the gradient plumbing a trainer needs: accumulation and clipping by global
+//! norm.
+//!
+//! The update is PyTorch's `torch.optim.AdamW` (decoupled weight decay, Loshchilov & Hutter):
+//! ```text
+//! θ ← θ − lr·λ·θ
+//! m ← β₁m + (1−β₁)g        v ← β₂v + (1−β₂)g²
+//! θ ← θ − lr · (m / (1−β₁ᵗ)) / (√(v / (1−β₂ᵗ)) + ε)
+//! ```
+//! Biases and normalisation weights get no decay, as Hugging Face's Trainer does.
+
+use candle_core::{backprop::GradStore, DType, Result, Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// Whether a parameter is exempt from weight decay (biases, LayerNorm / norm weights).
+pub fn no_decay(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm") || name.contains("norm.")
+}
+
+struct Param {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Updates taken so far (t in the bias corrections).
+    pub step: u64,
+    params: Vec<Param>,
+}
+
+/// Gradients aligned with an optimizer's parameters (None: the parameter got none).
+pub struct Grads(pub Vec<Option<Tensor>>);
+
+impl AdamW {
+    /// One moment pair per variable of `varmap`, in name order (so that state files are stable).
+    pub fn new(varmap: &VarMap, config: AdamWConfig) -> Result<Self> {
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        let mut params = Vec::with_capacity(names.len());
+        for name in names {
+            let var = data[name].clone();
+            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            params.push(Param { name: name.clone(), decay: !no_decay(name), m: zeros.clone(), v: zeros, var });
+        }
+        Ok(Self { config, step: 0, params })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().map(|p| p.name.as_str())
+    }
+
+    /// This step's gradients from a backward pass, in parameter order.
+    pub fn grads(&self, store: &GradStore) -> Grads {
+        Grads(self.params.iter().map(|p| store.get(p.var.as_tensor()).cloned()).collect())
+    }
+
+    /// One update with learning rate `lr` (the schedule's value for this step).
+    pub fn update(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for (p, g) in self.params.iter_mut().zip(&grads.0) {
+            let Some(g) = g else { continue };
+            let g = g.to_dtype(DType::F32)?.detach();
+            let theta = p.var.as_tensor().detach();
+            let theta = if p.decay && c.weight_decay > 0.0 { theta.affine(1.0 - lr * c.weight_decay, 0.0)? } else { theta };
+            p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = ((&p.v / bc2)?.sqrt()? + c.eps)?;
+            let next = (theta - ((&p.m / denom)? * (lr / bc1))?)?;
+            p.var.set(&next.to_dtype(p.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors (`m.<param>`, `v.<param>`), for a checkpoint.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::with_capacity(self.params.len() * 2);
+        for p in &self.params {
+            out.insert(format!("m.{}", p.name), p.m.clone());
+            out.insert(format!("v.{}", p.name), p.v.clone());
+        }
+        out
+    }
+
+    /// Restores the moments written by [`AdamW::state`] and the step count.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> std::result::Result<(), String> {
+        for p in &mut self.params {
+            for (kind, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
+                let key = format!("{kind}.{}", p.name);
+                let t = tensors.get(&key).ok_or_else(|| format!("optimizer state lacks '{key}'"))?;
+                if t.dims() != slot.dims() {
+                    return Err(format!("optimizer state '{key}' has shape {:?}, the parameter {:?}", t.dims(), slot.dims()));
+                }
+                *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(p.var.device())).map_err(|e| e.to_string())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+impl Grads {
+    /// Adds another micro-batch's gradients (gradient accumulation).
+    pub fn accumulate(&mut self, other: Grads) -> Result<()> {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a = match (a.take(), b) {
+                (Some(x), Some(y)) => Some((x + y)?),
+                (x, y) => x.or(y),
+            };
+        }
+        Ok(())
+    }
+
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.0.iter_mut().flatten() {
+            *g = (&*g * factor)?;
+        }
+        Ok(())
+    }
+
+    /// The global L2 norm over all gradients (one device-to-host read, not one per tensor).
+    pub fn global_norm(&self) -> Result<f64> {
+        let sums: Vec<Tensor> =
+            self.0.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<_>>()?;
+        if sums.is_empty() {
+            return Ok(0.0);
+        }
+        Ok((Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt())
+    }
+
+    /// Clips by global norm as `torch.nn.utils.clip_grad_norm_` does; returns the norm before.
+    pub fn clip(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        let coef = max_norm / (norm + 1e-6);
+        if max_norm > 0.0 && coef < 1.0 {
+            self.scale(coef)?;
+        }
+        Ok(norm)
+    }
+
+    /// Whether any gradient is NaN or infinite.
+    pub fn non_finite(&self) -> Result<bool> {
+        Ok(!self.global_norm()?.is_finite())
+    }
+}

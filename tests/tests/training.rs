@@ -1,0 +1,281 @@
+//! Training end to end: the real teacher labels a small collection, the real trainer trains a tiny
+//! student on its shards over gRPC (margin_mse on triples, infonce on lists), evaluates it, and the
+//! exported Hugging Face checkpoint scores the same through `distill score`. Also: SIGKILL and
+//! resume reach the same weights as an uninterrupted run, and a dataset lacking the objective's
+//! fields is refused with a clear message.
+
+use distill_e2e::*;
+use distill_proto as pb;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Triples take the teacher's top candidate as the positive (so every row has both teacher
+/// scores); lists carry the qrels as labels.
+fn labeling_spec(f: &Fixture, layout: pb::OutputLayout, output: &str) -> pb::LabelingSpec {
+    pb::LabelingSpec {
+        source: Some(f.trec_source(true)),
+        sampling: Some(pb::Sampling { depth: 8, negatives_per_query: 4, positives_from_qrels: false, seed: 3, ..Default::default() }),
+        layout: layout as i32,
+        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        output_uri: output.to_string(),
+        shards: Some(pb::ShardOptions { rows_per_shard: 20, bytes_per_shard: 0 }),
+        name: String::new(),
+    }
+}
+
+async fn label(teacher: &Service, spec: pb::LabelingSpec) {
+    let mut client = teacher.client().await;
+    let job = client.start_labeling(spec).await.expect("start labelling").into_inner();
+    assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+}
+
+fn evaluation(f: &Fixture) -> pb::EvaluationSpec {
+    pb::EvaluationSpec {
+        run: f.path("run.trec"),
+        queries: f.path("queries.tsv"),
+        collection: f.path("collection.tsv"),
+        qrels: f.path("qrels.txt"),
+        top_k: 8,
+        metrics: vec!["ndcg@10".into(), "mrr@10".into()],
+        max_length: 48,
+        ..Default::default()
+    }
+}
+
+fn training_spec(dataset: &str, objective: &str, output: &str, steps: u64, f: Option<&Fixture>) -> pb::TrainingSpec {
+    pb::TrainingSpec {
+        datasets: vec![dataset.to_string()],
+        backbone: model_fixture("bert"),
+        objective: objective.to_string(),
+        hyperparameters: Some(pb::Hyperparameters {
+            learning_rate: 2e-3,
+            batch_size: 4,
+            group_size: 4,
+            max_steps: steps,
+            warmup_steps: 2,
+            seed: 11,
+            max_query_length: 16,
+            max_length: 48,
+            shuffle_buffer: 16,
+            ..Default::default()
+        }),
+        evaluation: f.map(evaluation),
+        eval_every_steps: 10,
+        checkpoint_every_steps: 10,
+        output_uri: output.to_string(),
+        ..Default::default()
+    }
+}
+
+fn history(output: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(format!("{output}/metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// Loss of the first and last `n` logged steps.
+fn loss_ends(h: &[serde_json::Value], n: usize) -> (f64, f64) {
+    let losses: Vec<f64> = h.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    assert!(losses.len() >= 2 * n, "too few loss records: {losses:?}");
+    (mean(&losses[..n]), mean(&losses[losses.len() - n..]))
+}
+
+/// `distill score` over the pairs of an evaluation run, by (qid, docid).
+fn score_with_cli(f: &Fixture, model: &str, dir: &std::path::Path) -> HashMap<(String, String), f64> {
+    let texts = |name: &str| -> HashMap<String, String> {
+        std::fs::read_to_string(f.path(name))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (a, b) = l.split_once('\t').unwrap();
+                (a.to_string(), b.to_string())
+            })
+            .collect()
+    };
+    let (queries, docs) = (texts("queries.tsv"), texts("collection.tsv"));
+    let mut keys = Vec::new();
+    let mut input = String::new();
+    for line in std::fs::read_to_string(f.path("run.trec")).unwrap().lines() {
+        let c: Vec<&str> = line.split_whitespace().collect();
+        keys.push((c[0].to_string(), c[2].to_string()));
+        input.push_str(&serde_json::json!({"query": queries[c[0]], "passage": docs[c[2]]}).to_string());
+        input.push('\n');
+    }
+    let (pairs, out) = (dir.join("pairs.jsonl"), dir.join("scores.jsonl"));
+    std::fs::write(&pairs, input).unwrap();
+    let status = std::process::Command::new(bin("distill"))
+        .args(["score", "--model", model, "--input"])
+        .arg(&pairs)
+        .arg("--output")
+        .arg(&out)
+        .args(["--max-length", "48"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let scores: Vec<f64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["score"].as_f64().unwrap())
+        .collect();
+    keys.into_iter().zip(scores).collect()
+}
+
+fn read_run(path: &str) -> HashMap<(String, String), f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            ((c[0].to_string(), c[2].to_string()), c[4].parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teacher_labels_trainer_trains_evaluates_and_exports() {
+    let f = Fixture::topical(32, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let (triples, lists) = (format!("{root}/triples"), format!("{root}/lists"));
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Triples, &triples)).await;
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Lists, &lists)).await;
+
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    for (dataset, objective) in [(&triples, "margin_mse"), (&lists, "infonce")] {
+        let output = format!("{root}/out-{objective}");
+        let job = client.start_training(training_spec(dataset, objective, &output, 40, Some(&f))).await.unwrap().into_inner();
+        let job = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+        assert_succeeded(&job);
+        assert_eq!(job.progress.as_ref().unwrap().done, 40);
+        let h = history(&output);
+        let (first, last) = loss_ends(&h, 5);
+        let losses: Vec<String> = h.iter().filter_map(|r| r["loss"].as_f64()).map(|l| format!("{l:.3}")).collect();
+        assert!(last < first, "{objective}: loss did not decrease ({first} -> {last}): {}", losses.join(" "));
+        assert!(h.iter().any(|r| r["eval_ndcg@10"].is_number()), "{objective}: no evaluation in the history");
+        assert!(std::fs::read_to_string(format!("{output}/loss.svg")).unwrap().contains("<polyline"));
+        for export in ["final", "best"] {
+            for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+                assert!(std::path::Path::new(&format!("{output}/{export}/{file}")).is_file(), "{objective}: {export}/{file} missing");
+            }
+        }
+
+        // An evaluation job with the exported model, and `distill score` on the same pairs.
+        let eval_out = format!("{root}/eval-{objective}");
+        let spec = pb::EvaluationSpec { model: format!("{output}/final"), output_uri: eval_out.clone(), ..evaluation(&f) };
+        let job = client.start_evaluation(spec).await.unwrap().into_inner();
+        assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{eval_out}/metrics.json")).unwrap()).unwrap();
+        let ndcg = metrics["metrics"]["ndcg@10"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&ndcg));
+        let served = read_run(&format!("{eval_out}/run.trec"));
+        let cli = score_with_cli(&f, &format!("{output}/final"), dir.path());
+        assert_eq!(served.len(), cli.len());
+        for (k, v) in &cli {
+            let s = served[k];
+            assert!((s - v).abs() <= 1e-5 * v.abs().max(1.0), "{objective} {k:?}: evaluation {s} vs distill score {v}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_without_the_objectives_fields_is_refused() {
+    let f = Fixture::new(8, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let triples = format!("{root}/triples");
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Triples, &triples)).await;
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    let err = client
+        .start_training(training_spec(&triples, "distill_ranknet", &format!("{root}/out"), 10, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("distill_ranknet needs lists with teacher ranks"), "{}", err.message());
+    assert!(err.message().contains("the dataset has triples"), "{}", err.message());
+
+    let err = client.start_training(training_spec(&triples, "listmle", &format!("{root}/out"), 10, None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("unknown objective 'listmle'"), "{}", err.message());
+
+    let err = client
+        .start_training(training_spec(&format!("{root}/nothing-here"), "margin_mse", &format!("{root}/out"), 10, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("nothing-here"), "{}", err.message());
+}
+
+/// Every tensor of two safetensors files, compared exactly.
+fn assert_same_weights(a: &str, b: &str) {
+    let dev = candle_core::Device::Cpu;
+    let (ta, tb) = (candle_core::safetensors::load(a, &dev).unwrap(), candle_core::safetensors::load(b, &dev).unwrap());
+    assert_eq!(ta.len(), tb.len());
+    for (name, x) in &ta {
+        let y = &tb[name];
+        let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} differs by {diff} between {a} and {b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_trainer_resumes_to_the_same_weights() {
+    let f = Fixture::topical(32, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let triples = format!("{root}/triples");
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Triples, &triples)).await;
+    let steps = 120;
+
+    // Uninterrupted.
+    let store = dir.path().join("trainer");
+    let trainer = Service::trainer(&store, &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    let straight = format!("{root}/straight");
+    let job = client.start_training(training_spec(&triples, "margin_mse", &straight, steps, None)).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+
+    // Killed after its first checkpoints, restarted on the same store.
+    let resumed = format!("{root}/resumed");
+    let job = client.start_training(training_spec(&triples, "margin_mse", &resumed, steps, None)).await.unwrap().into_inner();
+    let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+    loop {
+        let j = client.get_job(pb::GetJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
+        let done = j.progress.as_ref().map_or(0, |p| p.done);
+        assert!(!j.state().is_terminal(), "the job ended before it could be killed (step {done}): make it longer");
+        if done >= 25 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    trainer.kill();
+    assert!(std::path::Path::new(&format!("{resumed}/checkpoints/latest.json")).is_file());
+    assert!(!std::path::Path::new(&format!("{resumed}/final")).exists());
+
+    let trainer = Service::trainer(&store, &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    let j = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+    assert_succeeded(&j);
+    assert_eq!(j.resumes, 1);
+    assert_eq!(j.progress.as_ref().unwrap().done, steps);
+    assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{resumed}/final/model.safetensors"));
+    // The history was carried over: one record per logged step, none twice.
+    let h: Vec<u64> = history(&resumed).iter().filter_map(|r| r["loss"].is_number().then(|| r["step"].as_u64().unwrap())).collect();
+    let mut dedup = h.clone();
+    dedup.dedup();
+    assert_eq!(h, dedup);
+    assert_eq!(h.last(), Some(&steps));
+}
