@@ -66,7 +66,9 @@ impl Service {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{name} did not report its address in 30 s"));
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{name} did not report its address in 30 s"));
         Service { child, addr }
     }
 
@@ -124,7 +126,9 @@ impl S3Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {exe} (cargo install s3s-fs@0.14.1 --features binary --locked): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {exe} (cargo install s3s-fs@0.14.1 --features binary --locked): {e}")
+            });
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
@@ -269,7 +273,9 @@ impl Fixture {
             }
             qrels.push_str(&format!("Q{q} 0 D{} 0\n", picked[depth - 1]));
         }
-        for (name, text) in [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)] {
+        for (name, text) in
+            [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)]
+        {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         Fixture { dir, queries, depth }
@@ -279,14 +285,18 @@ impl Fixture {
     /// passage mentions that topic (and the word "storage"), the others other topics. First-stage
     /// scores rank the relevant passage first with a wide margin, so teacher margins carry signal.
     pub fn topical(queries: usize, depth: usize) -> Fixture {
-        const TOPICS: &[&str] =
-            &["water", "carbon", "garden", "protein", "weather", "nuclear", "oxygen", "teacher", "river", "metal", "music", "paper"];
+        const TOPICS: &[&str] = &[
+            "water", "carbon", "garden", "protein", "weather", "nuclear", "oxygen", "teacher", "river", "metal",
+            "music", "paper",
+        ];
         let dir = tempfile::tempdir().unwrap();
         let (mut collection, mut qs, mut run, mut qrels) = (String::new(), String::new(), String::new(), String::new());
         for q in 0..queries {
             let topic = TOPICS[q % TOPICS.len()];
-            qs.push_str(&format!("Q{q}	what about the {topic}
-"));
+            qs.push_str(&format!(
+                "Q{q}	what about the {topic}
+"
+            ));
             for k in 0..depth {
                 let (text, score) = if k == 0 {
                     (format!("the {topic} and the {topic} storage"), 12.0)
@@ -300,7 +310,9 @@ impl Fixture {
             }
             qrels.push_str(&format!("Q{q} 0 D{q}x0 1\n"));
         }
-        for (name, text) in [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)] {
+        for (name, text) in
+            [("collection.tsv", collection), ("queries.tsv", qs), ("run.trec", run), ("qrels.txt", qrels)]
+        {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
         Fixture { dir, queries, depth }

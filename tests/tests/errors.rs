@@ -62,7 +62,10 @@ async fn malformed_inputs_fail_the_job_naming_file_and_line() {
     let f = Fixture::new(5, 8);
     rewrite(&f, "run.trec", |t| t.replacen("Q0 D", "Q0 NOPE", 1).replacen("Q1 Q0 D", "Q1 Q0 D", 1));
     let e = failure(&svc, spec(&f, &o("c"))).await;
-    assert!(e.contains("run.trec:1: document 'NOPE") && e.contains("is not in") && e.ends_with("collection.tsv"), "{e}");
+    assert!(
+        e.contains("run.trec:1: document 'NOPE") && e.contains("is not in") && e.ends_with("collection.tsv"),
+        "{e}"
+    );
 
     // A collection line without a tab (wrong columns).
     let f = Fixture::new(5, 8);
@@ -126,7 +129,10 @@ async fn bad_requests_are_invalid_argument() {
         (pb::LabelingSpec { layout: 0, ..spec(&f, &o) }, "layout: unspecified"),
         (pb::LabelingSpec { teacher: None, ..spec(&f, &o) }, "teacher: no teacher given"),
         (pb::LabelingSpec { source: None, ..spec(&f, &o) }, "source: no candidate source given"),
-        (pb::LabelingSpec { output_uri: "ftp://x/y".into(), ..spec(&f, &o) }, "output_uri: invalid location 'ftp://x/y'"),
+        (
+            pb::LabelingSpec { output_uri: "ftp://x/y".into(), ..spec(&f, &o) },
+            "output_uri: invalid location 'ftp://x/y'",
+        ),
         (
             {
                 let mut s = spec(&f, &o);
@@ -165,5 +171,8 @@ async fn bad_requests_are_invalid_argument() {
     });
     let err = missing.await.unwrap_err();
     assert!(err.message().contains("nothere.trec: no such file"), "{}", err.message());
-    assert!(client.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs.is_empty(), "no job was created");
+    assert!(
+        client.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs.is_empty(),
+        "no job was created"
+    );
 }

@@ -32,7 +32,10 @@ fn distill_eval_prints_trec_eval_values() {
         assert!((v - want).abs() <= 0.00005 + 1e-12, "{m}: {v} vs {want}");
     }
 
-    let bad = Command::new(bin("distill")).args(["eval", "--qrels", "x", "--run", "y", "--metrics", "ndcg@10,bleu"]).output().unwrap();
+    let bad = Command::new(bin("distill"))
+        .args(["eval", "--qrels", "x", "--run", "y", "--metrics", "ndcg@10,bleu"])
+        .output()
+        .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown metric 'bleu'"));
     let dir = tempfile::tempdir().unwrap();

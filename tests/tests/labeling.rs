@@ -46,9 +46,17 @@ fn qrels(f: &Fixture) -> HashMap<(String, String), i32> {
 fn spec(f: &Fixture, layout: pb::OutputLayout, output: &str) -> pb::LabelingSpec {
     pb::LabelingSpec {
         source: Some(f.trec_source(true)),
-        sampling: Some(pb::Sampling { depth: 10, negatives_per_query: 3, positives_from_qrels: true, seed: 7, ..Default::default() }),
+        sampling: Some(pb::Sampling {
+            depth: 10,
+            negatives_per_query: 3,
+            positives_from_qrels: true,
+            seed: 7,
+            ..Default::default()
+        }),
         layout: layout as i32,
-        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
+        }),
         output_uri: output.to_string(),
         shards: Some(pb::ShardOptions { rows_per_shard: 16, bytes_per_shard: 0 }),
         name: String::new(),

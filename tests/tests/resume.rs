@@ -10,9 +10,17 @@ use std::time::{Duration, Instant};
 fn spec(f: &Fixture, output: &str) -> pb::LabelingSpec {
     pb::LabelingSpec {
         source: Some(f.trec_source(true)),
-        sampling: Some(pb::Sampling { depth: 20, negatives_per_query: 3, positives_from_qrels: true, seed: 11, ..Default::default() }),
+        sampling: Some(pb::Sampling {
+            depth: 20,
+            negatives_per_query: 3,
+            positives_from_qrels: true,
+            seed: 11,
+            ..Default::default()
+        }),
         layout: pb::OutputLayout::Triples as i32,
-        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
+        }),
         output_uri: output.to_string(),
         // Tiny shards make the job long enough to be killed in the middle.
         shards: Some(pb::ShardOptions { rows_per_shard: 6, bytes_per_shard: 0 }),
@@ -68,7 +76,8 @@ async fn killed_service_resumes_the_job_with_the_same_rows() {
     assert!(!r_full.is_empty());
     assert_eq!(r_res.len(), r_full.len(), "no duplicates, nothing lost");
     assert_eq!(r_res, r_full);
-    let shard_sums = |m: &distill_shards::Manifest| m.shards.iter().map(|s| (s.rows, s.sha256.clone())).collect::<Vec<_>>();
+    let shard_sums =
+        |m: &distill_shards::Manifest| m.shards.iter().map(|s| (s.rows, s.sha256.clone())).collect::<Vec<_>>();
     assert_eq!(shard_sums(&m_res), shard_sums(&m_full), "identical shards, byte for byte");
     assert_eq!(m_res.extra["counters"], m_full.extra["counters"], "counters survive the restart");
     // Nothing left over from the crash.

@@ -6,7 +6,11 @@ use std::process::Command;
 
 fn distill(args: &[&str]) -> (bool, String, String) {
     let o = Command::new(bin("distill")).args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -24,8 +28,19 @@ fn scores_json_lines_like_transformers() {
     std::fs::write(&input, lines).unwrap();
     let output = dir.path().join("scores.jsonl");
     let (ok, _, err) = distill(&[
-        "score", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--output",
-        output.to_str().unwrap(), "--batch-size", "2", "--max-query-length", "8", "--max-length", "40",
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--max-query-length",
+        "8",
+        "--max-length",
+        "40",
     ]);
     assert!(ok, "{err}");
     let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();

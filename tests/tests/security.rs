@@ -27,7 +27,10 @@ async fn health(channel: Channel) -> ServingStatus {
 }
 
 async fn services(channel: Channel, token: Option<&str>) -> Result<Vec<String>, tonic::Status> {
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut req = tonic::Request::new(futures::stream::iter(vec![req]));
     if let Some(t) = token {
         req = with_token(req, t);
@@ -51,9 +54,12 @@ async fn bearer_token_is_required_except_for_health() {
 
     let err = client.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "missing token: {err:?}");
-    let err = client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "wrong")).await.unwrap_err();
+    let err =
+        client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "wrong")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "wrong token: {err:?}");
-    let ok = client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "correct-horse-battery")).await;
+    let ok = client
+        .list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "correct-horse-battery"))
+        .await;
     assert!(ok.is_ok(), "{ok:?}");
 
     assert_eq!(health(channel.clone()).await, ServingStatus::Serving);
@@ -67,8 +73,14 @@ async fn bearer_token_is_required_except_for_health() {
     drop(svc);
     let svc = Service::teacher(state.path().join("store"), &[], &[("DISTILL_AUTH_TOKEN", "env-token".to_string())]);
     let mut client = svc.client().await;
-    assert_eq!(client.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err().code(), tonic::Code::Unauthenticated);
-    assert!(client.list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "env-token")).await.is_ok());
+    assert_eq!(
+        client.list_jobs(pb::ListJobsRequest::default()).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert!(client
+        .list_jobs(with_token(tonic::Request::new(pb::ListJobsRequest::default()), "env-token"))
+        .await
+        .is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,7 +98,13 @@ async fn tls_with_certificate_and_key() {
         &[],
     );
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&cert_pem)).domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{}", svc.addr)).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let channel = Endpoint::from_shared(format!("https://{}", svc.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let jobs = TeacherServiceClient::new(channel.clone()).list_jobs(pb::ListJobsRequest::default()).await.unwrap();
     assert!(jobs.into_inner().jobs.is_empty());
     assert_eq!(health(channel).await, ServingStatus::Serving);

@@ -99,7 +99,11 @@ async fn precomputed_teachers_and_jsonl_candidates() {
         // score grows with the position, so it ranks the list upside down.
         let mut entries: Vec<&Vec<String>> = lines.iter().filter(|l| &l[0] == q).collect();
         entries.sort_by(|a, b| {
-            b[4].parse::<f64>().unwrap().partial_cmp(&a[4].parse::<f64>().unwrap()).unwrap().then_with(|| b[2].cmp(&a[2]))
+            b[4].parse::<f64>()
+                .unwrap()
+                .partial_cmp(&a[4].parse::<f64>().unwrap())
+                .unwrap()
+                .then_with(|| b[2].cmp(&a[2]))
         });
         for (pos, l) in entries.iter().enumerate() {
             reversed.push_str(&format!("{q} Q0 {} {} {} rankzephyr\n", l[2], entries.len() - pos, pos as f64 * 0.5));
@@ -135,9 +139,16 @@ async fn precomputed_teachers_and_jsonl_candidates() {
         source: Some(pb::CandidateSource {
             source: Some(pb::candidate_source::Source::Jsonl(pb::JsonlCandidates { path: f.path("cands.jsonl") })),
         }),
-        sampling: Some(pb::Sampling { negatives_per_query: 2, positives_from_qrels: true, seed: 3, ..Default::default() }),
+        sampling: Some(pb::Sampling {
+            negatives_per_query: 2,
+            positives_from_qrels: true,
+            seed: 3,
+            ..Default::default()
+        }),
         layout: pb::OutputLayout::Triples as i32,
-        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
+        }),
         output_uri: o("jsonl"),
         ..Default::default()
     };
@@ -162,12 +173,29 @@ async fn the_cli_labels_lists_jobs_and_inspects_shards() {
     let uri = out.path().join("cli").to_str().unwrap().to_string();
     let distill = |args: &[&str]| {
         let o = Command::new(bin("distill")).args(["--teacher", &svc.url()]).args(args).output().unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (ok, stdout, stderr) = distill(&[
-        "label", "--run", &f.path("run.trec"), "--queries", &f.path("queries.tsv"), "--collection",
-        &f.path("collection.tsv"), "--qrels", &f.path("qrels.txt"), "--positives-from-qrels", "--negatives", "2",
-        "--output", &uri, "--rows-per-shard", "10",
+        "label",
+        "--run",
+        &f.path("run.trec"),
+        "--queries",
+        &f.path("queries.tsv"),
+        "--collection",
+        &f.path("collection.tsv"),
+        "--qrels",
+        &f.path("qrels.txt"),
+        "--positives-from-qrels",
+        "--negatives",
+        "2",
+        "--output",
+        &uri,
+        "--rows-per-shard",
+        "10",
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("succeeded") && stdout.contains(&uri), "{stdout}");
@@ -178,7 +206,10 @@ async fn the_cli_labels_lists_jobs_and_inspects_shards() {
     assert!(ok && stdout.contains("state:     succeeded"), "{stdout}");
     let (ok, stdout, _) = distill(&["shards", "inspect", &uri, "--rows", "2"]);
     assert!(ok, "{stdout}");
-    assert!(stdout.contains("layout:   triples") && stdout.contains("pos_score") && stdout.contains("part-00000-"), "{stdout}");
+    assert!(
+        stdout.contains("layout:   triples") && stdout.contains("pos_score") && stdout.contains("part-00000-"),
+        "{stdout}"
+    );
     assert_eq!(stdout.lines().filter(|l| l.starts_with("  Q")).count(), 2, "{stdout}");
     let (ok, _, stderr) = distill(&["jobs", "get", "nope"]);
     assert!(!ok && stderr.contains("NotFound"), "{stderr}");

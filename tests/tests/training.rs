@@ -16,9 +16,17 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 fn labeling_spec(f: &Fixture, layout: pb::OutputLayout, output: &str) -> pb::LabelingSpec {
     pb::LabelingSpec {
         source: Some(f.trec_source(true)),
-        sampling: Some(pb::Sampling { depth: 8, negatives_per_query: 4, positives_from_qrels: false, seed: 3, ..Default::default() }),
+        sampling: Some(pb::Sampling {
+            depth: 8,
+            negatives_per_query: 4,
+            positives_from_qrels: false,
+            seed: 3,
+            ..Default::default()
+        }),
         layout: layout as i32,
-        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})) }),
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
+        }),
         output_uri: output.to_string(),
         shards: Some(pb::ShardOptions { rows_per_shard: 20, bytes_per_shard: 0 }),
         name: String::new(),
@@ -153,7 +161,8 @@ async fn teacher_labels_trainer_trains_evaluates_and_exports() {
     let mut client = trainer.trainer_client().await;
     for (dataset, objective) in [(&triples, "margin_mse"), (&lists, "infonce")] {
         let output = format!("{root}/out-{objective}");
-        let job = client.start_training(training_spec(dataset, objective, &output, 40, Some(&f))).await.unwrap().into_inner();
+        let job =
+            client.start_training(training_spec(dataset, objective, &output, 40, Some(&f))).await.unwrap().into_inner();
         let job = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
         assert_succeeded(&job);
         assert_eq!(job.progress.as_ref().unwrap().done, 40);
@@ -165,16 +174,21 @@ async fn teacher_labels_trainer_trains_evaluates_and_exports() {
         assert!(std::fs::read_to_string(format!("{output}/loss.svg")).unwrap().contains("<polyline"));
         for export in ["final", "best"] {
             for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-                assert!(std::path::Path::new(&format!("{output}/{export}/{file}")).is_file(), "{objective}: {export}/{file} missing");
+                assert!(
+                    std::path::Path::new(&format!("{output}/{export}/{file}")).is_file(),
+                    "{objective}: {export}/{file} missing"
+                );
             }
         }
 
         // An evaluation job with the exported model, and `distill score` on the same pairs.
         let eval_out = format!("{root}/eval-{objective}");
-        let spec = pb::EvaluationSpec { model: format!("{output}/final"), output_uri: eval_out.clone(), ..evaluation(&f) };
+        let spec =
+            pb::EvaluationSpec { model: format!("{output}/final"), output_uri: eval_out.clone(), ..evaluation(&f) };
         let job = client.start_evaluation(spec).await.unwrap().into_inner();
         assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
-        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{eval_out}/metrics.json")).unwrap()).unwrap();
+        let metrics: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{eval_out}/metrics.json")).unwrap()).unwrap();
         let ndcg = metrics["metrics"]["ndcg@10"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&ndcg));
         let served = read_run(&format!("{eval_out}/run.trec"));
@@ -205,7 +219,8 @@ async fn a_dataset_without_the_objectives_fields_is_refused() {
     assert!(err.message().contains("distill_ranknet needs lists with teacher ranks"), "{}", err.message());
     assert!(err.message().contains("the dataset has triples"), "{}", err.message());
 
-    let err = client.start_training(training_spec(&triples, "listmle", &format!("{root}/out"), 10, None)).await.unwrap_err();
+    let err =
+        client.start_training(training_spec(&triples, "listmle", &format!("{root}/out"), 10, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("unknown objective 'listmle'"), "{}", err.message());
 
@@ -244,12 +259,17 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     let trainer = Service::trainer(&store, &[], &[]);
     let mut client = trainer.trainer_client().await;
     let straight = format!("{root}/straight");
-    let job = client.start_training(training_spec(&triples, "margin_mse", &straight, steps, None)).await.unwrap().into_inner();
+    let job = client
+        .start_training(training_spec(&triples, "margin_mse", &straight, steps, None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
 
     // Killed after its first checkpoints, restarted on the same store.
     let resumed = format!("{root}/resumed");
-    let job = client.start_training(training_spec(&triples, "margin_mse", &resumed, steps, None)).await.unwrap().into_inner();
+    let job =
+        client.start_training(training_spec(&triples, "margin_mse", &resumed, steps, None)).await.unwrap().into_inner();
     let deadline = std::time::Instant::now() + JOB_TIMEOUT;
     loop {
         let j = client.get_job(pb::GetJobRequest { id: job.id.clone() }).await.unwrap().into_inner();
@@ -273,9 +293,92 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     assert_eq!(j.progress.as_ref().unwrap().done, steps);
     assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{resumed}/final/model.safetensors"));
     // The history was carried over: one record per logged step, none twice.
-    let h: Vec<u64> = history(&resumed).iter().filter_map(|r| r["loss"].is_number().then(|| r["step"].as_u64().unwrap())).collect();
+    let h: Vec<u64> =
+        history(&resumed).iter().filter_map(|r| r["loss"].is_number().then(|| r["step"].as_u64().unwrap())).collect();
     let mut dedup = h.clone();
     dedup.dedup();
     assert_eq!(h, dedup);
     assert_eq!(h.last(), Some(&steps));
+}
+
+/// `distill label`, `distill train` and `distill evaluate` drive the same jobs from the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_labels_trains_and_evaluates() {
+    let f = Fixture::topical(16, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let distill = |args: &[&str]| {
+        let out = std::process::Command::new(bin("distill"))
+            .args(["--teacher", &teacher.url(), "--trainer", &trainer.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+        assert!(out.status.success(), "distill {args:?} failed: {stderr}");
+        stdout
+    };
+    let dataset = format!("{root}/triples");
+    distill(&[
+        "label",
+        "--run",
+        &f.path("run.trec"),
+        "--queries",
+        &f.path("queries.tsv"),
+        "--collection",
+        &f.path("collection.tsv"),
+        "--negatives",
+        "3",
+        "--output",
+        &dataset,
+    ]);
+    let (out, model, backbone, eval_out) =
+        (format!("{root}/student"), format!("{root}/student/final"), model_fixture("bert"), format!("{root}/eval"));
+    let eval = [
+        "--eval-run",
+        &f.path("run.trec"),
+        "--eval-queries",
+        &f.path("queries.tsv"),
+        "--eval-collection",
+        &f.path("collection.tsv"),
+        "--eval-qrels",
+        &f.path("qrels.txt"),
+        "--top-k",
+        "6",
+    ];
+    let mut train = vec![
+        "train",
+        "--dataset",
+        &dataset,
+        "--backbone",
+        &backbone,
+        "--objective",
+        "margin_mse",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "12",
+        "--max-length",
+        "48",
+        "--max-query-length",
+        "16",
+        "--eval-every",
+        "6",
+        "--output",
+        &out,
+    ];
+    train.extend(eval);
+    let stdout = distill(&train);
+    assert!(stdout.contains("succeeded: 12 steps"), "{stdout}");
+    let mut evaluate = vec!["evaluate", "--model", &model, "--max-length", "48", "--output", &eval_out];
+    evaluate.extend(eval);
+    let stdout = distill(&evaluate);
+    assert!(stdout.lines().any(|l| l.starts_with("ndcg@10\t")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("mrr@10\t")), "{stdout}");
+    let listed = distill(&["jobs", "--service", "trainer", "list"]);
+    assert_eq!(listed.lines().filter(|l| l.contains("succeeded")).count(), 2, "{listed}");
 }

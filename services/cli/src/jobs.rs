@@ -1,7 +1,7 @@
 //! Showing jobs: tables, details, and a progress bar that follows `WatchJob`.
 
-use crate::client::Teacher;
-use distill_proto::{job_event, GetJobRequest, Job, JobState, WatchJobRequest};
+use crate::client::JobControl;
+use distill_proto::{job_event, Job, JobKind, JobState};
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub fn state_name(state: JobState) -> &'static str {
@@ -54,8 +54,8 @@ pub fn print_job(j: &Job) {
 }
 
 /// Follows a job until it ends, with a progress bar; returns its final record.
-pub async fn watch(client: &mut Teacher, id: &str) -> anyhow::Result<Job> {
-    let mut stream = client.watch_job(WatchJobRequest { id: id.to_string() }).await?.into_inner();
+pub async fn watch(client: &mut impl JobControl, id: &str) -> anyhow::Result<Job> {
+    let mut stream = client.watch(id).await?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
@@ -67,10 +67,22 @@ pub async fn watch(client: &mut Teacher, id: &str) -> anyhow::Result<Job> {
             Some(job_event::Event::Progress(p)) => {
                 bar.set_length(p.total);
                 bar.set_position(p.done);
-                bar.set_message(format!("{} · {} rows · {} shards", p.unit, p.rows, p.shards));
+                let msg = if p.unit == "steps" {
+                    let c = |k: &str| p.counters.get(k).copied().unwrap_or(f64::NAN);
+                    format!("steps · loss {:.4} · lr {:.2e} · {:.0} pairs/s", c("loss"), c("lr"), c("pairs_per_s"))
+                } else if p.unit == "queries" && p.rows == 0 {
+                    "queries".to_string()
+                } else {
+                    format!("{} · {} rows · {} shards", p.unit, p.rows, p.shards)
+                };
+                bar.set_message(msg);
             }
             Some(job_event::Event::Log(l)) => bar.println(format!("[{}] {}", l.level, l.message)),
-            Some(job_event::Event::Metric(m)) => bar.println(format!("{} = {} (step {})", m.name, m.value, m.step)),
+            // The training loss is in the bar; evaluations are worth a line.
+            Some(job_event::Event::Metric(m)) if m.name != "loss" => {
+                bar.println(format!("{} = {:.4} (step {})", m.name, m.value, m.step))
+            }
+            Some(job_event::Event::Metric(_)) => {}
             Some(job_event::Event::State(s)) => {
                 if s.state().is_terminal() {
                     ended = true;
@@ -84,7 +96,7 @@ pub async fn watch(client: &mut Teacher, id: &str) -> anyhow::Result<Job> {
     if !ended {
         anyhow::bail!("lost the event stream of job {id}; it goes on in the service: `distill jobs watch {id}`");
     }
-    Ok(client.get_job(GetJobRequest { id: id.to_string() }).await?.into_inner())
+    Ok(client.get(id).await?)
 }
 
 /// Prints how a job ended; Err for anything but success.
@@ -92,7 +104,23 @@ pub fn conclude(job: &Job) -> anyhow::Result<()> {
     let p = job.progress.clone().unwrap_or_default();
     match job.state() {
         JobState::Succeeded => {
-            println!("job {} succeeded: {} rows in {} shards at {}", job.id, p.rows, p.shards, job.output_uri);
+            match job.kind() {
+                JobKind::Labeling => {
+                    println!("job {} succeeded: {} rows in {} shards at {}", job.id, p.rows, p.shards, job.output_uri)
+                }
+                JobKind::Training => println!(
+                    "job {} succeeded: {} steps; checkpoints and exports at {}",
+                    job.id, p.done, job.output_uri
+                ),
+                _ => {
+                    let mut metrics: Vec<_> = p.counters.iter().collect();
+                    metrics.sort_by(|a, b| a.0.cmp(b.0));
+                    for (k, v) in metrics {
+                        println!("{k}\t{v:.4}");
+                    }
+                    println!("job {} succeeded: run and metrics at {}", job.id, job.output_uri)
+                }
+            }
             Ok(())
         }
         JobState::Failed => anyhow::bail!("job {} failed: {}", job.id, job.error),

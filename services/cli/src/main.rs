@@ -22,8 +22,15 @@ struct Cli {
 enum Command {
     /// Start a labelling job on the teacher service and follow it.
     Label(LabelArgs),
+    /// Start a training job on the trainer service and follow it.
+    Train(TrainArgs),
+    /// Start an evaluation job (re-rank a TREC run with a model) on the trainer service and follow it.
+    Evaluate(EvaluateArgs),
     /// List, show, follow or cancel jobs.
     Jobs {
+        /// Which service's jobs.
+        #[arg(long, value_enum, default_value = "teacher")]
+        service: ServiceArg,
         #[command(subcommand)]
         command: JobsCommand,
     },
@@ -45,9 +52,15 @@ enum JobsCommand {
         #[arg(long)]
         state: Option<String>,
     },
-    Get { id: String },
-    Watch { id: String },
-    Cancel { id: String },
+    Get {
+        id: String,
+    },
+    Watch {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,6 +89,222 @@ struct EvalArgs {
     /// Count judged queries missing from the run as 0, as `trec_eval -c`.
     #[arg(long)]
     complete: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum ServiceArg {
+    Teacher,
+    Trainer,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum ScheduleArg {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
+    /// Committed dataset (repeat for several): a path or object-store URL.
+    #[arg(long = "dataset", required = true)]
+    datasets: Vec<String>,
+    /// The student's starting weights: a Hugging Face model directory or object-store prefix.
+    #[arg(long)]
+    backbone: String,
+    /// bce, hinge, infonce, margin_mse, distill_ranknet, adr_mse, mse, ranknet, kl_div.
+    #[arg(long)]
+    objective: String,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 8)]
+    batch_size: u32,
+    /// Passages per query (lists layout).
+    #[arg(long, default_value_t = 8)]
+    group_size: u32,
+    /// Optimizer steps (0: --epochs passes over the data).
+    #[arg(long, default_value_t = 0)]
+    max_steps: u64,
+    #[arg(long, default_value_t = 1)]
+    epochs: u32,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    #[arg(long, value_enum, default_value = "linear")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    accumulation: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 32)]
+    max_query_length: u32,
+    #[arg(long, default_value_t = 256)]
+    max_length: u32,
+    /// Temperature of infonce / kl_div / adr_mse.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1024)]
+    shuffle_buffer: u32,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    /// Evaluate every N steps (and at the end) on --eval-run; 0: only at the end.
+    #[arg(long, default_value_t = 0)]
+    eval_every: u64,
+    #[command(flatten)]
+    eval: EvalSource,
+    /// The metric that picks the best model (default: the first of --metrics).
+    #[arg(long, default_value = "")]
+    validation_metric: String,
+    /// Where checkpoints, metrics and exports go; default: in the service's store.
+    #[arg(long, default_value = "")]
+    output: String,
+    #[arg(long, default_value = "")]
+    name: String,
+    #[arg(long)]
+    detach: bool,
+}
+
+/// The run an evaluation re-ranks and what it is measured with.
+#[derive(clap::Args, Debug)]
+struct EvalSource {
+    /// TREC run to re-rank.
+    #[arg(long = "eval-run", requires_all = ["eval_queries", "eval_collection", "eval_qrels"])]
+    eval_run: Option<String>,
+    #[arg(long)]
+    eval_queries: Option<String>,
+    #[arg(long)]
+    eval_collection: Option<String>,
+    #[arg(long)]
+    eval_qrels: Option<String>,
+    /// Re-rank this many per query.
+    #[arg(long, default_value_t = 100)]
+    top_k: u32,
+    #[arg(long, default_value = "ndcg@10,mrr@10")]
+    metrics: String,
+    /// Evaluate only the first N queries of the run (0: all).
+    #[arg(long, default_value_t = 0)]
+    eval_max_queries: u32,
+}
+
+impl EvalSource {
+    fn spec(
+        &self,
+        model: &str,
+        max_query_length: u32,
+        max_length: u32,
+        output: &str,
+        name: &str,
+    ) -> Option<pb::EvaluationSpec> {
+        let path = |p: &Option<String>| p.as_deref().map(absolutize).unwrap_or_default();
+        Some(pb::EvaluationSpec {
+            model: if model.is_empty() { String::new() } else { absolutize(model) },
+            run: path(&Some(self.eval_run.clone()?)),
+            queries: path(&self.eval_queries),
+            collection: path(&self.eval_collection),
+            qrels: path(&self.eval_qrels),
+            top_k: self.top_k,
+            metrics: self.metrics.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect(),
+            output_uri: absolutize(output),
+            batch_size: 32,
+            max_query_length,
+            max_length,
+            name: name.to_string(),
+            max_queries: self.eval_max_queries,
+        })
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct EvaluateArgs {
+    /// The re-ranker: a Hugging Face model directory or object-store prefix.
+    #[arg(long)]
+    model: String,
+    #[command(flatten)]
+    eval: EvalSource,
+    #[arg(long, default_value_t = 32)]
+    max_query_length: u32,
+    #[arg(long, default_value_t = 256)]
+    max_length: u32,
+    /// Where run.trec and metrics.json go; default: in the service's store.
+    #[arg(long, default_value = "")]
+    output: String,
+    #[arg(long, default_value = "")]
+    name: String,
+    #[arg(long)]
+    detach: bool,
+}
+
+fn training_spec(a: &TrainArgs) -> pb::TrainingSpec {
+    pb::TrainingSpec {
+        datasets: a.datasets.iter().map(|d| absolutize(d)).collect(),
+        backbone: absolutize(&a.backbone),
+        objective: a.objective.clone(),
+        hyperparameters: Some(pb::Hyperparameters {
+            learning_rate: a.lr,
+            batch_size: a.batch_size,
+            group_size: a.group_size,
+            max_steps: a.max_steps,
+            epochs: a.epochs,
+            warmup_steps: a.warmup_steps,
+            schedule: match a.schedule {
+                ScheduleArg::Linear => pb::LrSchedule::Linear,
+                ScheduleArg::Cosine => pb::LrSchedule::Cosine,
+                ScheduleArg::Constant => pb::LrSchedule::Constant,
+            } as i32,
+            weight_decay: Some(a.weight_decay),
+            max_grad_norm: Some(a.max_grad_norm),
+            gradient_accumulation: a.accumulation,
+            seed: a.seed,
+            max_query_length: a.max_query_length,
+            max_length: a.max_length,
+            temperature: a.temperature,
+            shuffle_buffer: a.shuffle_buffer,
+        }),
+        evaluation: a.eval.spec("", a.max_query_length, a.max_length, "", ""),
+        eval_every_steps: a.eval_every,
+        validation_metric: a.validation_metric.clone(),
+        checkpoint_every_steps: a.checkpoint_every,
+        output_uri: absolutize(&a.output),
+        name: a.name.clone(),
+    }
+}
+
+/// Follows a job just started, with a progress bar (or prints its id with --detach).
+async fn follow(client: &mut impl client::JobControl, job: pb::Job, what: &str, detach: bool) -> anyhow::Result<()> {
+    if detach {
+        println!("{}", job.id);
+        return Ok(());
+    }
+    eprintln!("{what} job {} started", job.id);
+    let job = jobs::watch(client, &job.id).await?;
+    jobs::conclude(&job)
+}
+
+async fn job_command(client: &mut impl client::JobControl, command: JobsCommand) -> anyhow::Result<()> {
+    match command {
+        JobsCommand::List { state } => {
+            let state = state.as_deref().map(parse_state).transpose()?.unwrap_or(pb::JobState::Unspecified);
+            jobs::print_table(&client.list(state).await?);
+            Ok(())
+        }
+        JobsCommand::Get { id } => {
+            jobs::print_job(&client.get(&id).await?);
+            Ok(())
+        }
+        JobsCommand::Watch { id } => {
+            let job = jobs::watch(client, &id).await?;
+            jobs::conclude(&job)
+        }
+        JobsCommand::Cancel { id } => {
+            let job = client.cancel(&id).await?;
+            println!("job {}: {}", job.id, jobs::state_name(job.state()));
+            Ok(())
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -236,37 +465,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Label(args) => {
             let mut client = cli.conn.teacher().await?;
             let job = client.start_labeling(labeling_spec(&args)).await?.into_inner();
-            if args.detach {
-                println!("{}", job.id);
-                return Ok(());
-            }
-            eprintln!("labelling job {} started", job.id);
-            let job = jobs::watch(&mut client, &job.id).await?;
-            jobs::conclude(&job)
+            follow(&mut client, job, "labelling", args.detach).await
         }
-        Command::Jobs { command } => {
-            let mut client = cli.conn.teacher().await?;
-            match command {
-                JobsCommand::List { state } => {
-                    let state = state.as_deref().map(parse_state).transpose()?.unwrap_or(pb::JobState::Unspecified);
-                    let list = client.list_jobs(pb::ListJobsRequest { state: state as i32 }).await?.into_inner();
-                    jobs::print_table(&list.jobs);
-                    Ok(())
-                }
-                JobsCommand::Get { id } => {
-                    jobs::print_job(&client.get_job(pb::GetJobRequest { id }).await?.into_inner());
-                    Ok(())
-                }
-                JobsCommand::Watch { id } => {
-                    let job = jobs::watch(&mut client, &id).await?;
-                    jobs::conclude(&job)
-                }
-                JobsCommand::Cancel { id } => {
-                    let job = client.cancel_job(pb::CancelJobRequest { id }).await?.into_inner();
-                    println!("job {}: {}", job.id, jobs::state_name(job.state()));
-                    Ok(())
-                }
-            }
+        Command::Train(args) => {
+            let mut client = cli.conn.trainer().await?;
+            let job = client.start_training(training_spec(&args)).await?.into_inner();
+            follow(&mut client, job, "training", args.detach).await
+        }
+        Command::Evaluate(args) => {
+            let spec = args
+                .eval
+                .spec(&args.model, args.max_query_length, args.max_length, &args.output, &args.name)
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--eval-run, --eval-queries, --eval-collection and --eval-qrels are required")
+                })?;
+            let mut client = cli.conn.trainer().await?;
+            let job = client.start_evaluation(spec).await?.into_inner();
+            follow(&mut client, job, "evaluation", args.detach).await
+        }
+        Command::Jobs { service: ServiceArg::Teacher, command } => {
+            job_command(&mut cli.conn.teacher().await?, command).await
+        }
+        Command::Jobs { service: ServiceArg::Trainer, command } => {
+            job_command(&mut cli.conn.trainer().await?, command).await
         }
         Command::Eval(args) => eval(&args).await,
         Command::Score(args) => tokio::task::spawn_blocking(move || score::run(&args)).await?,

@@ -46,11 +46,15 @@ pub fn run(a: &ScoreArgs) -> anyhow::Result<()> {
         }
         rows.push(row);
     }
-    let pairs: Vec<(&str, &str)> =
-        rows.iter().map(|r| (r["query"].as_str().unwrap_or_default(), r["passage"].as_str().unwrap_or_default())).collect();
+    let pairs: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["query"].as_str().unwrap_or_default(), r["passage"].as_str().unwrap_or_default()))
+        .collect();
     let scores = model.score(&pairs, a.batch_size)?;
     let mut out: Box<dyn Write> = match &a.output {
-        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)),
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
     for (mut row, score) in rows.into_iter().zip(scores) {

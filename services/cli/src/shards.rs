@@ -38,7 +38,9 @@ pub async fn inspect(uri: &str, rows: usize) -> anyhow::Result<()> {
     let mut batches = reader.batches(rows);
     let mut shown = 0;
     while shown < rows {
-        let Some(batch) = batches.try_next().await? else { break };
+        let Some(batch) = batches.try_next().await? else {
+            break;
+        };
         match m.layout {
             Layout::Triples => {
                 for r in TripleRow::from_batch(&batch).map_err(anyhow::Error::msg)?.into_iter().take(rows - shown) {

@@ -73,13 +73,11 @@ pub async fn load(source: &CandidateSource, sampling: &Sampling) -> Result<Vec<Q
             for list in &mut run {
                 list.entries.truncate(depth);
             }
-            let qrels = if t.qrels.is_empty() {
-                HashMap::new()
-            } else {
-                parse_file(&t.qrels, formats::read_qrels).await?
-            };
+            let qrels =
+                if t.qrels.is_empty() { HashMap::new() } else { parse_file(&t.qrels, formats::read_qrels).await? };
             let qids: HashSet<String> = run.iter().map(|l| l.qid.clone()).collect();
-            let mut docids: HashSet<String> = run.iter().flat_map(|l| l.entries.iter().map(|e| e.docid.clone())).collect();
+            let mut docids: HashSet<String> =
+                run.iter().flat_map(|l| l.entries.iter().map(|e| e.docid.clone())).collect();
             if sampling.positives_from_qrels {
                 for qid in &qids {
                     if let Some(judged) = qrels.get(qid) {
@@ -89,7 +87,8 @@ pub async fn load(source: &CandidateSource, sampling: &Sampling) -> Result<Vec<Q
             }
             let queries = parse_file(&t.queries, move |r, f| formats::read_tsv_texts(r, f, Some(&qids))).await?;
             let keep = docids.clone();
-            let mut collection = parse_file(&t.collection, move |r, f| formats::read_tsv_texts(r, f, Some(&keep))).await?;
+            let mut collection =
+                parse_file(&t.collection, move |r, f| formats::read_tsv_texts(r, f, Some(&keep))).await?;
             let mut out = Vec::with_capacity(run.len());
             for list in run {
                 let Some(query) = queries.get(&list.qid) else {

@@ -29,7 +29,9 @@ impl From<Error> for tonic::Status {
         use distill_store::StoreError;
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) | Error::InvalidInput(_) | Error::Format(_) => tonic::Status::invalid_argument(msg),
+            Error::InvalidArgument(_) | Error::InvalidInput(_) | Error::Format(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
             Error::Store(StoreError::InvalidUri { .. }) => tonic::Status::invalid_argument(msg),
             Error::Store(StoreError::NotFound { .. }) => tonic::Status::not_found(msg),
             Error::Jobs(e) => e.into(),

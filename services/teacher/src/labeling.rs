@@ -2,9 +2,9 @@
 
 use crate::candidates::{self, QueryCandidates};
 use crate::error::Error;
-use distill_jobs::{JobEntry, Jobs};
 use crate::sampling::{self, SamplingParams};
 use crate::teachers;
+use distill_jobs::{JobEntry, Jobs};
 use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};
 use distill_shards::{DatasetReader, DatasetWriter, Layout, Manifest, ShardError, WriterOptions};
 use distill_store::Location;
@@ -93,13 +93,13 @@ fn progress(done: u64, total: u64, writer: &DatasetWriter, counters: &BTreeMap<S
     }
 }
 
-async fn score(teacher: &dyn teachers::Teacher, q: &QueryCandidates) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), Error> {
+async fn score(
+    teacher: &dyn teachers::Teacher,
+    q: &QueryCandidates,
+) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), Error> {
     let scores = teacher.score(q, &q.candidates).await?;
-    let extra = if q.unretrieved_relevant.is_empty() {
-        Vec::new()
-    } else {
-        teacher.score(q, &q.unretrieved_relevant).await?
-    };
+    let extra =
+        if q.unretrieved_relevant.is_empty() { Vec::new() } else { teacher.score(q, &q.unretrieved_relevant).await? };
     Ok((scores, extra))
 }
 

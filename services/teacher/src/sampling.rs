@@ -161,7 +161,12 @@ mod tests {
         QueryCandidates {
             qid: "q1".into(),
             query: "what".into(),
-            candidates: vec![cand("a", 3.0, None), cand("b", 5.0, Some(2)), cand("c", 1.0, Some(0)), cand("d", 3.0, None)],
+            candidates: vec![
+                cand("a", 3.0, None),
+                cand("b", 5.0, Some(2)),
+                cand("c", 1.0, Some(0)),
+                cand("d", 3.0, None),
+            ],
             unretrieved_relevant: vec![cand("z", 0.0, Some(1))],
         }
     }

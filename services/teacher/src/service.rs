@@ -1,8 +1,8 @@
 //! The gRPC face of the teacher: job control and direct scoring.
 
 use crate::error::Error;
-use distill_jobs::{JobEntry, Jobs};
 use crate::labeling::{self, Outcome};
+use distill_jobs::{JobEntry, Jobs};
 use distill_proto::teacher_service_server::TeacherService;
 use distill_proto::{
     job_spec, CancelJobRequest, GetJobRequest, Job, JobKind, JobSpec, JobState, LabelingSpec, ListJobsRequest,
@@ -28,7 +28,8 @@ impl Teacher {
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished.
     pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
         let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
-        let state = Arc::new(TeacherState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
+        let state =
+            Arc::new(TeacherState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
@@ -79,7 +80,9 @@ impl TeacherService for Teacher {
         // Refuse an output that already holds a committed dataset before queueing anything.
         let loc = Location::parse(&output).map_err(Error::from)?;
         if loc.exists(distill_shards::MANIFEST_NAME).await.map_err(Error::from)? {
-            return Err(Error::FailedPrecondition(format!("output_uri: {output} already holds a committed dataset")).into());
+            return Err(
+                Error::FailedPrecondition(format!("output_uri: {output} already holds a committed dataset")).into()
+            );
         }
         let entry = self
             .0
@@ -111,7 +114,8 @@ impl TeacherService for Teacher {
 
     async fn score(&self, _request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
         Err(Error::Unimplemented(
-            "this teacher service has no model scorer loaded: direct scoring needs a cross-encoder or LLM teacher".into(),
+            "this teacher service has no model scorer loaded: direct scoring needs a cross-encoder or LLM teacher"
+                .into(),
         )
         .into())
     }

@@ -12,8 +12,11 @@ use std::collections::HashMap;
 pub trait Teacher: Send + Sync {
     fn identity(&self) -> TeacherIdentity;
     /// One score per candidate of `query` (in order); None where the teacher has no score.
-    fn score<'a>(&'a self, query: &'a QueryCandidates, candidates: &'a [Candidate])
-        -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>>;
+    fn score<'a>(
+        &'a self,
+        query: &'a QueryCandidates,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>>;
 }
 
 /// The first stage's own scores are the teacher's.
@@ -24,8 +27,11 @@ impl Teacher for FirstStage {
         TeacherIdentity { kind: "first_stage".into(), name: "first_stage".into(), details: serde_json::Value::Null }
     }
 
-    fn score<'a>(&'a self, _query: &'a QueryCandidates, candidates: &'a [Candidate])
-        -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+    fn score<'a>(
+        &'a self,
+        _query: &'a QueryCandidates,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
         Box::pin(async move { Ok(candidates.iter().map(|c| c.first_stage_score).collect()) })
     }
 }
@@ -60,11 +66,7 @@ impl Precomputed {
         .await
         .map_err(|e| Error::Internal(format!("teacher file task failed: {e}")))?
         .map_err(Error::Format)?;
-        let name = if name.is_empty() {
-            path.rsplit('/').next().unwrap_or(path).to_string()
-        } else {
-            name.to_string()
-        };
+        let name = if name.is_empty() { path.rsplit('/').next().unwrap_or(path).to_string() } else { name.to_string() };
         let format_name = match format {
             PrecomputedFormat::HofstatterTsv => "hofstatter_tsv",
             _ => "trec_run",
@@ -85,8 +87,11 @@ impl Teacher for Precomputed {
         self.identity.clone()
     }
 
-    fn score<'a>(&'a self, query: &'a QueryCandidates, candidates: &'a [Candidate])
-        -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+    fn score<'a>(
+        &'a self,
+        query: &'a QueryCandidates,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
         Box::pin(async move {
             let q = self.scores.get(&query.qid);
             Ok(candidates.iter().map(|c| q.and_then(|q| q.get(&c.docid).copied())).collect())
@@ -103,7 +108,9 @@ pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
             if p.path.trim().is_empty() {
                 return Err(Error::InvalidArgument("teacher.precomputed.path: empty".into()));
             }
-            if PrecomputedFormat::try_from(p.format).unwrap_or(PrecomputedFormat::Unspecified) == PrecomputedFormat::Unspecified {
+            if PrecomputedFormat::try_from(p.format).unwrap_or(PrecomputedFormat::Unspecified)
+                == PrecomputedFormat::Unspecified
+            {
                 return Err(Error::InvalidArgument(
                     "teacher.precomputed.format: unspecified (HOFSTATTER_TSV or TREC_RUN)".into(),
                 ));

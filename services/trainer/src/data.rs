@@ -85,13 +85,17 @@ pub async fn summarize(readers: &[DatasetReader]) -> Result<DataSummary, Error> 
     let mut rows = 0;
     for r in readers {
         rows += r.manifest().rows;
-        let Some(batch) = r.batches(256).next().await else { continue };
+        let Some(batch) = r.batches(256).next().await else {
+            continue;
+        };
         let batch = batch?;
         if lists {
-            let rows = ListRow::from_batch(&batch).map_err(|e| Error::InvalidInput(format!("{}: {e}", r.location().uri())))?;
+            let rows =
+                ListRow::from_batch(&batch).map_err(|e| Error::InvalidInput(format!("{}: {e}", r.location().uri())))?;
             fields.labels |= rows.iter().any(|r| r.items.iter().any(|i| i.label.is_some()));
         } else {
-            let rows = TripleRow::from_batch(&batch).map_err(|e| Error::InvalidInput(format!("{}: {e}", r.location().uri())))?;
+            let rows = TripleRow::from_batch(&batch)
+                .map_err(|e| Error::InvalidInput(format!("{}: {e}", r.location().uri())))?;
             fields.teacher_scores &= rows.iter().all(|t| t.pos_score.is_some() && t.neg_score.is_some());
         }
     }
@@ -112,7 +116,15 @@ fn triple_group(t: TripleRow) -> Group {
         (Some(p), Some(n)) => vec![p as f32, n as f32],
         _ => vec![],
     };
-    let ranks = if scores.len() == 2 { if scores[0] >= scores[1] { vec![1.0, 2.0] } else { vec![2.0, 1.0] } } else { vec![] };
+    let ranks = if scores.len() == 2 {
+        if scores[0] >= scores[1] {
+            vec![1.0, 2.0]
+        } else {
+            vec![2.0, 1.0]
+        }
+    } else {
+        vec![]
+    };
     Group {
         query: t.query,
         passages: vec![t.pos_text, t.neg_text],

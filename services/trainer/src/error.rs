@@ -40,7 +40,9 @@ impl From<Error> for tonic::Status {
         use distill_store::StoreError;
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument(_) | Error::InvalidInput(_) | Error::Format(_) => tonic::Status::invalid_argument(msg),
+            Error::InvalidArgument(_) | Error::InvalidInput(_) | Error::Format(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
             Error::Model(distill_models::ModelError::Invalid { .. }) => tonic::Status::invalid_argument(msg),
             Error::Objective(_) => tonic::Status::invalid_argument(msg),
             Error::Store(StoreError::InvalidUri { .. }) => tonic::Status::invalid_argument(msg),

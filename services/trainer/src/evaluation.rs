@@ -28,7 +28,9 @@ pub fn metrics_of(spec: &EvaluationSpec) -> Result<Vec<Metric>, Error> {
 
 /// Checks the fields a spec needs, before a job is queued.
 pub fn validate(spec: &EvaluationSpec, needs_model: bool) -> Result<(), Error> {
-    for (name, value) in [("run", &spec.run), ("queries", &spec.queries), ("collection", &spec.collection), ("qrels", &spec.qrels)] {
+    for (name, value) in
+        [("run", &spec.run), ("queries", &spec.queries), ("collection", &spec.collection), ("qrels", &spec.qrels)]
+    {
         if value.trim().is_empty() {
             return Err(Error::InvalidArgument(format!("evaluation.{name} is required")));
         }
@@ -53,10 +55,14 @@ impl EvalData {
         let queries = read_tsv_texts(distill_store::open_text(&spec.queries).await?, &spec.queries, Some(&wanted_q))?;
         let wanted_d: HashSet<String> =
             run.iter().flat_map(|l| l.entries.iter().take(top_k).map(|e| e.docid.clone())).collect();
-        let docs = read_tsv_texts(distill_store::open_text(&spec.collection).await?, &spec.collection, Some(&wanted_d))?;
+        let docs =
+            read_tsv_texts(distill_store::open_text(&spec.collection).await?, &spec.collection, Some(&wanted_d))?;
         for list in &run {
             if !queries.contains_key(&list.qid) {
-                return Err(Error::InvalidInput(format!("{}: query '{}' of the run has no text", spec.queries, list.qid)));
+                return Err(Error::InvalidInput(format!(
+                    "{}: query '{}' of the run has no text",
+                    spec.queries, list.qid
+                )));
             }
             if let Some(e) = list.entries.iter().take(top_k).find(|e| !docs.contains_key(&e.docid)) {
                 return Err(Error::InvalidInput(format!(
@@ -70,7 +76,12 @@ impl EvalData {
 
     /// The run re-ranked by `model`: the top `top_k` get the model's scores and rank first, the
     /// rest follow in their original order. `progress` is told (queries done, total).
-    pub fn rerank(&self, model: &CrossEncoder, batch_size: usize, mut progress: impl FnMut(usize, usize)) -> Result<Vec<RankedList>, Error> {
+    pub fn rerank(
+        &self,
+        model: &CrossEncoder,
+        batch_size: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<RankedList>, Error> {
         let mut out = Vec::with_capacity(self.run.len());
         for (i, list) in self.run.iter().enumerate() {
             let q = &self.queries[&list.qid];

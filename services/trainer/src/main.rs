@@ -5,7 +5,11 @@ use distill_proto::trainer_service_server::TrainerServiceServer;
 use std::net::SocketAddr;
 
 #[derive(Parser, Debug)]
-#[command(name = "distill-trainer", version, about = "Trains student re-rankers on teacher shards, evaluates them, exports Hugging Face checkpoints")]
+#[command(
+    name = "distill-trainer",
+    version,
+    about = "Trains student re-rankers on teacher shards, evaluates them, exports Hugging Face checkpoints"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "DISTILL_ADDR", default_value = "127.0.0.1:50052")]

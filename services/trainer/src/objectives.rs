@@ -183,10 +183,14 @@ impl Objective {
             Objective::InfoNce { temperature } => infonce(&s, m, temperature)?,
             Objective::MarginMse => margin_mse(&s, m, self.need(&b.teacher_scores, "teacher scores")?)?,
             Objective::DistillRankNet => distill_ranknet(&s, m, self.need(&b.teacher_ranks, "teacher ranks")?)?,
-            Objective::AdrMse { temperature } => adr_mse(&s, m, self.need(&b.teacher_ranks, "teacher ranks")?, temperature)?,
+            Objective::AdrMse { temperature } => {
+                adr_mse(&s, m, self.need(&b.teacher_ranks, "teacher ranks")?, temperature)?
+            }
             Objective::Mse => mse(&s, m, self.need(&b.teacher_scores, "teacher scores")?)?,
             Objective::RankNet => ranknet(&s, m, self.need(&b.labels, "labels")?)?,
-            Objective::KlDiv { temperature } => kl_div(&s, m, self.need(&b.teacher_scores, "teacher scores")?, temperature)?,
+            Objective::KlDiv { temperature } => {
+                kl_div(&s, m, self.need(&b.teacher_scores, "teacher scores")?, temperature)?
+            }
         })
     }
 }

@@ -50,12 +50,20 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[(&str, &[
     }
     for (k, (name, pts)) in series.iter().enumerate() {
         let color = COLORS[k % COLORS.len()];
-        let path: Vec<String> =
-            pts.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y))).collect();
-        svg += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n", path.join(" "));
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+            path.join(" ")
+        );
         svg += &format!(
             "<text x=\"{}\" y=\"{}\" fill=\"{color}\" text-anchor=\"end\">{}</text>\n",
-            W - R - 4.0, T + 14.0 * (k as f64 + 1.0), esc(name)
+            W - R - 4.0,
+            T + 14.0 * (k as f64 + 1.0),
+            esc(name)
         );
     }
     svg + "</svg>\n"

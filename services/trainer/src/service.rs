@@ -31,7 +31,8 @@ impl Trainer {
     /// (training resumes from its newest checkpoint).
     pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
         let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
-        let state = Arc::new(TrainerState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
+        let state =
+            Arc::new(TrainerState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
@@ -111,7 +112,8 @@ impl TrainerState {
             let mut cancelled = false;
             let run = data.rerank(&model, batch, |done, total| {
                 cancelled |= e.cancel.is_cancelled();
-                let p = Progress { done: done as u64, total: total as u64, unit: "queries".into(), ..Default::default() };
+                let p =
+                    Progress { done: done as u64, total: total as u64, unit: "queries".into(), ..Default::default() };
                 handle.block_on(jobs.set_progress(&e, p, false));
             })?;
             if cancelled {
@@ -123,7 +125,9 @@ impl TrainerState {
         })
         .await
         .map_err(|e| Error::Internal(format!("evaluation thread: {e}")))??;
-        let Some((run, first_stage, reranked)) = result else { return Ok(Done::Cancelled) };
+        let Some((run, first_stage, reranked)) = result else {
+            return Ok(Done::Cancelled);
+        };
         output.put("run.trec", Bytes::from(evaluation::format_run(&run, "distill"))).await?;
         let as_map = |v: &[(String, f64)]| v.iter().cloned().collect::<HashMap<String, f64>>();
         let metrics = serde_json::json!({
@@ -136,13 +140,25 @@ impl TrainerState {
             self.jobs.metric(&entry, name, *v, 0);
             counters.insert(name.clone(), *v);
         }
-        let p = Progress { done: run.len() as u64, total: run.len() as u64, unit: "queries".into(), counters, ..Default::default() };
+        let p = Progress {
+            done: run.len() as u64,
+            total: run.len() as u64,
+            unit: "queries".into(),
+            counters,
+            ..Default::default()
+        };
         self.jobs.set_progress(&entry, p, true).await;
         let summary: Vec<String> = reranked.iter().map(|(n, v)| format!("{n}={v:.4}")).collect();
         Ok(Done::Ok(format!("evaluated {} queries: {}; wrote {}", run.len(), summary.join(" "), output.uri())))
     }
 
-    async fn create(&self, kind: JobKind, spec: job_spec::Spec, output_uri: &str, default_dir: &str) -> Result<Job, Error> {
+    async fn create(
+        &self,
+        kind: JobKind,
+        spec: job_spec::Spec,
+        output_uri: &str,
+        default_dir: &str,
+    ) -> Result<Job, Error> {
         let id = uuid::Uuid::now_v7().to_string();
         let output = if output_uri.is_empty() {
             self.store.child(&format!("{default_dir}/{id}")).uri().to_string()

@@ -80,10 +80,15 @@ impl Hyper {
             eval_every: spec.eval_every_steps,
         };
         if !(hyper.learning_rate > 0.0 && hyper.learning_rate.is_finite()) {
-            return Err(Error::InvalidArgument(format!("hyperparameters.learning_rate: {} is not a positive number", hyper.learning_rate)));
+            return Err(Error::InvalidArgument(format!(
+                "hyperparameters.learning_rate: {} is not a positive number",
+                hyper.learning_rate
+            )));
         }
         if hyper.weight_decay < 0.0 || hyper.max_grad_norm < 0.0 {
-            return Err(Error::InvalidArgument("hyperparameters: weight_decay and max_grad_norm must not be negative".into()));
+            return Err(Error::InvalidArgument(
+                "hyperparameters: weight_decay and max_grad_norm must not be negative".into(),
+            ));
         }
         if hyper.max_length < 8 || hyper.max_query_length >= hyper.max_length {
             return Err(Error::InvalidArgument(format!(
@@ -123,7 +128,9 @@ impl Hyper {
 
 /// The dropout seed of one micro-batch.
 fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (micro as u64).wrapping_mul(0xA076_1D64_78BD_642F)
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ step.wrapping_mul(0xD6E8_FEB8_6659_FD93)
+        ^ (micro as u64).wrapping_mul(0xA076_1D64_78BD_642F)
 }
 
 /// What a checkpoint's `state.json` holds besides the tensors.
@@ -169,7 +176,9 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
     }
     let objective = hyper.objective(&spec.objective)?;
     if spec.backbone.trim().is_empty() {
-        return Err(Error::InvalidArgument("backbone is required (a Hugging Face model directory or object-store prefix)".into()));
+        return Err(Error::InvalidArgument(
+            "backbone is required (a Hugging Face model directory or object-store prefix)".into(),
+        ));
     }
     let readers = data::open_datasets(&spec.datasets).await?;
     let summary = data::summarize(&readers).await?;
@@ -197,7 +206,9 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
                     .map_err(|e| Error::InvalidArgument(format!("validation_metric: {e}")))?;
                 let name = want[0].name.clone();
                 if !data.metrics.iter().any(|m| m.name == name) {
-                    return Err(Error::InvalidArgument(format!("validation_metric '{name}' is not among the evaluation's metrics")));
+                    return Err(Error::InvalidArgument(format!(
+                        "validation_metric '{name}' is not among the evaluation's metrics"
+                    )));
                 }
                 name
             };
@@ -227,8 +238,17 @@ pub fn run(
     entry: Arc<JobEntry>,
     handle: tokio::runtime::Handle,
 ) -> Result<Outcome, Error> {
-    let Prepared { hyper, objective, readers, total_steps, backbone_dir, eval, validation_metric, positive_from_labels, .. } =
-        prepared;
+    let Prepared {
+        hyper,
+        objective,
+        readers,
+        total_steps,
+        backbone_dir,
+        eval,
+        validation_metric,
+        positive_from_labels,
+        ..
+    } = prepared;
     let device = Device::Cpu;
     let model = CrossEncoder::load(&backbone_dir, hyper.max_query_length, hyper.max_length, &device)?;
     let checkpoints = output.child("checkpoints");
@@ -250,12 +270,17 @@ pub fn run(
             var.set(t)?;
         }
         drop(vars);
-        let moments = candle_core::safetensors::load_buffer(&handle.block_on(dir.get("optimizer.safetensors"))?, &device)?;
+        let moments =
+            candle_core::safetensors::load_buffer(&handle.block_on(dir.get("optimizer.safetensors"))?, &device)?;
         opt.load_state(&moments, state.step).map_err(|e| Error::Internal(format!("{}: {e}", dir.uri())))?;
         jobs.log(&entry, "info", format!("resumed from {} at step {}", dir.uri(), state.step));
     } else if model.new_head() {
         model.init_missing(hyper.seed)?;
-        jobs.log(&entry, "info", format!("{}: no classification head in the backbone, a new one was initialised", backbone_dir.display()));
+        jobs.log(
+            &entry,
+            "info",
+            format!("{}: no classification head in the backbone, a new one was initialised", backbone_dir.display()),
+        );
     }
 
     let stream = StreamOptions {
@@ -340,7 +365,8 @@ pub fn run(
                 ("pairs_per_s".to_string(), window.2 as f64 / secs),
                 ("epoch".to_string(), state.position.epoch as f64),
             ]);
-            let progress = Progress { done: state.step, total: total_steps, unit: "steps".into(), counters, ..Default::default() };
+            let progress =
+                Progress { done: state.step, total: total_steps, unit: "steps".into(), counters, ..Default::default() };
             handle.block_on(jobs.set_progress(&entry, progress, false));
             jobs.metric(&entry, "loss", window.0 / window.1 as f64, state.step);
             window = (0.0, 0, 0, Instant::now());
@@ -386,7 +412,12 @@ async fn put_tensors(loc: &Location, name: &str, tensors: &HashMap<String, Tenso
 
 /// Writes a checkpoint, then points `latest.json` at it (so a half-written one is never used),
 /// then removes older checkpoints.
-async fn save_checkpoint(model: &CrossEncoder, opt: &AdamW, state: &TrainerState, checkpoints: &Location) -> Result<(), Error> {
+async fn save_checkpoint(
+    model: &CrossEncoder,
+    opt: &AdamW,
+    state: &TrainerState,
+    checkpoints: &Location,
+) -> Result<(), Error> {
     let name = format!("step-{:08}", state.step);
     let dir = checkpoints.child(&name);
     put_tensors(&dir, "model.safetensors", &model.tensors()).await?;
@@ -425,11 +456,52 @@ async fn write_history(state: &TrainerState, output: &Location) -> Result<(), Er
         jsonl.push('\n');
     }
     output.put("metrics.jsonl", Bytes::from(jsonl)).await?;
-    let loss: Vec<(f64, f64)> = state
-        .history
-        .iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
-        .collect();
+    let loss: Vec<(f64, f64)> =
+        state.history.iter().filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?))).collect();
     output.put("loss.svg", Bytes::from(plot::line_chart("training loss", "step", "loss", &[("loss", &loss)]))).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hyper(schedule: LrSchedule, warmup: u64) -> Hyper {
+        let spec = TrainingSpec {
+            hyperparameters: Some(distill_proto::Hyperparameters {
+                learning_rate: 1e-3,
+                warmup_steps: warmup,
+                schedule: schedule as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Hyper::from_spec(&spec).unwrap()
+    }
+
+    #[test]
+    fn schedules_warm_up_then_decay_as_transformers_does() {
+        // transformers' get_linear_schedule_with_warmup: lr * step / warmup, then
+        // lr * (total - step) / (total - warmup); our step is 0-based, applied after step+1 updates.
+        let h = hyper(LrSchedule::Linear, 4);
+        let lrs: Vec<f64> = (0..10).map(|s| h.lr(s, 10)).collect();
+        assert!((lrs[0] - 0.25e-3).abs() < 1e-12 && (lrs[3] - 1e-3).abs() < 1e-12);
+        assert!((lrs[4] - 1e-3).abs() < 1e-12);
+        assert!((lrs[7] - 0.5e-3).abs() < 1e-12);
+        assert!(lrs.windows(2).skip(4).all(|w| w[1] < w[0]));
+        let c = hyper(LrSchedule::Cosine, 0);
+        assert!((c.lr(0, 10) - 1e-3).abs() < 1e-12 && (c.lr(5, 10) - 0.5e-3).abs() < 1e-12);
+        let k = hyper(LrSchedule::Constant, 2);
+        assert_eq!(k.lr(9, 10), 1e-3);
+    }
+
+    #[test]
+    fn bad_hyperparameters_name_the_field() {
+        let mut spec = TrainingSpec::default();
+        spec.hyperparameters = Some(distill_proto::Hyperparameters { learning_rate: -1.0, ..Default::default() });
+        assert!(Hyper::from_spec(&spec).unwrap_err().to_string().contains("learning_rate"));
+        spec.hyperparameters =
+            Some(distill_proto::Hyperparameters { max_query_length: 64, max_length: 32, ..Default::default() });
+        assert!(Hyper::from_spec(&spec).unwrap_err().to_string().contains("max_query_length"));
+    }
 }

@@ -149,7 +149,9 @@ impl Evaluation {
 pub fn evaluate(run: &[RankedList], qrels: &Qrels, metrics: &[Metric], complete: bool) -> Evaluation {
     let mut per_query = Vec::new();
     for list in run {
-        let Some(judged) = qrels.get(&list.qid) else { continue };
+        let Some(judged) = qrels.get(&list.qid) else {
+            continue;
+        };
         let mut entries = list.entries.clone();
         sort_trec_eval(&mut entries);
         let grades: Vec<i32> = entries.iter().map(|e| judged.get(&e.docid).copied().unwrap_or(0)).collect();

@@ -30,11 +30,7 @@ fn err(file: &str, line: usize, message: impl Into<String>) -> FormatError {
 }
 
 /// Calls `f(line_number, line)` for every non-blank line (without its line ending).
-fn for_each_line(
-    mut reader: impl BufRead,
-    file: &str,
-    mut f: impl FnMut(usize, &str) -> Result<()>,
-) -> Result<()> {
+fn for_each_line(mut reader: impl BufRead, file: &str, mut f: impl FnMut(usize, &str) -> Result<()>) -> Result<()> {
     let mut buf = Vec::new();
     let mut n = 0;
     loop {
@@ -54,9 +50,7 @@ fn for_each_line(
 }
 
 fn parse_f64(file: &str, n: usize, field: &str, value: &str) -> Result<f64> {
-    let v: f64 = value
-        .parse()
-        .map_err(|_| err(file, n, format!("{field} '{value}' is not a number")))?;
+    let v: f64 = value.parse().map_err(|_| err(file, n, format!("{field} '{value}' is not a number")))?;
     if !v.is_finite() {
         return Err(err(file, n, format!("{field} '{value}' is not finite")));
     }
@@ -132,9 +126,8 @@ pub fn read_qrels(reader: impl BufRead, file: &str) -> Result<Qrels> {
         if cols.len() != 4 {
             return Err(err(file, n, format!("expected 4 columns `qid 0 docid rel`, found {}", cols.len())));
         }
-        let rel: i32 = cols[3]
-            .parse()
-            .map_err(|_| err(file, n, format!("relevance '{}' is not an integer", cols[3])))?;
+        let rel: i32 =
+            cols[3].parse().map_err(|_| err(file, n, format!("relevance '{}' is not an integer", cols[3])))?;
         qrels.entry(cols[0].to_string()).or_default().insert(cols[2].to_string(), rel);
         Ok(())
     })?;
@@ -150,9 +143,8 @@ pub fn read_tsv_texts(
 ) -> Result<HashMap<String, String>> {
     let mut texts = HashMap::new();
     for_each_line(reader, file, |n, line| {
-        let (id, text) = line
-            .split_once('\t')
-            .ok_or_else(|| err(file, n, "expected `id<TAB>text`: no tab on this line"))?;
+        let (id, text) =
+            line.split_once('\t').ok_or_else(|| err(file, n, "expected `id<TAB>text`: no tab on this line"))?;
         let id = id.trim();
         if id.is_empty() {
             return Err(err(file, n, "empty id"));
@@ -227,11 +219,7 @@ pub struct ScoredTriple {
 
 /// Reads Hofstätter's ensemble scores: `pos_score neg_score qid pos_pid neg_pid` (tab or space
 /// separated), calling `f` per row so that the ~40M-row file is never held as rows.
-pub fn for_each_scored_triple(
-    reader: impl BufRead,
-    file: &str,
-    mut f: impl FnMut(ScoredTriple),
-) -> Result<()> {
+pub fn for_each_scored_triple(reader: impl BufRead, file: &str, mut f: impl FnMut(ScoredTriple)) -> Result<()> {
     for_each_line(reader, file, |n, line| {
         let cols: Vec<&str> = line.split_whitespace().collect();
         if cols.len() != 5 {

@@ -91,7 +91,13 @@ fn hofstatter_triples_read_and_errors() {
     for_each_scored_triple("10.5\t-2.25\tq1\tp1\tn1\n".as_bytes(), "t.tsv", |r| rows.push(r)).unwrap();
     assert_eq!(
         rows,
-        [ScoredTriple { pos_score: 10.5, neg_score: -2.25, qid: "q1".into(), pos_id: "p1".into(), neg_id: "n1".into() }]
+        [ScoredTriple {
+            pos_score: 10.5,
+            neg_score: -2.25,
+            qid: "q1".into(),
+            pos_id: "p1".into(),
+            neg_id: "n1".into()
+        }]
     );
     let e = for_each_scored_triple("1\t2\tq1\tp1\n".as_bytes(), "t.tsv", |_| {}).unwrap_err().to_string();
     assert_eq!(e, "t.tsv:1: expected 5 columns `pos_score neg_score qid pos_pid neg_pid`, found 4");

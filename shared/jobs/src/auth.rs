@@ -20,7 +20,9 @@ impl BearerAuth {
 
     /// The tonic interceptor.
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.token else { return Ok(req) };
+        let Some(expected) = &self.token else {
+            return Ok(req);
+        };
         let given = req
             .metadata()
             .get("authorization")

@@ -43,7 +43,11 @@ fn snapshot_events(job: &Job) -> Vec<JobEvent> {
         event: Some(job_event::Event::State(StateChange { state: job.state, error: job.error.clone() })),
     }];
     if let Some(p) = &job.progress {
-        events.push(JobEvent { job_id: job.id.clone(), time_ms: now, event: Some(job_event::Event::Progress(p.clone())) });
+        events.push(JobEvent {
+            job_id: job.id.clone(),
+            time_ms: now,
+            event: Some(job_event::Event::Progress(p.clone())),
+        });
     }
     events
 }

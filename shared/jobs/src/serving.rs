@@ -20,7 +20,8 @@ pub fn builder(tls_cert: Option<&Path>, tls_key: Option<&Path>) -> anyhow::Resul
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
@@ -36,7 +37,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
@@ -93,7 +95,10 @@ impl ServiceArgs {
         // Both ring and aws-lc-rs are linked (object_store's HTTP stack); pick one for TLS.
         let _ = rustls::crypto::ring::default_provider().install_default();
         init_tracing(self.log_json);
-        let token = crate::auth::load_token(self.auth_token_file.as_deref(), std::env::var("DISTILL_AUTH_TOKEN").ok().as_deref())?;
+        let token = crate::auth::load_token(
+            self.auth_token_file.as_deref(),
+            std::env::var("DISTILL_AUTH_TOKEN").ok().as_deref(),
+        )?;
         tracing::info!(addr = %addr, store = %self.store, tls = self.tls_cert.is_some(), "starting");
         Ok(ServerConfig {
             addr,
@@ -112,7 +117,11 @@ type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
 /// Serves one job service with gRPC health (NOT_SERVING until `start` has loaded the job table
 /// and resumed unfinished jobs, then SERVING) and reflection, both behind the bearer-token check
 /// (health excepted), until `shutdown` resolves. Prints `listening on <addr>` once bound.
-pub async fn serve<S, F, Fut>(cfg: ServerConfig, start: F, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()>
+pub async fn serve<S, F, Fut>(
+    cfg: ServerConfig,
+    start: F,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()>
 where
     F: FnOnce(distill_store::Location, usize) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<S>>,

@@ -28,7 +28,12 @@ pub struct JobEntry {
 impl JobEntry {
     fn new(job: Job) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(Self { job: Mutex::new(job), events, cancel: CancellationToken::new(), persist_lock: Default::default() })
+        Arc::new(Self {
+            job: Mutex::new(job),
+            events,
+            cancel: CancellationToken::new(),
+            persist_lock: Default::default(),
+        })
     }
 
     pub fn snapshot(&self) -> Job {
@@ -95,7 +100,13 @@ impl Jobs {
     }
 
     /// Records a new QUEUED job.
-    pub async fn create(&self, kind: JobKind, spec: JobSpec, output_uri: String, id: String) -> Result<Arc<JobEntry>, Error> {
+    pub async fn create(
+        &self,
+        kind: JobKind,
+        spec: JobSpec,
+        output_uri: String,
+        id: String,
+    ) -> Result<Arc<JobEntry>, Error> {
         let job = Job {
             id: id.clone(),
             kind: kind as i32,

@@ -120,7 +120,13 @@ impl Encoder {
 
     /// Hidden states [B, L, H]: `input_ids`, `token_type_ids` [B, L] u32, `attention_mask`
     /// [B, L] (1 token, 0 padding). Dropout is active when `train`.
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (bsz, len) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, len as u32, input_ids.device())?.unsqueeze(0)?.broadcast_as((bsz, len))?;
@@ -137,7 +143,8 @@ impl Encoder {
         let head_dim = cfg.hidden_size / heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
-            let split = |t: Tensor| -> Result<Tensor> { t.reshape((bsz, len, heads, head_dim))?.transpose(1, 2)?.contiguous() };
+            let split =
+                |t: Tensor| -> Result<Tensor> { t.reshape((bsz, len, heads, head_dim))?.transpose(1, 2)?.contiguous() };
             let q = split(layer.query.forward(&x)?)?;
             let k = split(layer.key.forward(&x)?)?;
             let v = split(layer.value.forward(&x)?)?;
@@ -172,7 +179,13 @@ impl BertCrossEncoder {
     }
 
     /// One score per pair (see [`Encoder::forward`] for the inputs).
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let x = self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?;
         let pooled = self.pooler.forward(&first_token(&x)?)?.tanh()?;
         let p = self.config.classifier_dropout.unwrap_or(self.config.hidden_dropout_prob);

@@ -2,8 +2,8 @@
 //! `model_type`), `model.safetensors`, `tokenizer.json`.
 
 use crate::bert::{BertConfig, BertCrossEncoder};
-use crate::electra::{ElectraConfig, ElectraCrossEncoder};
 use crate::checkpoint::{load_safetensors, LoadReport};
+use crate::electra::{ElectraConfig, ElectraCrossEncoder};
 use crate::tokenize::PairTokenizer;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -25,7 +25,8 @@ impl Backbone {
         let bad = |message: String| ModelError::Invalid { path: "config.json".into(), message };
         match model_type {
             "bert" => {
-                let cfg: BertConfig = serde_json::from_value(config).map_err(|e| bad(format!("not a BERT config: {e}")))?;
+                let cfg: BertConfig =
+                    serde_json::from_value(config).map_err(|e| bad(format!("not a BERT config: {e}")))?;
                 Ok((Backbone::Bert(BertCrossEncoder::load(vb, &cfg)?), cfg.pad_token_id))
             }
             "electra" => {
@@ -99,7 +100,8 @@ impl CrossEncoder {
         let raw = std::fs::read(&config_path).map_err(|e| invalid(&config_path, e.to_string()))?;
         let value: serde_json::Value =
             serde_json::from_slice(&raw).map_err(|e| invalid(&config_path, format!("not JSON: {e}")))?;
-        let model_type = value["model_type"].as_str().ok_or_else(|| invalid(&config_path, "no model_type"))?.to_string();
+        let model_type =
+            value["model_type"].as_str().ok_or_else(|| invalid(&config_path, "no model_type"))?.to_string();
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let (backbone, pad_id) = Backbone::from_config(&model_type, value.clone(), vb).map_err(|e| match e {

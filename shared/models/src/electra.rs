@@ -34,7 +34,13 @@ impl ElectraCrossEncoder {
         })
     }
 
-    pub fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.config.bert;
         let x = self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?;
         let p = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);

@@ -86,7 +86,8 @@ impl AdamW {
             let Some(g) = g else { continue };
             let g = g.to_dtype(DType::F32)?.detach();
             let theta = p.var.as_tensor().detach();
-            let theta = if p.decay && c.weight_decay > 0.0 { theta.affine(1.0 - lr * c.weight_decay, 0.0)? } else { theta };
+            let theta =
+                if p.decay && c.weight_decay > 0.0 { theta.affine(1.0 - lr * c.weight_decay, 0.0)? } else { theta };
             p.m = ((&p.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&p.v / bc2)?.sqrt()? + c.eps)?;
@@ -113,7 +114,11 @@ impl AdamW {
                 let key = format!("{kind}.{}", p.name);
                 let t = tensors.get(&key).ok_or_else(|| format!("optimizer state lacks '{key}'"))?;
                 if t.dims() != slot.dims() {
-                    return Err(format!("optimizer state '{key}' has shape {:?}, the parameter {:?}", t.dims(), slot.dims()));
+                    return Err(format!(
+                        "optimizer state '{key}' has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        slot.dims()
+                    ));
                 }
                 *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(p.var.device())).map_err(|e| e.to_string())?;
             }

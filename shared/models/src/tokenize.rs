@@ -33,7 +33,12 @@ fn tk(e: impl std::fmt::Display) -> ModelError {
 }
 
 impl PairTokenizer {
-    pub fn from_file(path: &std::path::Path, max_query_length: usize, max_length: usize, pad_id: Option<u32>) -> Result<Self> {
+    pub fn from_file(
+        path: &std::path::Path,
+        max_query_length: usize,
+        max_length: usize,
+        pad_id: Option<u32>,
+    ) -> Result<Self> {
         let mut inner = Tokenizer::from_file(path).map_err(|e| ModelError::Invalid {
             path: path.display().to_string(),
             message: format!("not a tokenizer.json: {e}"),
@@ -41,9 +46,7 @@ impl PairTokenizer {
         inner.with_padding(None);
         inner.with_truncation(None).map_err(tk)?;
         let specials = inner.get_post_processor().map_or(0, |p| p.added_tokens(true));
-        let pad_id = pad_id
-            .or_else(|| ["[PAD]", "<pad>"].iter().find_map(|t| inner.token_to_id(t)))
-            .unwrap_or(0);
+        let pad_id = pad_id.or_else(|| ["[PAD]", "<pad>"].iter().find_map(|t| inner.token_to_id(t))).unwrap_or(0);
         Ok(Self { inner, pad_id, max_query_length, max_length, specials })
     }
 

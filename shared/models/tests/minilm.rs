@@ -56,7 +56,8 @@ fn real_minilm_scores_like_transformers() {
     }
     let refs: Vec<(&str, &str)> = pairs.iter().map(|(q, p)| (q.as_str(), p.as_str())).collect();
     let b = tok.batch(&refs, &Device::Cpu).unwrap();
-    let got: Vec<f32> = model.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false).unwrap().to_vec1().unwrap();
+    let got: Vec<f32> =
+        model.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false).unwrap().to_vec1().unwrap();
     let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!((*g as f64 - w).abs() < 1e-4, "pair {i}: {g} vs transformers {w}");

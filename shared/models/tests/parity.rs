@@ -60,7 +60,8 @@ fn check_gradients(arch: &str) {
     let infonce = logp.narrow(1, 0, 1).unwrap().neg().unwrap().sum_all().unwrap();
     let n = l.dim(0).unwrap();
     let target = Tensor::from_vec((0..n).map(|i| if i == 0 { 1f32 } else { 0.0 }).collect(), n, &Device::Cpu).unwrap();
-    let softplus = (l.relu().unwrap() + (l.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap();
+    let softplus =
+        (l.relu().unwrap() + (l.abs().unwrap().neg().unwrap().exp().unwrap() + 1.0).unwrap().log().unwrap()).unwrap();
     let bce = (softplus - (target * &l).unwrap()).unwrap().mean_all().unwrap();
     let loss = (infonce + bce).unwrap();
     assert!((loss.to_scalar::<f32>().unwrap() as f64 - r["loss"].as_f64().unwrap()).abs() < 1e-4, "{arch} loss");
@@ -71,7 +72,8 @@ fn check_gradients(arch: &str) {
     for (name, var) in data.iter() {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{arch} {name} received no gradient"));
         let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap();
-        let want: Vec<f64> = serde_json::from_value(reference[name].clone()).unwrap_or_else(|_| panic!("{name} not in reference"));
+        let want: Vec<f64> =
+            serde_json::from_value(reference[name].clone()).unwrap_or_else(|_| panic!("{name} not in reference"));
         let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
         let diff = g.iter().zip(&want).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>().sqrt();
         if name.ends_with("attention.self.key.bias") {

@@ -5,8 +5,7 @@ pub mod v1 {
     tonic::include_proto!("distill.v1");
 
     /// Encoded `FileDescriptorSet` of the contract, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/distill_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/distill_descriptor.bin"));
 }
 
 pub use v1::*;

@@ -59,7 +59,12 @@ impl DatasetReader {
     }
 
     /// Decodes a fetched shard into batches of at most `batch_size` rows.
-    fn decode(&self, shard: &ShardInfo, bytes: Bytes, batch_size: usize) -> Result<BoxStream<'static, Result<RecordBatch>>> {
+    fn decode(
+        &self,
+        shard: &ShardInfo,
+        bytes: Bytes,
+        batch_size: usize,
+    ) -> Result<BoxStream<'static, Result<RecordBatch>>> {
         let uri = self.loc.uri_of(&shard.path);
         let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
             .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
@@ -69,7 +74,8 @@ impl DatasetReader {
             .with_batch_size(batch_size)
             .build()
             .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
-        Ok(stream::iter(reader.map(move |b| b.map_err(|source| ShardError::Arrow { uri: uri.clone(), source }))).boxed())
+        Ok(stream::iter(reader.map(move |b| b.map_err(|source| ShardError::Arrow { uri: uri.clone(), source })))
+            .boxed())
     }
 
     /// All rows of the dataset, shard after shard in manifest order, as batches of at most

@@ -1,9 +1,7 @@
 //! Typed rows of the two layouts and their conversion to and from Arrow record batches.
 
 use crate::schema::{self, Layout};
-use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Builder, Int32Builder, ListBuilder, RecordBatch, StringBuilder,
-};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Builder, Int32Builder, ListBuilder, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Float64Type, Int32Type, SchemaRef};
 use std::sync::Arc;
 
@@ -181,16 +179,29 @@ fn opt<T: Copy>(valid: bool, v: T) -> Option<T> {
 impl TripleRow {
     /// Rough size in bytes once written.
     pub fn estimated_bytes(&self) -> usize {
-        40 + self.query_id.len() + self.query.len() + self.pos_id.len() + self.pos_text.len() + self.neg_id.len() + self.neg_text.len()
+        40 + self.query_id.len()
+            + self.query.len()
+            + self.pos_id.len()
+            + self.pos_text.len()
+            + self.neg_id.len()
+            + self.neg_text.len()
     }
 
     /// Decodes a `triples` record batch.
     pub fn from_batch(batch: &RecordBatch) -> Result<Vec<TripleRow>, String> {
         let (qid, q) = (str_col(batch, "query_id")?, str_col(batch, "query")?);
-        let (pid, pt, ps, pl) =
-            (str_col(batch, "pos_id")?, str_col(batch, "pos_text")?, f64_col(batch, "pos_score")?, i32_col(batch, "pos_label")?);
-        let (nid, nt, ns, nl) =
-            (str_col(batch, "neg_id")?, str_col(batch, "neg_text")?, f64_col(batch, "neg_score")?, i32_col(batch, "neg_label")?);
+        let (pid, pt, ps, pl) = (
+            str_col(batch, "pos_id")?,
+            str_col(batch, "pos_text")?,
+            f64_col(batch, "pos_score")?,
+            i32_col(batch, "pos_label")?,
+        );
+        let (nid, nt, ns, nl) = (
+            str_col(batch, "neg_id")?,
+            str_col(batch, "neg_text")?,
+            f64_col(batch, "neg_score")?,
+            i32_col(batch, "neg_label")?,
+        );
         Ok((0..batch.num_rows())
             .map(|i| TripleRow {
                 query_id: qid.value(i).to_string(),
@@ -211,7 +222,9 @@ impl TripleRow {
 impl ListRow {
     /// Rough size in bytes once written.
     pub fn estimated_bytes(&self) -> usize {
-        16 + self.query_id.len() + self.query.len() + self.items.iter().map(|i| 20 + i.doc_id.len() + i.text.len()).sum::<usize>()
+        16 + self.query_id.len()
+            + self.query.len()
+            + self.items.iter().map(|i| 20 + i.doc_id.len() + i.text.len()).sum::<usize>()
     }
 
     /// Decodes a `lists` record batch.

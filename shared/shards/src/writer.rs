@@ -230,7 +230,9 @@ impl DatasetWriter {
     }
 
     pub fn append_triples(&mut self, rows: impl IntoIterator<Item = TripleRow>) -> Result<()> {
-        let Rows::Triples(buf) = &mut self.buffer else { return Err(self.wrong_layout(Layout::Triples)) };
+        let Rows::Triples(buf) = &mut self.buffer else {
+            return Err(self.wrong_layout(Layout::Triples));
+        };
         for row in rows {
             self.buffer_bytes += row.estimated_bytes();
             buf.push(row);
@@ -239,7 +241,9 @@ impl DatasetWriter {
     }
 
     pub fn append_lists(&mut self, rows: impl IntoIterator<Item = ListRow>) -> Result<()> {
-        let Rows::Lists(buf) = &mut self.buffer else { return Err(self.wrong_layout(Layout::Lists)) };
+        let Rows::Lists(buf) = &mut self.buffer else {
+            return Err(self.wrong_layout(Layout::Lists));
+        };
         for row in rows {
             self.buffer_bytes += row.estimated_bytes();
             buf.push(row);
@@ -281,7 +285,9 @@ impl DatasetWriter {
 
     async fn close_shard(&mut self) -> Result<Option<ShardInfo>> {
         self.flush_buffer().await?;
-        let Some(shard) = self.current.take() else { return Ok(None) };
+        let Some(shard) = self.current.take() else {
+            return Ok(None);
+        };
         shard.writer.close().await.map_err(|e| self.parquet_err(&shard.name, e))?;
         let (sha256, bytes) = {
             let d = shard.digest.lock().unwrap_or_else(|e| e.into_inner());

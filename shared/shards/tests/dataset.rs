@@ -135,11 +135,16 @@ async fn lists_round_trip() {
 #[tokio::test]
 async fn shards_roll_at_the_byte_target() {
     let loc = Location::parse("memory://shards-test/bytes").unwrap();
-    let opts = WriterOptions { rows_per_shard: u64::MAX, bytes_per_shard: 20_000, batch_rows: 16, ..Default::default() };
+    let opts =
+        WriterOptions { rows_per_shard: u64::MAX, bytes_per_shard: 20_000, batch_rows: 16, ..Default::default() };
     let (mut w, _) = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts, "job1").await.unwrap();
     for q in 0..60 {
         // Incompressible-ish text so that the byte target is what closes shards.
-        w.append_triples((0..3).map(|n| TripleRow { neg_text: format!("{:x}", ((q * 7919 + n) as u64).wrapping_mul(0x9E3779B97F4A7C15)).repeat(40), ..triple(q, n) })).unwrap();
+        w.append_triples((0..3).map(|n| TripleRow {
+            neg_text: format!("{:x}", ((q * 7919 + n) as u64).wrapping_mul(0x9E3779B97F4A7C15)).repeat(40),
+            ..triple(q, n)
+        }))
+        .unwrap();
         w.end_unit(q as u64 + 1, serde_json::Value::Null).await.unwrap();
     }
     let m = w.commit(serde_json::Value::Null).await.unwrap();

@@ -109,8 +109,7 @@ impl Location {
             "memory" => memory_store(url.host_str().unwrap_or("")),
             "s3" | "s3a" => {
                 let bucket = url.host_str().ok_or_else(|| invalid(uri, "missing bucket"))?;
-                let mut builder =
-                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
                 let endpoint = std::env::var("AWS_ENDPOINT_URL_S3")
                     .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
                     .or_else(|_| std::env::var("AWS_ENDPOINT"))
@@ -128,7 +127,9 @@ impl Location {
                 }
                 Arc::new(builder.build().map_err(|e| invalid(uri, e))?)
             }
-            other => return Err(invalid(uri, format!("unsupported scheme '{other}' (use file://, memory:// or s3://)"))),
+            other => {
+                return Err(invalid(uri, format!("unsupported scheme '{other}' (use file://, memory:// or s3://)")))
+            }
         };
         Ok(Self { store, prefix, uri: uri.trim_end_matches('/').to_string() })
     }
@@ -201,10 +202,7 @@ impl Location {
     /// primitive: of two writers, exactly one wins.
     pub async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        self.store
-            .put_opts(&self.path(name), PutPayload::from(data), opts)
-            .await
-            .map_err(|e| self.err(name, e))?;
+        self.store.put_opts(&self.path(name), PutPayload::from(data), opts).await.map_err(|e| self.err(name, e))?;
         Ok(())
     }
 
@@ -249,7 +247,9 @@ impl Location {
         let objects = self.all_paths().await?;
         let mut names: Vec<String> = objects
             .iter()
-            .filter_map(|p| Some(p.prefix_match(&self.prefix)?.map(|c| c.as_ref().to_string()).collect::<Vec<_>>().join("/")))
+            .filter_map(|p| {
+                Some(p.prefix_match(&self.prefix)?.map(|c| c.as_ref().to_string()).collect::<Vec<_>>().join("/"))
+            })
             .collect();
         names.sort();
         Ok(names)
@@ -261,7 +261,9 @@ impl Location {
         let objects = self.all_paths().await?;
         let mut n = 0;
         for path in objects {
-            let Some(rel) = path.prefix_match(&self.prefix) else { continue };
+            let Some(rel) = path.prefix_match(&self.prefix) else {
+                continue;
+            };
             let rel: Vec<String> = rel.map(|p| p.as_ref().to_string()).collect();
             let rel = rel.join("/");
             let bytes = self.get(&rel).await?;

@@ -62,7 +62,10 @@ fn losses_and_gradients_match_pytorch() {
             let gmax = want_grad.iter().flatten().fold(0f64, |a, b| a.max(b.abs()));
             for (i, (row, wrow)) in grad.iter().zip(&want_grad).enumerate() {
                 for (j, (g, w)) in row.iter().zip(wrow).enumerate() {
-                    assert!(close(*g, *w, 1e-5, (gmax * 1e-3).max(1e-12)), "{cname}/{name}: grad[{i}][{j}] {g} vs PyTorch {w}");
+                    assert!(
+                        close(*g, *w, 1e-5, (gmax * 1e-3).max(1e-12)),
+                        "{cname}/{name}: grad[{i}][{j}] {g} vs PyTorch {w}"
+                    );
                 }
             }
             checked += 1;
@@ -109,7 +112,10 @@ fn objectives_refuse_datasets_without_their_fields() {
     assert!(Objective::Bce.check(&labels_only).is_ok());
     let triples = DatasetFields { lists: false, labels: false, teacher_scores: true, teacher_ranks: false };
     let err = Objective::DistillRankNet.check(&triples).unwrap_err().to_string();
-    assert_eq!(err, "distill_ranknet needs lists with teacher ranks (the lists layout); the dataset has triples, teacher scores");
+    assert_eq!(
+        err,
+        "distill_ranknet needs lists with teacher ranks (the lists layout); the dataset has triples, teacher scores"
+    );
     let bare_lists = DatasetFields { lists: true, labels: false, teacher_scores: false, teacher_ranks: false };
     let err = Objective::InfoNce { temperature: 1.0 }.check(&bare_lists).unwrap_err().to_string();
     assert!(err.ends_with("the dataset has lists with no labels or teacher scores"), "{err}");

@@ -115,7 +115,8 @@ fn build(name: &str, model: Option<&std::path::Path>, dtype: DType, dev: &Device
 }
 
 fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::Result<(Tensor, Tensor, Tensor)> {
-    let ids: Vec<u32> = (0..batch * seq).map(|i| 1000 + ((i as u64 * 2654435761) % (vocab as u64 - 1001)) as u32).collect();
+    let ids: Vec<u32> =
+        (0..batch * seq).map(|i| 1000 + ((i as u64 * 2654435761) % (vocab as u64 - 1001)) as u32).collect();
     let ids = Tensor::from_vec(ids, (batch, seq), dev)?;
     let types = Tensor::zeros((batch, seq), DType::U32, dev)?;
     let mask = Tensor::ones((batch, seq), DType::U32, dev)?;
@@ -144,9 +145,11 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })?;
             let n = args.score_batch as f64;
-            rows.push(serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
+            rows.push(
+                serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
                 "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t,
-                "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
+                "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
+            );
             println!("{}", rows.last().unwrap());
         }
         if args.modes.iter().any(|m| m == "train") {
@@ -164,9 +167,11 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })?;
             let n = args.train_batch as f64;
-            rows.push(serde_json::json!({"model": name, "mode": "train-f32", "params": b.params, "batch": args.train_batch,
+            rows.push(
+                serde_json::json!({"model": name, "mode": "train-f32", "params": b.params, "batch": args.train_batch,
                 "seq": args.seq, "s": t, "pairs_per_s": n / t,
-                "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
+                "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
+            );
             println!("{}", rows.last().unwrap());
         }
     }
