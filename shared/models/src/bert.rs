@@ -143,6 +143,11 @@ impl Encoder {
         let head_dim = cfg.hidden_size / heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
+            // Weights are variables, so every op records its inputs for backprop; under no_grad,
+            // cutting the graph at each layer frees the previous layer's activations.
+            if !crate::layers::grad_enabled() {
+                x = x.detach();
+            }
             let split =
                 |t: Tensor| -> Result<Tensor> { t.reshape((bsz, len, heads, head_dim))?.transpose(1, 2)?.contiguous() };
             let q = split(layer.query.forward(&x)?)?;

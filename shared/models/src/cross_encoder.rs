@@ -198,7 +198,9 @@ impl CrossEncoder {
         let mut out = Vec::with_capacity(pairs.len());
         for chunk in pairs.chunks(batch_size.max(1)) {
             let b = self.tokenizer.batch(chunk, &self.device)?;
-            let s = self.backbone.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false)?;
+            let s = crate::layers::no_grad(|| {
+                self.backbone.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false)
+            })?;
             out.extend(s.to_vec1::<f32>()?);
         }
         Ok(out)

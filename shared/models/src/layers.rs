@@ -68,9 +68,26 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 thread_local! {
+    /// Whether forward passes on this thread keep the graph for a backward pass (see [`no_grad`]).
+    static GRAD_ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+
     /// The dropout masks' generator on this thread, when seeded (training that must be
     /// reproducible and resumable); otherwise candle's own random source is used.
     static DROPOUT_RNG: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` without keeping the autograd graph, as `torch.no_grad()`: the models cut the graph
+/// between layers, so scoring holds one layer's activations at a time instead of all of them.
+pub fn no_grad<T>(f: impl FnOnce() -> T) -> T {
+    let before = GRAD_ENABLED.with(|g| g.replace(false));
+    let out = f();
+    GRAD_ENABLED.with(|g| g.set(before));
+    out
+}
+
+/// Whether the graph is being kept on this thread.
+pub fn grad_enabled() -> bool {
+    GRAD_ENABLED.with(|g| g.get())
 }
 
 /// Seeds this thread's dropout masks (`None` returns to candle's unseeded generator). A trainer

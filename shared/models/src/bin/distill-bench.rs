@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
             let b = build(name, args.model.as_deref(), score_dtype, &dev)?;
             let (ids, types, mask) = random_ids(b.vocab, args.score_batch, args.seq, &dev)?;
             let t = timed(&dev, args.warmup, args.iters, || {
-                b.backbone.forward(&ids, &types, &mask, false)?;
+                distill_models::layers::no_grad(|| b.backbone.forward(&ids, &types, &mask, false))?;
                 Ok(())
             })?;
             let n = args.score_batch as f64;
