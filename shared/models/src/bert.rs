@@ -48,6 +48,7 @@ pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
         "gelu" => x.gelu_erf(),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu(),
         "relu" => x.relu(),
+        "tanh" => x.tanh(),
         other => candle_core::bail!("unsupported hidden_act '{other}'"),
     }
 }
@@ -72,6 +73,9 @@ pub struct Encoder {
     emb_norm: LayerNorm,
     /// ELECTRA: embeddings narrower than the hidden size are projected up.
     project: Option<Linear>,
+    /// RoBERTa / XLM-R: positions count real tokens from `padding_idx + 1`; padding gets
+    /// `padding_idx` (transformers' `create_position_ids_from_input_ids`).
+    position_padding_idx: Option<u32>,
     layers: Vec<Layer>,
 }
 
@@ -113,9 +117,16 @@ impl Encoder {
             token_type: Embedding::load(e.pp("token_type_embeddings"), config.type_vocab_size, embedding_size)?,
             emb_norm: LayerNorm::load(e.pp("LayerNorm"), embedding_size, eps, true)?,
             project,
+            position_padding_idx: None,
             layers,
             config: config.clone(),
         })
+    }
+
+    /// Positions as RoBERTa numbers them (see `position_padding_idx`).
+    pub fn with_roberta_positions(mut self, padding_idx: u32) -> Self {
+        self.position_padding_idx = Some(padding_idx);
+        self
     }
 
     /// Hidden states [B, L, H]: `input_ids`, `token_type_ids` [B, L] u32, `attention_mask`
@@ -129,7 +140,13 @@ impl Encoder {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (bsz, len) = input_ids.dims2()?;
-        let positions = Tensor::arange(0u32, len as u32, input_ids.device())?.unsqueeze(0)?.broadcast_as((bsz, len))?;
+        let positions = match self.position_padding_idx {
+            None => Tensor::arange(0u32, len as u32, input_ids.device())?.unsqueeze(0)?.broadcast_as((bsz, len))?,
+            Some(pad) => {
+                let real = attention_mask.to_dtype(DType::F32)?;
+                ((real.cumsum(1)? * &real)? + pad as f64)?.to_dtype(DType::U32)?
+            }
+        };
         let x = (self.word.forward(input_ids)? + self.position.forward(&positions.contiguous()?)?)?;
         let x = (x + self.token_type.forward(token_type_ids)?)?;
         let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;

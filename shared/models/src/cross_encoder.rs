@@ -4,18 +4,21 @@
 use crate::bert::{BertConfig, BertCrossEncoder};
 use crate::checkpoint::{load_safetensors, LoadReport};
 use crate::electra::{ElectraConfig, ElectraCrossEncoder};
+use crate::roberta::RobertaCrossEncoder;
 use crate::tokenize::PairTokenizer;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::{Path, PathBuf};
 
-pub const SUPPORTED: &[&str] = &["bert", "electra"];
-const PLANNED: &[&str] = &["roberta", "xlm-roberta", "deberta-v2", "modernbert"];
+pub const SUPPORTED: &[&str] = &["bert", "electra", "roberta", "xlm-roberta"];
+const PLANNED: &[&str] = &["deberta-v2", "modernbert"];
 
 pub enum Backbone {
     Bert(BertCrossEncoder),
     Electra(ElectraCrossEncoder),
+    /// RoBERTa and XLM-RoBERTa.
+    Roberta(RobertaCrossEncoder),
 }
 
 impl Backbone {
@@ -34,6 +37,12 @@ impl Backbone {
                     serde_json::from_value(config).map_err(|e| bad(format!("not an ELECTRA config: {e}")))?;
                 Ok((Backbone::Electra(ElectraCrossEncoder::load(vb, &cfg)?), cfg.bert.pad_token_id))
             }
+            "roberta" | "xlm-roberta" => {
+                let cfg: BertConfig =
+                    serde_json::from_value(config).map_err(|e| bad(format!("not a RoBERTa config: {e}")))?;
+                let pad = Some(cfg.pad_token_id.unwrap_or(1));
+                Ok((Backbone::Roberta(RobertaCrossEncoder::load(vb, &cfg)?), pad))
+            }
             t if PLANNED.contains(&t) => {
                 Err(bad(format!("model_type '{t}' is not supported yet (supported: {})", SUPPORTED.join(", "))))
             }
@@ -45,6 +54,7 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.forward(ids, types, mask, train),
             Backbone::Electra(m) => m.forward(ids, types, mask, train),
+            Backbone::Roberta(m) => m.forward(ids, types, mask, train),
         }
     }
 }

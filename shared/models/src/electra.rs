@@ -3,9 +3,9 @@
 //! `embedding_size` != `hidden_size`), and `ElectraClassificationHead` on the first token:
 //! dropout, `classifier.dense`, GELU, dropout, `classifier.out_proj`.
 
-use crate::bert::{activation, first_token, BertConfig, Encoder};
-use crate::layers::{dropout, Linear};
-use candle_core::{DType, Module, Result, Tensor, D};
+use crate::bert::{BertConfig, Encoder};
+use crate::head::DenseHead;
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -19,17 +19,16 @@ pub struct ElectraConfig {
 pub struct ElectraCrossEncoder {
     pub config: ElectraConfig,
     encoder: Encoder,
-    dense: Linear,
-    out_proj: Linear,
+    head: DenseHead,
 }
 
 impl ElectraCrossEncoder {
     pub fn load(vb: VarBuilder, config: &ElectraConfig) -> Result<Self> {
         let h = config.bert.hidden_size;
+        let p = config.bert.classifier_dropout.unwrap_or(config.bert.hidden_dropout_prob);
         Ok(Self {
             encoder: Encoder::load(vb.pp("electra"), &config.bert, config.embedding_size.unwrap_or(h))?,
-            dense: Linear::load(vb.pp("classifier.dense"), h, h, true)?,
-            out_proj: Linear::load(vb.pp("classifier.out_proj"), h, 1, true)?,
+            head: DenseHead::load(vb, h, "gelu", p)?,
             config: config.clone(),
         })
     }
@@ -41,12 +40,6 @@ impl ElectraCrossEncoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let cfg = &self.config.bert;
-        let x = self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?;
-        let p = cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob);
-        let x = dropout(&first_token(&x)?, p, train)?;
-        let x = activation("gelu", &self.dense.forward(&x)?)?;
-        let logits = self.out_proj.forward(&dropout(&x, p, train)?)?;
-        logits.squeeze(D::Minus1)?.to_dtype(DType::F32)
+        self.head.forward(&self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?, train)
     }
 }

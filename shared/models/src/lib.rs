@@ -2,15 +2,17 @@
 //! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
 //! that `*ForSequenceClassification` checkpoints load and save without renaming.
 //!
-//! So far: pair tokenization, BERT (covers MiniLM) and ELECTRA. RoBERTa, DeBERTa-v3 and
-//! ModernBERT follow in their own files, dispatched on `config.json`'s `model_type`.
+//! So far: pair tokenization, BERT (covers MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa. DeBERTa-v3
+//! and ModernBERT follow in their own files, dispatched on `config.json`'s `model_type`.
 
 pub mod bert;
 pub mod checkpoint;
 pub mod cross_encoder;
 pub mod electra;
+pub mod head;
 pub mod layers;
 pub mod optim;
+pub mod roberta;
 pub mod tokenize;
 
 #[derive(Debug, thiserror::Error)]

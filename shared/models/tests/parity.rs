@@ -101,3 +101,17 @@ fn electra_token_ids_logits_and_gradients_match_transformers() {
     check_logits("electra");
     check_gradients("electra");
 }
+
+#[test]
+fn roberta_token_ids_logits_and_gradients_match_transformers() {
+    check_ids("roberta");
+    check_logits("roberta");
+    check_gradients("roberta");
+}
+
+#[test]
+fn xlm_roberta_token_ids_logits_and_gradients_match_transformers() {
+    check_ids("xlm-roberta");
+    check_logits("xlm-roberta");
+    check_gradients("xlm-roberta");
+}
