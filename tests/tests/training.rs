@@ -54,7 +54,7 @@ fn evaluation(f: &Fixture) -> pb::EvaluationSpec {
 
 fn training_spec(dataset: &str, objective: &str, output: &str, steps: u64, f: Option<&Fixture>) -> pb::TrainingSpec {
     pb::TrainingSpec {
-        datasets: vec![dataset.to_string()],
+        datasets: if dataset.is_empty() { vec![] } else { vec![dataset.to_string()] },
         backbone: model_fixture("bert"),
         objective: objective.to_string(),
         hyperparameters: Some(pb::Hyperparameters {
@@ -381,4 +381,41 @@ async fn the_cli_labels_trains_and_evaluates() {
     assert!(stdout.lines().any(|l| l.starts_with("mrr@10\t")), "{stdout}");
     let listed = distill(&["jobs", "--service", "trainer", "list"]);
     assert_eq!(listed.lines().filter(|l| l.contains("succeeded")).count(), 2, "{listed}");
+}
+
+/// A training job that follows a running labelling job starts on its first shards and trains
+/// while the teacher is still writing (labelling and training overlap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_follows_a_running_teacher_job() {
+    let f = Fixture::topical(1500, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let mut labels = teacher.client().await;
+    let mut spec = labeling_spec(&f, pb::OutputLayout::Triples, &format!("{root}/triples"));
+    // Tiny shards: a long job whose shards close one by one.
+    spec.shards = Some(pb::ShardOptions { rows_per_shard: 4, bytes_per_shard: 0 });
+    let label_job = labels.start_labeling(spec).await.unwrap().into_inner();
+
+    let mut client = trainer.trainer_client().await;
+    let follow = |steps: u64| pb::TrainingSpec {
+        datasets: vec![],
+        teacher_job: Some(pb::TeacherJobRef { address: teacher.url(), job_id: label_job.id.clone() }),
+        ..training_spec("", "margin_mse", &format!("{root}/student-{steps}"), steps, None)
+    };
+    let err = client.start_training(follow(0)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("needs hyperparameters.max_steps"), "{}", err.message());
+
+    let job = client.start_training(follow(30)).await.unwrap().into_inner();
+    let trained = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+    assert_succeeded(&trained);
+    let labelled = labels.get_job(pb::GetJobRequest { id: label_job.id.clone() }).await.unwrap().into_inner();
+    assert!(
+        !labelled.state().is_terminal() || labelled.finished_at_ms > trained.finished_at_ms,
+        "the teacher finished before the student: nothing overlapped (make the labelling job longer)"
+    );
+    assert!(std::path::Path::new(&format!("{root}/student-30/final/model.safetensors")).is_file());
+    assert_succeeded(&wait_job(&mut labels, &label_job.id, JOB_TIMEOUT).await);
 }

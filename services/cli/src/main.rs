@@ -107,8 +107,12 @@ enum ScheduleArg {
 #[derive(clap::Args, Debug)]
 struct TrainArgs {
     /// Committed dataset (repeat for several): a path or object-store URL.
-    #[arg(long = "dataset", required = true)]
+    #[arg(long = "dataset", required_unless_present = "teacher_job")]
     datasets: Vec<String>,
+    /// Instead of --dataset: follow this labelling job of the teacher service (--teacher) while it
+    /// runs, training on its shards as they are written (needs --max-steps).
+    #[arg(long, conflicts_with = "datasets")]
+    teacher_job: Option<String>,
     /// The student's starting weights: a Hugging Face model directory or object-store prefix.
     #[arg(long)]
     backbone: String,
@@ -238,8 +242,12 @@ struct EvaluateArgs {
     detach: bool,
 }
 
-fn training_spec(a: &TrainArgs) -> pb::TrainingSpec {
+fn training_spec(a: &TrainArgs, teacher_addr: &str) -> pb::TrainingSpec {
     pb::TrainingSpec {
+        teacher_job: a
+            .teacher_job
+            .as_ref()
+            .map(|id| pb::TeacherJobRef { address: teacher_addr.to_string(), job_id: id.clone() }),
         datasets: a.datasets.iter().map(|d| absolutize(d)).collect(),
         backbone: absolutize(&a.backbone),
         objective: a.objective.clone(),
@@ -469,7 +477,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Train(args) => {
             let mut client = cli.conn.trainer().await?;
-            let job = client.start_training(training_spec(&args)).await?.into_inner();
+            let job = client.start_training(training_spec(&args, &cli.conn.teacher_addr)).await?.into_inner();
             follow(&mut client, job, "training", args.detach).await
         }
         Command::Evaluate(args) => {

@@ -7,14 +7,16 @@
 //! the same stream (the epoch is replayed and the consumed groups skipped).
 
 use crate::objectives::DatasetFields;
+use crate::teacher_link::TeacherJob;
 use crate::Error;
 use candle_core::{Device, Tensor};
 use distill_models::tokenize::PairTokenizer;
-use distill_shards::{DatasetReader, Layout, ListRow, TripleRow};
+use distill_shards::{DatasetReader, GrowingDataset, Layout, ListRow, NextShard, TripleRow};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// One query's group of passages; slot 0 is the positive where the objective needs one.
 #[derive(Debug, Clone)]
@@ -163,110 +165,197 @@ fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x5851_F42D_4C95_7F2D))
 }
 
+/// Where groups come from: committed datasets, or the dataset of a labelling job still running.
+pub enum Source {
+    Committed(DatasetReader),
+    Growing { data: GrowingDataset, layout: Layout, teacher: TeacherJob },
+}
+
+/// Stops the producer thread when dropped (training ended, failed or was cancelled).
+pub struct ProducerGuard(Arc<AtomicBool>);
+
+impl Drop for ProducerGuard {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Runs the producer on its own thread: it sends tokenized batches (at most `capacity` waiting)
-/// starting at `start`, until the epochs end, the receiver goes away, or an error (sent last).
+/// starting at `start`, until the epochs end, the guard is dropped, or an error (sent last).
 pub fn spawn_producer(
-    readers: Vec<DatasetReader>,
+    sources: Vec<Source>,
     tokenizer: PairTokenizer,
     opts: StreamOptions,
     start: Position,
     capacity: usize,
-) -> std::sync::mpsc::Receiver<Result<Batch, Error>> {
+) -> (std::sync::mpsc::Receiver<Result<Batch, Error>>, ProducerGuard) {
     let (tx, rx) = std::sync::mpsc::sync_channel(capacity.max(1));
     let handle = tokio::runtime::Handle::current();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = Producer { handle, tokenizer, opts, tx, stop: stop.clone() };
     std::thread::Builder::new()
         .name("distill-data".into())
         .spawn(move || {
-            if let Err(e) = produce(&handle, &readers, &tokenizer, opts, start, &tx) {
-                let _ = tx.send(Err(e));
+            if let Err(e) = producer.run(&sources, start) {
+                let _ = producer.tx.send(Err(e));
             }
         })
         .expect("spawn data thread");
-    rx
+    (rx, ProducerGuard(stop))
 }
 
+/// The receiver went away or the guard was dropped: stop quietly.
 struct Closed;
 
-fn produce(
-    handle: &tokio::runtime::Handle,
-    readers: &[DatasetReader],
-    tokenizer: &PairTokenizer,
+struct Producer {
+    handle: tokio::runtime::Handle,
+    tokenizer: PairTokenizer,
     opts: StreamOptions,
-    start: Position,
-    tx: &std::sync::mpsc::SyncSender<Result<Batch, Error>>,
-) -> Result<(), Error> {
-    let mut epoch = start.epoch;
-    let mut skip = start.consumed;
-    loop {
-        if opts.epochs.is_some_and(|n| epoch >= n) {
-            return Ok(());
-        }
-        let mut rng = epoch_rng(opts.seed, epoch);
-        let mut buffer: Vec<Group> = Vec::with_capacity(opts.shuffle_buffer.max(1));
-        let mut pending: VecDeque<Group> = VecDeque::new();
-        let mut consumed = 0u64;
-        let mut emitted_any = false;
-        // Emits groups in order; the first `skip` are dropped (already trained on).
-        let emit = |g: Group, pending: &mut VecDeque<Group>, consumed: &mut u64| -> Result<(), Closed> {
-            *consumed += 1;
-            if *consumed <= skip {
+    tx: std::sync::mpsc::SyncSender<Result<Batch, Error>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// One epoch's shuffle buffer and the batch being filled.
+struct Epoch {
+    epoch: u64,
+    skip: u64,
+    rng: ChaCha8Rng,
+    buffer: Vec<Group>,
+    pending: Vec<Group>,
+    consumed: u64,
+    seen: bool,
+}
+
+enum Flow {
+    Go,
+    Stop,
+}
+
+impl Producer {
+    fn run(&self, sources: &[Source], start: Position) -> Result<(), Error> {
+        let (mut epoch, mut skip) = (start.epoch, start.consumed);
+        loop {
+            if self.opts.epochs.is_some_and(|n| epoch >= n) {
                 return Ok(());
             }
-            pending.push_back(g);
-            if pending.len() == opts.batch_size {
-                let groups: Vec<Group> = pending.drain(..).collect();
-                let batch = tokenize(tokenizer, &groups, epoch, *consumed).map_err(|e| {
-                    let _ = tx.send(Err(e));
-                    Closed
-                })?;
-                tx.send(Ok(batch)).map_err(|_| Closed)?;
+            let mut e = Epoch {
+                epoch,
+                skip,
+                rng: epoch_rng(self.opts.seed, epoch),
+                buffer: Vec::with_capacity(self.opts.shuffle_buffer.max(1)),
+                pending: Vec::new(),
+                consumed: 0,
+                seen: false,
+            };
+            for source in sources {
+                if let Flow::Stop = self.read_source(source, &mut e)? {
+                    return Ok(());
+                }
             }
-            Ok(())
-        };
-        for reader in readers {
-            let uri = reader.location().uri().to_string();
-            let mut batches = reader.batches(512);
-            while let Some(rb) = handle.block_on(batches.next()) {
-                let rb = rb?;
-                let groups: Vec<Group> = match reader.manifest().layout {
-                    Layout::Triples => TripleRow::from_batch(&rb)
-                        .map_err(|e| Error::InvalidInput(format!("{uri}: {e}")))?
-                        .into_iter()
-                        .map(triple_group)
-                        .collect(),
-                    Layout::Lists => ListRow::from_batch(&rb)
-                        .map_err(|e| Error::InvalidInput(format!("{uri}: {e}")))?
-                        .into_iter()
-                        .filter_map(|l| list_group(l, opts.groups))
-                        .collect(),
-                };
-                for g in groups {
-                    emitted_any = true;
-                    if buffer.len() < opts.shuffle_buffer.max(1) {
-                        buffer.push(g);
-                        continue;
+            while !e.buffer.is_empty() {
+                let j = e.rng.random_range(0..e.buffer.len());
+                let out = e.buffer.swap_remove(j);
+                if self.emit(out, &mut e).is_err() {
+                    return Ok(());
+                }
+            }
+            if !e.seen {
+                return Err(Error::InvalidInput("the datasets hold no usable groups".into()));
+            }
+            // A partial last batch is dropped, as drop_last does.
+            epoch += 1;
+            skip = 0;
+        }
+    }
+
+    fn read_source(&self, source: &Source, e: &mut Epoch) -> Result<Flow, Error> {
+        match source {
+            Source::Committed(reader) => {
+                let uri = reader.location().uri().to_string();
+                let mut batches = reader.batches(512);
+                while let Some(rb) = self.handle.block_on(batches.next()) {
+                    if let Flow::Stop = self.rows(&rb?, reader.manifest().layout, &uri, e)? {
+                        return Ok(Flow::Stop);
                     }
-                    let j = rng.random_range(0..buffer.len());
-                    let out = std::mem::replace(&mut buffer[j], g);
-                    if emit(out, &mut pending, &mut consumed).is_err() {
-                        return Ok(());
+                }
+            }
+            Source::Growing { data, layout, teacher } => {
+                let loc = data.location();
+                let mut seq = 0;
+                loop {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Ok(Flow::Stop);
+                    }
+                    match self.handle.block_on(data.shard(seq))? {
+                        NextShard::Ready(info) => {
+                            let bytes = self.handle.block_on(distill_shards::reader::fetch_verified(loc, &info))?;
+                            for rb in distill_shards::reader::decode(loc, &info, bytes, *layout, 512)? {
+                                if let Flow::Stop = self.rows(&rb?, *layout, &loc.uri_of(&info.path), e)? {
+                                    return Ok(Flow::Stop);
+                                }
+                            }
+                            seq += 1;
+                        }
+                        NextShard::End => break,
+                        NextShard::Pending => {
+                            self.handle.block_on(teacher.check_alive())?;
+                            std::thread::sleep(std::time::Duration::from_millis(300));
+                        }
                     }
                 }
             }
         }
-        while !buffer.is_empty() {
-            let j = rng.random_range(0..buffer.len());
-            let out = buffer.swap_remove(j);
-            if emit(out, &mut pending, &mut consumed).is_err() {
-                return Ok(());
+        Ok(Flow::Go)
+    }
+
+    /// Turns a record batch into groups and feeds them through the shuffle buffer.
+    fn rows(&self, rb: &arrow::array::RecordBatch, layout: Layout, uri: &str, e: &mut Epoch) -> Result<Flow, Error> {
+        let groups: Vec<Group> = match layout {
+            Layout::Triples => TripleRow::from_batch(rb)
+                .map_err(|m| Error::InvalidInput(format!("{uri}: {m}")))?
+                .into_iter()
+                .map(triple_group)
+                .collect(),
+            Layout::Lists => ListRow::from_batch(rb)
+                .map_err(|m| Error::InvalidInput(format!("{uri}: {m}")))?
+                .into_iter()
+                .filter_map(|l| list_group(l, self.opts.groups))
+                .collect(),
+        };
+        for g in groups {
+            e.seen = true;
+            if e.buffer.len() < self.opts.shuffle_buffer.max(1) {
+                e.buffer.push(g);
+                continue;
+            }
+            let j = e.rng.random_range(0..e.buffer.len());
+            let out = std::mem::replace(&mut e.buffer[j], g);
+            if self.emit(out, e).is_err() {
+                return Ok(Flow::Stop);
             }
         }
-        if !emitted_any {
-            return Err(Error::InvalidInput("the datasets hold no usable groups".into()));
+        Ok(Flow::Go)
+    }
+
+    /// Emits groups in order; the first `skip` of the epoch are dropped (already trained on).
+    fn emit(&self, g: Group, e: &mut Epoch) -> Result<(), Closed> {
+        e.consumed += 1;
+        if e.consumed <= e.skip {
+            return Ok(());
         }
-        // A partial last batch is dropped, as drop_last does.
-        epoch += 1;
-        skip = 0;
+        e.pending.push(g);
+        if e.pending.len() == self.opts.batch_size {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Closed);
+            }
+            let groups = std::mem::take(&mut e.pending);
+            let batch = tokenize(&self.tokenizer, &groups, e.epoch, e.consumed).map_err(|err| {
+                let _ = self.tx.send(Err(err));
+                Closed
+            })?;
+            self.tx.send(Ok(batch)).map_err(|_| Closed)?;
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ pub mod evaluation;
 pub mod objectives;
 pub mod plot;
 pub mod service;
+pub mod teacher_link;
 pub mod training;
 
 pub use error::Error;

@@ -17,6 +17,7 @@ use crate::data::{self, Batch, GroupOptions, Position, StreamOptions};
 use crate::evaluation::EvalData;
 use crate::objectives::{Objective, ScoreGroups};
 use crate::plot;
+use crate::teacher_link::TeacherJob;
 use crate::Error;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
@@ -159,13 +160,43 @@ pub enum Outcome {
 pub struct Prepared {
     pub hyper: Hyper,
     pub objective: Objective,
-    pub readers: Vec<distill_shards::DatasetReader>,
+    pub sources: Vec<data::Source>,
     pub total_steps: u64,
     pub groups_per_epoch: u64,
     pub backbone_dir: std::path::PathBuf,
     pub eval: Option<EvalData>,
     pub validation_metric: Option<String>,
     pub positive_from_labels: bool,
+}
+
+/// The data of a spec: committed datasets, or the dataset of a teacher job (followed while it runs;
+/// if it has already committed, read as any committed dataset).
+async fn open_sources(spec: &TrainingSpec, hyper: &Hyper) -> Result<(Vec<data::Source>, data::DataSummary), Error> {
+    let Some(link) = spec.teacher_job.as_ref().filter(|t| !t.job_id.is_empty() || !t.address.is_empty()) else {
+        let readers = data::open_datasets(&spec.datasets).await?;
+        let summary = data::summarize(&readers).await?;
+        return Ok((readers.into_iter().map(data::Source::Committed).collect(), summary));
+    };
+    if !spec.datasets.is_empty() {
+        return Err(Error::InvalidArgument("give either datasets or teacher_job, not both".into()));
+    }
+    let teacher = TeacherJob::connect(link).await?;
+    let job = teacher.job().await?;
+    let (layout, fields) = crate::teacher_link::planned(&job)?;
+    if job.state() == distill_proto::JobState::Succeeded {
+        let readers = data::open_datasets(std::slice::from_ref(&job.output_uri)).await?;
+        let summary = data::summarize(&readers).await?;
+        return Ok((readers.into_iter().map(data::Source::Committed).collect(), summary));
+    }
+    teacher.check_alive().await?;
+    if hyper.max_steps == 0 {
+        return Err(Error::InvalidArgument(
+            "teacher_job: following a running labelling job needs hyperparameters.max_steps (its size is not known yet)".into(),
+        ));
+    }
+    let loc = distill_store::Location::parse(&job.output_uri)?;
+    let growing = data::Source::Growing { data: distill_shards::GrowingDataset::new(loc), layout, teacher };
+    Ok((vec![growing], data::DataSummary { fields, rows: 0 }))
 }
 
 /// Opens and checks everything a spec names; errors here are the caller's (INVALID_ARGUMENT).
@@ -180,8 +211,7 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
             "backbone is required (a Hugging Face model directory or object-store prefix)".into(),
         ));
     }
-    let readers = data::open_datasets(&spec.datasets).await?;
-    let summary = data::summarize(&readers).await?;
+    let (sources, summary) = open_sources(spec, &hyper).await?;
     objective.check(&summary.fields).map_err(|e| Error::InvalidArgument(format!("objective: {e}")))?;
     let per_step = (hyper.batch_size * hyper.accumulation) as u64;
     let steps_per_epoch = summary.rows / per_step;
@@ -220,7 +250,7 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
     Ok(Prepared {
         hyper,
         objective,
-        readers,
+        sources,
         total_steps,
         groups_per_epoch: summary.rows,
         backbone_dir,
@@ -241,7 +271,7 @@ pub fn run(
     let Prepared {
         hyper,
         objective,
-        readers,
+        sources,
         total_steps,
         backbone_dir,
         eval,
@@ -290,7 +320,7 @@ pub fn run(
         groups: GroupOptions { group_size: hyper.group_size, positive_from_labels },
         epochs: if hyper.max_steps > 0 { None } else { Some(hyper.epochs) },
     };
-    let batches = data::spawn_producer(readers, model.tokenizer.clone(), stream, state.position, 4);
+    let (batches, _producer) = data::spawn_producer(sources, model.tokenizer.clone(), stream, state.position, 4);
 
     let mut window = (0f64, 0u64, 0usize, Instant::now()); // loss sum, steps, pairs, since
     while state.step < total_steps {

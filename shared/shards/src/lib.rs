@@ -21,7 +21,7 @@ pub mod schema;
 pub mod writer;
 
 pub use manifest::{Manifest, ShardInfo, MANIFEST_NAME};
-pub use reader::DatasetReader;
+pub use reader::{DatasetReader, GrowingDataset, NextShard};
 pub use rows::{ListItem, ListRow, TripleRow};
 pub use schema::{Layout, TeacherIdentity};
 pub use writer::{DatasetWriter, Resume, WriterOptions};

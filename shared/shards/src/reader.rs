@@ -2,7 +2,7 @@
 //! (plus one read ahead), verifying each shard's size and SHA-256 against the manifest.
 
 use crate::manifest::{Manifest, ShardInfo, MANIFEST_NAME};
-use crate::schema;
+use crate::schema::{self, Layout};
 use crate::writer::read_manifest;
 use crate::{Result, ShardError};
 use arrow::array::RecordBatch;
@@ -40,42 +40,16 @@ impl DatasetReader {
 
     /// Fetches one shard and checks it against the manifest.
     pub async fn fetch_shard(&self, shard: &ShardInfo) -> Result<Bytes> {
-        let uri = self.loc.uri_of(&shard.path);
-        let bytes = self.loc.get(&shard.path).await?;
-        if bytes.len() as u64 != shard.bytes {
-            return Err(ShardError::Invalid {
-                uri,
-                message: format!("size {} differs from the manifest's {}", bytes.len(), shard.bytes),
-            });
-        }
-        let sha = hex::encode(Sha256::digest(&bytes));
-        if sha != shard.sha256 {
-            return Err(ShardError::Invalid {
-                uri,
-                message: format!("checksum {sha} differs from the manifest's {}", shard.sha256),
-            });
-        }
-        Ok(bytes)
+        fetch_verified(&self.loc, shard).await
     }
 
-    /// Decodes a fetched shard into batches of at most `batch_size` rows.
     fn decode(
         &self,
         shard: &ShardInfo,
         bytes: Bytes,
         batch_size: usize,
     ) -> Result<BoxStream<'static, Result<RecordBatch>>> {
-        let uri = self.loc.uri_of(&shard.path);
-        let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
-        schema::check(self.manifest.layout, builder.schema())
-            .map_err(|message| ShardError::Invalid { uri: uri.clone(), message })?;
-        let reader = builder
-            .with_batch_size(batch_size)
-            .build()
-            .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
-        Ok(stream::iter(reader.map(move |b| b.map_err(|source| ShardError::Arrow { uri: uri.clone(), source })))
-            .boxed())
+        Ok(stream::iter(decode(&self.loc, shard, bytes, self.manifest.layout, batch_size)?).boxed())
     }
 
     /// All rows of the dataset, shard after shard in manifest order, as batches of at most
@@ -87,5 +61,83 @@ impl DatasetReader {
             .and_then(move |(shard, bytes)| async move { self.decode(shard, bytes, batch_size) })
             .try_flatten()
             .boxed()
+    }
+}
+
+/// Fetches one shard of the dataset at `loc` and checks its size and SHA-256 against `shard`.
+pub async fn fetch_verified(loc: &Location, shard: &ShardInfo) -> Result<Bytes> {
+    let uri = loc.uri_of(&shard.path);
+    let bytes = loc.get(&shard.path).await?;
+    if bytes.len() as u64 != shard.bytes {
+        return Err(ShardError::Invalid {
+            uri,
+            message: format!("size {} differs from the record's {}", bytes.len(), shard.bytes),
+        });
+    }
+    let sha = hex::encode(Sha256::digest(&bytes));
+    if sha != shard.sha256 {
+        return Err(ShardError::Invalid {
+            uri,
+            message: format!("checksum {sha} differs from the record's {}", shard.sha256),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes a fetched shard of `layout` into batches of at most `batch_size` rows.
+pub fn decode(
+    loc: &Location,
+    shard: &ShardInfo,
+    bytes: Bytes,
+    layout: Layout,
+    batch_size: usize,
+) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + 'static> {
+    let uri = loc.uri_of(&shard.path);
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
+    schema::check(layout, builder.schema()).map_err(|message| ShardError::Invalid { uri: uri.clone(), message })?;
+    let reader = builder
+        .with_batch_size(batch_size)
+        .build()
+        .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
+    Ok(reader.map(move |b| b.map_err(|source| ShardError::Arrow { uri: uri.clone(), source })))
+}
+
+/// What [`GrowingDataset::shard`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NextShard {
+    /// The shard is closed and can be read.
+    Ready(ShardInfo),
+    /// Not closed yet; the dataset is still being written.
+    Pending,
+    /// The dataset is committed and has no shard with this number.
+    End,
+}
+
+/// A dataset a running job is still writing: each shard becomes readable when the writer closes
+/// it (its progress record names it), all of them once the manifest is committed. Readers follow
+/// it shard by shard, in the order the writer closes them, which is the manifest's order.
+pub struct GrowingDataset {
+    loc: Location,
+}
+
+impl GrowingDataset {
+    pub fn new(loc: Location) -> Self {
+        Self { loc }
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.loc
+    }
+
+    /// The shard with sequence number `seq` (0-based), if closed.
+    pub async fn shard(&self, seq: usize) -> Result<NextShard> {
+        if let Some(m) = read_manifest(&self.loc).await? {
+            return Ok(m.shards.get(seq).cloned().map_or(NextShard::End, NextShard::Ready));
+        }
+        match crate::writer::progress_record(&self.loc, seq as u32).await? {
+            Some(shard) => Ok(NextShard::Ready(shard)),
+            None => Ok(NextShard::Pending),
+        }
     }
 }

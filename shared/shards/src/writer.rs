@@ -122,6 +122,18 @@ fn progress_name(seq: u32) -> String {
     format!("{PROGRESS_DIR}/shard-{seq:05}.json")
 }
 
+/// The shard a closed progress record names, if the record exists.
+pub(crate) async fn progress_record(loc: &Location, seq: u32) -> Result<Option<ShardInfo>> {
+    let name = progress_name(seq);
+    match loc.get(&name).await {
+        Ok(bytes) => serde_json::from_slice::<ProgressRecord>(&bytes).map(|r| Some(r.shard)).map_err(|e| {
+            ShardError::Invalid { uri: loc.uri_of(&name), message: format!("not a valid progress record: {e}") }
+        }),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Reads the manifest at `loc`, if one is committed.
 pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
     match loc.get(MANIFEST_NAME).await {

@@ -153,3 +153,33 @@ async fn shards_roll_at_the_byte_target() {
     assert!(m.shards.iter().all(|s| s.rows % 3 == 0), "closed at query boundaries");
     assert_eq!(read_all(&loc).await.len(), 180);
 }
+
+#[tokio::test]
+async fn a_growing_dataset_shows_each_shard_once_closed() {
+    use distill_shards::{GrowingDataset, NextShard};
+    let loc = Location::parse("memory://shards-test/growing").unwrap();
+    let growing = GrowingDataset::new(loc.clone());
+    assert_eq!(growing.shard(0).await.unwrap(), NextShard::Pending);
+    let (mut w, _) = DatasetWriter::open(loc.clone(), Layout::Triples, teacher(), opts(7), "job1").await.unwrap();
+    for q in 0..4 {
+        w.append_triples((0..3).map(|n| triple(q, n))).unwrap();
+        w.end_unit(q as u64 + 1, serde_json::json!({})).await.unwrap();
+    }
+    // Shards of 7 rows close at a query boundary: 9 rows in the first, the second still open.
+    let first = match growing.shard(0).await.unwrap() {
+        NextShard::Ready(s) => s,
+        other => panic!("shard 0 should be closed: {other:?}"),
+    };
+    assert_eq!(first.rows, 9);
+    assert_eq!(growing.shard(1).await.unwrap(), NextShard::Pending);
+    let bytes = distill_shards::reader::fetch_verified(&loc, &first).await.unwrap();
+    let rows: usize = distill_shards::reader::decode(&loc, &first, bytes, Layout::Triples, 4)
+        .unwrap()
+        .map(|b| b.unwrap().num_rows())
+        .sum();
+    assert_eq!(rows as u64, first.rows);
+    let manifest = w.commit(serde_json::json!({})).await.unwrap();
+    assert_eq!(growing.shard(0).await.unwrap(), NextShard::Ready(manifest.shards[0].clone()));
+    assert_eq!(growing.shard(1).await.unwrap(), NextShard::Ready(manifest.shards[1].clone()));
+    assert_eq!(growing.shard(2).await.unwrap(), NextShard::End);
+}
