@@ -2,7 +2,7 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::layers::{dropout, softmax_last_dim, Embedding, LayerNorm, Linear};
+use crate::layers::{dropout, matmul_in, softmax_last_dim, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -158,6 +158,8 @@ impl Encoder {
         let bias = attention_mask.to_dtype(dtype)?.affine(1e9, -1e9)?.reshape((bsz, 1, 1, len))?;
         let heads = cfg.num_attention_heads;
         let head_dim = cfg.hidden_size / heads;
+        // The weights' dtype: where matmuls run (bf16 under mixed precision, activations in f32).
+        let compute = self.word.dtype();
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
             // Weights are variables, so every op records its inputs for backprop; under no_grad,
@@ -170,9 +172,10 @@ impl Encoder {
             let q = split(layer.query.forward(&x)?)?;
             let k = split(layer.key.forward(&x)?)?;
             let v = split(layer.value.forward(&x)?)?;
-            let scores = q.matmul(&k.t()?.contiguous()?)?.affine(scale, 0.0)?.broadcast_add(&bias)?;
+            let scores = matmul_in(&q, &k.t()?.contiguous()?, compute)?.affine(scale, 0.0)?.broadcast_add(&bias)?;
             let probs = dropout(&softmax_last_dim(&scores)?, cfg.attention_probs_dropout_prob, train)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+            let ctx =
+                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
             let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
             let attn = layer.attn_norm.forward(&(attn + &x)?)?;
             let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;

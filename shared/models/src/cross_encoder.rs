@@ -103,6 +103,11 @@ fn invalid(path: &Path, message: impl Into<String>) -> ModelError {
 
 impl CrossEncoder {
     pub fn load(dir: &Path, max_query_length: usize, max_length: usize, device: &Device) -> Result<Self> {
+        Self::load_as(dir, max_query_length, max_length, device, DType::F32)
+    }
+
+    /// Loads with weights in `dtype` (bf16 for GPU scoring; training keeps f32 master weights).
+    pub fn load_as(dir: &Path, max_query_length: usize, max_length: usize, device: &Device, dtype: DType) -> Result<Self> {
         if !dir.is_dir() {
             return Err(invalid(dir, "not a model directory"));
         }
@@ -113,7 +118,7 @@ impl CrossEncoder {
         let model_type =
             value["model_type"].as_str().ok_or_else(|| invalid(&config_path, "no model_type"))?.to_string();
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = VarBuilder::from_varmap(&varmap, dtype, device);
         let (backbone, pad_id) = Backbone::from_config(&model_type, value.clone(), vb).map_err(|e| match e {
             ModelError::Invalid { message, .. } => invalid(&config_path, message),
             e => e,

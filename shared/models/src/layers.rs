@@ -1,6 +1,6 @@
 //! Building blocks from differentiable ops: each has a backward through candle's autograd.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// `y = x Wᵀ + b` with HF's `weight` [out, in] and `bias` [out].
@@ -20,13 +20,22 @@ impl Linear {
 }
 
 impl Module for Linear {
+    /// Mixed precision as autocast does it: with bf16 weights and f32 activations the product
+    /// runs in bf16 and comes back as f32; with one dtype throughout nothing is cast.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let act = x.dtype();
+        let y = x.to_dtype(self.weight.dtype())?.broadcast_matmul(&self.weight.t()?)?.to_dtype(act)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(act)?),
             None => Ok(y),
         }
     }
+}
+
+/// `a @ b` computed in `dtype` (the weights' dtype, bf16 under mixed precision), result in the
+/// dtype of `a`.
+pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+    a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
 }
 
 /// Layer normalisation over the last dimension, composed of mean / variance ops (the fused
@@ -47,24 +56,30 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
+    /// In f32 whatever the input's dtype, and f32 out (as autocast does for bf16): the residual
+    /// stream after the first norm stays in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = normed.broadcast_mul(&self.weight)?;
+        let y = normed.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
             None => Ok(y),
         }
     }
 }
 
 /// Softmax over the last dimension; the max is a constant shift, so it is detached.
+/// Computed in f32 whatever the input's dtype.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = &x.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
 }
 
 thread_local! {
@@ -125,6 +140,10 @@ impl Embedding {
     pub fn load(vb: VarBuilder, n: usize, dim: usize) -> Result<Self> {
         let table = vb.get_with_hints((n, dim), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
         Ok(Self { table })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.table.dtype()
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {

@@ -44,6 +44,43 @@ struct Args {
     iters: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Instead of timing: score the pairs of these parity fixtures (model directories holding a
+    /// reference.json from transformers, fp32) on --device in --score-dtype and report the largest
+    /// relative difference to the reference logits.
+    #[arg(long, value_delimiter = ',')]
+    parity: Vec<std::path::PathBuf>,
+    /// For a parity fixture holding only a head (`classifier.safetensors`, as the all-MiniLM-L6-v2
+    /// fixture): the model directory it goes on.
+    #[arg(long)]
+    parity_base: Option<std::path::PathBuf>,
+}
+
+/// Scores each fixture's pairs on `dev` in `dtype`; prints and returns the worst relative error.
+fn parity(dirs: &[std::path::PathBuf], base: Option<&std::path::Path>, dev: &Device, dtype: DType) -> anyhow::Result<f64> {
+    let mut worst = 0f64;
+    for dir in dirs {
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json"))?)?;
+        let max_q = r["max_query_length"].as_u64().unwrap_or(32) as usize;
+        let max_len = r["max_length"].as_u64().unwrap_or(256) as usize;
+        let head = dir.join("classifier.safetensors");
+        let model = if dir.join("config.json").is_file() {
+            distill_models::CrossEncoder::load_as(dir, max_q, max_len, dev, dtype)?
+        } else {
+            let base = base.ok_or_else(|| anyhow::anyhow!("{}: a head-only fixture needs --parity-base", dir.display()))?;
+            let m = distill_models::CrossEncoder::load_as(base, max_q, max_len, dev, dtype)?;
+            distill_models::checkpoint::load_safetensors(&m.varmap, &head, dev)?;
+            m
+        };
+        let pairs: Vec<(String, String)> = serde_json::from_value(r["pairs"].clone())?;
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(q, p)| (q.as_str(), p.as_str())).collect();
+        let got = model.score(&refs, 64)?;
+        let want: Vec<f64> = serde_json::from_value(r["logits"].clone())?;
+        let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-6);
+        let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs() / scale).fold(0f64, f64::max);
+        println!("{}: {} pairs, max |{dtype:?} - fp32 transformers| / max|logit| = {err:.2e}", dir.display(), want.len());
+        worst = worst.max(err);
+    }
+    Ok(worst)
 }
 
 fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
@@ -131,6 +168,11 @@ fn main() -> anyhow::Result<()> {
         "bf16" => DType::BF16,
         s => anyhow::bail!("--score-dtype {s}: f32 or bf16"),
     };
+    if !args.parity.is_empty() {
+        let worst = parity(&args.parity, args.parity_base.as_deref(), &dev, score_dtype)?;
+        anyhow::ensure!(worst <= 1e-2, "parity: {worst:.2e} exceeds 1e-2");
+        return Ok(());
+    }
     let names: Vec<String> = match &args.model {
         Some(dir) => vec![dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into())],
         None => args.shapes.clone(),
