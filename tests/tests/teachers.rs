@@ -218,3 +218,122 @@ async fn the_cli_labels_lists_jobs_and_inspects_shards() {
     let (ok, _, stderr) = distill(&["shards", "inspect", out.path().to_str().unwrap()]);
     assert!(!ok && stderr.contains("no committed manifest"), "{stderr}");
 }
+
+/// `distill score` of every (query, candidate) of `rows` with one model, in row order.
+fn cli_scores(model: &str, rows: &[ListRow], dir: &std::path::Path) -> Vec<Vec<f64>> {
+    let mut input = String::new();
+    for r in rows {
+        for i in &r.items {
+            input.push_str(&serde_json::json!({"query": r.query, "passage": i.text}).to_string());
+            input.push('\n');
+        }
+    }
+    let (pairs, out) = (dir.join("pairs.jsonl"), dir.join("scores.jsonl"));
+    std::fs::write(&pairs, input).unwrap();
+    let status = Command::new(bin("distill"))
+        .args(["score", "--model", model, "--max-length", "40", "--max-query-length", "16", "--input"])
+        .arg(&pairs)
+        .arg("--output")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let flat: Vec<f64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["score"].as_f64().unwrap())
+        .collect();
+    let mut it = flat.into_iter();
+    rows.iter().map(|r| r.items.iter().map(|_| it.next().unwrap()).collect()).collect()
+}
+
+/// A cross-encoder ensemble of two tiny checkpoints (BERT and ELECTRA): the shard's teacher scores
+/// are the mean of each model's `distill score` output, or the mean of their per-query z-scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_encoder_ensemble_scores_are_the_members_mean() {
+    // Passages that differ in words (the tiny models' vocabulary has no digits).
+    let f = Fixture::topical(6, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let models = [model_fixture("bert"), model_fixture("electra")];
+    for (combination, name) in [(pb::EnsembleCombination::Mean, "mean"), (pb::EnsembleCombination::ZnormMean, "znorm")]
+    {
+        let out = dir.path().join(name).to_str().unwrap().to_string();
+        let spec = pb::LabelingSpec {
+            source: Some(f.trec_source(false)),
+            sampling: Some(pb::Sampling::default()),
+            layout: pb::OutputLayout::Lists as i32,
+            teacher: Some(pb::TeacherSpec {
+                teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+                    models: models.to_vec(),
+                    combination: combination as i32,
+                    batch_size: 3,
+                    max_query_length: 16,
+                    max_length: 40,
+                    name: String::new(),
+                })),
+            }),
+            output_uri: out.clone(),
+            ..Default::default()
+        };
+        assert_succeeded(&run_job(&svc, spec).await);
+        let (manifest, rows) = lists(&out).await;
+        assert_eq!(manifest.teacher.kind, "cross_encoder_ensemble");
+        assert_eq!(manifest.teacher.name, "bert+electra");
+        assert_eq!(rows.len(), 6);
+        let members: Vec<Vec<Vec<f64>>> = models.iter().map(|m| cli_scores(m, &rows, dir.path())).collect();
+        for (qi, row) in rows.iter().enumerate() {
+            let per_member: Vec<Vec<f64>> = members
+                .iter()
+                .map(|m| {
+                    let s = &m[qi];
+                    if combination == pb::EnsembleCombination::Mean {
+                        return s.clone();
+                    }
+                    let n = s.len() as f64;
+                    let mean = s.iter().sum::<f64>() / n;
+                    let std = (s.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+                    assert!(std > 0.0, "{name}: a member gives one score to every candidate of a query");
+                    s.iter().map(|x| (x - mean) / std).collect()
+                })
+                .collect();
+            for (k, item) in row.items.iter().enumerate() {
+                let want = (per_member[0][k] + per_member[1][k]) / 2.0;
+                assert!(
+                    (item.teacher_score - want).abs() < 1e-5,
+                    "{name} {} {}: {} vs {want}",
+                    row.query_id,
+                    item.doc_id,
+                    item.teacher_score
+                );
+            }
+            // Teacher ranks follow the combined scores.
+            let best = row.items.iter().map(|i| i.teacher_score).fold(f64::MIN, f64::max);
+            let first = row.items.iter().find(|i| i.teacher_rank == 1).unwrap();
+            assert_eq!(first.teacher_score, best, "{name} {}", row.query_id);
+        }
+    }
+    // A model directory that is no cross-encoder (no head) is refused by the job with its name.
+    let spec = pb::LabelingSpec {
+        source: Some(f.trec_source(false)),
+        sampling: Some(pb::Sampling::default()),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+                models: vec![dir.path().join("no-such-model").to_str().unwrap().to_string()],
+                ..Default::default()
+            })),
+        }),
+        output_uri: dir.path().join("bad").to_str().unwrap().to_string(),
+        ..Default::default()
+    };
+    let mut client = svc.client().await;
+    let id = client.start_labeling(spec).await.unwrap().into_inner().id;
+    let job = wait_job(&mut client, &id, Duration::from_secs(60)).await;
+    assert_eq!(job.state(), pb::JobState::Failed);
+    assert!(
+        job.error.contains("teacher.cross_encoders.models[0]") && job.error.contains("no-such-model"),
+        "{}",
+        job.error
+    );
+}

@@ -327,6 +327,16 @@ enum TeacherArg {
     FirstStage,
     /// Scores from --teacher-file.
     Precomputed,
+    /// An ensemble of cross-encoders (--teacher-model, repeated).
+    CrossEncoders,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum CombinationArg {
+    /// Mean of raw scores.
+    Mean,
+    /// Mean of per-query z-scores.
+    Znorm,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -364,6 +374,14 @@ struct LabelArgs {
     teacher_format: TeacherFormatArg,
     #[arg(long, default_value = "")]
     teacher_name: String,
+    /// Cross-encoder of the ensemble (repeat): a model directory or object-store prefix.
+    #[arg(long = "teacher-model", required_if_eq("teacher", "cross-encoders"))]
+    teacher_models: Vec<String>,
+    #[arg(long, value_enum, default_value = "mean")]
+    combination: CombinationArg,
+    /// Token limit of the teacher cross-encoders.
+    #[arg(long, default_value_t = 512)]
+    teacher_max_length: u32,
     /// Candidates kept per query (0: all).
     #[arg(long, default_value_t = 0)]
     depth: u32,
@@ -414,6 +432,17 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
                 TeacherFormatArg::Hofstatter => pb::PrecomputedFormat::HofstatterTsv,
                 TeacherFormatArg::Trec => pb::PrecomputedFormat::TrecRun,
             } as i32,
+            name: a.teacher_name.clone(),
+        }),
+        TeacherArg::CrossEncoders => pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+            models: a.teacher_models.iter().map(|m| absolutize(m)).collect(),
+            combination: match a.combination {
+                CombinationArg::Mean => pb::EnsembleCombination::Mean,
+                CombinationArg::Znorm => pb::EnsembleCombination::ZnormMean,
+            } as i32,
+            batch_size: 32,
+            max_query_length: 64,
+            max_length: a.teacher_max_length,
             name: a.teacher_name.clone(),
         }),
     };

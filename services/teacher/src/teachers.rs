@@ -102,8 +102,19 @@ impl Teacher for Precomputed {
 /// Checks a teacher spec without loading anything.
 pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
     match spec.and_then(|t| t.teacher.as_ref()) {
-        None => Err(Error::InvalidArgument("teacher: no teacher given (first_stage or precomputed)".into())),
+        None => {
+            Err(Error::InvalidArgument("teacher: no teacher given (first_stage, precomputed or cross_encoders)".into()))
+        }
         Some(TeacherKind::FirstStage(_)) => Ok(()),
+        Some(TeacherKind::CrossEncoders(e)) => {
+            if e.models.is_empty() {
+                return Err(Error::InvalidArgument("teacher.cross_encoders.models: at least one model".into()));
+            }
+            if let Some((i, _)) = e.models.iter().enumerate().find(|(_, m)| m.trim().is_empty()) {
+                return Err(Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: empty")));
+            }
+            Ok(())
+        }
         Some(TeacherKind::Precomputed(p)) => {
             if p.path.trim().is_empty() {
                 return Err(Error::InvalidArgument("teacher.precomputed.path: empty".into()));
@@ -129,5 +140,125 @@ pub async fn build(spec: &TeacherSpec) -> Result<Box<dyn Teacher>, Error> {
             let format = PrecomputedFormat::try_from(p.format).expect("validated");
             Ok(Box::new(Precomputed::load(&p.path, format, &p.name).await?))
         }
+        TeacherKind::CrossEncoders(e) => Ok(Box::new(Ensemble::load(e).await?)),
+    }
+}
+
+/// Cross-encoders scoring every (query, candidate), their scores combined per candidate by mean
+/// (Hofstätter et al.'s ensemble) or by mean of per-query z-scores. The models run on the calling
+/// worker thread inside `block_in_place`, so the async runtime keeps serving.
+pub struct Ensemble {
+    identity: TeacherIdentity,
+    members: Vec<distill_models::CrossEncoder>,
+    znorm: bool,
+    batch_size: usize,
+}
+
+/// `(x - mean) / std` over `xs` (population std; all zeros when the scores are all equal).
+pub fn znorm(xs: &[f64]) -> Vec<f64> {
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    xs.iter().map(|x| if std > 0.0 { (x - mean) / std } else { 0.0 }).collect()
+}
+
+impl Ensemble {
+    pub async fn load(spec: &distill_proto::CrossEncoderEnsemble) -> Result<Self, Error> {
+        let max_q = if spec.max_query_length == 0 { 64 } else { spec.max_query_length as usize };
+        let max_len = if spec.max_length == 0 { 512 } else { spec.max_length as usize };
+        let mut members = Vec::with_capacity(spec.models.len());
+        let mut names = Vec::new();
+        for (i, uri) in spec.models.iter().enumerate() {
+            let dir = distill_store::materialize_dir(uri)
+                .await
+                .map_err(|e| Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: {e}")))?;
+            let model = tokio::task::spawn_blocking(move || {
+                distill_models::CrossEncoder::load(&dir, max_q, max_len, &candle_core::Device::Cpu)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("model loading task: {e}")))?
+            .map_err(|e| Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: {e}")))?;
+            if model.new_head() {
+                return Err(Error::InvalidArgument(format!(
+                    "teacher.cross_encoders.models[{i}]: {uri} has no classification head (not a cross-encoder)"
+                )));
+            }
+            names.push(uri.trim_end_matches('/').rsplit('/').next().unwrap_or(uri).to_string());
+            members.push(model);
+        }
+        let combination = distill_proto::EnsembleCombination::try_from(spec.combination)
+            .unwrap_or(distill_proto::EnsembleCombination::Unspecified);
+        let znorm = combination == distill_proto::EnsembleCombination::ZnormMean;
+        let name = if spec.name.is_empty() { names.join("+") } else { spec.name.clone() };
+        Ok(Self {
+            identity: TeacherIdentity {
+                kind: "cross_encoder_ensemble".into(),
+                name,
+                details: serde_json::json!({
+                    "models": spec.models, "combination": if znorm { "znorm_mean" } else { "mean" },
+                    "max_query_length": max_q, "max_length": max_len,
+                    "model_types": members.iter().map(|m| m.model_type.clone()).collect::<Vec<_>>(),
+                }),
+            },
+            members,
+            znorm,
+            batch_size: if spec.batch_size == 0 { 32 } else { spec.batch_size as usize },
+        })
+    }
+
+    /// Each member's raw scores of `candidates`.
+    fn member_scores(&self, query: &str, candidates: &[Candidate]) -> Result<Vec<Vec<f64>>, Error> {
+        let pairs: Vec<(&str, &str)> = candidates.iter().map(|c| (query, c.text.as_str())).collect();
+        self.members
+            .iter()
+            .map(|m| {
+                m.score(&pairs, self.batch_size)
+                    .map(|s| s.into_iter().map(f64::from).collect())
+                    .map_err(|e| Error::Internal(format!("cross-encoder scoring: {e}")))
+            })
+            .collect()
+    }
+
+    fn combine(&self, q: &QueryCandidates, candidates: &[Candidate]) -> Result<Vec<Option<f64>>, Error> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let members = self.member_scores(&q.query, candidates)?;
+        let same_list = std::ptr::eq(candidates.as_ptr(), q.candidates.as_ptr());
+        let per_member: Vec<Vec<f64>> = if !self.znorm {
+            members
+        } else if same_list || q.candidates.is_empty() {
+            members.iter().map(|s| znorm(s)).collect()
+        } else {
+            // Candidates outside the query's list (relevant documents the first stage missed) are
+            // standardised with the statistics of the query's list.
+            let list = self.member_scores(&q.query, &q.candidates)?;
+            members
+                .iter()
+                .zip(&list)
+                .map(|(s, l)| {
+                    let n = l.len() as f64;
+                    let mean = l.iter().sum::<f64>() / n;
+                    let std = (l.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+                    s.iter().map(|x| if std > 0.0 { (x - mean) / std } else { 0.0 }).collect()
+                })
+                .collect()
+        };
+        let k = per_member.len() as f64;
+        Ok((0..candidates.len()).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect())
+    }
+}
+
+impl Teacher for Ensemble {
+    fn identity(&self) -> TeacherIdentity {
+        self.identity.clone()
+    }
+
+    fn score<'a>(
+        &'a self,
+        query: &'a QueryCandidates,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+        Box::pin(async move { tokio::task::block_in_place(|| self.combine(query, candidates)) })
     }
 }

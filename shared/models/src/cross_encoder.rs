@@ -107,7 +107,13 @@ impl CrossEncoder {
     }
 
     /// Loads with weights in `dtype` (bf16 for GPU scoring; training keeps f32 master weights).
-    pub fn load_as(dir: &Path, max_query_length: usize, max_length: usize, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_as(
+        dir: &Path,
+        max_query_length: usize,
+        max_length: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(invalid(dir, "not a model directory"));
         }

@@ -56,7 +56,12 @@ struct Args {
 }
 
 /// Scores each fixture's pairs on `dev` in `dtype`; prints and returns the worst relative error.
-fn parity(dirs: &[std::path::PathBuf], base: Option<&std::path::Path>, dev: &Device, dtype: DType) -> anyhow::Result<f64> {
+fn parity(
+    dirs: &[std::path::PathBuf],
+    base: Option<&std::path::Path>,
+    dev: &Device,
+    dtype: DType,
+) -> anyhow::Result<f64> {
     let mut worst = 0f64;
     for dir in dirs {
         let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json"))?)?;
@@ -66,7 +71,8 @@ fn parity(dirs: &[std::path::PathBuf], base: Option<&std::path::Path>, dev: &Dev
         let model = if dir.join("config.json").is_file() {
             distill_models::CrossEncoder::load_as(dir, max_q, max_len, dev, dtype)?
         } else {
-            let base = base.ok_or_else(|| anyhow::anyhow!("{}: a head-only fixture needs --parity-base", dir.display()))?;
+            let base =
+                base.ok_or_else(|| anyhow::anyhow!("{}: a head-only fixture needs --parity-base", dir.display()))?;
             let m = distill_models::CrossEncoder::load_as(base, max_q, max_len, dev, dtype)?;
             distill_models::checkpoint::load_safetensors(&m.varmap, &head, dev)?;
             m
@@ -77,7 +83,11 @@ fn parity(dirs: &[std::path::PathBuf], base: Option<&std::path::Path>, dev: &Dev
         let want: Vec<f64> = serde_json::from_value(r["logits"].clone())?;
         let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-6);
         let err = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs() / scale).fold(0f64, f64::max);
-        println!("{}: {} pairs, max |{dtype:?} - fp32 transformers| / max|logit| = {err:.2e}", dir.display(), want.len());
+        println!(
+            "{}: {} pairs, max |{dtype:?} - fp32 transformers| / max|logit| = {err:.2e}",
+            dir.display(),
+            want.len()
+        );
         worst = worst.max(err);
     }
     Ok(worst)
