@@ -154,11 +154,12 @@ pub struct Ensemble {
     batch_size: usize,
 }
 
-/// `(x - mean) / std` over `xs` (population std; all zeros when the scores are all equal).
-pub fn znorm(xs: &[f64]) -> Vec<f64> {
-    let n = xs.len().max(1) as f64;
-    let mean = xs.iter().sum::<f64>() / n;
-    let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+/// `(x - mean) / std` of each of `xs`, with the mean and (population) standard deviation of
+/// `reference`; all zeros when the reference scores are all equal.
+pub fn znorm(xs: &[f64], reference: &[f64]) -> Vec<f64> {
+    let n = reference.len().max(1) as f64;
+    let mean = reference.iter().sum::<f64>() / n;
+    let std = (reference.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
     xs.iter().map(|x| if std > 0.0 { (x - mean) / std } else { 0.0 }).collect()
 }
 
@@ -228,21 +229,12 @@ impl Ensemble {
         let per_member: Vec<Vec<f64>> = if !self.znorm {
             members
         } else if same_list || q.candidates.is_empty() {
-            members.iter().map(|s| znorm(s)).collect()
+            members.iter().map(|s| znorm(s, s)).collect()
         } else {
             // Candidates outside the query's list (relevant documents the first stage missed) are
             // standardised with the statistics of the query's list.
             let list = self.member_scores(&q.query, &q.candidates)?;
-            members
-                .iter()
-                .zip(&list)
-                .map(|(s, l)| {
-                    let n = l.len() as f64;
-                    let mean = l.iter().sum::<f64>() / n;
-                    let std = (l.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
-                    s.iter().map(|x| if std > 0.0 { (x - mean) / std } else { 0.0 }).collect()
-                })
-                .collect()
+            members.iter().zip(&list).map(|(s, l)| znorm(s, l)).collect()
         };
         let k = per_member.len() as f64;
         Ok((0..candidates.len()).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect())
