@@ -219,6 +219,17 @@ async fn a_dataset_without_the_objectives_fields_is_refused() {
     assert!(err.message().contains("distill_ranknet needs lists with teacher ranks"), "{}", err.message());
     assert!(err.message().contains("the dataset has triples"), "{}", err.message());
 
+    // A learning rate that blows the weights up: the job stops at the first non-finite loss,
+    // naming the objective and the step, instead of exporting a broken model.
+    let mut spec = training_spec(&triples, "margin_mse", &format!("{root}/diverged"), 10, None);
+    spec.hyperparameters.as_mut().unwrap().learning_rate = 1e30;
+    spec.hyperparameters.as_mut().unwrap().warmup_steps = 0;
+    let job = client.start_training(spec).await.unwrap().into_inner();
+    let job = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+    assert_eq!(job.state(), pb::JobState::Failed);
+    assert!(job.error.contains("margin_mse loss became") && job.error.contains("at step"), "{}", job.error);
+    assert!(!std::path::Path::new(&format!("{root}/diverged/final")).exists());
+
     let err =
         client.start_training(training_spec(&triples, "listmle", &format!("{root}/out"), 10, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
