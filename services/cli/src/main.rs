@@ -527,7 +527,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             job_command(&mut cli.conn.trainer().await?, command).await
         }
         Command::Eval(args) => eval(&args).await,
-        Command::Score(args) => tokio::task::spawn_blocking(move || score::run(&args)).await?,
+        Command::Score(args) => {
+            let dir = distill_store::materialize_dir(&args.model).await.map_err(|e| anyhow::anyhow!("--model: {e}"))?;
+            tokio::task::spawn_blocking(move || score::run(&args, &dir)).await?
+        }
         Command::Shards { command: ShardsCommand::Inspect { uri, rows } } => shards::inspect(&uri, rows).await,
     }
 }

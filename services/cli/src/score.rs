@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
-    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json), an
+    /// object-store prefix holding one, or a Hub model id (`hf://org/name[@revision]`).
     #[arg(long)]
-    model: PathBuf,
+    pub model: String,
     /// JSON lines with "query" and "passage"; other fields are kept in the output.
     #[arg(long)]
     input: PathBuf,
@@ -24,10 +25,11 @@ pub struct ScoreArgs {
     max_query_length: usize,
 }
 
-pub fn run(a: &ScoreArgs) -> anyhow::Result<()> {
-    let model = CrossEncoder::load(&a.model, a.max_query_length, a.max_length, &candle_core::Device::Cpu)?;
+/// Scores with the model in the local directory `dir` (what `a.model` names, materialised).
+pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    let model = CrossEncoder::load(dir, a.max_query_length, a.max_length, &candle_core::Device::Cpu)?;
     if model.new_head() {
-        eprintln!("warning: {} has no classification head; a new random head was initialised", a.model.display());
+        eprintln!("warning: {} has no classification head; a new random head was initialised", a.model);
     }
     let name = a.input.display().to_string();
     let file = std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;

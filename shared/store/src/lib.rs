@@ -7,6 +7,8 @@
 //!   it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 //!   `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`; plain `http://` endpoints are allowed).
 
+pub mod hub;
+
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::{memory::InMemory, path::Path, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -309,8 +311,13 @@ impl Location {
 }
 
 /// A local directory holding what `uri` names: a local path as it is; an object-store prefix is
-/// downloaded once into a cache directory below the system temp dir (keyed by the URI).
+/// downloaded once into a cache directory below the system temp dir (keyed by the URI); a Hugging
+/// Face Hub model id (`hf://org/name`, or `org/name` that is no local path) is downloaded once
+/// into the hub cache (see [`hub`]).
 pub async fn materialize_dir(uri: &str) -> Result<std::path::PathBuf> {
+    if let Some(model) = hub::parse(uri) {
+        return hub::download(&model).await;
+    }
     if is_local(uri) {
         let path = local_path(uri)?;
         if !path.is_dir() {
