@@ -4,6 +4,7 @@
 use crate::bert::{BertConfig, BertCrossEncoder};
 use crate::checkpoint::{load_safetensors, LoadReport};
 use crate::electra::{ElectraConfig, ElectraCrossEncoder};
+use crate::modernbert::{ModernBertConfig, ModernBertCrossEncoder};
 use crate::roberta::RobertaCrossEncoder;
 use crate::tokenize::PairTokenizer;
 use crate::{ModelError, Result};
@@ -11,14 +12,15 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::{Path, PathBuf};
 
-pub const SUPPORTED: &[&str] = &["bert", "electra", "roberta", "xlm-roberta"];
-const PLANNED: &[&str] = &["deberta-v2", "modernbert"];
+pub const SUPPORTED: &[&str] = &["bert", "electra", "roberta", "xlm-roberta", "modernbert"];
+const PLANNED: &[&str] = &["deberta-v2"];
 
 pub enum Backbone {
     Bert(BertCrossEncoder),
     Electra(ElectraCrossEncoder),
     /// RoBERTa and XLM-RoBERTa.
     Roberta(RobertaCrossEncoder),
+    ModernBert(ModernBertCrossEncoder),
 }
 
 impl Backbone {
@@ -43,6 +45,12 @@ impl Backbone {
                 let pad = Some(cfg.pad_token_id.unwrap_or(1));
                 Ok((Backbone::Roberta(RobertaCrossEncoder::load(vb, &cfg)?), pad))
             }
+            "modernbert" => {
+                let cfg: ModernBertConfig =
+                    serde_json::from_value(config).map_err(|e| bad(format!("not a ModernBERT config: {e}")))?;
+                let pad = cfg.pad_token_id;
+                Ok((Backbone::ModernBert(ModernBertCrossEncoder::load(vb, &cfg)?), pad))
+            }
             t if PLANNED.contains(&t) => {
                 Err(bad(format!("model_type '{t}' is not supported yet (supported: {})", SUPPORTED.join(", "))))
             }
@@ -55,6 +63,7 @@ impl Backbone {
             Backbone::Bert(m) => m.forward(ids, types, mask, train),
             Backbone::Electra(m) => m.forward(ids, types, mask, train),
             Backbone::Roberta(m) => m.forward(ids, types, mask, train),
+            Backbone::ModernBert(m) => m.forward(ids, types, mask, train),
         }
     }
 }
@@ -85,6 +94,11 @@ const TOKENIZER_FILES: &[&str] = &[
     "spm.model",
     "sentencepiece.bpe.model",
 ];
+
+/// Names of the sequence-classification head (ModernBERT's is `head.*` + `classifier.*`).
+fn is_head(name: &str) -> bool {
+    name.starts_with("classifier.") || name.starts_with("head.")
+}
 
 fn architecture(model_type: &str) -> &'static str {
     match model_type {
@@ -134,7 +148,7 @@ impl CrossEncoder {
             return Err(invalid(&weights, "missing (safetensors weights are required)"));
         }
         let report = load_safetensors(&varmap, &weights, device)?;
-        let encoder_missing: Vec<_> = report.missing.iter().filter(|n| !n.starts_with("classifier.")).collect();
+        let encoder_missing: Vec<_> = report.missing.iter().filter(|n| !is_head(n)).collect();
         // (ELECTRA's head is `classifier.dense` + `classifier.out_proj`: also a new head when absent.)
         if !encoder_missing.is_empty() {
             return Err(invalid(&weights, format!("weights missing for {encoder_missing:?}")));
@@ -154,7 +168,7 @@ impl CrossEncoder {
 
     /// Whether the classification head was initialised here rather than loaded.
     pub fn new_head(&self) -> bool {
-        self.report.missing.iter().any(|n| n.starts_with("classifier."))
+        self.report.missing.iter().any(|n| is_head(n))
     }
 
     /// Re-initialises the variables loading did not find (a new head) from `seed`, as Hugging

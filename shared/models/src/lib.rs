@@ -2,8 +2,8 @@
 //! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
 //! that `*ForSequenceClassification` checkpoints load and save without renaming.
 //!
-//! So far: pair tokenization, BERT (covers MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa. DeBERTa-v3
-//! and ModernBERT follow in their own files, dispatched on `config.json`'s `model_type`.
+//! So far: pair tokenization, BERT (covers MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa, ModernBERT.
+//! DeBERTa-v3 follows in its own file, dispatched on `config.json`'s `model_type`.
 
 pub mod bert;
 pub mod checkpoint;
@@ -11,6 +11,7 @@ pub mod cross_encoder;
 pub mod electra;
 pub mod head;
 pub mod layers;
+pub mod modernbert;
 pub mod optim;
 pub mod roberta;
 pub mod tokenize;

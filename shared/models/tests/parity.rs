@@ -115,3 +115,10 @@ fn xlm_roberta_token_ids_logits_and_gradients_match_transformers() {
     check_logits("xlm-roberta");
     check_gradients("xlm-roberta");
 }
+
+#[test]
+fn modernbert_token_ids_logits_and_gradients_match_transformers() {
+    check_ids("modernbert");
+    check_logits("modernbert");
+    check_gradients("modernbert");
+}

@@ -1,0 +1,235 @@
+//! ModernBERT for sequence classification, mirroring transformers' `modeling_modernbert.py`:
+//! token embeddings + norm (no position embeddings), pre-norm layers (the first without an
+//! attention norm) with a fused `Wqkv`, rotary embeddings (`rope_theta` per layer type), attention
+//! that alternates between global and a sliding window (`|i - j| <= local_attention / 2`), a GeGLU
+//! MLP (`Wi` -> input, gate; `act(input) * gate` -> `Wo`), no biases by default, a final norm, and
+//! the classification head: CLS or mean pooling, `head.dense`, activation, `head.norm`, dropout,
+//! `classifier`. Rotary and softmax are composed of differentiable ops.
+
+use crate::bert::activation;
+use crate::layers::{dropout, matmul_in, softmax_last_dim, Embedding, LayerNorm, Linear};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ModernBertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    #[serde(default)]
+    pub norm_bias: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub classifier_bias: bool,
+    #[serde(default = "default_act")]
+    pub hidden_activation: String,
+    #[serde(default = "default_act")]
+    pub classifier_activation: String,
+    #[serde(default = "default_pooling")]
+    pub classifier_pooling: String,
+    #[serde(default)]
+    pub embedding_dropout: f64,
+    #[serde(default)]
+    pub attention_dropout: f64,
+    #[serde(default)]
+    pub mlp_dropout: f64,
+    #[serde(default)]
+    pub classifier_dropout: f64,
+    #[serde(default = "default_local")]
+    pub local_attention: usize,
+    #[serde(default = "default_every")]
+    pub global_attn_every_n_layers: usize,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default)]
+    pub global_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_pooling() -> String {
+    "cls".into()
+}
+fn default_local() -> usize {
+    128
+}
+fn default_every() -> usize {
+    3
+}
+
+impl ModernBertConfig {
+    fn sliding(&self, layer: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
+            None => layer % self.global_attn_every_n_layers.max(1) != 0,
+        }
+    }
+
+    /// RoPE base of full (global) and sliding (local) layers.
+    fn thetas(&self) -> (f64, f64) {
+        let from = |kind: &str| self.rope_parameters.as_ref().and_then(|p| p[kind]["rope_theta"].as_f64());
+        (
+            from("full_attention").or(self.global_rope_theta).unwrap_or(160_000.0),
+            from("sliding_attention").or(self.local_rope_theta).unwrap_or(10_000.0),
+        )
+    }
+}
+
+struct Layer {
+    attn_norm: Option<LayerNorm>,
+    wqkv: Linear,
+    wo: Linear,
+    mlp_norm: LayerNorm,
+    wi: Linear,
+    mlp_wo: Linear,
+    sliding: bool,
+}
+
+pub struct ModernBertCrossEncoder {
+    pub config: ModernBertConfig,
+    embeddings: Embedding,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    head_dense: Linear,
+    head_norm: LayerNorm,
+    classifier: Linear,
+}
+
+/// `[cos, sin]` of rotary embeddings for positions 0..len, [len, head_dim] each (f32).
+fn rotary(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> =
+        (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+    let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
+    let pos = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`, in f32.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+    (x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?.to_dtype(dtype)
+}
+
+impl ModernBertCrossEncoder {
+    pub fn load(vb: VarBuilder, config: &ModernBertConfig) -> Result<Self> {
+        let (h, eps, nb) = (config.hidden_size, config.norm_eps, config.norm_bias);
+        let m = vb.pp("model");
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            layers.push(Layer {
+                attn_norm: if i == 0 { None } else { Some(LayerNorm::load(l.pp("attn_norm"), h, eps, nb)?) },
+                wqkv: Linear::load(l.pp("attn.Wqkv"), h, 3 * h, config.attention_bias)?,
+                wo: Linear::load(l.pp("attn.Wo"), h, h, config.attention_bias)?,
+                mlp_norm: LayerNorm::load(l.pp("mlp_norm"), h, eps, nb)?,
+                wi: Linear::load(l.pp("mlp.Wi"), h, 2 * config.intermediate_size, config.mlp_bias)?,
+                mlp_wo: Linear::load(l.pp("mlp.Wo"), config.intermediate_size, h, config.mlp_bias)?,
+                sliding: config.sliding(i),
+            });
+        }
+        Ok(Self {
+            embeddings: Embedding::load(m.pp("embeddings.tok_embeddings"), config.vocab_size, h)?,
+            emb_norm: LayerNorm::load(m.pp("embeddings.norm"), h, eps, nb)?,
+            layers,
+            final_norm: LayerNorm::load(m.pp("final_norm"), h, eps, nb)?,
+            head_dense: Linear::load(vb.pp("head.dense"), h, h, config.classifier_bias)?,
+            head_norm: LayerNorm::load(vb.pp("head.norm"), h, eps, nb)?,
+            classifier: Linear::load(vb.pp("classifier"), h, 1, true)?,
+            config: config.clone(),
+        })
+    }
+
+    /// One score per sequence; `token_type_ids` are ignored (ModernBERT has none).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        _token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (bsz, len) = input_ids.dims2()?;
+        let dev = input_ids.device();
+        let heads = cfg.num_attention_heads;
+        let hd = cfg.hidden_size / heads;
+        let compute = self.embeddings.dtype();
+        let mut x =
+            dropout(&self.emb_norm.forward(&self.embeddings.forward(input_ids)?)?, cfg.embedding_dropout, train)?;
+
+        // Additive masks [B, 1, L, L]: padding keys everywhere; beyond the window in sliding layers.
+        let pad = attention_mask.to_dtype(DType::F32)?.affine(1e9, -1e9)?.reshape((bsz, 1, 1, len))?;
+        let window = (cfg.local_attention / 2) as i64;
+        let band: Vec<f32> = (0..len * len)
+            .map(|k| if ((k / len) as i64 - (k % len) as i64).abs() <= window { 0.0 } else { -1e9 })
+            .collect();
+        let band = Tensor::from_vec(band, (1, 1, len, len), dev)?;
+        let masks = [pad.clone(), pad.broadcast_add(&band)?];
+        let (global_theta, local_theta) = cfg.thetas();
+        let ropes = [rotary(len, hd, global_theta, dev)?, rotary(len, hd, local_theta, dev)?];
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        for layer in &self.layers {
+            if !crate::layers::grad_enabled() {
+                x = x.detach();
+            }
+            let which = layer.sliding as usize;
+            let normed = match &layer.attn_norm {
+                Some(n) => n.forward(&x)?,
+                None => x.clone(),
+            };
+            let qkv = layer.wqkv.forward(&normed)?.reshape((bsz, len, 3, heads, hd))?;
+            let part = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+            let (cos, sin) = &ropes[which];
+            let q = apply_rotary(&part(0)?, cos, sin)?;
+            let k = apply_rotary(&part(1)?, cos, sin)?;
+            let v = part(2)?;
+            let scores =
+                matmul_in(&q, &k.t()?.contiguous()?, compute)?.affine(scale, 0.0)?.broadcast_add(&masks[which])?;
+            let probs = dropout(&softmax_last_dim(&scores)?, cfg.attention_dropout, train)?;
+            let ctx =
+                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+            x = (x + dropout(&layer.wo.forward(&ctx)?, cfg.attention_dropout, train)?)?;
+            let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
+            let (input, gate) = (
+                inner.narrow(D::Minus1, 0, cfg.intermediate_size)?,
+                inner.narrow(D::Minus1, cfg.intermediate_size, cfg.intermediate_size)?,
+            );
+            let glu = (activation(&cfg.hidden_activation, &input)? * gate)?;
+            x = (&x + layer.mlp_wo.forward(&dropout(&glu, cfg.mlp_dropout, train)?)?)?;
+        }
+        let x = self.final_norm.forward(&x)?;
+        let pooled = if cfg.classifier_pooling == "mean" {
+            let m = attention_mask.to_dtype(x.dtype())?.unsqueeze(2)?;
+            x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?
+        } else {
+            crate::bert::first_token(&x)?
+        };
+        let pooled =
+            self.head_norm.forward(&activation(&cfg.classifier_activation, &self.head_dense.forward(&pooled)?)?)?;
+        let logits = self.classifier.forward(&dropout(&pooled, cfg.classifier_dropout, train)?)?;
+        logits.squeeze(D::Minus1)?.to_dtype(DType::F32)
+    }
+}
