@@ -17,11 +17,11 @@ if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
   chmod +x "$BIN"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-SHAPES="${SHAPES:-minilm-l6,bert-base,electra-base}"
+SHAPES="${SHAPES:-minilm-l6,bert-base,electra-base,deberta-v3-base,modernbert-base}"
 F=shared/models/tests/fixtures
 echo "== bf16 and f32 scores on the GPU against transformers fp32 (parity fixtures)"
 for dt in bf16 f32; do
-  "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tee -a "$OUT/parity.txt"
+  "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tee -a "$OUT/parity.txt"
 done
 echo "== distill-bench: scoring bf16"
 timeout "${T_SCORE:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes score --score-dtype bf16 --json "$OUT/candle_score_bf16.json" 2>&1 | tail -8

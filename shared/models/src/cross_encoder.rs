@@ -3,6 +3,7 @@
 
 use crate::bert::{BertConfig, BertCrossEncoder};
 use crate::checkpoint::{load_safetensors, LoadReport};
+use crate::deberta::{DebertaV2Config, DebertaV2CrossEncoder};
 use crate::electra::{ElectraConfig, ElectraCrossEncoder};
 use crate::modernbert::{ModernBertConfig, ModernBertCrossEncoder};
 use crate::roberta::RobertaCrossEncoder;
@@ -12,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use std::path::{Path, PathBuf};
 
-pub const SUPPORTED: &[&str] = &["bert", "electra", "roberta", "xlm-roberta", "modernbert"];
-const PLANNED: &[&str] = &["deberta-v2"];
+pub const SUPPORTED: &[&str] = &["bert", "electra", "roberta", "xlm-roberta", "deberta-v2", "modernbert"];
+const PLANNED: &[&str] = &[];
 
 pub enum Backbone {
     Bert(BertCrossEncoder),
@@ -21,6 +22,8 @@ pub enum Backbone {
     /// RoBERTa and XLM-RoBERTa.
     Roberta(RobertaCrossEncoder),
     ModernBert(ModernBertCrossEncoder),
+    /// DeBERTa-v2 and -v3.
+    Deberta(DebertaV2CrossEncoder),
 }
 
 impl Backbone {
@@ -45,6 +48,12 @@ impl Backbone {
                 let pad = Some(cfg.pad_token_id.unwrap_or(1));
                 Ok((Backbone::Roberta(RobertaCrossEncoder::load(vb, &cfg)?), pad))
             }
+            "deberta-v2" => {
+                let cfg: DebertaV2Config =
+                    serde_json::from_value(config).map_err(|e| bad(format!("not a DeBERTa-v2 config: {e}")))?;
+                let pad = cfg.pad_token_id;
+                Ok((Backbone::Deberta(DebertaV2CrossEncoder::load(vb, &cfg)?), pad))
+            }
             "modernbert" => {
                 let cfg: ModernBertConfig =
                     serde_json::from_value(config).map_err(|e| bad(format!("not a ModernBERT config: {e}")))?;
@@ -64,6 +73,7 @@ impl Backbone {
             Backbone::Electra(m) => m.forward(ids, types, mask, train),
             Backbone::Roberta(m) => m.forward(ids, types, mask, train),
             Backbone::ModernBert(m) => m.forward(ids, types, mask, train),
+            Backbone::Deberta(m) => m.forward(ids, types, mask, train),
         }
     }
 }
@@ -95,9 +105,10 @@ const TOKENIZER_FILES: &[&str] = &[
     "sentencepiece.bpe.model",
 ];
 
-/// Names of the sequence-classification head (ModernBERT's is `head.*` + `classifier.*`).
+/// Names of the sequence-classification head (ModernBERT's is `head.*` + `classifier.*`,
+/// DeBERTa's `pooler.*` + `classifier.*`).
 fn is_head(name: &str) -> bool {
-    name.starts_with("classifier.") || name.starts_with("head.")
+    name.starts_with("classifier.") || name.starts_with("head.") || name.starts_with("pooler.")
 }
 
 fn architecture(model_type: &str) -> &'static str {

@@ -146,6 +146,11 @@ impl Embedding {
         self.table.dtype()
     }
 
+    /// The embedding table [n, dim] (DeBERTa projects its relative embeddings directly).
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.dims().to_vec();
         let flat = self.table.index_select(&ids.flatten_all()?, 0)?;

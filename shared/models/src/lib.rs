@@ -2,12 +2,13 @@
 //! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
 //! that `*ForSequenceClassification` checkpoints load and save without renaming.
 //!
-//! So far: pair tokenization, BERT (covers MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa, ModernBERT.
-//! DeBERTa-v3 follows in its own file, dispatched on `config.json`'s `model_type`.
+//! Architectures, one file each, dispatched on `config.json`'s `model_type`: BERT (covers
+//! MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa, DeBERTa-v2/v3, ModernBERT.
 
 pub mod bert;
 pub mod checkpoint;
 pub mod cross_encoder;
+pub mod deberta;
 pub mod electra;
 pub mod head;
 pub mod layers;

@@ -78,7 +78,7 @@ impl ModernBertConfig {
     fn sliding(&self, layer: usize) -> bool {
         match &self.layer_types {
             Some(types) => types.get(layer).is_some_and(|t| t == "sliding_attention"),
-            None => layer % self.global_attn_every_n_layers.max(1) != 0,
+            None => !layer.is_multiple_of(self.global_attn_every_n_layers.max(1)),
         }
     }
 

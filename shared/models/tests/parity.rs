@@ -122,3 +122,10 @@ fn modernbert_token_ids_logits_and_gradients_match_transformers() {
     check_logits("modernbert");
     check_gradients("modernbert");
 }
+
+#[test]
+fn deberta_v3_token_ids_logits_and_gradients_match_transformers() {
+    check_ids("deberta");
+    check_logits("deberta");
+    check_gradients("deberta");
+}

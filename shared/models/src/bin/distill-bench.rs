@@ -21,7 +21,7 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Random-init shapes: minilm-l6, bert-base, electra-base.
+    /// Random-init shapes: minilm-l6, bert-base, electra-base, deberta-v3-base, modernbert-base.
     #[arg(long, value_delimiter = ',', default_value = "minilm-l6,bert-base,electra-base")]
     shapes: Vec<String>,
     /// A Hugging Face model directory to bench instead of the shapes (its config and weights).
@@ -106,7 +106,23 @@ fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
             c["embedding_size"] = 768.into();
             ("electra".into(), c)
         }
-        other => anyhow::bail!("unknown shape '{other}' (minilm-l6, bert-base, electra-base)"),
+        // The shapes of ../shared/bench/pytorch_baseline.py.
+        "deberta-v3-base" => (
+            "deberta-v2".into(),
+            serde_json::json!({"vocab_size": 128100, "hidden_size": 768,
+            "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+            "relative_attention": true, "position_buckets": 256, "norm_rel_ebd": "layer_norm", "share_att_key": true,
+            "pos_att_type": ["p2c", "c2p"], "max_relative_positions": -1, "position_biased_input": false,
+            "type_vocab_size": 0, "pad_token_id": 0}),
+        ),
+        "modernbert-base" => (
+            "modernbert".into(),
+            serde_json::json!({"vocab_size": 50368, "hidden_size": 768,
+            "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12, "pad_token_id": 50283}),
+        ),
+        other => anyhow::bail!(
+            "unknown shape '{other}' (minilm-l6, bert-base, electra-base, deberta-v3-base, modernbert-base)"
+        ),
     })
 }
 
