@@ -26,9 +26,13 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A running service process, killed (SIGKILL) when dropped.
+pub mod llm_server;
+
 pub struct Service {
     pub child: Child,
     pub addr: String,
+    /// Everything the service wrote to stderr (its logs), also echoed to the test's stderr.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Service {
@@ -52,11 +56,22 @@ impl Service {
             .env_remove("DISTILL_AUTH_TOKEN_FILE")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -69,7 +84,7 @@ impl Service {
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("{name} did not report its address in 30 s"));
-        Service { child, addr }
+        Service { child, addr, log }
     }
 
     pub fn url(&self) -> String {

@@ -329,6 +329,66 @@ enum TeacherArg {
     Precomputed,
     /// An ensemble of cross-encoders (--teacher-model, repeated).
     CrossEncoders,
+    /// An LLM re-ranker behind an OpenAI-compatible endpoint (--llm-*).
+    Llm,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum LlmModeArg {
+    /// RankGPT-style permutations over sliding windows (teacher ranks).
+    Listwise,
+    /// P("yes") per (query, passage) from logprobs.
+    Pointwise,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum LlmApiArg {
+    Chat,
+    Completions,
+}
+
+/// The LLM teacher (`--teacher-kind llm`). Unset endpoint fields fall back to the teacher service's
+/// environment (DISTILL_LLM_BASE_URL / OPENAI_BASE_URL, DISTILL_LLM_MODEL, OPENAI_API_KEY).
+#[derive(clap::Args, Debug)]
+struct LlmArgs {
+    /// OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.
+    #[arg(long = "llm-url", env = "DISTILL_LLM_BASE_URL", default_value = "")]
+    url: String,
+    #[arg(long = "llm-model", env = "DISTILL_LLM_MODEL", default_value = "")]
+    model: String,
+    /// API key sent with the job (kept out of the stored job); or leave it to the service's environment.
+    #[arg(long = "llm-api-key", env = "DISTILL_LLM_API_KEY", hide_env_values = true, default_value = "")]
+    api_key: String,
+    /// Name of the variable holding the key in the teacher service's environment.
+    #[arg(long = "llm-api-key-env", default_value = "")]
+    api_key_env: String,
+    #[arg(long = "llm-mode", value_enum, default_value = "listwise")]
+    mode: LlmModeArg,
+    #[arg(long = "llm-api", value_enum, default_value = "chat")]
+    api: LlmApiArg,
+    #[arg(long = "llm-window", default_value_t = 20)]
+    window: u32,
+    #[arg(long = "llm-stride", default_value_t = 10)]
+    stride: u32,
+    #[arg(long = "llm-max-words", default_value_t = 100)]
+    max_words: u32,
+    /// Requests in flight at once.
+    #[arg(long = "llm-concurrency", default_value_t = 8)]
+    concurrency: u32,
+    #[arg(long = "llm-max-retries", default_value_t = 4)]
+    max_retries: u32,
+    #[arg(long = "llm-timeout-ms", default_value_t = 60_000)]
+    timeout_ms: u32,
+    /// USD per million prompt / completion tokens, for the cost counter.
+    #[arg(long = "llm-prompt-price", default_value_t = 0.0)]
+    prompt_price: f64,
+    #[arg(long = "llm-completion-price", default_value_t = 0.0)]
+    completion_price: f64,
+    /// Answer cache prefix (default: the service store's cache/llm).
+    #[arg(long = "llm-cache", default_value = "")]
+    cache: String,
+    #[arg(long = "llm-no-cache")]
+    no_cache: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -382,6 +442,8 @@ struct LabelArgs {
     /// Token limit of the teacher cross-encoders.
     #[arg(long, default_value_t = 512)]
     teacher_max_length: u32,
+    #[command(flatten)]
+    llm: LlmArgs,
     /// Candidates kept per query (0: all).
     #[arg(long, default_value_t = 0)]
     depth: u32,
@@ -445,6 +507,37 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
             max_length: a.teacher_max_length,
             name: a.teacher_name.clone(),
         }),
+        TeacherArg::Llm => {
+            let l = &a.llm;
+            pb::teacher_spec::Teacher::Llm(pb::LlmReranker {
+                endpoint: Some(pb::LlmEndpoint {
+                    base_url: l.url.clone(),
+                    model: l.model.clone(),
+                    api_key: l.api_key.clone(),
+                    api_key_env: l.api_key_env.clone(),
+                }),
+                mode: match l.mode {
+                    LlmModeArg::Listwise => pb::LlmMode::Listwise,
+                    LlmModeArg::Pointwise => pb::LlmMode::Pointwise,
+                } as i32,
+                api: match l.api {
+                    LlmApiArg::Chat => pb::LlmApi::Chat,
+                    LlmApiArg::Completions => pb::LlmApi::Completions,
+                } as i32,
+                window_size: l.window,
+                stride: l.stride,
+                max_passage_words: l.max_words,
+                concurrency: l.concurrency,
+                max_retries: l.max_retries,
+                request_timeout_ms: l.timeout_ms,
+                usd_per_million_prompt_tokens: l.prompt_price,
+                usd_per_million_completion_tokens: l.completion_price,
+                cache_uri: if l.cache.is_empty() { String::new() } else { absolutize(&l.cache) },
+                no_cache: l.no_cache,
+                name: a.teacher_name.clone(),
+                ..Default::default()
+            })
+        }
     };
     pb::LabelingSpec {
         source: Some(pb::CandidateSource { source: Some(source) }),

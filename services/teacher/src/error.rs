@@ -20,6 +20,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// A teacher that cannot answer (an LLM endpoint refusing every request as sent).
+    #[error("{0}")]
+    Teacher(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -38,6 +41,7 @@ impl From<Error> for tonic::Status {
             Error::Shards(distill_shards::ShardError::AlreadyCommitted { .. }) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),
+            Error::Teacher(_) => tonic::Status::unavailable(msg),
             Error::Store(_) | Error::Shards(_) | Error::Internal(_) => tonic::Status::internal(msg),
         }
     }

@@ -2,12 +2,14 @@
 
 use crate::candidates::{self, QueryCandidates};
 use crate::error::Error;
+use crate::llm::TeacherContext;
 use crate::sampling::{self, SamplingParams};
 use crate::teachers;
 use distill_jobs::{JobEntry, Jobs};
 use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};
 use distill_shards::{DatasetReader, DatasetWriter, Layout, Manifest, ShardError, WriterOptions};
 use distill_store::Location;
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -103,11 +105,22 @@ async fn score(
     Ok((scores, extra))
 }
 
+/// `counters` (the job's, with the teacher's as they were when the job last resumed) plus what the
+/// teacher counted since.
+fn merged(counters: &BTreeMap<String, f64>, teacher: &dyn teachers::Teacher) -> BTreeMap<String, f64> {
+    let mut out = counters.clone();
+    for (k, v) in teacher.counters() {
+        *out.entry(k).or_default() += v;
+    }
+    out
+}
+
 /// Runs (or resumes) a labelling job to its committed dataset.
 pub async fn run(
     spec: &LabelingSpec,
     job_id: &str,
     output: Location,
+    ctx: &TeacherContext,
     jobs: &Jobs,
     entry: &JobEntry,
     cancel: &CancellationToken,
@@ -122,7 +135,7 @@ pub async fn run(
     let queries = candidates::load(&source, &sampling_spec).await?;
     let total = queries.len() as u64;
     jobs.log(entry, "info", format!("{total} queries; loading teacher"));
-    let teacher = teachers::build(&teacher_spec).await?;
+    let teacher = teachers::build(&teacher_spec, ctx).await?;
 
     let opened = DatasetWriter::open(output.clone(), layout, teacher.identity(), writer_options(spec), job_id).await;
     let (mut writer, resume) = match opened {
@@ -141,11 +154,21 @@ pub async fn run(
     jobs.set_progress(entry, progress(resume.cursor, total, &writer, &counters), true).await;
 
     let mut last_report = Instant::now();
+    // Queries are scored `parallelism` at a time (an LLM teacher's requests overlap) and written in
+    // source order, so the cursor stays a prefix of the source.
+    let teacher_ref = teacher.as_ref();
+    let mut pending: Vec<futures::future::BoxFuture<'_, _>> = Vec::new();
     for (i, q) in queries.iter().enumerate().skip(resume.cursor as usize) {
-        if cancel.is_cancelled() {
-            return Ok(Outcome::Cancelled);
-        }
-        let (scores, extra) = score(teacher.as_ref(), q).await?;
+        pending.push(Box::pin(async move { (i, q, score(teacher_ref, q).await) }));
+    }
+    let mut scored = futures::stream::iter(pending).buffered(teacher.parallelism().max(1));
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Ok(Outcome::Cancelled),
+            next = scored.next() => next,
+        };
+        let Some((i, q, result)) = next else { break };
+        let (scores, extra) = result?;
         match layout {
             Layout::Triples => match sampling::triple_rows(q, &scores, &extra, &params) {
                 Ok(rows) => writer.append_triples(rows)?,
@@ -163,13 +186,16 @@ pub async fn run(
             }
         }
         let done = i as u64 + 1;
-        let closed = writer.end_unit(done, serde_json::to_value(&counters).expect("counters serialize")).await?;
+        let all = merged(&counters, teacher_ref);
+        let closed = writer.end_unit(done, serde_json::to_value(&all).expect("counters serialize")).await?;
         if closed.is_some() || last_report.elapsed() > Duration::from_millis(200) {
-            jobs.set_progress(entry, progress(done, total, &writer, &counters), closed.is_some()).await;
+            jobs.set_progress(entry, progress(done, total, &writer, &all), closed.is_some()).await;
             last_report = Instant::now();
         }
         tokio::task::yield_now().await;
     }
+    drop(scored);
+    let counters = merged(&counters, teacher_ref);
     let extra = serde_json::json!({
         "source": match &source.source {
             Some(Source::Trec(t)) => serde_json::json!({"run": t.run, "queries": t.queries, "collection": t.collection, "qrels": t.qrels}),

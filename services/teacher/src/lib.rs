@@ -5,7 +5,7 @@
 //! ```text
 //!  StartLabeling ─► jobs (table, persisted in <store>/jobs) ─► labeling::run
 //!                                                               │ candidates::load   (run+queries+collection+qrels | JSONL)
-//!                                                               │ teachers::build    (first_stage | precomputed | ...)
+//!                                                               │ teachers::build    (first_stage | precomputed | cross_encoders | llm)
 //!                                                               │ sampling           (per-query, seeded: resumable)
 //!                                                               └ DatasetWriter      (rolling shards, progress records, manifest)
 //! ```
@@ -13,6 +13,7 @@
 pub mod candidates;
 pub mod error;
 pub mod labeling;
+pub mod llm;
 pub mod sampling;
 pub mod service;
 pub mod teachers;

@@ -2,6 +2,7 @@
 
 use crate::error::Error;
 use crate::labeling::{self, Outcome};
+use crate::llm::TeacherContext;
 use distill_jobs::{JobEntry, Jobs};
 use distill_proto::teacher_service_server::TeacherService;
 use distill_proto::{
@@ -47,13 +48,18 @@ impl TeacherState {
                 return;
             }
             self.jobs.set_state(&entry, JobState::Running, "").await;
+            let ctx = TeacherContext { store: Some(self.store.clone()), api_key: self.secret(&job.id).await };
             let result = match job.spec.and_then(|s| s.spec) {
                 Some(job_spec::Spec::Labeling(spec)) => match Location::parse(&job.output_uri) {
-                    Ok(output) => labeling::run(&spec, &job.id, output, &self.jobs, &entry, &entry.cancel).await,
+                    Ok(output) => labeling::run(&spec, &job.id, output, &ctx, &self.jobs, &entry, &entry.cancel).await,
                     Err(e) => Err(e.into()),
                 },
                 _ => Err(Error::Internal("not a labelling job".into())),
             };
+            // The job is over: its API key is no longer needed.
+            if let Err(e) = self.secrets().delete(&job.id).await {
+                tracing::warn!(job = %job.id, "API key of a finished job not deleted: {e}");
+            }
             match result {
                 Ok(Outcome::Committed(m)) => {
                     self.jobs.log(&entry, "info", format!("committed {} rows in {} shards", m.rows, m.shards.len()));
@@ -66,11 +72,36 @@ impl TeacherState {
     }
 }
 
+impl TeacherState {
+    /// Where API keys given in job specs wait for their job (so it can resume after a restart); never
+    /// returned by any RPC. Prefer giving the service the key in its environment (`api_key_env`).
+    fn secrets(&self) -> Location {
+        self.store.child("secrets")
+    }
+
+    async fn secret(&self, job_id: &str) -> Option<String> {
+        let bytes = self.secrets().get(job_id).await.ok()?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+}
+
+/// Takes the API key out of a spec: the stored and returned job never holds it.
+fn take_api_key(spec: &mut LabelingSpec) -> Option<String> {
+    match spec.teacher.as_mut().and_then(|t| t.teacher.as_mut()) {
+        Some(distill_proto::teacher_spec::Teacher::Llm(l)) => {
+            let key = std::mem::take(&mut l.endpoint.as_mut()?.api_key);
+            (!key.is_empty()).then_some(key)
+        }
+        _ => None,
+    }
+}
+
 #[tonic::async_trait]
 impl TeacherService for Teacher {
     async fn start_labeling(&self, request: Request<LabelingSpec>) -> Result<Response<Job>, Status> {
-        let spec = request.into_inner();
+        let mut spec = request.into_inner();
         labeling::validate(&spec)?;
+        let api_key = take_api_key(&mut spec);
         let id = uuid::Uuid::now_v7().to_string();
         let output = if spec.output_uri.is_empty() {
             self.0.store.child(&format!("datasets/{id}")).uri().to_string()
@@ -83,6 +114,9 @@ impl TeacherService for Teacher {
             return Err(
                 Error::FailedPrecondition(format!("output_uri: {output} already holds a committed dataset")).into()
             );
+        }
+        if let Some(key) = api_key {
+            self.0.secrets().put(&id, key.into_bytes().into()).await.map_err(Error::from)?;
         }
         let entry = self
             .0

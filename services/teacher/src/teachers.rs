@@ -3,14 +3,24 @@
 
 use crate::candidates::{Candidate, QueryCandidates};
 use crate::error::Error;
+use crate::llm::{LlmTeacher, TeacherContext};
 use distill_formats as formats;
 use distill_proto::{teacher_spec::Teacher as TeacherKind, PrecomputedFormat, TeacherSpec};
 use distill_shards::TeacherIdentity;
 use futures::future::BoxFuture;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub trait Teacher: Send + Sync {
     fn identity(&self) -> TeacherIdentity;
+    /// Queries worth scoring at once (the labelling job keeps this many in flight; results are
+    /// written in source order).
+    fn parallelism(&self) -> usize {
+        1
+    }
+    /// The teacher's own counters since it was built (requests, retries, tokens, ...).
+    fn counters(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
     /// One score per candidate of `query` (in order); None where the teacher has no score.
     fn score<'a>(
         &'a self,
@@ -102,9 +112,10 @@ impl Teacher for Precomputed {
 /// Checks a teacher spec without loading anything.
 pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
     match spec.and_then(|t| t.teacher.as_ref()) {
-        None => {
-            Err(Error::InvalidArgument("teacher: no teacher given (first_stage, precomputed or cross_encoders)".into()))
-        }
+        None => Err(Error::InvalidArgument(
+            "teacher: no teacher given (first_stage, precomputed, cross_encoders or llm)".into(),
+        )),
+        Some(TeacherKind::Llm(l)) => crate::llm::validate(l),
         Some(TeacherKind::FirstStage(_)) => Ok(()),
         Some(TeacherKind::CrossEncoders(e)) => {
             if e.models.is_empty() {
@@ -132,7 +143,7 @@ pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
 }
 
 /// Builds the teacher a spec names.
-pub async fn build(spec: &TeacherSpec) -> Result<Box<dyn Teacher>, Error> {
+pub async fn build(spec: &TeacherSpec, ctx: &TeacherContext) -> Result<Box<dyn Teacher>, Error> {
     validate(Some(spec))?;
     match spec.teacher.as_ref().expect("validated") {
         TeacherKind::FirstStage(_) => Ok(Box::new(FirstStage)),
@@ -141,6 +152,7 @@ pub async fn build(spec: &TeacherSpec) -> Result<Box<dyn Teacher>, Error> {
             Ok(Box::new(Precomputed::load(&p.path, format, &p.name).await?))
         }
         TeacherKind::CrossEncoders(e) => Ok(Box::new(Ensemble::load(e).await?)),
+        TeacherKind::Llm(l) => Ok(Box::new(LlmTeacher::build(l, ctx).await?)),
     }
 }
 

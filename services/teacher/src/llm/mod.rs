@@ -1,0 +1,338 @@
+//! LLM re-rankers behind an OpenAI-compatible endpoint, as teachers.
+//!
+//! - Listwise (RankGPT/RankZephyr): each query's list is re-ranked by sliding windows from the bottom
+//!   to the top; each window's answer is a permutation, parsed and repaired (`prompts.rs`). A window
+//!   that cannot be ranked after the retries keeps its order and is counted (`fallback_windows`).
+//!   The teacher score of the candidate at final position p of n is n - p (its rank is p + 1).
+//! - Pointwise: one request per (query, passage); the score is P("yes") from the first answer token's
+//!   logprobs. A pair without a usable answer after the retries has no score (`unscored_pairs`).
+//!
+//! Requests, retries, backoff, the answer cache and the counters are the client's (`client.rs`).
+
+pub mod client;
+pub mod prompts;
+
+use crate::candidates::{Candidate, QueryCandidates};
+use crate::error::Error;
+use crate::teachers::Teacher;
+use client::{CallError, Client, ClientConfig};
+use distill_proto::{LlmApi, LlmMode, LlmReranker};
+use distill_shards::TeacherIdentity;
+use distill_store::Location;
+use futures::future::BoxFuture;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What a teacher may need from the service that builds it.
+#[derive(Clone, Default)]
+pub struct TeacherContext {
+    /// The service's store (default home of caches).
+    pub store: Option<Location>,
+    /// The API key the job was started with (kept apart from the job spec).
+    pub api_key: Option<String>,
+}
+
+fn or_default(v: u32, default: u32) -> u32 {
+    if v == 0 {
+        default
+    } else {
+        v
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+pub fn mode_of(spec: &LlmReranker) -> LlmMode {
+    LlmMode::try_from(spec.mode).unwrap_or(LlmMode::Unspecified)
+}
+
+/// Checks an LLM teacher spec before a job is created.
+pub fn validate(spec: &LlmReranker) -> Result<(), Error> {
+    let bad = |field: &str, why: &str| Err(Error::InvalidArgument(format!("teacher.llm.{field}: {why}")));
+    let mode = mode_of(spec);
+    if mode == LlmMode::Unspecified {
+        return bad("mode", "unspecified (LISTWISE or POINTWISE)");
+    }
+    let api = LlmApi::try_from(spec.api).unwrap_or(LlmApi::Unspecified);
+    if mode == LlmMode::Listwise && api == LlmApi::Completions {
+        return bad("api", "listwise ranking uses chat/completions (CHAT)");
+    }
+    let window = or_default(spec.window_size, 20);
+    if window < 2 {
+        return bad("window_size", "at least 2 passages per window");
+    }
+    if or_default(spec.stride, 10) > window {
+        return bad("stride", &format!("{} is larger than the window ({window})", spec.stride));
+    }
+    let endpoint = spec.endpoint.clone().unwrap_or_default();
+    if endpoint.base_url.is_empty() && env("DISTILL_LLM_BASE_URL").is_none() && env("OPENAI_BASE_URL").is_none() {
+        return bad("endpoint.base_url", "empty, and neither DISTILL_LLM_BASE_URL nor OPENAI_BASE_URL is set");
+    }
+    if !endpoint.base_url.is_empty() {
+        match url::Url::parse(&endpoint.base_url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => return bad("endpoint.base_url", &format!("{:?} is not an http(s) URL", endpoint.base_url)),
+        }
+    }
+    if endpoint.model.is_empty() && env("DISTILL_LLM_MODEL").is_none() {
+        return bad("endpoint.model", "empty, and DISTILL_LLM_MODEL is not set");
+    }
+    for (field, price) in [
+        ("usd_per_million_prompt_tokens", spec.usd_per_million_prompt_tokens),
+        ("usd_per_million_completion_tokens", spec.usd_per_million_completion_tokens),
+    ] {
+        if !price.is_finite() || price < 0.0 {
+            return bad(field, "must be a finite price >= 0");
+        }
+    }
+    if !spec.cache_uri.is_empty() {
+        Location::parse(&spec.cache_uri).map_err(|e| Error::InvalidArgument(format!("teacher.llm.cache_uri: {e}")))?;
+    }
+    Ok(())
+}
+
+enum Mode {
+    Listwise { window: usize, stride: usize, max_tokens: u32 },
+    Pointwise { completions: bool },
+}
+
+pub struct LlmTeacher {
+    identity: TeacherIdentity,
+    client: Client,
+    mode: Mode,
+    max_words: usize,
+    temperature: f32,
+    concurrency: usize,
+    repaired: AtomicU64,
+    fallback_windows: AtomicU64,
+    unscored_pairs: AtomicU64,
+}
+
+impl LlmTeacher {
+    pub async fn build(spec: &LlmReranker, ctx: &TeacherContext) -> Result<Self, Error> {
+        validate(spec)?;
+        let endpoint = spec.endpoint.clone().unwrap_or_default();
+        let base_url = if endpoint.base_url.is_empty() {
+            env("DISTILL_LLM_BASE_URL").or_else(|| env("OPENAI_BASE_URL")).expect("validated")
+        } else {
+            endpoint.base_url.clone()
+        };
+        let model =
+            if endpoint.model.is_empty() { env("DISTILL_LLM_MODEL").expect("validated") } else { endpoint.model };
+        let key_env = if endpoint.api_key_env.is_empty() { "OPENAI_API_KEY".to_string() } else { endpoint.api_key_env };
+        let api_key = ctx.api_key.clone().filter(|k| !k.is_empty()).or_else(|| env(&key_env));
+        let cache = if spec.no_cache {
+            None
+        } else if !spec.cache_uri.is_empty() {
+            Some(Location::parse(&spec.cache_uri)?)
+        } else {
+            ctx.store.as_ref().map(|s| s.child("cache/llm"))
+        };
+        let concurrency = or_default(spec.concurrency, 8) as usize;
+        let window = or_default(spec.window_size, 20) as usize;
+        let mode = match mode_of(spec) {
+            LlmMode::Listwise => Mode::Listwise {
+                window,
+                stride: or_default(spec.stride, 10) as usize,
+                max_tokens: or_default(spec.max_completion_tokens, window as u32 * 5 + 20),
+            },
+            _ => Mode::Pointwise { completions: LlmApi::try_from(spec.api) == Ok(LlmApi::Completions) },
+        };
+        let max_words = or_default(spec.max_passage_words, 100) as usize;
+        let (kind, mode_details) = match &mode {
+            Mode::Listwise { window, stride, max_tokens } => (
+                "llm_listwise",
+                json!({"mode": "listwise", "window_size": window, "stride": stride, "max_completion_tokens": max_tokens}),
+            ),
+            Mode::Pointwise { completions } => (
+                "llm_pointwise",
+                json!({"mode": "pointwise", "api": if *completions { "completions" } else { "chat" }}),
+            ),
+        };
+        let mut details = json!({
+            "base_url": base_url, "model": model, "max_passage_words": max_words,
+            "temperature": spec.temperature,
+            "prompt": if matches!(mode, Mode::Listwise { .. }) { "rankgpt" } else { "yes_no" },
+        });
+        details.as_object_mut().expect("object").extend(mode_details.as_object().expect("object").clone());
+        let identity = TeacherIdentity {
+            kind: kind.into(),
+            name: if spec.name.is_empty() { model.clone() } else { spec.name.clone() },
+            details,
+        };
+        let client = Client::new(ClientConfig {
+            base_url,
+            model,
+            api_key,
+            concurrency,
+            max_retries: if spec.max_retries == 0 { 4 } else { spec.max_retries },
+            initial_backoff: Duration::from_millis(or_default(spec.initial_backoff_ms, 500) as u64),
+            max_backoff: Duration::from_millis(or_default(spec.max_backoff_ms, 20_000) as u64),
+            timeout: Duration::from_millis(or_default(spec.request_timeout_ms, 60_000) as u64),
+            usd_per_million_prompt: spec.usd_per_million_prompt_tokens,
+            usd_per_million_completion: spec.usd_per_million_completion_tokens,
+            cache,
+        })
+        .map_err(Error::Internal)?;
+        Ok(Self {
+            identity,
+            client,
+            mode,
+            max_words,
+            temperature: spec.temperature,
+            concurrency,
+            repaired: AtomicU64::new(0),
+            fallback_windows: AtomicU64::new(0),
+            unscored_pairs: AtomicU64::new(0),
+        })
+    }
+
+    /// Final order of `candidates` (indices), from first-stage order through the sliding windows.
+    async fn rank(
+        &self,
+        query: &str,
+        candidates: &[Candidate],
+        window: usize,
+        stride: usize,
+        max_tokens: u32,
+    ) -> Result<Vec<usize>, Error> {
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        for (start, end) in prompts::windows(candidates.len(), window, stride) {
+            let passages: Vec<String> = order[start..end]
+                .iter()
+                .map(|&i| prompts::truncate_words(&candidates[i].text, self.max_words))
+                .collect();
+            let body = json!({
+                "model": self.client.model(),
+                "messages": prompts::listwise_messages(query, &passages),
+                "temperature": self.temperature,
+                "max_tokens": max_tokens,
+            });
+            let n = end - start;
+            let answer = self
+                .client
+                .call("chat/completions", &body, |r| {
+                    prompts::answer_text(r).and_then(|a| prompts::parse_permutation(a, n))
+                })
+                .await;
+            match answer {
+                Ok(p) => {
+                    if p.repaired() {
+                        self.repaired.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let ranked: Vec<usize> = p.order.iter().map(|&k| order[start + k]).collect();
+                    order[start..end].copy_from_slice(&ranked);
+                }
+                Err(CallError::Refused(e)) => return Err(Error::Teacher(format!("LLM endpoint refused: {e}"))),
+                Err(e @ CallError::Exhausted { .. }) => {
+                    self.fallback_windows.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("window {start}..{end} keeps its order: {e}");
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    async fn pointwise(
+        &self,
+        query: &str,
+        candidates: &[Candidate],
+        completions: bool,
+    ) -> Result<Vec<Option<f64>>, Error> {
+        let model = self.client.model();
+        let asks = candidates.iter().map(|c| {
+            let passage = prompts::truncate_words(&c.text, self.max_words);
+            let (path, body) = if completions {
+                (
+                    "completions",
+                    json!({
+                        "model": model, "prompt": prompts::pointwise_prompt(query, &passage),
+                        "max_tokens": 1, "temperature": self.temperature, "logprobs": 5,
+                    }),
+                )
+            } else {
+                (
+                    "chat/completions",
+                    json!({
+                        "model": model, "messages": prompts::pointwise_messages(query, &passage),
+                        "max_tokens": 1, "temperature": self.temperature, "logprobs": true, "top_logprobs": 5,
+                    }),
+                )
+            };
+            async move {
+                self.client
+                    .call(path, &body, |r| {
+                        let c = prompts::first_token_logprobs(r);
+                        prompts::yes_probability(c.iter().map(|(t, l)| (t.as_str(), *l)))
+                    })
+                    .await
+            }
+        });
+        let mut scores = Vec::with_capacity(candidates.len());
+        for answer in futures::future::join_all(asks).await {
+            match answer {
+                Ok(p) => scores.push(Some(p)),
+                Err(CallError::Refused(e)) => return Err(Error::Teacher(format!("LLM endpoint refused: {e}"))),
+                Err(_) => {
+                    self.unscored_pairs.fetch_add(1, Ordering::Relaxed);
+                    scores.push(None);
+                }
+            }
+        }
+        Ok(scores)
+    }
+}
+
+impl Teacher for LlmTeacher {
+    fn identity(&self) -> TeacherIdentity {
+        self.identity.clone()
+    }
+
+    fn parallelism(&self) -> usize {
+        self.concurrency
+    }
+
+    fn counters(&self) -> BTreeMap<String, f64> {
+        let mut c = self.client.snapshot();
+        match self.mode {
+            Mode::Listwise { .. } => {
+                c.insert("repaired_permutations".into(), self.repaired.load(Ordering::Relaxed) as f64);
+                c.insert("fallback_windows".into(), self.fallback_windows.load(Ordering::Relaxed) as f64);
+            }
+            Mode::Pointwise { .. } => {
+                c.insert("unscored_pairs".into(), self.unscored_pairs.load(Ordering::Relaxed) as f64);
+            }
+        }
+        c
+    }
+
+    fn score<'a>(
+        &'a self,
+        query: &'a QueryCandidates,
+        candidates: &'a [Candidate],
+    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+        Box::pin(async move {
+            match self.mode {
+                Mode::Listwise { window, stride, max_tokens } => {
+                    // A listwise teacher ranks a query's own list; documents outside it (relevant ones the
+                    // first stage missed) get no listwise score.
+                    if !std::ptr::eq(candidates.as_ptr(), query.candidates.as_ptr()) {
+                        return Ok(vec![None; candidates.len()]);
+                    }
+                    let order = self.rank(&query.query, candidates, window, stride, max_tokens).await?;
+                    let n = order.len();
+                    let mut scores = vec![None; n];
+                    for (position, &i) in order.iter().enumerate() {
+                        scores[i] = Some((n - position) as f64);
+                    }
+                    Ok(scores)
+                }
+                Mode::Pointwise { completions } => self.pointwise(&query.query, candidates, completions).await,
+            }
+        })
+    }
+}
