@@ -119,6 +119,11 @@ fn check_triples(f: &Fixture, rows: &[TripleRow]) {
     assert!(rows.iter().any(|r| r.pos_score.is_none()), "the fixture has unretrieved positives");
 }
 
+/// A JSON list of numbers (None: null).
+fn floats(v: &serde_json::Value) -> Option<Vec<f64>> {
+    v.as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect())
+}
+
 fn py_triples(v: &serde_json::Value) -> Vec<TripleRow> {
     let s = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap().to_string();
     v["rows"]
@@ -136,6 +141,8 @@ fn py_triples(v: &serde_json::Value) -> Vec<TripleRow> {
             neg_text: s(r, "neg_text"),
             neg_score: r["neg_score"].as_f64(),
             neg_label: r["neg_label"].as_i64().map(|x| x as i32),
+            pos_member_scores: floats(&r["pos_member_scores"]),
+            neg_member_scores: floats(&r["neg_member_scores"]),
         })
         .collect()
 }
@@ -159,6 +166,7 @@ fn py_lists(v: &serde_json::Value) -> Vec<ListRow> {
                         teacher_score: scores[i].as_f64().unwrap(),
                         teacher_rank: ranks[i].as_i64().unwrap() as i32,
                         label: labels[i].as_i64().map(|x| x as i32),
+                        member_scores: r["member_scores"].as_array().and_then(|m| floats(&m[i])),
                     })
                     .collect(),
             }

@@ -271,12 +271,18 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
                     max_query_length: 16,
                     max_length: 40,
                     name: String::new(),
+                    // Small enough for several length-sorted passes per query.
+                    max_batch_tokens: 64,
                 })),
             }),
             output_uri: out.clone(),
             ..Default::default()
         };
-        assert_succeeded(&run_job(&svc, spec).await);
+        let job = run_job(&svc, spec).await;
+        assert_succeeded(&job);
+        let counters = &job.progress.as_ref().unwrap().counters;
+        assert!(counters["forward_passes"] >= 12.0, "{counters:?}");
+        assert!(counters["tokens"] > 0.0 && counters["padded_tokens"] >= counters["tokens"], "{counters:?}");
         let (manifest, rows) = lists(&out).await;
         assert_eq!(manifest.teacher.kind, "cross_encoder_ensemble");
         assert_eq!(manifest.teacher.name, "bert+electra");
@@ -298,6 +304,16 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
                 })
                 .collect();
             for (k, item) in row.items.iter().enumerate() {
+                // Each member's raw score is kept beside the combined one.
+                let kept = item.member_scores.as_ref().expect("member scores in the shard");
+                assert_eq!(kept.len(), 2);
+                for (m, got) in kept.iter().enumerate() {
+                    assert!(
+                        (got - members[m][qi][k]).abs() < 1e-5,
+                        "{name} member {m}: {got} vs {}",
+                        members[m][qi][k]
+                    );
+                }
                 let want = (per_member[0][k] + per_member[1][k]) / 2.0;
                 assert!(
                     (item.teacher_score - want).abs() < 1e-5,
@@ -311,6 +327,34 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
             let best = row.items.iter().map(|i| i.teacher_score).fold(f64::MIN, f64::max);
             let first = row.items.iter().find(|i| i.teacher_rank == 1).unwrap();
             assert_eq!(first.teacher_score, best, "{name} {}", row.query_id);
+        }
+    }
+    // Triples carry the members' scores of the positive and the negative.
+    let out = dir.path().join("triples").to_str().unwrap().to_string();
+    let spec = pb::LabelingSpec {
+        source: Some(f.trec_source(true)),
+        sampling: Some(pb::Sampling { positives_from_qrels: true, negatives_per_query: 2, ..Default::default() }),
+        layout: pb::OutputLayout::Triples as i32,
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+                models: models.to_vec(),
+                max_length: 40,
+                ..Default::default()
+            })),
+        }),
+        output_uri: out.clone(),
+        ..Default::default()
+    };
+    assert_succeeded(&run_job(&svc, spec).await);
+    let r = DatasetReader::open_uri(&out).await.unwrap();
+    let b: Vec<_> = r.batches(100).try_collect().await.unwrap();
+    let triples: Vec<TripleRow> = b.iter().flat_map(|b| TripleRow::from_batch(b).unwrap()).collect();
+    assert!(!triples.is_empty());
+    for t in &triples {
+        for (members, score) in [(&t.pos_member_scores, t.pos_score), (&t.neg_member_scores, t.neg_score)] {
+            let m = members.as_ref().expect("member scores");
+            assert_eq!(m.len(), 2);
+            assert!(((m[0] + m[1]) / 2.0 - score.unwrap()).abs() < 1e-9, "{t:?}");
         }
     }
     // A model directory that is no cross-encoder (no head) is refused by the job with its name.

@@ -442,6 +442,9 @@ struct LabelArgs {
     /// Token limit of the teacher cross-encoders.
     #[arg(long, default_value_t = 512)]
     teacher_max_length: u32,
+    /// Padded tokens per forward pass of the teacher cross-encoders (pairs sorted by length).
+    #[arg(long, default_value_t = 8192)]
+    teacher_batch_tokens: u32,
     #[command(flatten)]
     llm: LlmArgs,
     /// Candidates kept per query (0: all).
@@ -506,6 +509,7 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
             max_query_length: 64,
             max_length: a.teacher_max_length,
             name: a.teacher_name.clone(),
+            max_batch_tokens: a.teacher_batch_tokens,
         }),
         TeacherArg::Llm => {
             let l = &a.llm;

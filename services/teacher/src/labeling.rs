@@ -98,11 +98,25 @@ fn progress(done: u64, total: u64, writer: &DatasetWriter, counters: &BTreeMap<S
 async fn score(
     teacher: &dyn teachers::Teacher,
     q: &QueryCandidates,
-) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), Error> {
+) -> Result<(teachers::Scores, teachers::Scores), Error> {
     let scores = teacher.score(q, &q.candidates).await?;
-    let extra =
-        if q.unretrieved_relevant.is_empty() { Vec::new() } else { teacher.score(q, &q.unretrieved_relevant).await? };
+    let extra = if q.unretrieved_relevant.is_empty() {
+        teachers::Scores::default()
+    } else {
+        teacher.score(q, &q.unretrieved_relevant).await?
+    };
     Ok((scores, extra))
+}
+
+/// Each document's member scores (ensembles), by docid.
+fn member_scores<'a>(
+    q: &'a QueryCandidates,
+    scores: &'a teachers::Scores,
+    extra: &'a teachers::Scores,
+) -> std::collections::HashMap<&'a str, &'a Vec<f64>> {
+    let list = q.candidates.iter().zip(&scores.members);
+    let more = q.unretrieved_relevant.iter().zip(&extra.members);
+    list.chain(more).map(|(c, m)| (c.docid.as_str(), m)).collect()
 }
 
 /// `counters` (the job's, with the teacher's as they were when the job last resumed) plus what the
@@ -169,18 +183,31 @@ pub async fn run(
         };
         let Some((i, q, result)) = next else { break };
         let (scores, extra) = result?;
+        let members = member_scores(q, &scores, &extra);
+        let members_of = |docid: &str| members.get(docid).map(|m| m.to_vec());
         match layout {
-            Layout::Triples => match sampling::triple_rows(q, &scores, &extra, &params) {
-                Ok(rows) => writer.append_triples(rows)?,
+            Layout::Triples => match sampling::triple_rows(q, &scores.combined, &extra.combined, &params) {
+                Ok(mut rows) => {
+                    for r in &mut rows {
+                        r.pos_member_scores = members_of(&r.pos_id);
+                        r.neg_member_scores = members_of(&r.neg_id);
+                    }
+                    writer.append_triples(rows)?
+                }
                 Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
             },
             Layout::Lists => {
-                let (row, unscored) = sampling::list_row(q, &scores);
+                let (row, unscored) = sampling::list_row(q, &scores.combined);
                 if unscored > 0 {
                     *counters.entry("unscored_candidates".into()).or_default() += unscored as f64;
                 }
                 match row {
-                    Ok(row) => writer.append_lists([row])?,
+                    Ok(mut row) => {
+                        for item in &mut row.items {
+                            item.member_scores = members_of(&item.doc_id);
+                        }
+                        writer.append_lists([row])?
+                    }
                     Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
                 }
             }

@@ -83,6 +83,7 @@ pub fn list_row(q: &QueryCandidates, scores: &[Option<f64>]) -> (Result<ListRow,
                 teacher_score: (*s)?,
                 teacher_rank: (*r)?,
                 label: c.label,
+                member_scores: None,
             })
         })
         .collect();
@@ -143,6 +144,8 @@ pub fn triple_rows(
                 neg_text: neg.text.clone(),
                 neg_score: scores[i],
                 neg_label: neg.label,
+                pos_member_scores: None,
+                neg_member_scores: None,
             });
         }
     }

@@ -10,6 +10,21 @@ use distill_shards::TeacherIdentity;
 use futures::future::BoxFuture;
 use std::collections::{BTreeMap, HashMap};
 
+/// A teacher's answer for some candidates (in their order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scores {
+    /// The teacher score of each candidate; None where the teacher has none.
+    pub combined: Vec<Option<f64>>,
+    /// Each candidate's member scores, for teachers made of several (an ensemble); else empty.
+    pub members: Vec<Vec<f64>>,
+}
+
+impl From<Vec<Option<f64>>> for Scores {
+    fn from(combined: Vec<Option<f64>>) -> Self {
+        Scores { combined, members: Vec::new() }
+    }
+}
+
 pub trait Teacher: Send + Sync {
     fn identity(&self) -> TeacherIdentity;
     /// Queries worth scoring at once (the labelling job keeps this many in flight; results are
@@ -26,7 +41,7 @@ pub trait Teacher: Send + Sync {
         &'a self,
         query: &'a QueryCandidates,
         candidates: &'a [Candidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>>;
+    ) -> BoxFuture<'a, Result<Scores, Error>>;
 }
 
 /// The first stage's own scores are the teacher's.
@@ -41,8 +56,8 @@ impl Teacher for FirstStage {
         &'a self,
         _query: &'a QueryCandidates,
         candidates: &'a [Candidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
-        Box::pin(async move { Ok(candidates.iter().map(|c| c.first_stage_score).collect()) })
+    ) -> BoxFuture<'a, Result<Scores, Error>> {
+        Box::pin(async move { Ok(candidates.iter().map(|c| c.first_stage_score).collect::<Vec<_>>().into()) })
     }
 }
 
@@ -101,10 +116,10 @@ impl Teacher for Precomputed {
         &'a self,
         query: &'a QueryCandidates,
         candidates: &'a [Candidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+    ) -> BoxFuture<'a, Result<Scores, Error>> {
         Box::pin(async move {
             let q = self.scores.get(&query.qid);
-            Ok(candidates.iter().map(|c| q.and_then(|q| q.get(&c.docid).copied())).collect())
+            Ok(candidates.iter().map(|c| q.and_then(|q| q.get(&c.docid).copied())).collect::<Vec<_>>().into())
         })
     }
 }
@@ -163,7 +178,8 @@ pub struct Ensemble {
     identity: TeacherIdentity,
     members: Vec<distill_models::CrossEncoder>,
     znorm: bool,
-    batch_size: usize,
+    batching: distill_models::Batching,
+    stats: std::sync::Mutex<distill_models::BatchStats>,
 }
 
 /// `(x - mean) / std` of each of `xs`, with the mean and (population) standard deviation of
@@ -210,12 +226,17 @@ impl Ensemble {
                 details: serde_json::json!({
                     "models": spec.models, "combination": if znorm { "znorm_mean" } else { "mean" },
                     "max_query_length": max_q, "max_length": max_len,
+                    "member_names": names,
                     "model_types": members.iter().map(|m| m.model_type.clone()).collect::<Vec<_>>(),
                 }),
             },
             members,
             znorm,
-            batch_size: if spec.batch_size == 0 { 32 } else { spec.batch_size as usize },
+            batching: distill_models::Batching {
+                max_pairs: if spec.batch_size == 0 { 32 } else { spec.batch_size as usize },
+                max_tokens: if spec.max_batch_tokens == 0 { 8192 } else { spec.max_batch_tokens as usize },
+            },
+            stats: Default::default(),
         })
     }
 
@@ -225,21 +246,26 @@ impl Ensemble {
         self.members
             .iter()
             .map(|m| {
-                m.score(&pairs, self.batch_size)
-                    .map(|s| s.into_iter().map(f64::from).collect())
-                    .map_err(|e| Error::Internal(format!("cross-encoder scoring: {e}")))
+                let (scores, stats) = m
+                    .score_with(&pairs, self.batching)
+                    .map_err(|e| Error::Internal(format!("cross-encoder scoring: {e}")))?;
+                let mut total = self.stats.lock().expect("stats lock");
+                total.passes += stats.passes;
+                total.tokens += stats.tokens;
+                total.padded_tokens += stats.padded_tokens;
+                Ok(scores.into_iter().map(f64::from).collect())
             })
             .collect()
     }
 
-    fn combine(&self, q: &QueryCandidates, candidates: &[Candidate]) -> Result<Vec<Option<f64>>, Error> {
+    fn combine(&self, q: &QueryCandidates, candidates: &[Candidate]) -> Result<Scores, Error> {
         if candidates.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Scores::default());
         }
         let members = self.member_scores(&q.query, candidates)?;
         let same_list = std::ptr::eq(candidates.as_ptr(), q.candidates.as_ptr());
         let per_member: Vec<Vec<f64>> = if !self.znorm {
-            members
+            members.clone()
         } else if same_list || q.candidates.is_empty() {
             members.iter().map(|s| znorm(s, s)).collect()
         } else {
@@ -249,7 +275,11 @@ impl Ensemble {
             members.iter().zip(&list).map(|(s, l)| znorm(s, l)).collect()
         };
         let k = per_member.len() as f64;
-        Ok((0..candidates.len()).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect())
+        Ok(Scores {
+            combined: (0..candidates.len()).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect(),
+            // The members' raw scores, as each model gave them.
+            members: (0..candidates.len()).map(|i| members.iter().map(|s| s[i]).collect()).collect(),
+        })
     }
 }
 
@@ -258,11 +288,20 @@ impl Teacher for Ensemble {
         self.identity.clone()
     }
 
+    fn counters(&self) -> BTreeMap<String, f64> {
+        let s = *self.stats.lock().expect("stats lock");
+        BTreeMap::from([
+            ("forward_passes".to_string(), s.passes as f64),
+            ("tokens".to_string(), s.tokens as f64),
+            ("padded_tokens".to_string(), s.padded_tokens as f64),
+        ])
+    }
+
     fn score<'a>(
         &'a self,
         query: &'a QueryCandidates,
         candidates: &'a [Candidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+    ) -> BoxFuture<'a, Result<Scores, Error>> {
         Box::pin(async move { tokio::task::block_in_place(|| self.combine(query, candidates)) })
     }
 }

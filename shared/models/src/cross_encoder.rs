@@ -241,14 +241,52 @@ impl CrossEncoder {
 
     /// Scores pairs in batches of `batch_size`, in input order.
     pub fn score(&self, pairs: &[(&str, &str)], batch_size: usize) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(batch_size.max(1)) {
-            let b = self.tokenizer.batch(chunk, &self.device)?;
+        Ok(self.score_with(pairs, Batching { max_pairs: batch_size, max_tokens: usize::MAX })?.0)
+    }
+
+    /// Scores pairs in input order, in forward passes cut by `batching`: the pairs are sorted by
+    /// length (longest first) and each pass takes as many as fit `max_tokens` padded tokens (at most
+    /// `max_pairs`), so little work goes to padding.
+    pub fn score_with(&self, pairs: &[(&str, &str)], batching: Batching) -> Result<(Vec<f32>, BatchStats)> {
+        let encoded: Vec<_> = pairs.iter().map(|(q, p)| self.tokenizer.encode_pair(q, p)).collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
+        let mut out = vec![0f32; encoded.len()];
+        let mut stats = BatchStats::default();
+        let mut start = 0;
+        while start < order.len() {
+            let width = encoded[order[start]].0.len().max(1);
+            let fit = (batching.max_tokens / width).clamp(1, batching.max_pairs.max(1));
+            let end = (start + fit).min(order.len());
+            let rows = &order[start..end];
+            let b = self.tokenizer.pad(rows.iter().map(|&i| &encoded[i]), &self.device)?;
             let s = crate::layers::no_grad(|| {
                 self.backbone.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false)
             })?;
-            out.extend(s.to_vec1::<f32>()?);
+            for (k, score) in s.to_vec1::<f32>()?.into_iter().enumerate() {
+                out[rows[k]] = score;
+            }
+            stats.passes += 1;
+            stats.tokens += rows.iter().map(|&i| encoded[i].0.len() as u64).sum::<u64>();
+            stats.padded_tokens += (rows.len() * width) as u64;
+            start = end;
         }
-        Ok(out)
+        Ok((out, stats))
     }
+}
+
+/// How scoring cuts pairs into forward passes.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    pub max_pairs: usize,
+    /// Padded tokens per pass (pairs x longest pair).
+    pub max_tokens: usize,
+}
+
+/// What scoring computed: forward passes, real tokens and tokens including padding.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BatchStats {
+    pub passes: u64,
+    pub tokens: u64,
+    pub padded_tokens: u64,
 }

@@ -27,6 +27,6 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-pub use cross_encoder::CrossEncoder;
+pub use cross_encoder::{BatchStats, Batching, CrossEncoder};
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

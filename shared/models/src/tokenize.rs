@@ -64,14 +64,24 @@ impl PairTokenizer {
     /// Encodes pairs and pads them to the longest.
     pub fn batch(&self, pairs: &[(&str, &str)], device: &Device) -> Result<EncodedBatch> {
         let encoded: Vec<_> = pairs.iter().map(|(q, p)| self.encode_pair(q, p)).collect::<Result<_>>()?;
-        let width = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        self.pad(encoded.iter(), device)
+    }
+
+    /// Pads encoded pairs (`encode_pair`'s output) to the longest of them.
+    pub fn pad<'a>(
+        &self,
+        encoded: impl ExactSizeIterator<Item = &'a (Vec<u32>, Vec<u32>)> + Clone,
+        device: &Device,
+    ) -> Result<EncodedBatch> {
+        let rows = encoded.len();
+        let width = encoded.clone().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let (mut ids, mut types, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        for (i, t) in &encoded {
+        for (i, t) in encoded {
             ids.extend(i.iter().copied().chain(std::iter::repeat(self.pad_id)).take(width));
             types.extend(t.iter().copied().chain(std::iter::repeat(0)).take(width));
             mask.extend((0..width).map(|k| if k < i.len() { 1f32 } else { 0.0 }));
         }
-        let shape = (encoded.len(), width);
+        let shape = (rows, width);
         Ok(EncodedBatch {
             input_ids: Tensor::from_vec(ids, shape, device)?,
             token_type_ids: Tensor::from_vec(types, shape, device)?,

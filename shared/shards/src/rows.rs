@@ -18,6 +18,9 @@ pub struct TripleRow {
     pub neg_text: String,
     pub neg_score: Option<f64>,
     pub neg_label: Option<i32>,
+    /// Each ensemble member's score (None: the teacher is not an ensemble).
+    pub pos_member_scores: Option<Vec<f64>>,
+    pub neg_member_scores: Option<Vec<f64>>,
 }
 
 /// One candidate of a `lists` row.
@@ -29,6 +32,8 @@ pub struct ListItem {
     /// 1-based.
     pub teacher_rank: i32,
     pub label: Option<i32>,
+    /// Each ensemble member's score (None: the teacher is not an ensemble).
+    pub member_scores: Option<Vec<f64>>,
 }
 
 /// One row of the `lists` layout.
@@ -114,7 +119,24 @@ fn triple_columns(rows: &[TripleRow]) -> Vec<ArrayRef> {
         strings(rows.iter().map(|r| r.neg_text.as_str())),
         floats(rows.iter().map(|r| r.neg_score)),
         ints(rows.iter().map(|r| r.neg_label)),
+        float_lists(rows.iter().map(|r| r.pos_member_scores.as_deref()), "pos_member_scores"),
+        float_lists(rows.iter().map(|r| r.neg_member_scores.as_deref()), "neg_member_scores"),
     ]
+}
+
+fn float_lists<'a>(values: impl Iterator<Item = Option<&'a [f64]>>, name: &str) -> ArrayRef {
+    let fields = schema::fields(Layout::Triples);
+    let mut b = ListBuilder::new(Float64Builder::new()).with_field(list_field(&fields, name));
+    for v in values {
+        match v {
+            Some(v) => {
+                b.values().append_slice(v);
+                b.append(true);
+            }
+            None => b.append(false),
+        }
+    }
+    Arc::new(b.finish())
 }
 
 fn list_field(layout_fields: &[Field], name: &str) -> Arc<Field> {
@@ -131,7 +153,21 @@ fn list_columns(rows: &[ListRow]) -> Vec<ArrayRef> {
     let mut scores = ListBuilder::new(Float64Builder::new()).with_field(list_field(&fields, "teacher_scores"));
     let mut ranks = ListBuilder::new(Int32Builder::new()).with_field(list_field(&fields, "teacher_ranks"));
     let mut labels = ListBuilder::new(Int32Builder::new()).with_field(list_field(&fields, "labels"));
+    let member_item = match list_field(&fields, "member_scores").data_type() {
+        DataType::List(inner) => inner.clone(),
+        _ => unreachable!("member_scores is a list of lists"),
+    };
+    let mut members = ListBuilder::new(ListBuilder::new(Float64Builder::new()).with_field(member_item))
+        .with_field(list_field(&fields, "member_scores"));
     for row in rows {
+        let has_members = row.items.iter().all(|i| i.member_scores.is_some()) && !row.items.is_empty();
+        if has_members {
+            for item in &row.items {
+                members.values().values().append_slice(item.member_scores.as_deref().unwrap_or_default());
+                members.values().append(true);
+            }
+        }
+        members.append(has_members);
         for item in &row.items {
             ids.values().append_value(&item.doc_id);
             texts.values().append_value(&item.text);
@@ -153,6 +189,7 @@ fn list_columns(rows: &[ListRow]) -> Vec<ArrayRef> {
         Arc::new(scores.finish()),
         Arc::new(ranks.finish()),
         Arc::new(labels.finish()),
+        Arc::new(members.finish()),
     ]
 }
 
@@ -176,6 +213,17 @@ fn opt<T: Copy>(valid: bool, v: T) -> Option<T> {
     valid.then_some(v)
 }
 
+/// An optional `list<float64>` column: per row, the list or None (column absent or null).
+fn member_col(batch: &RecordBatch, name: &str) -> Result<Vec<Option<Vec<f64>>>, String> {
+    let Some(col) = batch.column_by_name(name) else {
+        return Ok(vec![None; batch.num_rows()]);
+    };
+    let list = col.as_list_opt::<i32>().ok_or_else(|| format!("column '{name}' is not a list"))?;
+    Ok((0..batch.num_rows())
+        .map(|i| list.is_valid(i).then(|| list.value(i).as_primitive::<Float64Type>().values().to_vec()))
+        .collect())
+}
+
 impl TripleRow {
     /// Rough size in bytes once written.
     pub fn estimated_bytes(&self) -> usize {
@@ -185,6 +233,8 @@ impl TripleRow {
             + self.pos_text.len()
             + self.neg_id.len()
             + self.neg_text.len()
+            + 8 * (self.pos_member_scores.as_ref().map_or(0, Vec::len)
+                + self.neg_member_scores.as_ref().map_or(0, Vec::len))
     }
 
     /// Decodes a `triples` record batch.
@@ -202,6 +252,7 @@ impl TripleRow {
             f64_col(batch, "neg_score")?,
             i32_col(batch, "neg_label")?,
         );
+        let (pm, nm) = (member_col(batch, "pos_member_scores")?, member_col(batch, "neg_member_scores")?);
         Ok((0..batch.num_rows())
             .map(|i| TripleRow {
                 query_id: qid.value(i).to_string(),
@@ -214,6 +265,8 @@ impl TripleRow {
                 neg_text: nt.value(i).to_string(),
                 neg_score: opt(ns.is_valid(i), ns.value(i)),
                 neg_label: opt(nl.is_valid(i), nl.value(i)),
+                pos_member_scores: pm[i].clone(),
+                neg_member_scores: nm[i].clone(),
             })
             .collect())
     }
@@ -224,7 +277,11 @@ impl ListRow {
     pub fn estimated_bytes(&self) -> usize {
         16 + self.query_id.len()
             + self.query.len()
-            + self.items.iter().map(|i| 20 + i.doc_id.len() + i.text.len()).sum::<usize>()
+            + self
+                .items
+                .iter()
+                .map(|i| 20 + i.doc_id.len() + i.text.len() + 8 * i.member_scores.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
     }
 
     /// Decodes a `lists` record batch.
@@ -235,8 +292,25 @@ impl ListRow {
         };
         let (ids, texts, scores, ranks, labels) =
             (list("doc_ids")?, list("doc_texts")?, list("teacher_scores")?, list("teacher_ranks")?, list("labels")?);
+        let members = match batch.column_by_name("member_scores") {
+            Some(c) => Some(c.as_list_opt::<i32>().ok_or("column 'member_scores' is not a list")?),
+            None => None,
+        };
         let mut out = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
+            let row_members: Option<Vec<Vec<f64>>> = match members {
+                Some(m) if m.is_valid(i) => {
+                    let per_item = m.value(i);
+                    let per_item =
+                        per_item.as_list_opt::<i32>().ok_or("column 'member_scores' is not a list of lists")?;
+                    Some(
+                        (0..per_item.len())
+                            .map(|j| per_item.value(j).as_primitive::<Float64Type>().values().to_vec())
+                            .collect(),
+                    )
+                }
+                _ => None,
+            };
             let id = ids.value(i);
             let id = id.as_string::<i32>();
             let text = texts.value(i);
@@ -248,7 +322,9 @@ impl ListRow {
             let label = labels.value(i);
             let label = label.as_primitive::<Int32Type>();
             let n = id.len();
-            if [text.len(), score.len(), rank.len(), label.len()].iter().any(|&l| l != n) {
+            if [text.len(), score.len(), rank.len(), label.len()].iter().any(|&l| l != n)
+                || row_members.as_ref().is_some_and(|m| m.len() != n)
+            {
                 return Err(format!("row {i}: list columns have different lengths"));
             }
             out.push(ListRow {
@@ -261,6 +337,7 @@ impl ListRow {
                         teacher_score: score.value(j),
                         teacher_rank: rank.value(j),
                         label: opt(label.is_valid(j), label.value(j)),
+                        member_scores: row_members.as_ref().map(|m| m[j].clone()),
                     })
                     .collect(),
             });

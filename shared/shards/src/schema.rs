@@ -9,6 +9,7 @@
 //! | pos_score | float64, null | teacher score of the positive (null: the teacher has none) |
 //! | pos_label | int32, null | relevance grade from qrels / labels (null: unjudged) |
 //! | neg_id, neg_text, neg_score, neg_label | | the same for the negative |
+//! | pos_member_scores, neg_member_scores | list<float64>, null | each ensemble member's score, in the order of the teacher identity's `models` (null: not an ensemble) |
 //!
 //! `lists` — one row per query with its candidates in first-stage order:
 //!
@@ -19,7 +20,9 @@
 //! | teacher_scores | list<float64> | teacher score of each candidate |
 //! | teacher_ranks | list<int32> | 1-based rank the teacher gives each candidate |
 //! | labels | list<int32, null> | relevance grade (null: unjudged) |
+//! | member_scores | list<list<float64>>, null | each candidate's ensemble member scores (null: not an ensemble) |
 //!
+//! The member-score columns are optional for readers: datasets written before them still read.
 //! Both carry schema metadata `distill.layout`, `distill.format_version` and `distill.teacher` (the
 //! teacher's identity as JSON), so a single shard is self-describing.
 
@@ -85,6 +88,8 @@ pub fn fields(layout: Layout) -> Vec<Field> {
             text("neg_text"),
             Field::new("neg_score", DataType::Float64, true),
             Field::new("neg_label", DataType::Int32, true),
+            Field::new("pos_member_scores", list_of(DataType::Float64, false), true),
+            Field::new("neg_member_scores", list_of(DataType::Float64, false), true),
         ],
         Layout::Lists => vec![
             text("query_id"),
@@ -94,6 +99,7 @@ pub fn fields(layout: Layout) -> Vec<Field> {
             Field::new("teacher_scores", list_of(DataType::Float64, false), false),
             Field::new("teacher_ranks", list_of(DataType::Int32, false), false),
             Field::new("labels", list_of(DataType::Int32, true), false),
+            Field::new("member_scores", list_of(list_of(DataType::Float64, false), false), true),
         ],
     }
 }
@@ -108,10 +114,14 @@ pub fn schema(layout: Layout, teacher: &TeacherIdentity) -> SchemaRef {
     Arc::new(Schema::new_with_metadata(fields(layout), metadata))
 }
 
+/// Columns a reader does without (added after the first datasets were written).
+pub const OPTIONAL_COLUMNS: [&str; 3] = ["pos_member_scores", "neg_member_scores", "member_scores"];
+
 /// Checks that `schema` has the columns and types of `layout` (metadata aside).
 pub fn check(layout: Layout, schema: &Schema) -> Result<(), String> {
     for want in fields(layout) {
         match schema.field_with_name(want.name()) {
+            Err(_) if OPTIONAL_COLUMNS.contains(&want.name().as_str()) => {}
             Err(_) => return Err(format!("missing column '{}' of the {} layout", want.name(), layout.name())),
             Ok(f) if f.data_type() != want.data_type() => {
                 return Err(format!(

@@ -18,6 +18,8 @@ fn triple(q: usize, n: usize) -> TripleRow {
         neg_text: "x".repeat(n),
         neg_score: if n % 3 == 0 { None } else { Some(n as f64 * 0.5) },
         neg_label: None,
+        pos_member_scores: (n % 2 == 0).then(|| vec![1.5, q as f64]),
+        neg_member_scores: (n % 2 == 0).then(|| vec![-0.5, n as f64]),
     }
 }
 
@@ -115,6 +117,7 @@ async fn lists_round_trip() {
                     teacher_score: -(i as f64),
                     teacher_rank: i as i32 + 1,
                     label: (i == 0).then_some(2),
+                    member_scores: (q % 2 == 1).then(|| vec![i as f64, -(i as f64) * 2.0, 0.25]),
                 })
                 .collect(),
         })

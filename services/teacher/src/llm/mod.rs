@@ -14,7 +14,7 @@ pub mod prompts;
 
 use crate::candidates::{Candidate, QueryCandidates};
 use crate::error::Error;
-use crate::teachers::Teacher;
+use crate::teachers::{Scores, Teacher};
 use client::{CallError, Client, ClientConfig};
 use distill_proto::{LlmApi, LlmMode, LlmReranker};
 use distill_shards::TeacherIdentity;
@@ -314,14 +314,14 @@ impl Teacher for LlmTeacher {
         &'a self,
         query: &'a QueryCandidates,
         candidates: &'a [Candidate],
-    ) -> BoxFuture<'a, Result<Vec<Option<f64>>, Error>> {
+    ) -> BoxFuture<'a, Result<Scores, Error>> {
         Box::pin(async move {
             match self.mode {
                 Mode::Listwise { window, stride, max_tokens } => {
                     // A listwise teacher ranks a query's own list; documents outside it (relevant ones the
                     // first stage missed) get no listwise score.
                     if !std::ptr::eq(candidates.as_ptr(), query.candidates.as_ptr()) {
-                        return Ok(vec![None; candidates.len()]);
+                        return Ok(vec![None; candidates.len()].into());
                     }
                     let order = self.rank(&query.query, candidates, window, stride, max_tokens).await?;
                     let n = order.len();
@@ -329,9 +329,11 @@ impl Teacher for LlmTeacher {
                     for (position, &i) in order.iter().enumerate() {
                         scores[i] = Some((n - position) as f64);
                     }
-                    Ok(scores)
+                    Ok(scores.into())
                 }
-                Mode::Pointwise { completions } => self.pointwise(&query.query, candidates, completions).await,
+                Mode::Pointwise { completions } => {
+                    Ok(self.pointwise(&query.query, candidates, completions).await?.into())
+                }
             }
         })
     }
