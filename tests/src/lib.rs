@@ -197,6 +197,32 @@ impl JobClient for TrainerServiceClient<Channel> {
     }
 }
 
+/// Polls gRPC health until `service` (e.g. `distill.v1.TeacherService`) is SERVING; returns the
+/// statuses seen on the way.
+pub async fn wait_serving(svc: &Service, service: &str, timeout: Duration) -> Vec<i32> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let channel = tonic::transport::Channel::from_shared(svc.url()).unwrap().connect().await.expect("connect");
+    let mut client = HealthClient::new(channel);
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let status = client
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        if seen.last() != Some(&status) {
+            seen.push(status);
+        }
+        if status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "{service} not serving after {timeout:?}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls a job until it ends (or `timeout`), returning its final record.
 pub async fn wait_job(client: &mut impl JobClient, id: &str, timeout: Duration) -> Job {
     let deadline = Instant::now() + timeout;

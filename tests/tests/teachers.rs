@@ -288,6 +288,34 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
         assert_eq!(manifest.teacher.name, "bert+electra");
         assert_eq!(rows.len(), 6);
         let members: Vec<Vec<Vec<f64>>> = models.iter().map(|m| cli_scores(m, &rows, dir.path())).collect();
+        // The same ensemble behind the Score RPC of a service started with it: same combined and
+        // member scores for the same pairs (z-scores over the pairs sharing a query).
+        let scorer = Service::teacher(
+            dir.path().join(format!("scorer-{name}")),
+            &["--score-model", &models.join(","), "--score-combination", name, "--score-max-length", "40"],
+            &[],
+        );
+        let seen = wait_serving(&scorer, "distill.v1.TeacherService", Duration::from_secs(60)).await;
+        assert_eq!(seen.last(), Some(&1), "{seen:?}");
+        let pairs: Vec<pb::Pair> = rows
+            .iter()
+            .flat_map(|r| r.items.iter().map(|i| pb::Pair { query: r.query.clone(), passage: i.text.clone() }))
+            .collect();
+        let scored = scorer.client().await.score(pb::ScoreRequest { pairs }).await.unwrap().into_inner();
+        assert_eq!(scored.teacher, "bert+electra");
+        let items: Vec<(usize, usize, &distill_shards::ListItem)> = rows
+            .iter()
+            .enumerate()
+            .flat_map(|(qi, r)| r.items.iter().enumerate().map(move |(k, i)| (qi, k, i)))
+            .collect();
+        assert_eq!(scored.scores.len(), items.len());
+        for (n, (qi, k, item)) in items.iter().enumerate() {
+            assert!((scored.scores[n] as f64 - item.teacher_score).abs() < 1e-4, "{name} Score pair {n}");
+            for m in 0..2 {
+                assert!((scored.members[n].scores[m] as f64 - members[m][*qi][*k]).abs() < 1e-5, "{name} member {m}");
+            }
+        }
+        drop(scorer);
         for (qi, row) in rows.iter().enumerate() {
             let per_member: Vec<Vec<f64>> = members
                 .iter()
@@ -380,4 +408,22 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
         "{}",
         job.error
     );
+    // A service started without --score-model says how to get one.
+    let err = client.score(pb::ScoreRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    assert!(err.message().contains("--score-model"), "{}", err.message());
+    // One whose scoring model does not load stops, naming it.
+    let missing = dir.path().join("no-such-scorer").to_str().unwrap().to_string();
+    let mut broken = Service::teacher(dir.path().join("broken"), &["--score-model", &missing], &[]);
+    let status = broken.child.wait().unwrap();
+    assert!(!status.success());
+    let named = |log: &str| log.contains("--score-model") && log.contains("no-such-scorer");
+    for _ in 0..100 {
+        if named(&broken.log.lock().unwrap()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // the log pipe drains after the exit
+    }
+    let log = broken.log.lock().unwrap().clone();
+    assert!(named(&log), "{log}");
 }

@@ -12,14 +12,36 @@ struct Args {
     addr: SocketAddr,
     #[command(flatten)]
     service: distill_jobs::serving::ServiceArgs,
+    /// Cross-encoder(s) the `Score` RPC uses (repeat, or comma-separated): directories, object-store
+    /// prefixes or Hub ids. Loaded after start; health is NOT_SERVING until they are.
+    #[arg(long = "score-model", env = "DISTILL_SCORE_MODELS", value_delimiter = ',')]
+    score_models: Vec<String>,
+    /// How the `Score` RPC combines several models: mean or znorm (per query).
+    #[arg(long, env = "DISTILL_SCORE_COMBINATION", default_value = "mean", value_parser = ["mean", "znorm"])]
+    score_combination: String,
+    /// Token limit of the scoring models.
+    #[arg(long, env = "DISTILL_SCORE_MAX_LENGTH", default_value_t = 512)]
+    score_max_length: u32,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.service.setup(args.addr)?;
+    let scorer = (!args.score_models.is_empty()).then(|| distill_proto::CrossEncoderEnsemble {
+        models: args.score_models.iter().map(|m| distill_store::absolutize(m)).collect(),
+        combination: if args.score_combination == "znorm" {
+            distill_proto::EnsembleCombination::ZnormMean
+        } else {
+            distill_proto::EnsembleCombination::Mean
+        } as i32,
+        max_length: args.score_max_length,
+        ..Default::default()
+    });
     let start = |store, jobs| async move {
-        Ok(TeacherServiceServer::new(distill_teacher::service::Teacher::start(store, jobs).await?))
+        let teacher = distill_teacher::service::Teacher::start(store, jobs).await?;
+        let ready = scorer.and_then(|spec| teacher.load_scorer(spec));
+        Ok((TeacherServiceServer::new(teacher), ready))
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

@@ -3,6 +3,7 @@
 use crate::error::Error;
 use crate::labeling::{self, Outcome};
 use crate::llm::TeacherContext;
+use crate::teachers::Teacher as _;
 use distill_jobs::{JobEntry, Jobs};
 use distill_proto::teacher_service_server::TeacherService;
 use distill_proto::{
@@ -19,6 +20,9 @@ pub struct TeacherState {
     jobs: Arc<Jobs>,
     store: Location,
     permits: Arc<Semaphore>,
+    /// The `Score` RPC's ensemble: configured or not, set once loaded.
+    scorer_configured: std::sync::atomic::AtomicBool,
+    scorer: tokio::sync::OnceCell<Arc<crate::teachers::Ensemble>>,
 }
 
 /// The gRPC handle (cheap to clone).
@@ -29,15 +33,37 @@ impl Teacher {
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished.
     pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
         let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
-        let state =
-            Arc::new(TeacherState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
+        let state = Arc::new(TeacherState {
+            jobs,
+            store,
+            permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))),
+            scorer_configured: Default::default(),
+            scorer: Default::default(),
+        });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
         }
         Ok(Self(state))
     }
+
+    /// Loads the `Score` RPC's ensemble; the future resolves once it can answer.
+    pub fn load_scorer(&self, spec: distill_proto::CrossEncoderEnsemble) -> distill_jobs::serving::Ready {
+        self.0.scorer_configured.store(true, std::sync::atomic::Ordering::SeqCst);
+        let state = self.0.clone();
+        Some(Box::pin(async move {
+            let ensemble = crate::teachers::Ensemble::load(&spec).await.map_err(|e| {
+                anyhow::anyhow!("--score-model: {}", e.to_string().replace("teacher.cross_encoders.", ""))
+            })?;
+            tracing::info!(teacher = %ensemble.identity().name, "scorer loaded");
+            let _ = state.scorer.set(Arc::new(ensemble));
+            Ok(())
+        }))
+    }
 }
+
+/// Pairs per `Score` request at most.
+const MAX_SCORE_PAIRS: usize = 100_000;
 
 impl TeacherState {
     fn spawn(self: Arc<Self>, entry: Arc<JobEntry>) {
@@ -146,11 +172,36 @@ impl TeacherService for Teacher {
         Ok(Response::new(distill_jobs::list(&self.0.jobs, request.into_inner().state())))
     }
 
-    async fn score(&self, _request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
-        Err(Error::Unimplemented(
-            "this teacher service has no model scorer loaded: direct scoring needs a cross-encoder or LLM teacher"
-                .into(),
-        )
-        .into())
+    async fn score(&self, request: Request<ScoreRequest>) -> Result<Response<ScoreResponse>, Status> {
+        if !self.0.scorer_configured.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::Unimplemented(
+                "this teacher service has no scorer: start it with --score-model DIR (repeat for an ensemble)".into(),
+            )
+            .into());
+        }
+        let Some(scorer) = self.0.scorer.get().cloned() else {
+            return Err(Status::unavailable("the scoring models are still loading (health: NOT_SERVING)"));
+        };
+        let pairs: Vec<(String, String)> =
+            request.into_inner().pairs.into_iter().map(|p| (p.query, p.passage)).collect();
+        if pairs.len() > MAX_SCORE_PAIRS {
+            return Err(Error::InvalidArgument(format!(
+                "pairs: {} pairs in one request, at most {MAX_SCORE_PAIRS}",
+                pairs.len()
+            ))
+            .into());
+        }
+        let teacher = scorer.identity().name;
+        let (combined, members) = tokio::task::spawn_blocking(move || scorer.score_pairs(&pairs))
+            .await
+            .map_err(|e| Error::Internal(format!("scoring task: {e}")))??;
+        Ok(Response::new(ScoreResponse {
+            scores: combined.into_iter().map(|s| s as f32).collect(),
+            teacher,
+            members: members
+                .into_iter()
+                .map(|m| distill_proto::MemberScores { scores: m.into_iter().map(|s| s as f32).collect() })
+                .collect(),
+        }))
     }
 }

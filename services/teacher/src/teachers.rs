@@ -243,11 +243,16 @@ impl Ensemble {
     /// Each member's raw scores of `candidates`.
     fn member_scores(&self, query: &str, candidates: &[Candidate]) -> Result<Vec<Vec<f64>>, Error> {
         let pairs: Vec<(&str, &str)> = candidates.iter().map(|c| (query, c.text.as_str())).collect();
+        self.raw_scores(&pairs)
+    }
+
+    /// Each member's raw scores of `pairs`.
+    fn raw_scores(&self, pairs: &[(&str, &str)]) -> Result<Vec<Vec<f64>>, Error> {
         self.members
             .iter()
             .map(|m| {
                 let (scores, stats) = m
-                    .score_with(&pairs, self.batching)
+                    .score_with(pairs, self.batching)
                     .map_err(|e| Error::Internal(format!("cross-encoder scoring: {e}")))?;
                 let mut total = self.stats.lock().expect("stats lock");
                 total.passes += stats.passes;
@@ -256,6 +261,37 @@ impl Ensemble {
                 Ok(scores.into_iter().map(f64::from).collect())
             })
             .collect()
+    }
+
+    /// Scores free pairs (the `Score` RPC): combined scores (z-scores taken over the pairs sharing a
+    /// query) and each pair's member scores.
+    pub fn score_pairs(&self, pairs: &[(String, String)]) -> Result<(Vec<f64>, Vec<Vec<f64>>), Error> {
+        let refs: Vec<(&str, &str)> = pairs.iter().map(|(q, p)| (q.as_str(), p.as_str())).collect();
+        let members: Vec<Vec<f64>> = self.raw_scores(&refs)?;
+        let per_member: Vec<Vec<f64>> = if !self.znorm {
+            members.clone()
+        } else {
+            let mut groups: HashMap<&str, Vec<usize>> = HashMap::new();
+            for (i, (q, _)) in pairs.iter().enumerate() {
+                groups.entry(q.as_str()).or_default().push(i);
+            }
+            members
+                .iter()
+                .map(|s| {
+                    let mut out = vec![0.0; s.len()];
+                    for idx in groups.values() {
+                        let xs: Vec<f64> = idx.iter().map(|&i| s[i]).collect();
+                        for (&i, z) in idx.iter().zip(znorm(&xs, &xs)) {
+                            out[i] = z;
+                        }
+                    }
+                    out
+                })
+                .collect()
+        };
+        let k = per_member.len() as f64;
+        let combined = (0..pairs.len()).map(|i| per_member.iter().map(|s| s[i]).sum::<f64>() / k).collect();
+        Ok((combined, (0..pairs.len()).map(|i| members.iter().map(|s| s[i]).collect()).collect()))
     }
 
     fn combine(&self, q: &QueryCandidates, candidates: &[Candidate]) -> Result<Scores, Error> {

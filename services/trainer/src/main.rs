@@ -23,7 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.service.setup(args.addr)?;
     let start = |store, jobs| async move {
-        Ok(TrainerServiceServer::new(distill_trainer::service::Trainer::start(store, jobs).await?))
+        Ok((TrainerServiceServer::new(distill_trainer::service::Trainer::start(store, jobs).await?), None))
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

@@ -114,9 +114,14 @@ impl ServiceArgs {
 type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
 type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
 
+/// What a service still has to load after it starts answering (a model); health says NOT_SERVING
+/// until it resolves. An error stops the server.
+pub type Ready = Option<futures::future::BoxFuture<'static, anyhow::Result<()>>>;
+
 /// Serves one job service with gRPC health (NOT_SERVING until `start` has loaded the job table
-/// and resumed unfinished jobs, then SERVING) and reflection, both behind the bearer-token check
-/// (health excepted), until `shutdown` resolves. Prints `listening on <addr>` once bound.
+/// and resumed unfinished jobs and its `Ready` has resolved, then SERVING) and reflection, both
+/// behind the bearer-token check (health excepted), until `shutdown` resolves. Prints
+/// `listening on <addr>` once bound.
 pub async fn serve<S, F, Fut>(
     cfg: ServerConfig,
     start: F,
@@ -124,7 +129,7 @@ pub async fn serve<S, F, Fut>(
 ) -> anyhow::Result<()>
 where
     F: FnOnce(distill_store::Location, usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<S>>,
+    Fut: std::future::Future<Output = anyhow::Result<(S, Ready)>>,
     S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
         + tonic::server::NamedService
         + Clone
@@ -145,20 +150,35 @@ where
     let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
     let (listener, local) = bind(cfg.addr).await?;
 
-    let service = start(store.clone(), cfg.max_concurrent_jobs).await?;
+    let (service, ready) = start(store.clone(), cfg.max_concurrent_jobs).await?;
     let check = auth.clone();
     let service = InterceptedService::new(service, move |r| check.check(r));
     let check = auth.clone();
     let reflection = InterceptedService::new(reflection, move |r| check.check(r));
-    health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::Serving).await;
-    tracing::info!(addr = %local, store = %store, auth = auth.enabled(), service = S::NAME, "ready");
+    if ready.is_none() {
+        health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::Serving).await;
+    }
+    tracing::info!(addr = %local, store = %store, auth = auth.enabled(), service = S::NAME, "listening");
     announce(local);
 
-    builder
+    let serving = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
+    let Some(ready) = ready else {
+        serving.await?;
+        return Ok(());
+    };
+    tokio::pin!(serving);
+    tokio::select! {
+        done = &mut serving => done?,
+        loaded = ready => {
+            loaded?;
+            health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::Serving).await;
+            tracing::info!(service = S::NAME, "ready");
+            serving.await?
+        }
+    }
     Ok(())
 }
