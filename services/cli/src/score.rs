@@ -1,7 +1,9 @@
-//! `distill score`: scores `{"query", "passage"}` JSON lines with a cross-encoder directory and
-//! writes one line per pair with a `"score"` field, in input order.
+//! `distill score`: scores `{"query", "passage"}` JSON lines with a cross-encoder directory (or a
+//! sentence-transformers bi-encoder: cosine similarity) and writes one line per pair with a
+//! `"score"` field, in input order.
 
-use distill_models::CrossEncoder;
+use distill_models::bi_encoder::is_bi_encoder;
+use distill_models::{Batching, BiEncoder, CrossEncoder};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
@@ -27,10 +29,19 @@ pub struct ScoreArgs {
 
 /// Scores with the model in the local directory `dir` (what `a.model` names, materialised).
 pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
-    let model = CrossEncoder::load(dir, a.max_query_length, a.max_length, &candle_core::Device::Cpu)?;
-    if model.new_head() {
-        eprintln!("warning: {} has no classification head; a new random head was initialised", a.model);
-    }
+    let cpu = candle_core::Device::Cpu;
+    let batching = Batching { max_pairs: a.batch_size, max_tokens: usize::MAX };
+    let scorer: Box<dyn Fn(&[(&str, &str)]) -> distill_models::Result<Vec<f32>>> = if is_bi_encoder(dir) {
+        let model = BiEncoder::load(dir, a.max_length, &cpu)?;
+        eprintln!("{}: a sentence-transformers bi-encoder; scores are cosine similarities", a.model);
+        Box::new(move |pairs| Ok(model.score_with(pairs, batching)?.0))
+    } else {
+        let model = CrossEncoder::load(dir, a.max_query_length, a.max_length, &cpu)?;
+        if model.new_head() {
+            eprintln!("warning: {} has no classification head; a new random head was initialised", a.model);
+        }
+        Box::new(move |pairs| Ok(model.score_with(pairs, batching)?.0))
+    };
     let name = a.input.display().to_string();
     let file = std::fs::File::open(&a.input).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     let mut rows: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
@@ -52,7 +63,7 @@ pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .map(|r| (r["query"].as_str().unwrap_or_default(), r["passage"].as_str().unwrap_or_default()))
         .collect();
-    let scores = model.score(&pairs, a.batch_size)?;
+    let scores = scorer(&pairs)?;
     let mut out: Box<dyn Write> = match &a.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,

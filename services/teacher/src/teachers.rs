@@ -176,10 +176,44 @@ pub async fn build(spec: &TeacherSpec, ctx: &TeacherContext) -> Result<Box<dyn T
 /// worker thread inside `block_in_place`, so the async runtime keeps serving.
 pub struct Ensemble {
     identity: TeacherIdentity,
-    members: Vec<distill_models::CrossEncoder>,
+    members: Vec<Member>,
     znorm: bool,
     batching: distill_models::Batching,
     stats: std::sync::Mutex<distill_models::BatchStats>,
+}
+
+/// One model of an ensemble: a cross-encoder, or a sentence-transformers bi-encoder (cosine of
+/// mean-pooled embeddings).
+enum Member {
+    Cross(distill_models::CrossEncoder),
+    Bi(distill_models::BiEncoder),
+}
+
+impl Member {
+    fn score_with(
+        &self,
+        pairs: &[(&str, &str)],
+        batching: distill_models::Batching,
+    ) -> distill_models::Result<(Vec<f32>, distill_models::BatchStats)> {
+        match self {
+            Member::Cross(m) => m.score_with(pairs, batching),
+            Member::Bi(m) => m.score_with(pairs, batching),
+        }
+    }
+
+    fn model_type(&self) -> &str {
+        match self {
+            Member::Cross(m) => &m.model_type,
+            Member::Bi(m) => &m.model_type,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Member::Cross(_) => "cross_encoder",
+            Member::Bi(_) => "bi_encoder",
+        }
+    }
 }
 
 /// `(x - mean) / std` of each of `xs`, with the mean and (population) standard deviation of
@@ -201,16 +235,24 @@ impl Ensemble {
             let dir = distill_store::materialize_dir(uri)
                 .await
                 .map_err(|e| Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: {e}")))?;
-            let model = tokio::task::spawn_blocking(move || {
-                distill_models::CrossEncoder::load(&dir, max_q, max_len, &candle_core::Device::Cpu)
+            let model = tokio::task::spawn_blocking(move || -> distill_models::Result<Member> {
+                let cpu = candle_core::Device::Cpu;
+                if distill_models::bi_encoder::is_bi_encoder(&dir) {
+                    Ok(Member::Bi(distill_models::BiEncoder::load(&dir, max_len, &cpu)?))
+                } else {
+                    Ok(Member::Cross(distill_models::CrossEncoder::load(&dir, max_q, max_len, &cpu)?))
+                }
             })
             .await
             .map_err(|e| Error::Internal(format!("model loading task: {e}")))?
             .map_err(|e| Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: {e}")))?;
-            if model.new_head() {
-                return Err(Error::InvalidArgument(format!(
-                    "teacher.cross_encoders.models[{i}]: {uri} has no classification head (not a cross-encoder)"
-                )));
+            if let Member::Cross(m) = &model {
+                if m.new_head() {
+                    return Err(Error::InvalidArgument(format!(
+                        "teacher.cross_encoders.models[{i}]: {uri} has no classification head (not a cross-encoder, \
+                         nor a sentence-transformers bi-encoder with a modules.json)"
+                    )));
+                }
             }
             names.push(uri.trim_end_matches('/').rsplit('/').next().unwrap_or(uri).to_string());
             members.push(model);
@@ -227,7 +269,8 @@ impl Ensemble {
                     "models": spec.models, "combination": if znorm { "znorm_mean" } else { "mean" },
                     "max_query_length": max_q, "max_length": max_len,
                     "member_names": names,
-                    "model_types": members.iter().map(|m| m.model_type.clone()).collect::<Vec<_>>(),
+                    "model_types": members.iter().map(|m| m.model_type().to_string()).collect::<Vec<_>>(),
+                    "member_kinds": members.iter().map(|m| m.kind()).collect::<Vec<_>>(),
                 }),
             },
             members,

@@ -192,6 +192,11 @@ pub fn first_token(hidden: &Tensor) -> Result<Tensor> {
 }
 
 impl BertCrossEncoder {
+    /// The encoder under the head (hidden states, for bi-encoders).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
     /// Creates (or looks up) every weight under its HF name: `bert.*` and `classifier.*`.
     pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let h = config.hidden_size;

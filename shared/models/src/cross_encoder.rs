@@ -78,6 +78,20 @@ impl Backbone {
     }
 }
 
+impl Backbone {
+    /// The encoder's hidden states [B, L, H] (no head): BERT and RoBERTa-family encoders.
+    pub fn hidden_states(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Backbone::Bert(m) => Ok(m.encoder().forward(ids, types, mask, false)?),
+            Backbone::Roberta(m) => Ok(m.encoder().forward(ids, types, mask, false)?),
+            _ => Err(ModelError::Invalid {
+                path: "config.json".into(),
+                message: "bi-encoders are supported for bert, roberta and xlm-roberta encoders".into(),
+            }),
+        }
+    }
+}
+
 pub struct CrossEncoder {
     pub backbone: Backbone,
     pub tokenizer: PairTokenizer,

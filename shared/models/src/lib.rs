@@ -6,6 +6,7 @@
 //! MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa, DeBERTa-v2/v3, ModernBERT.
 
 pub mod bert;
+pub mod bi_encoder;
 pub mod checkpoint;
 pub mod cross_encoder;
 pub mod deberta;
@@ -27,6 +28,7 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
+pub use bi_encoder::BiEncoder;
 pub use cross_encoder::{BatchStats, Batching, CrossEncoder};
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

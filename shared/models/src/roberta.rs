@@ -16,6 +16,13 @@ pub struct RobertaCrossEncoder {
 }
 
 impl RobertaCrossEncoder {
+    /// The encoder under the head (hidden states, for bi-encoders).
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+}
+
+impl RobertaCrossEncoder {
     pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let h = config.hidden_size;
         let padding_idx = config.pad_token_id.unwrap_or(1);

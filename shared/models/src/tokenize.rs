@@ -61,6 +61,16 @@ impl PairTokenizer {
         Ok((pair.get_ids().to_vec(), pair.get_type_ids().to_vec()))
     }
 
+    /// Token ids and token type ids of one text alone (bi-encoders), cut to `max_length` with its
+    /// special tokens.
+    pub fn encode_single(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let mut t = self.inner.encode(text, false).map_err(tk)?;
+        let specials = self.inner.get_post_processor().map_or(0, |p| p.added_tokens(false));
+        t.truncate(self.max_length.saturating_sub(specials), 0, TruncationDirection::Right);
+        let one = self.inner.post_process(t, None, true).map_err(tk)?;
+        Ok((one.get_ids().to_vec(), one.get_type_ids().to_vec()))
+    }
+
     /// Encodes pairs and pads them to the longest.
     pub fn batch(&self, pairs: &[(&str, &str)], device: &Device) -> Result<EncodedBatch> {
         let encoded: Vec<_> = pairs.iter().map(|(q, p)| self.encode_pair(q, p)).collect::<Result<_>>()?;

@@ -63,3 +63,44 @@ fn real_minilm_scores_like_transformers() {
         assert!((*g as f64 - w).abs() < 1e-4, "pair {i}: {g} vs transformers {w}");
     }
 }
+
+/// As a sentence-transformers bi-encoder (mean pooling, normalised, cosine), the real
+/// all-MiniLM-L6-v2 gives sentence-transformers' similarities, a passage longer than its 256 tokens
+/// and an empty query included (fixture: scripts/fixtures/bi_encoder_reference.py).
+#[test]
+fn real_minilm_as_a_bi_encoder_matches_sentence_transformers() {
+    use distill_models::bi_encoder::{is_bi_encoder, BiEncoder, Pooling};
+    let dir = minilm_dir();
+    assert!(is_bi_encoder(&dir));
+    let fx = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/minilm/bi_encoder.json");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(fx).unwrap()).unwrap();
+    let model = BiEncoder::load(&dir, 512, &Device::Cpu).unwrap();
+    assert_eq!(model.pooling, Pooling::Mean);
+    let pairs: Vec<(String, String)> = serde_json::from_value(r["pairs"].clone()).unwrap();
+    let refs: Vec<(&str, &str)> = pairs.iter().map(|(q, p)| (q.as_str(), p.as_str())).collect();
+    let want: Vec<f64> = serde_json::from_value(r["cosine"].clone()).unwrap();
+    let budget = distill_models::Batching { max_pairs: 4, max_tokens: 600 };
+    let (got, stats) = model.score_with(&refs, budget).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-5, "pair {i}: {g} vs sentence-transformers {w}");
+    }
+    // Repeated queries are embedded once: 4 distinct queries + 7 passages.
+    assert_eq!(stats.tokens, {
+        let mut texts: Vec<&str> = refs.iter().map(|p| p.0).collect();
+        texts.sort();
+        texts.dedup();
+        let q: u64 = texts.iter().map(|t| model_len(&dir, t)).sum();
+        q + refs.iter().map(|p| model_len(&dir, p.1)).sum::<u64>()
+    });
+    let (emb, _) = model.embed(&[refs[0].0], budget).unwrap();
+    let want0: Vec<f64> = serde_json::from_value(r["query_embedding_0"].clone()).unwrap();
+    let got0: Vec<f32> = emb.get(0).unwrap().to_vec1().unwrap();
+    let max = got0.iter().zip(&want0).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    assert!(max < 1e-5, "embedding differs by {max}");
+}
+
+/// Tokens of `text` alone, with special tokens, cut to the checkpoint's 256.
+fn model_len(dir: &std::path::Path, text: &str) -> u64 {
+    let t = PairTokenizer::from_file(&dir.join("tokenizer.json"), 256, 256, None).unwrap();
+    t.encode_single(text).unwrap().0.len() as u64
+}
