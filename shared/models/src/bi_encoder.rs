@@ -3,7 +3,7 @@
 //! checkpoint's `1_Pooling/config.json` says), L2-normalised, scored by cosine similarity. Lets the
 //! real all-MiniLM-L6-v2 teach where no cross-encoder checkpoint is at hand.
 
-use crate::cross_encoder::{BatchStats, Batching, CrossEncoder};
+use crate::cross_encoder::{plan_passes, BatchStats, Batching, CrossEncoder};
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor, D};
 use std::collections::HashMap;
@@ -71,16 +71,10 @@ impl BiEncoder {
     pub fn embed(&self, texts: &[&str], batching: Batching) -> Result<(Tensor, BatchStats)> {
         let tok = &self.model.tokenizer;
         let encoded: Vec<_> = texts.iter().map(|t| tok.encode_single(t)).collect::<Result<_>>()?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
+        let lengths: Vec<usize> = encoded.iter().map(|(ids, _)| ids.len()).collect();
         let mut rows: Vec<Option<Tensor>> = vec![None; encoded.len()];
         let mut stats = BatchStats::default();
-        let mut start = 0;
-        while start < order.len() {
-            let width = encoded[order[start]].0.len().max(1);
-            let fit = (batching.max_tokens / width).clamp(1, batching.max_pairs.max(1));
-            let end = (start + fit).min(order.len());
-            let idx = &order[start..end];
+        for idx in plan_passes(&lengths, batching) {
             let b = tok.pad(idx.iter().map(|&i| &encoded[i]), &self.model.device)?;
             let pooled = crate::layers::no_grad(|| -> Result<Tensor> {
                 let h = self.model.backbone.hidden_states(&b.input_ids, &b.token_type_ids, &b.attention_mask)?;
@@ -102,10 +96,7 @@ impl BiEncoder {
             for (k, &i) in idx.iter().enumerate() {
                 rows[i] = Some(pooled.get(k)?);
             }
-            stats.passes += 1;
-            stats.tokens += idx.iter().map(|&i| encoded[i].0.len() as u64).sum::<u64>();
-            stats.padded_tokens += (idx.len() * width) as u64;
-            start = end;
+            stats.record(&idx, &lengths);
         }
         let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every text embedded")).collect();
         if rows.is_empty() {

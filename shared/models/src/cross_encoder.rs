@@ -263,16 +263,10 @@ impl CrossEncoder {
     /// `max_pairs`), so little work goes to padding.
     pub fn score_with(&self, pairs: &[(&str, &str)], batching: Batching) -> Result<(Vec<f32>, BatchStats)> {
         let encoded: Vec<_> = pairs.iter().map(|(q, p)| self.tokenizer.encode_pair(q, p)).collect::<Result<_>>()?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].0.len()));
+        let lengths: Vec<usize> = encoded.iter().map(|(ids, _)| ids.len()).collect();
         let mut out = vec![0f32; encoded.len()];
         let mut stats = BatchStats::default();
-        let mut start = 0;
-        while start < order.len() {
-            let width = encoded[order[start]].0.len().max(1);
-            let fit = (batching.max_tokens / width).clamp(1, batching.max_pairs.max(1));
-            let end = (start + fit).min(order.len());
-            let rows = &order[start..end];
+        for rows in plan_passes(&lengths, batching) {
             let b = self.tokenizer.pad(rows.iter().map(|&i| &encoded[i]), &self.device)?;
             let s = crate::layers::no_grad(|| {
                 self.backbone.forward(&b.input_ids, &b.token_type_ids, &b.attention_mask, false)
@@ -280,10 +274,7 @@ impl CrossEncoder {
             for (k, score) in s.to_vec1::<f32>()?.into_iter().enumerate() {
                 out[rows[k]] = score;
             }
-            stats.passes += 1;
-            stats.tokens += rows.iter().map(|&i| encoded[i].0.len() as u64).sum::<u64>();
-            stats.padded_tokens += (rows.len() * width) as u64;
-            start = end;
+            stats.record(&rows, &lengths);
         }
         Ok((out, stats))
     }
@@ -303,4 +294,31 @@ pub struct BatchStats {
     pub passes: u64,
     pub tokens: u64,
     pub padded_tokens: u64,
+}
+
+/// Cuts items of the given token lengths into forward passes: longest first, each pass taking as
+/// many as fit `max_tokens` padded tokens (at most `max_pairs`, at least one). Returns item indices.
+pub fn plan_passes(lengths: &[usize], batching: Batching) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut passes = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let width = lengths[order[start]].max(1);
+        let fit = (batching.max_tokens / width).clamp(1, batching.max_pairs.max(1));
+        let end = (start + fit).min(order.len());
+        passes.push(order[start..end].to_vec());
+        start = end;
+    }
+    passes
+}
+
+impl BatchStats {
+    /// Counts one pass over `rows` (indices into `lengths`), padded to its longest.
+    pub fn record(&mut self, rows: &[usize], lengths: &[usize]) {
+        let width = rows.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        self.passes += 1;
+        self.tokens += rows.iter().map(|&i| lengths[i] as u64).sum::<u64>();
+        self.padded_tokens += (rows.len() * width) as u64;
+    }
 }
