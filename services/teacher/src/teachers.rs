@@ -128,9 +128,10 @@ impl Teacher for Precomputed {
 pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
     match spec.and_then(|t| t.teacher.as_ref()) {
         None => Err(Error::InvalidArgument(
-            "teacher: no teacher given (first_stage, precomputed, cross_encoders or llm)".into(),
+            "teacher: no teacher given (first_stage, precomputed, cross_encoders, llm or local_llm)".into(),
         )),
         Some(TeacherKind::Llm(l)) => crate::llm::validate(l),
+        Some(TeacherKind::LocalLlm(l)) => crate::llm::local::validate(l),
         Some(TeacherKind::FirstStage(_)) => Ok(()),
         Some(TeacherKind::CrossEncoders(e)) => {
             if e.models.is_empty() {
@@ -168,6 +169,7 @@ pub async fn build(spec: &TeacherSpec, ctx: &TeacherContext) -> Result<Box<dyn T
         }
         TeacherKind::CrossEncoders(e) => Ok(Box::new(Ensemble::load(e).await?)),
         TeacherKind::Llm(l) => Ok(Box::new(LlmTeacher::build(l, ctx).await?)),
+        TeacherKind::LocalLlm(l) => Ok(Box::new(crate::llm::local::LocalLlmTeacher::load(l).await?)),
     }
 }
 

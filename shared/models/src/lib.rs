@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod cross_encoder;
 pub mod deberta;
 pub mod electra;
+pub mod gguf_llm;
 pub mod head;
 pub mod layers;
 pub mod modernbert;

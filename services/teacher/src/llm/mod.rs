@@ -10,6 +10,7 @@
 //! Requests, retries, backoff, the answer cache and the counters are the client's (`client.rs`).
 
 pub mod client;
+pub mod local;
 pub mod prompts;
 
 use crate::candidates::{Candidate, QueryCandidates};

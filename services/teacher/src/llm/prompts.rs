@@ -98,9 +98,12 @@ pub fn pointwise_prompt(query: &str, passage: &str) -> String {
     format!("Passage: {passage}\nQuery: {query}\nDoes the passage answer the query? Answer 'Yes' or 'No'.\nAnswer:")
 }
 
+/// The pointwise system message.
+pub const POINTWISE_SYSTEM: &str = "You are a search relevance judge. Answer with one word: Yes or No.";
+
 pub fn pointwise_messages(query: &str, passage: &str) -> Value {
     json!([
-        {"role": "system", "content": "You are a search relevance judge. Answer with one word: Yes or No."},
+        {"role": "system", "content": POINTWISE_SYSTEM},
         {"role": "user", "content": pointwise_prompt(query, passage)},
     ])
 }
