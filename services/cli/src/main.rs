@@ -2,6 +2,7 @@
 
 mod client;
 mod jobs;
+mod retrieve;
 mod score;
 mod shards;
 
@@ -38,6 +39,8 @@ enum Command {
     Eval(EvalArgs),
     /// Score (query, passage) JSON lines with a cross-encoder directory.
     Score(score::ScoreArgs),
+    /// BM25 first stage (tantivy) over a TSV collection: the top-k of each query as a TREC run.
+    Retrieve(retrieve::RetrieveArgs),
     /// Look into datasets of shards.
     Shards {
         #[command(subcommand)]
@@ -634,6 +637,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             job_command(&mut cli.conn.trainer().await?, command).await
         }
         Command::Eval(args) => eval(&args).await,
+        Command::Retrieve(args) => retrieve::run(args).await,
         Command::Score(args) => {
             let dir = distill_store::materialize_dir(&args.model).await.map_err(|e| anyhow::anyhow!("--model: {e}"))?;
             tokio::task::spawn_blocking(move || score::run(&args, &dir)).await?

@@ -134,6 +134,25 @@ pub fn read_qrels(reader: impl BufRead, file: &str) -> Result<Qrels> {
     Ok(qrels)
 }
 
+/// Calls `f(id, text)` for each line of an `id \t text` TSV, in file order; an empty id, a line
+/// without a tab or an id seen twice is an error naming the line.
+fn for_each_tsv(reader: impl BufRead, file: &str, mut f: impl FnMut(&str, &str)) -> Result<()> {
+    let mut seen = HashSet::new();
+    for_each_line(reader, file, |n, line| {
+        let (id, text) =
+            line.split_once('\t').ok_or_else(|| err(file, n, "expected `id<TAB>text`: no tab on this line"))?;
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(err(file, n, "empty id"));
+        }
+        if !seen.insert(id.to_string()) {
+            return Err(err(file, n, format!("id '{id}' appears twice")));
+        }
+        f(id, text);
+        Ok(())
+    })
+}
+
 /// Reads an `id \t text` TSV (MS MARCO collections and query files). With `keep`, only those ids
 /// are kept, so a large collection costs memory only for the documents a run retrieved.
 pub fn read_tsv_texts(
@@ -142,22 +161,19 @@ pub fn read_tsv_texts(
     keep: Option<&HashSet<String>>,
 ) -> Result<HashMap<String, String>> {
     let mut texts = HashMap::new();
-    for_each_line(reader, file, |n, line| {
-        let (id, text) =
-            line.split_once('\t').ok_or_else(|| err(file, n, "expected `id<TAB>text`: no tab on this line"))?;
-        let id = id.trim();
-        if id.is_empty() {
-            return Err(err(file, n, "empty id"));
+    for_each_tsv(reader, file, |id, text| {
+        if keep.is_none_or(|k| k.contains(id)) {
+            texts.insert(id.to_string(), text.to_string());
         }
-        if keep.is_some_and(|k| !k.contains(id)) {
-            return Ok(());
-        }
-        if texts.insert(id.to_string(), text.to_string()).is_some() {
-            return Err(err(file, n, format!("id '{id}' appears twice")));
-        }
-        Ok(())
     })?;
     Ok(texts)
+}
+
+/// Reads an `id \t text` TSV in file order.
+pub fn read_tsv_pairs(reader: impl BufRead, file: &str) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    for_each_tsv(reader, file, |id, text| pairs.push((id.to_string(), text.to_string())))?;
+    Ok(pairs)
 }
 
 /// One candidate of a JSONL query line.
