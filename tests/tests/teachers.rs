@@ -273,6 +273,7 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
                     name: String::new(),
                     // Small enough for several length-sorted passes per query.
                     max_batch_tokens: 64,
+                    include_first_stage: false,
                 })),
             }),
             output_uri: out.clone(),
@@ -355,6 +356,46 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
             let best = row.items.iter().map(|i| i.teacher_score).fold(f64::MIN, f64::max);
             let first = row.items.iter().find(|i| i.teacher_rank == 1).unwrap();
             assert_eq!(first.teacher_score, best, "{name} {}", row.query_id);
+        }
+    }
+    // A hybrid teacher: the first stage's score as a third member, z-normalised with the models'.
+    let out = dir.path().join("hybrid").to_str().unwrap().to_string();
+    let spec = pb::LabelingSpec {
+        source: Some(f.trec_source(false)),
+        sampling: Some(pb::Sampling::default()),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
+                models: models.to_vec(),
+                combination: pb::EnsembleCombination::ZnormMean as i32,
+                max_length: 40,
+                max_query_length: 16,
+                include_first_stage: true,
+                ..Default::default()
+            })),
+        }),
+        output_uri: out.clone(),
+        ..Default::default()
+    };
+    assert_succeeded(&run_job(&svc, spec).await);
+    let (manifest, rows) = lists(&out).await;
+    assert_eq!(manifest.teacher.name, "bert+electra+first_stage");
+    let run: HashMap<(String, String), f64> =
+        run_lines(&f).into_iter().map(|l| ((l[0].clone(), l[2].clone()), l[4].parse().unwrap())).collect();
+    for row in &rows {
+        let members: Vec<&Vec<f64>> = row.items.iter().map(|i| i.member_scores.as_ref().unwrap()).collect();
+        let z = |m: usize| {
+            let xs: Vec<f64> = members.iter().map(|s| s[m]).collect();
+            let n = xs.len() as f64;
+            let mean = xs.iter().sum::<f64>() / n;
+            let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+            xs.iter().map(|x| if sd > 0.0 { (x - mean) / sd } else { 0.0 }).collect::<Vec<f64>>()
+        };
+        let (z0, z1, z2) = (z(0), z(1), z(2));
+        for (k, item) in row.items.iter().enumerate() {
+            assert_eq!(members[k].len(), 3);
+            assert_eq!(members[k][2], run[&(row.query_id.clone(), item.doc_id.clone())], "the first stage's score");
+            assert!((item.teacher_score - (z0[k] + z1[k] + z2[k]) / 3.0).abs() < 1e-9);
         }
     }
     // Triples carry the members' scores of the positive and the negative.

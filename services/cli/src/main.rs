@@ -450,6 +450,9 @@ struct LabelArgs {
     /// Token limit of the teacher cross-encoders.
     #[arg(long, default_value_t = 512)]
     teacher_max_length: u32,
+    /// The ensemble also counts the first stage's score as a member (hybrid teacher).
+    #[arg(long)]
+    with_first_stage: bool,
     /// Padded tokens per forward pass of the teacher cross-encoders (pairs sorted by length).
     #[arg(long, default_value_t = 8192)]
     teacher_batch_tokens: u32,
@@ -518,6 +521,7 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
             max_length: a.teacher_max_length,
             name: a.teacher_name.clone(),
             max_batch_tokens: a.teacher_batch_tokens,
+            include_first_stage: a.with_first_stage,
         }),
         TeacherArg::LocalLlm => pb::teacher_spec::Teacher::LocalLlm(pb::LocalLlm {
             model: absolutize(&a.llm.gguf),

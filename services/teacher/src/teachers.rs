@@ -180,6 +180,8 @@ pub struct Ensemble {
     identity: TeacherIdentity,
     members: Vec<Member>,
     znorm: bool,
+    /// The first stage's score is a member too (hybrid teacher).
+    first_stage: bool,
     batching: distill_models::Batching,
     stats: std::sync::Mutex<distill_models::BatchStats>,
 }
@@ -262,6 +264,11 @@ impl Ensemble {
         let combination = distill_proto::EnsembleCombination::try_from(spec.combination)
             .unwrap_or(distill_proto::EnsembleCombination::Unspecified);
         let znorm = combination == distill_proto::EnsembleCombination::ZnormMean;
+        let mut kinds: Vec<&str> = members.iter().map(|m| m.kind()).collect();
+        if spec.include_first_stage {
+            names.push("first_stage".into());
+            kinds.push("first_stage");
+        }
         let name = if spec.name.is_empty() { names.join("+") } else { spec.name.clone() };
         Ok(Self {
             identity: TeacherIdentity {
@@ -272,11 +279,12 @@ impl Ensemble {
                     "max_query_length": max_q, "max_length": max_len,
                     "member_names": names,
                     "model_types": members.iter().map(|m| m.model_type().to_string()).collect::<Vec<_>>(),
-                    "member_kinds": members.iter().map(|m| m.kind()).collect::<Vec<_>>(),
+                    "member_kinds": kinds,
                 }),
             },
             members,
             znorm,
+            first_stage: spec.include_first_stage,
             batching: distill_models::Batching {
                 max_pairs: if spec.batch_size == 0 { 32 } else { spec.batch_size as usize },
                 max_tokens: if spec.max_batch_tokens == 0 { 8192 } else { spec.max_batch_tokens as usize },
@@ -286,9 +294,17 @@ impl Ensemble {
     }
 
     /// Each member's raw scores of `candidates`.
-    fn member_scores(&self, query: &str, candidates: &[Candidate]) -> Result<Vec<Vec<f64>>, Error> {
-        let pairs: Vec<(&str, &str)> = candidates.iter().map(|c| (query, c.text.as_str())).collect();
-        self.raw_scores(&pairs)
+    /// With `include_first_stage`, the first stage's scores are one more member (last); a document
+    /// the first stage did not retrieve gets the lowest score of the query's list.
+    fn member_scores(&self, q: &QueryCandidates, candidates: &[Candidate]) -> Result<Vec<Vec<f64>>, Error> {
+        let pairs: Vec<(&str, &str)> = candidates.iter().map(|c| (q.query.as_str(), c.text.as_str())).collect();
+        let mut members = self.raw_scores(&pairs)?;
+        if self.first_stage {
+            let floor = q.candidates.iter().filter_map(|c| c.first_stage_score).fold(f64::INFINITY, f64::min);
+            let floor = if floor.is_finite() { floor } else { 0.0 };
+            members.push(candidates.iter().map(|c| c.first_stage_score.unwrap_or(floor)).collect());
+        }
+        Ok(members)
     }
 
     /// Each member's raw scores of `pairs`.
@@ -343,7 +359,7 @@ impl Ensemble {
         if candidates.is_empty() {
             return Ok(Scores::default());
         }
-        let members = self.member_scores(&q.query, candidates)?;
+        let members = self.member_scores(q, candidates)?;
         let same_list = std::ptr::eq(candidates.as_ptr(), q.candidates.as_ptr());
         let per_member: Vec<Vec<f64>> = if !self.znorm {
             members.clone()
@@ -352,7 +368,7 @@ impl Ensemble {
         } else {
             // Candidates outside the query's list (relevant documents the first stage missed) are
             // standardised with the statistics of the query's list.
-            let list = self.member_scores(&q.query, &q.candidates)?;
+            let list = self.member_scores(q, &q.candidates)?;
             members.iter().zip(&list).map(|(s, l)| znorm(s, l)).collect()
         };
         let k = per_member.len() as f64;
