@@ -247,6 +247,18 @@ fn cli_scores(model: &str, rows: &[ListRow], dir: &std::path::Path) -> Vec<Vec<f
     rows.iter().map(|r| r.items.iter().map(|_| it.next().unwrap()).collect()).collect()
 }
 
+/// A `lists` labelling spec with a cross-encoder ensemble teacher.
+fn ensemble_lists(source: pb::CandidateSource, ensemble: pb::CrossEncoderEnsemble, out: &str) -> pb::LabelingSpec {
+    pb::LabelingSpec {
+        source: Some(source),
+        sampling: Some(pb::Sampling::default()),
+        layout: pb::OutputLayout::Lists as i32,
+        teacher: Some(pb::TeacherSpec { teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(ensemble)) }),
+        output_uri: out.to_string(),
+        ..Default::default()
+    }
+}
+
 /// A cross-encoder ensemble of two tiny checkpoints (BERT and ELECTRA): the shard's teacher scores
 /// are the mean of each model's `distill score` output, or the mean of their per-query z-scores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,26 +271,17 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
     for (combination, name) in [(pb::EnsembleCombination::Mean, "mean"), (pb::EnsembleCombination::ZnormMean, "znorm")]
     {
         let out = dir.path().join(name).to_str().unwrap().to_string();
-        let spec = pb::LabelingSpec {
-            source: Some(f.trec_source(false)),
-            sampling: Some(pb::Sampling::default()),
-            layout: pb::OutputLayout::Lists as i32,
-            teacher: Some(pb::TeacherSpec {
-                teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
-                    models: models.to_vec(),
-                    combination: combination as i32,
-                    batch_size: 3,
-                    max_query_length: 16,
-                    max_length: 40,
-                    name: String::new(),
-                    // Small enough for several length-sorted passes per query.
-                    max_batch_tokens: 64,
-                    include_first_stage: false,
-                })),
-            }),
-            output_uri: out.clone(),
+        let ensemble = pb::CrossEncoderEnsemble {
+            models: models.to_vec(),
+            combination: combination as i32,
+            batch_size: 3,
+            max_query_length: 16,
+            max_length: 40,
+            // Small enough for several length-sorted passes per query.
+            max_batch_tokens: 64,
             ..Default::default()
         };
+        let spec = ensemble_lists(f.trec_source(false), ensemble, &out);
         let job = run_job(&svc, spec).await;
         assert_succeeded(&job);
         let counters = &job.progress.as_ref().unwrap().counters;
@@ -360,23 +363,15 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
     }
     // A hybrid teacher: the first stage's score as a third member, z-normalised with the models'.
     let out = dir.path().join("hybrid").to_str().unwrap().to_string();
-    let spec = pb::LabelingSpec {
-        source: Some(f.trec_source(false)),
-        sampling: Some(pb::Sampling::default()),
-        layout: pb::OutputLayout::Lists as i32,
-        teacher: Some(pb::TeacherSpec {
-            teacher: Some(pb::teacher_spec::Teacher::CrossEncoders(pb::CrossEncoderEnsemble {
-                models: models.to_vec(),
-                combination: pb::EnsembleCombination::ZnormMean as i32,
-                max_length: 40,
-                max_query_length: 16,
-                include_first_stage: true,
-                ..Default::default()
-            })),
-        }),
-        output_uri: out.clone(),
+    let ensemble = pb::CrossEncoderEnsemble {
+        models: models.to_vec(),
+        combination: pb::EnsembleCombination::ZnormMean as i32,
+        max_length: 40,
+        max_query_length: 16,
+        include_first_stage: true,
         ..Default::default()
     };
+    let spec = ensemble_lists(f.trec_source(false), ensemble, &out);
     assert_succeeded(&run_job(&svc, spec).await);
     let (manifest, rows) = lists(&out).await;
     assert_eq!(manifest.teacher.name, "bert+electra+first_stage");
