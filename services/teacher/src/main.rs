@@ -41,7 +41,8 @@ async fn main() -> anyhow::Result<()> {
     let start = |store, jobs| async move {
         let teacher = distill_teacher::service::Teacher::start(store, jobs).await?;
         let ready = scorer.and_then(|spec| teacher.load_scorer(spec));
-        Ok((TeacherServiceServer::new(teacher), ready))
+        let jobs = teacher.jobs();
+        Ok(distill_jobs::serving::Started { service: TeacherServiceServer::new(teacher), ready, jobs })
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

@@ -47,6 +47,11 @@ impl Teacher {
         Ok(Self(state))
     }
 
+    /// The job table (for metrics).
+    pub fn jobs(&self) -> Arc<Jobs> {
+        self.0.jobs.clone()
+    }
+
     /// Loads the `Score` RPC's ensemble; the future resolves once it can answer.
     pub fn load_scorer(&self, spec: distill_proto::CrossEncoderEnsemble) -> distill_jobs::serving::Ready {
         self.0.scorer_configured.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -192,6 +197,7 @@ impl TeacherService for Teacher {
             .into());
         }
         let teacher = scorer.identity().name;
+        distill_jobs::metrics::METRICS.pairs_scored.inc_by(pairs.len() as u64);
         let (combined, members) = tokio::task::spawn_blocking(move || scorer.score_pairs(&pairs))
             .await
             .map_err(|e| Error::Internal(format!("scoring task: {e}")))??;

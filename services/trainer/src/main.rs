@@ -23,7 +23,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.service.setup(args.addr)?;
     let start = |store, jobs| async move {
-        Ok((TrainerServiceServer::new(distill_trainer::service::Trainer::start(store, jobs).await?), None))
+        let trainer = distill_trainer::service::Trainer::start(store, jobs).await?;
+        let jobs = trainer.jobs();
+        Ok(distill_jobs::serving::Started { service: TrainerServiceServer::new(trainer), ready: None, jobs })
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

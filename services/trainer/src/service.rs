@@ -27,6 +27,11 @@ pub struct TrainerState {
 pub struct Trainer(Arc<TrainerState>);
 
 impl Trainer {
+    /// The job table (for metrics).
+    pub fn jobs(&self) -> Arc<Jobs> {
+        self.0.jobs.clone()
+    }
+
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished
     /// (training resumes from its newest checkpoint).
     pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {

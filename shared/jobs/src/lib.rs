@@ -4,6 +4,7 @@
 //! logging).
 
 pub mod auth;
+pub mod metrics;
 pub mod serving;
 pub mod table;
 

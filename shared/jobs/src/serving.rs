@@ -76,6 +76,9 @@ pub struct ServiceArgs {
     /// Log as JSON lines.
     #[arg(long, env = "DISTILL_LOG_JSON")]
     pub log_json: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "DISTILL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// What a service is started with, secrets resolved.
@@ -86,6 +89,7 @@ pub struct ServerConfig {
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
     pub max_concurrent_jobs: usize,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl ServiceArgs {
@@ -107,6 +111,7 @@ impl ServiceArgs {
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             max_concurrent_jobs: self.max_concurrent_jobs,
+            metrics_addr: self.metrics_addr,
         })
     }
 }
@@ -117,6 +122,13 @@ type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
 /// What a service still has to load after it starts answering (a model); health says NOT_SERVING
 /// until it resolves. An error stops the server.
 pub type Ready = Option<futures::future::BoxFuture<'static, anyhow::Result<()>>>;
+
+/// What a service's `start` gives `serve`: the gRPC service, what it still loads, its job table.
+pub struct Started<S> {
+    pub service: S,
+    pub ready: Ready,
+    pub jobs: std::sync::Arc<crate::table::Jobs>,
+}
 
 /// Serves one job service with gRPC health (NOT_SERVING until `start` has loaded the job table
 /// and resumed unfinished jobs and its `Ready` has resolved, then SERVING) and reflection, both
@@ -129,7 +141,7 @@ pub async fn serve<S, F, Fut>(
 ) -> anyhow::Result<()>
 where
     F: FnOnce(distill_store::Location, usize) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<(S, Ready)>>,
+    Fut: std::future::Future<Output = anyhow::Result<Started<S>>>,
     S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
         + tonic::server::NamedService
         + Clone
@@ -147,10 +159,14 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let auth = crate::auth::BearerAuth::new(cfg.auth_token.clone());
-    let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?;
+    let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?.layer(crate::metrics::GrpcMetricsLayer);
     let (listener, local) = bind(cfg.addr).await?;
 
-    let (service, ready) = start(store.clone(), cfg.max_concurrent_jobs).await?;
+    let Started { service, ready, jobs } = start(store.clone(), cfg.max_concurrent_jobs).await?;
+    if let Some(addr) = cfg.metrics_addr {
+        let bound = crate::metrics::serve(addr, jobs).await?;
+        tracing::info!(addr = %bound, "metrics on /metrics");
+    }
     let check = auth.clone();
     let service = InterceptedService::new(service, move |r| check.check(r));
     let check = auth.clone();
