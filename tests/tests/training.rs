@@ -230,6 +230,21 @@ async fn a_dataset_without_the_objectives_fields_is_refused() {
     assert!(job.error.contains("margin_mse loss became") && job.error.contains("at step"), "{}", job.error);
     assert!(!std::path::Path::new(&format!("{root}/diverged/final")).exists());
 
+    // A student cut to the backbone's first layer trains and exports a one-layer checkpoint; more
+    // layers than the backbone has are refused.
+    let mut spec = training_spec(&triples, "margin_mse", &format!("{root}/one-layer"), 4, None);
+    spec.backbone_layers = 1;
+    let job = client.start_training(spec).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{root}/one-layer/final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 1);
+    let mut spec = training_spec(&triples, "margin_mse", &format!("{root}/too-deep"), 4, None);
+    spec.backbone_layers = 9;
+    let err = client.start_training(spec).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("backbone_layers: 9 but the backbone has 2 layers"), "{}", err.message());
+
     let err =
         client.start_training(training_spec(&triples, "listmle", &format!("{root}/out"), 10, None)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

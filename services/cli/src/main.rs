@@ -119,6 +119,9 @@ struct TrainArgs {
     /// The student's starting weights: a Hugging Face model directory or object-store prefix.
     #[arg(long)]
     backbone: String,
+    /// Keep only the backbone's first N encoder layers (0: all).
+    #[arg(long, default_value_t = 0)]
+    backbone_layers: u32,
     /// bce, hinge, infonce, margin_mse, distill_ranknet, adr_mse, mse, ranknet, kl_div.
     #[arg(long)]
     objective: String,
@@ -253,6 +256,7 @@ fn training_spec(a: &TrainArgs, teacher_addr: &str) -> pb::TrainingSpec {
             .map(|id| pb::TeacherJobRef { address: teacher_addr.to_string(), job_id: id.clone() }),
         datasets: a.datasets.iter().map(|d| absolutize(d)).collect(),
         backbone: absolutize(&a.backbone),
+        backbone_layers: a.backbone_layers,
         objective: a.objective.clone(),
         hyperparameters: Some(pb::Hyperparameters {
             learning_rate: a.lr,

@@ -164,6 +164,8 @@ pub struct Prepared {
     pub total_steps: u64,
     pub groups_per_epoch: u64,
     pub backbone_dir: std::path::PathBuf,
+    /// Encoder layers the student keeps (None: all).
+    pub backbone_layers: Option<usize>,
     pub eval: Option<EvalData>,
     pub validation_metric: Option<String>,
     pub positive_from_labels: bool,
@@ -225,6 +227,20 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
     let backbone_dir = distill_store::materialize_dir(&spec.backbone)
         .await
         .map_err(|e| Error::InvalidArgument(format!("backbone: {e}")))?;
+    if spec.backbone_layers > 0 {
+        let config = backbone_dir.join("config.json");
+        let have = std::fs::read(&config)
+            .ok()
+            .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
+            .and_then(|v| v["num_hidden_layers"].as_u64())
+            .ok_or_else(|| Error::InvalidArgument(format!("backbone: {}: no num_hidden_layers", config.display())))?;
+        if spec.backbone_layers as u64 > have {
+            return Err(Error::InvalidArgument(format!(
+                "backbone_layers: {} but the backbone has {have} layers",
+                spec.backbone_layers
+            )));
+        }
+    }
     let (eval, validation_metric) = match &spec.evaluation {
         Some(e) if !e.run.is_empty() => {
             crate::evaluation::validate(e, false)?;
@@ -253,6 +269,7 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
         sources,
         total_steps,
         groups_per_epoch: summary.rows,
+        backbone_layers: (spec.backbone_layers > 0).then_some(spec.backbone_layers as usize),
         backbone_dir,
         eval,
         validation_metric,
@@ -274,13 +291,21 @@ pub fn run(
         sources,
         total_steps,
         backbone_dir,
+        backbone_layers,
         eval,
         validation_metric,
         positive_from_labels,
         ..
     } = prepared;
     let device = Device::Cpu;
-    let model = CrossEncoder::load(&backbone_dir, hyper.max_query_length, hyper.max_length, &device)?;
+    let model = CrossEncoder::load_layers(
+        &backbone_dir,
+        hyper.max_query_length,
+        hyper.max_length,
+        &device,
+        candle_core::DType::F32,
+        backbone_layers,
+    )?;
     let checkpoints = output.child("checkpoints");
     let mut state = TrainerState { total_steps, ..Default::default() };
     let mut opt = AdamW::new(&model.varmap, AdamWConfig { weight_decay: hyper.weight_decay, ..Default::default() })?;

@@ -153,13 +153,35 @@ impl CrossEncoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_layers(dir, max_query_length, max_length, device, dtype, None)
+    }
+
+    /// Loads keeping only the first `layers` encoder layers (a smaller student from a larger
+    /// checkpoint, as transformers' `from_pretrained(dir, num_hidden_layers=N)`); the config it
+    /// exports says so.
+    pub fn load_layers(
+        dir: &Path,
+        max_query_length: usize,
+        max_length: usize,
+        device: &Device,
+        dtype: DType,
+        layers: Option<usize>,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(invalid(dir, "not a model directory"));
         }
         let config_path = dir.join("config.json");
         let raw = std::fs::read(&config_path).map_err(|e| invalid(&config_path, e.to_string()))?;
-        let value: serde_json::Value =
+        let mut value: serde_json::Value =
             serde_json::from_slice(&raw).map_err(|e| invalid(&config_path, format!("not JSON: {e}")))?;
+        if let Some(n) = layers {
+            let have =
+                value["num_hidden_layers"].as_u64().ok_or_else(|| invalid(&config_path, "no num_hidden_layers"))?;
+            if n == 0 || n as u64 > have {
+                return Err(invalid(&config_path, format!("cannot keep {n} of its {have} layers")));
+            }
+            value["num_hidden_layers"] = serde_json::json!(n);
+        }
         let model_type =
             value["model_type"].as_str().ok_or_else(|| invalid(&config_path, "no model_type"))?.to_string();
         let varmap = VarMap::new();

@@ -150,3 +150,39 @@ fn token_budget_scoring_keeps_order_and_values() {
         assert!(stats.tokens <= stats.padded_tokens);
     }
 }
+
+/// Keeping the first N layers gives transformers' logits for `from_pretrained(dir, num_hidden_layers=N)`
+/// (fixture: scripts/fixtures/truncated_reference.py), and the export says N layers.
+#[test]
+fn truncated_backbones_match_transformers() {
+    for arch in ["bert", "modernbert", "deberta"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch);
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+        let t: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("truncated.json")).unwrap()).unwrap();
+        let n = t["num_hidden_layers"].as_u64().unwrap() as usize;
+        let model = CrossEncoder::load_layers(
+            &dir,
+            r["max_query_length"].as_u64().unwrap() as usize,
+            r["max_length"].as_u64().unwrap() as usize,
+            &Device::Cpu,
+            candle_core::DType::F32,
+            Some(n),
+        )
+        .unwrap();
+        assert!(model.report.missing.is_empty());
+        assert!(model.report.unexpected.iter().any(|u| u.contains(&format!(".{n}."))), "{arch}: later layers unused");
+        let got: Vec<f32> = logits(&model, &r).to_vec1().unwrap();
+        let want: Vec<f64> = serde_json::from_value(t["logits"].clone()).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((*g as f64 - w).abs() < 1e-4, "{arch} ({n} layers) pair {i}: {g} vs transformers {w}");
+        }
+        let out = tempfile::tempdir().unwrap();
+        model.save(out.path()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["num_hidden_layers"], serde_json::json!(n));
+        let err =
+            CrossEncoder::load_layers(&dir, 8, 32, &Device::Cpu, candle_core::DType::F32, Some(99)).err().unwrap();
+        assert!(err.to_string().contains("cannot keep 99"), "{err}");
+    }
+}
