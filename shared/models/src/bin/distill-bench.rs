@@ -21,7 +21,7 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Random-init shapes: minilm-l6, bert-base, electra-base, deberta-v3-base, modernbert-base.
+    /// Random-init shapes: minilm-l6 (-l3, -l2), bert-base, electra-base, deberta-v3-base, modernbert-base.
     #[arg(long, value_delimiter = ',', default_value = "minilm-l6,bert-base,electra-base")]
     shapes: Vec<String>,
     /// A Hugging Face model directory to bench instead of the shapes (its config and weights).
@@ -100,6 +100,9 @@ fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
     };
     Ok(match name {
         "minilm-l6" => ("bert".into(), bert(384, 6, 1536)),
+        // MiniLM cut to its first 3 or 2 layers (`backbone_layers`), the demo's CPU students.
+        "minilm-l3" => ("bert".into(), bert(384, 3, 1536)),
+        "minilm-l2" => ("bert".into(), bert(384, 2, 1536)),
         "bert-base" => ("bert".into(), bert(768, 12, 3072)),
         "electra-base" => {
             let mut c = bert(768, 12, 3072);
@@ -121,7 +124,7 @@ fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
             "intermediate_size": 1152, "num_hidden_layers": 22, "num_attention_heads": 12, "pad_token_id": 50283}),
         ),
         other => anyhow::bail!(
-            "unknown shape '{other}' (minilm-l6, bert-base, electra-base, deberta-v3-base, modernbert-base)"
+            "unknown shape '{other}' (minilm-l6, minilm-l3, minilm-l2, bert-base, electra-base, deberta-v3-base, modernbert-base)"
         ),
     })
 }
