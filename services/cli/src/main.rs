@@ -1,6 +1,7 @@
 //! `distill`: the command-line client of the distill services.
 
 mod client;
+mod demo;
 mod jobs;
 mod retrieve;
 mod score;
@@ -41,6 +42,8 @@ enum Command {
     Score(score::ScoreArgs),
     /// BM25 first stage (tantivy) over a TSV collection: the top-k of each query as a TREC run.
     Retrieve(retrieve::RetrieveArgs),
+    /// The whole system on the bundled Debian collection: BM25, a teacher, three students, a table.
+    Demo(demo::DemoArgs),
     /// Look into datasets of shards.
     Shards {
         #[command(subcommand)]
@@ -646,6 +649,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(args) => eval(&args).await,
         Command::Retrieve(args) => retrieve::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Score(args) => {
             let dir = distill_store::materialize_dir(&args.model).await.map_err(|e| anyhow::anyhow!("--model: {e}"))?;
             tokio::task::spawn_blocking(move || score::run(&args, &dir)).await?

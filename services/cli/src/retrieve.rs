@@ -9,24 +9,24 @@ use std::path::PathBuf;
 pub struct RetrieveArgs {
     /// Collection TSV (`docid<TAB>text`; `.zst` is decompressed): a path or object-store URL.
     #[arg(long)]
-    collection: String,
+    pub(crate) collection: String,
     /// Queries TSV (`qid<TAB>text`; `.zst` too).
     #[arg(long)]
-    queries: String,
+    pub(crate) queries: String,
     /// Where to write the TREC run.
     #[arg(long)]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// Documents per query.
     #[arg(long, short = 'k', default_value_t = 100)]
-    k: usize,
+    pub(crate) k: usize,
     /// Keep the index in this directory: built there the first time, opened after.
     #[arg(long)]
-    index: Option<PathBuf>,
+    pub(crate) index: Option<PathBuf>,
     /// Only the first N queries (in file order; 0: all).
     #[arg(long, default_value_t = 0)]
-    max_queries: usize,
+    pub(crate) max_queries: usize,
     #[arg(long, default_value = "bm25")]
-    tag: String,
+    pub(crate) tag: String,
 }
 
 pub async fn run(a: RetrieveArgs) -> anyhow::Result<()> {

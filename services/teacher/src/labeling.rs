@@ -95,19 +95,6 @@ fn progress(done: u64, total: u64, writer: &DatasetWriter, counters: &BTreeMap<S
     }
 }
 
-async fn score(
-    teacher: &dyn teachers::Teacher,
-    q: &QueryCandidates,
-) -> Result<(teachers::Scores, teachers::Scores), Error> {
-    let scores = teacher.score(q, &q.candidates).await?;
-    let extra = if q.unretrieved_relevant.is_empty() {
-        teachers::Scores::default()
-    } else {
-        teacher.score(q, &q.unretrieved_relevant).await?
-    };
-    Ok((scores, extra))
-}
-
 /// Each document's member scores (ensembles), by docid.
 fn member_scores<'a>(
     q: &'a QueryCandidates,
@@ -168,21 +155,41 @@ pub async fn run(
     jobs.set_progress(entry, progress(resume.cursor, total, &writer, &counters), true).await;
 
     let mut last_report = Instant::now();
-    // Queries are scored `parallelism` at a time (an LLM teacher's requests overlap) and written in
+    // Queries are scored in calls of `queries_per_call` (a model ensemble packs their pairs by
+    // length), `parallelism` calls at a time (an LLM teacher's requests overlap), and written in
     // source order, so the cursor stays a prefix of the source.
     let teacher_ref = teacher.as_ref();
+    let todo: Vec<(usize, &QueryCandidates)> = queries.iter().enumerate().skip(resume.cursor as usize).collect();
     let mut pending: Vec<futures::future::BoxFuture<'_, _>> = Vec::new();
-    for (i, q) in queries.iter().enumerate().skip(resume.cursor as usize) {
-        pending.push(Box::pin(async move { (i, q, score(teacher_ref, q).await) }));
+    for chunk in todo.chunks(teacher.queries_per_call().max(1)) {
+        let chunk = chunk.to_vec();
+        pending.push(Box::pin(async move {
+            let qs: Vec<&QueryCandidates> = chunk.iter().map(|(_, q)| *q).collect();
+            let result = teacher_ref.score_queries(&qs).await;
+            (chunk, result)
+        }));
     }
     let mut scored = futures::stream::iter(pending).buffered(teacher.parallelism().max(1));
+    let mut ready: std::collections::VecDeque<(usize, &QueryCandidates, (teachers::Scores, teachers::Scores))> =
+        Default::default();
     loop {
-        let next = tokio::select! {
-            _ = cancel.cancelled() => return Ok(Outcome::Cancelled),
-            next = scored.next() => next,
-        };
-        let Some((i, q, result)) = next else { break };
-        let (scores, extra) = result?;
+        if ready.is_empty() {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return Ok(Outcome::Cancelled),
+                next = scored.next() => next,
+            };
+            let Some((chunk, result)) = next else { break };
+            let results = result?;
+            if results.len() != chunk.len() {
+                return Err(Error::Internal(format!(
+                    "the teacher scored {} of {} queries",
+                    results.len(),
+                    chunk.len()
+                )));
+            }
+            ready.extend(chunk.into_iter().zip(results).map(|((i, q), r)| (i, q, r)));
+        }
+        let Some((i, q, (scores, extra))) = ready.pop_front() else { break };
         let members = member_scores(q, &scores, &extra);
         let members_of = |docid: &str| members.get(docid).map(|m| m.to_vec());
         match layout {

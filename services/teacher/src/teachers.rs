@@ -42,6 +42,30 @@ pub trait Teacher: Send + Sync {
         query: &'a QueryCandidates,
         candidates: &'a [Candidate],
     ) -> BoxFuture<'a, Result<Scores, Error>>;
+    /// Queries worth scoring in one [`Teacher::score_queries`] call (a model ensemble packs the
+    /// pairs of several queries into passes of similar length, so little work goes to padding).
+    fn queries_per_call(&self) -> usize {
+        1
+    }
+    /// Each query's scores of its candidates and of its unretrieved relevant documents.
+    fn score_queries<'a>(
+        &'a self,
+        queries: &'a [&'a QueryCandidates],
+    ) -> BoxFuture<'a, Result<Vec<(Scores, Scores)>, Error>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(queries.len());
+            for q in queries {
+                let scores = self.score(q, &q.candidates).await?;
+                let extra = if q.unretrieved_relevant.is_empty() {
+                    Scores::default()
+                } else {
+                    self.score(q, &q.unretrieved_relevant).await?
+                };
+                out.push((scores, extra));
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// The first stage's own scores are the teacher's.
@@ -361,22 +385,66 @@ impl Ensemble {
         }
         let members = self.member_scores(q, candidates)?;
         let same_list = std::ptr::eq(candidates.as_ptr(), q.candidates.as_ptr());
-        let per_member: Vec<Vec<f64>> = if !self.znorm {
-            members.clone()
-        } else if same_list || q.candidates.is_empty() {
-            members.iter().map(|s| znorm(s, s)).collect()
+        let list = if self.znorm && !same_list && !q.candidates.is_empty() {
+            Some(self.member_scores(q, &q.candidates)?)
         } else {
-            // Candidates outside the query's list (relevant documents the first stage missed) are
-            // standardised with the statistics of the query's list.
-            let list = self.member_scores(q, &q.candidates)?;
-            members.iter().zip(&list).map(|(s, l)| znorm(s, l)).collect()
+            None
+        };
+        Ok(self.combined(members, list.as_deref()))
+    }
+
+    /// Combines each member's raw scores of some candidates; with z-norm, standardised with the
+    /// statistics of `list` (the members' scores of the query's whole list) when the candidates are
+    /// not that list (relevant documents the first stage missed), else with their own.
+    fn combined(&self, members: Vec<Vec<f64>>, list: Option<&[Vec<f64>]>) -> Scores {
+        let n = members.first().map_or(0, |m| m.len());
+        let per_member: Vec<Vec<f64>> = match (self.znorm, list) {
+            (false, _) => members.clone(),
+            (true, None) => members.iter().map(|s| znorm(s, s)).collect(),
+            (true, Some(list)) => members.iter().zip(list).map(|(s, l)| znorm(s, l)).collect(),
         };
         let k = per_member.len() as f64;
-        Ok(Scores {
-            combined: (0..candidates.len()).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect(),
+        Scores {
+            combined: (0..n).map(|i| Some(per_member.iter().map(|s| s[i]).sum::<f64>() / k)).collect(),
             // The members' raw scores, as each model gave them.
-            members: (0..candidates.len()).map(|i| members.iter().map(|s| s[i]).collect()).collect(),
-        })
+            members: (0..n).map(|i| members.iter().map(|s| s[i]).collect()).collect(),
+        }
+    }
+
+    /// All pairs of several queries (their lists and unretrieved relevant documents) scored in one
+    /// call per member, then split and combined per query exactly as [`Ensemble::combine`] does.
+    fn combine_queries(&self, queries: &[&QueryCandidates]) -> Result<Vec<(Scores, Scores)>, Error> {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for q in queries {
+            let docs = q.candidates.iter().chain(&q.unretrieved_relevant);
+            pairs.extend(docs.map(|c| (q.query.as_str(), c.text.as_str())));
+        }
+        let raw = self.raw_scores(&pairs)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(queries.len());
+        for q in queries {
+            let (n, m) = (q.candidates.len(), q.unretrieved_relevant.len());
+            let take = |from: usize, len: usize, cands: &[Candidate]| -> Vec<Vec<f64>> {
+                let mut members: Vec<Vec<f64>> = raw.iter().map(|s| s[from..from + len].to_vec()).collect();
+                if self.first_stage {
+                    let floor = q.candidates.iter().filter_map(|c| c.first_stage_score).fold(f64::INFINITY, f64::min);
+                    let floor = if floor.is_finite() { floor } else { 0.0 };
+                    members.push(cands.iter().map(|c| c.first_stage_score.unwrap_or(floor)).collect());
+                }
+                members
+            };
+            let list = take(at, n, &q.candidates);
+            let extra = take(at + n, m, &q.unretrieved_relevant);
+            at += n + m;
+            let scores = if n == 0 { Scores::default() } else { self.combined(list.clone(), None) };
+            let extra_scores = match (m, n) {
+                (0, _) => Scores::default(),
+                (_, 0) => self.combined(extra, None),
+                _ => self.combined(extra, Some(&list)),
+            };
+            out.push((scores, extra_scores));
+        }
+        Ok(out)
     }
 }
 
@@ -400,5 +468,101 @@ impl Teacher for Ensemble {
         candidates: &'a [Candidate],
     ) -> BoxFuture<'a, Result<Scores, Error>> {
         Box::pin(async move { tokio::task::block_in_place(|| self.combine(query, candidates)) })
+    }
+
+    fn queries_per_call(&self) -> usize {
+        8
+    }
+
+    fn score_queries<'a>(
+        &'a self,
+        queries: &'a [&'a QueryCandidates],
+    ) -> BoxFuture<'a, Result<Vec<(Scores, Scores)>, Error>> {
+        Box::pin(async move { tokio::task::block_in_place(|| self.combine_queries(queries)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(docid: &str, text: &str, first_stage: Option<f64>) -> Candidate {
+        Candidate { docid: docid.into(), text: text.into(), first_stage_score: first_stage, label: None }
+    }
+
+    /// Scoring several queries in one call (pairs packed by length across queries) gives each
+    /// query the scores that scoring it alone gives, unretrieved relevant documents included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_scored_together_equal_queries_scored_alone() {
+        let bert = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/models/tests/fixtures/bert");
+        for znorm in [true, false] {
+            let spec = distill_proto::CrossEncoderEnsemble {
+                models: vec![bert.into(), bert.into()],
+                combination: if znorm {
+                    distill_proto::EnsembleCombination::ZnormMean
+                } else {
+                    distill_proto::EnsembleCombination::Mean
+                } as i32,
+                max_length: 64,
+                batch_size: 3,
+                include_first_stage: true,
+                ..Default::default()
+            };
+            let e = Ensemble::load(&spec).await.unwrap();
+            let queries = vec![
+                QueryCandidates {
+                    qid: "1".into(),
+                    query: "what is a window manager".into(),
+                    candidates: vec![
+                        cand("a", "a window manager draws the frames of windows", Some(12.0)),
+                        cand("b", "chess across three boards", Some(7.5)),
+                        cand(
+                            "c",
+                            "a tiling window manager for X11 with a long description of its many features",
+                            Some(9.0),
+                        ),
+                    ],
+                    unretrieved_relevant: vec![cand("d", "the X11 window manager inspired by plan 9", None)],
+                },
+                QueryCandidates {
+                    qid: "2".into(),
+                    query: "chess".into(),
+                    candidates: vec![],
+                    unretrieved_relevant: vec![],
+                },
+                QueryCandidates {
+                    qid: "3".into(),
+                    query: "midi converter".into(),
+                    candidates: vec![
+                        cand("e", "converts ABC to MIDI and back", Some(3.0)),
+                        cand("f", "midi", Some(2.0)),
+                    ],
+                    unretrieved_relevant: vec![],
+                },
+            ];
+            let refs: Vec<&QueryCandidates> = queries.iter().collect();
+            let together = e.score_queries(&refs).await.unwrap();
+            assert_eq!(together.len(), 3);
+            for (q, (scores, extra)) in queries.iter().zip(&together) {
+                let alone = e.score(q, &q.candidates).await.unwrap();
+                let alone_extra = e.score(q, &q.unretrieved_relevant).await.unwrap();
+                for (a, b) in [(scores, &alone), (extra, &alone_extra)] {
+                    assert_eq!(a.combined.len(), b.combined.len(), "query {}", q.qid);
+                    for (x, y) in a.combined.iter().zip(&b.combined) {
+                        assert!(
+                            (x.unwrap() - y.unwrap()).abs() < 1e-5,
+                            "query {} znorm {znorm}: {x:?} vs {y:?}",
+                            q.qid
+                        );
+                    }
+                    for (x, y) in a.members.iter().flatten().zip(b.members.iter().flatten()) {
+                        assert!((x - y).abs() < 1e-5);
+                    }
+                }
+            }
+            // The unretrieved document is standardised with the list's statistics, not its own
+            // (alone it would be 0 for every member).
+            assert!(together[0].1.combined[0].unwrap().abs() > 1e-3 || !znorm);
+        }
     }
 }

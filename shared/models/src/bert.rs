@@ -45,7 +45,7 @@ fn default_eps() -> f64 {
 
 pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     match name {
-        "gelu" => x.gelu_erf(),
+        "gelu" => crate::kernels::gelu_erf(x),
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => x.gelu(),
         "relu" => x.relu(),
         "tanh" => x.tanh(),

@@ -1,6 +1,6 @@
 //! Building blocks from differentiable ops: each has a backward through candle's autograd.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// `y = x Wᵀ + b` with HF's `weight` [out, in] and `bias` [out].
@@ -38,8 +38,8 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: candle_core::DType) -> Result<Te
     a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
 }
 
-/// Layer normalisation over the last dimension, composed of mean / variance ops (the fused
-/// candle op has no backward).
+/// Layer normalisation over the last dimension: our fused normalisation with its backward
+/// (`kernels::normalize_last_dim`; candle's fused layer norm has none), then scale and shift.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -59,11 +59,7 @@ impl Module for LayerNorm {
     /// In f32 whatever the input's dtype, and f32 out (as autocast does for bf16): the residual
     /// stream after the first norm stays in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = &x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let normed = crate::kernels::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?;
         let y = normed.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
@@ -74,12 +70,9 @@ impl Module for LayerNorm {
 
 /// Softmax over the last dimension; the max is a constant shift, so it is detached.
 /// Computed in f32 whatever the input's dtype.
+/// (A fused kernel on the CPU, `kernels::softmax_last_dim`.)
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = &x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
+    crate::kernels::softmax_last_dim(x)
 }
 
 thread_local! {

@@ -1,5 +1,5 @@
 //! Cross-encoder backbones, written from differentiable candle ops only (candle-transformers'
-//! fused softmax / layer norm / rotary ops have no backward), keeping Hugging Face weight names so
+//! fused softmax / layer norm / rotary ops have no backward; `kernels` has fused CPU ones that do), keeping Hugging Face weight names so
 //! that `*ForSequenceClassification` checkpoints load and save without renaming.
 //!
 //! Architectures, one file each, dispatched on `config.json`'s `model_type`: BERT (covers
@@ -13,6 +13,7 @@ pub mod deberta;
 pub mod electra;
 pub mod gguf_llm;
 pub mod head;
+pub mod kernels;
 pub mod layers;
 pub mod modernbert;
 pub mod optim;

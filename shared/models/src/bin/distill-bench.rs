@@ -44,6 +44,10 @@ struct Args {
     iters: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Use the composite candle ops instead of the fused CPU kernels (GELU, softmax, layer norm),
+    /// to measure what the kernels bring.
+    #[arg(long)]
+    composite: bool,
     /// Instead of timing: score the pairs of these parity fixtures (model directories holding a
     /// reference.json from transformers, fp32) on --device in --score-dtype and report the largest
     /// relative difference to the reference logits.
@@ -191,6 +195,8 @@ fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    distill_models::kernels::set_fused(!args.composite);
+    let kernels = if args.composite { "composite" } else { "fused" };
     let dev = device(&args.device)?;
     let score_dtype = match args.score_dtype.as_str() {
         "f32" => DType::F32,
@@ -218,7 +224,7 @@ fn main() -> anyhow::Result<()> {
             let n = args.score_batch as f64;
             rows.push(
                 serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
-                "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t,
+                "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
                 "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
             println!("{}", rows.last().unwrap());
@@ -240,7 +246,7 @@ fn main() -> anyhow::Result<()> {
             let n = args.train_batch as f64;
             rows.push(
                 serde_json::json!({"model": name, "mode": "train-f32", "params": b.params, "batch": args.train_batch,
-                "seq": args.seq, "s": t, "pairs_per_s": n / t,
+                "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
                 "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
             println!("{}", rows.last().unwrap());
