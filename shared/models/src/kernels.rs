@@ -1,8 +1,11 @@
 //! Fused CPU kernels with their backward, as candle custom ops: GELU (erf form), softmax over the
 //! last dimension, and the normalisation step of layer norm. Each replaces a chain of candle ops
 //! (one pass over memory instead of four to eight, rows split over threads) and is checked against
-//! the composite it replaces, values and gradients (tests below). f32 on the CPU takes the fused
-//! path; other dtypes and devices (and `set_fused(false)`, for comparisons) take the composite.
+//! the composite it replaces, values and gradients (tests below). Off by default: on the 2-core
+//! development VM they measured slower than candle's composite ops (scalar `exp` per element
+//! against candle's vectorised maps; docs/perf.md), so they are opt-in (`set_fused(true)`,
+//! `DISTILL_FUSED_KERNELS=1`, `distill-bench --fused`) until they are vectorised. When on, f32 on
+//! the CPU takes the fused path; other dtypes and devices take the composite.
 //!
 //! candle's own fused ops (`softmax_last_dim`, `layer_norm`) have no backward; these do:
 //! - GELU: y = x Φ(x), dy/dx = Φ(x) + x φ(x)
@@ -13,14 +16,18 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-static FUSED: AtomicBool = AtomicBool::new(true);
+static FUSED: AtomicBool = AtomicBool::new(false);
+static FROM_ENV: std::sync::Once = std::sync::Once::new();
 
 /// Turns the fused kernels on or off for the whole process (the composite ops are the reference).
 pub fn set_fused(on: bool) {
+    FROM_ENV.call_once(|| {});
     FUSED.store(on, Ordering::Relaxed);
 }
 
 fn fused_for(x: &Tensor) -> bool {
+    FROM_ENV
+        .call_once(|| FUSED.store(std::env::var("DISTILL_FUSED_KERNELS").is_ok_and(|v| v == "1"), Ordering::Relaxed));
     FUSED.load(Ordering::Relaxed) && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
@@ -52,7 +59,8 @@ fn map_rows(x: &[f32], dim: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) -> Vec
     let mut out = vec![0f32; x.len()];
     let chunk = rows_per_task(dim);
     out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
-        for (out, x) in out.chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        // Rows divide the length except in elementwise use (`dim` = a chunk), where the last is short.
+        for (out, x) in out.chunks_mut(dim).zip(x.chunks(dim)) {
             f(out, x)
         }
     });
@@ -64,7 +72,7 @@ fn map_rows2(a: &[f32], b: &[f32], dim: usize, f: impl Fn(&mut [f32], &[f32], &[
     let mut out = vec![0f32; a.len()];
     let chunk = rows_per_task(dim);
     out.par_chunks_mut(chunk).zip(a.par_chunks(chunk).zip(b.par_chunks(chunk))).for_each(|(out, (a, b))| {
-        for ((out, a), b) in out.chunks_exact_mut(dim).zip(a.chunks_exact(dim)).zip(b.chunks_exact(dim)) {
+        for ((out, a), b) in out.chunks_mut(dim).zip(a.chunks(dim)).zip(b.chunks(dim)) {
             f(out, a, b)
         }
     });
@@ -111,7 +119,11 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let y = map_rows(x, 1, |y, x| y[0] = 0.5 * x[0] * (1.0 + erf(x[0] * FRAC_1_SQRT_2)));
+        let y = map_rows(x, x.len().clamp(1, MIN_CHUNK), |y, x| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -131,11 +143,12 @@ impl CustomOp2 for GeluErfGrad {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
         same_len(x, g, self.name())?;
-        let dx = map_rows2(x, g, 1, |dx, x, g| {
-            let x = x[0];
-            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-            let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-            dx[0] = g[0] * (cdf + x * pdf);
+        let dx = map_rows2(x, g, x.len().clamp(1, MIN_CHUNK), |dx, x, g| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
+                *dx = g * (cdf + x * pdf);
+            }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -303,7 +316,7 @@ mod tests {
             let y = f(x.as_tensor()).unwrap();
             let loss = (&y * &upstream).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
-            set_fused(true);
+            set_fused(false);
             (y, grads.get(x.as_tensor()).expect("a gradient").clone())
         };
         let (yf, gf) = run(true);
@@ -327,14 +340,17 @@ mod tests {
         }
         // A masked attention row: -inf-like biases give zeros and no NaN.
         let x = Tensor::new(&[[1f32, 2.0, -1e9, -3.4e38]], &Device::Cpu).unwrap();
+        set_fused(true);
         let y: Vec<f32> = softmax_last_dim(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        set_fused(false);
         assert!((y[0] - 0.268_941_43).abs() < 1e-6 && (y[1] - 0.731_058_6).abs() < 1e-6 && y[2] == 0.0 && y[3] == 0.0);
         // Strided inputs (a transpose) are made contiguous first.
         let x = Tensor::randn(0f32, 1.0, (6, 9), &Device::Cpu).unwrap().t().unwrap();
-        set_fused(false);
         let reference = softmax_last_dim(&x).unwrap();
         set_fused(true);
-        let d = (softmax_last_dim(&x).unwrap() - reference).unwrap().abs().unwrap().max_all().unwrap();
+        let fused = softmax_last_dim(&x).unwrap();
+        set_fused(false);
+        let d = (fused - reference).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
 

@@ -29,7 +29,7 @@ pub async fn minilm(explicit: Option<&Path>, models: &Path) -> anyhow::Result<Pa
             "--minilm {}: not a model directory (needs config.json, model.safetensors, tokenizer.json)",
             dir.display()
         );
-        return Ok(dir.to_path_buf());
+        return Ok(std::path::absolute(dir)?);
     }
     let target = models.join("all-MiniLM-L6-v2");
     if is_model_dir(&target) {
@@ -38,7 +38,7 @@ pub async fn minilm(explicit: Option<&Path>, models: &Path) -> anyhow::Result<Pa
     let venvs = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from).into_iter().chain([PathBuf::from(".venv")]);
     for venv in venvs {
         if let Some(dir) = in_venv(&venv) {
-            return Ok(dir);
+            return Ok(std::path::absolute(&dir)?);
         }
     }
     download(&target).await?;

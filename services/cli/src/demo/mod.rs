@@ -42,7 +42,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 150)]
     test_queries: usize,
     /// BM25 candidates per training query that the teacher scores.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 12)]
     depth: u32,
     /// BM25 candidates per test query that the teacher and the students re-rank.
     #[arg(long, default_value_t = 20)]
@@ -54,10 +54,10 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2)]
     layers: u32,
     /// Token limit of the students (query + passage).
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 64)]
     max_length: u32,
     /// Training steps per student.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 120)]
     steps: u64,
     /// Queries per step.
     #[arg(long, default_value_t = 2)]
@@ -65,7 +65,7 @@ pub struct DemoArgs {
     /// Passages per query in a step (the positive and group_size - 1 negatives).
     #[arg(long, default_value_t = 8)]
     group_size: u32,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 3e-4)]
     lr: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -145,25 +145,6 @@ async fn sample_lines(input: &Path, n: usize, out: &Path) -> anyhow::Result<usiz
         (0..n).map(|i| &pairs[i * pairs.len() / n]).map(|(id, text)| format!("{id}\t{text}\n")).collect();
     std::fs::write(out, text)?;
     Ok(n)
-}
-
-/// The judgments of grade 2 only (the known item and exact duplicates): the training labels, so that
-/// a near-duplicate sibling (grade 1) is never taken for the positive.
-async fn known_items(qrels: &Path, out: &Path) -> anyhow::Result<()> {
-    let name = qrels.display().to_string();
-    let all = distill_formats::read_qrels(distill_store::open_text(&name).await?, &name)?;
-    let mut text = String::new();
-    let mut qids: Vec<_> = all.keys().collect();
-    qids.sort();
-    for qid in qids {
-        let mut docs: Vec<_> = all[qid].iter().filter(|(_, g)| **g >= 2).collect();
-        docs.sort();
-        for (doc, g) in docs {
-            text.push_str(&format!("{qid} 0 {doc} {g}\n"));
-        }
-    }
-    std::fs::write(out, text)?;
-    Ok(())
 }
 
 struct Paths {
@@ -319,7 +300,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         collection: s(&data.join("collection.tsv.zst")),
         train_queries: s(&work.join("data/queries.train.tsv")),
         test_queries: s(&work.join("data/queries.test.tsv")),
-        train_qrels: s(&work.join("data/qrels.train.known-item.txt")),
+        train_qrels: s(&data.join("qrels.train.txt.zst")),
         test_qrels: s(&data.join("qrels.test.txt.zst")),
         train_run: s(&work.join("runs/bm25.train.trec")),
         test_run: s(&work.join("runs/bm25.test.trec")),
@@ -327,7 +308,6 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let n_train =
         sample_lines(&data.join("queries.train.tsv.zst"), a.train_queries, Path::new(&p.train_queries)).await?;
     let n_test = sample_lines(&data.join("queries.test.tsv.zst"), a.test_queries, Path::new(&p.test_queries)).await?;
-    known_items(&data.join("qrels.train.txt.zst"), Path::new(&p.train_qrels)).await?;
     eprintln!("{n_train} training queries, {n_test} test queries (spread evenly over the splits)");
 
     step(3, of, "first stage: BM25 (tantivy) over 60k passages", t0);

@@ -44,10 +44,10 @@ struct Args {
     iters: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Use the composite candle ops instead of the fused CPU kernels (GELU, softmax, layer norm),
-    /// to measure what the kernels bring.
+    /// Use the fused CPU kernels (GELU, softmax, layer norm; `kernels.rs`) instead of the
+    /// composite candle ops, to measure what they bring.
     #[arg(long)]
-    composite: bool,
+    fused: bool,
     /// Instead of timing: score the pairs of these parity fixtures (model directories holding a
     /// reference.json from transformers, fp32) on --device in --score-dtype and report the largest
     /// relative difference to the reference logits.
@@ -195,8 +195,8 @@ fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    distill_models::kernels::set_fused(!args.composite);
-    let kernels = if args.composite { "composite" } else { "fused" };
+    distill_models::kernels::set_fused(args.fused);
+    let kernels = if args.fused { "fused" } else { "composite" };
     let dev = device(&args.device)?;
     let score_dtype = match args.score_dtype.as_str() {
         "f32" => DType::F32,
