@@ -259,6 +259,41 @@ async fn a_dataset_without_the_objectives_fields_is_refused() {
 }
 
 /// Every tensor of two safetensors files, compared exactly.
+/// `freeze_word_embeddings`: the exported word-embedding table is the backbone's, bit for bit, while
+/// the rest of the model trained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_word_embeddings_stay_as_the_backbone_has_them() {
+    let f = Fixture::topical(16, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
+    let lists = format!("{root}/lists");
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Lists, &lists)).await;
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    let output = format!("{root}/frozen");
+    let spec = pb::TrainingSpec {
+        freeze_word_embeddings: true,
+        evaluation: None,
+        ..training_spec(&lists, "infonce", &output, 6, None)
+    };
+    let job = client.start_training(spec).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+    let dev = candle_core::Device::Cpu;
+    let before = candle_core::safetensors::load(format!("{}/model.safetensors", model_fixture("bert")), &dev).unwrap();
+    let after = candle_core::safetensors::load(format!("{output}/final/model.safetensors"), &dev).unwrap();
+    let diff = |name: &str| {
+        let (x, y) = (&before[name], &after[name]);
+        (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let words: Vec<&String> = before.keys().filter(|n| n.ends_with("word_embeddings.weight")).collect();
+    assert_eq!(words.len(), 1, "{:?}", before.keys().collect::<Vec<_>>());
+    assert_eq!(diff(words[0]), 0.0, "the frozen table moved");
+    let moved =
+        before.keys().filter(|n| after.contains_key(*n) && !n.contains("word_embeddings")).filter(|n| diff(n) > 0.0);
+    assert!(moved.count() > 5, "the rest of the model did not train");
+}
+
 fn assert_same_weights(a: &str, b: &str) {
     let dev = candle_core::Device::Cpu;
     let (ta, tb) = (candle_core::safetensors::load(a, &dev).unwrap(), candle_core::safetensors::load(b, &dev).unwrap());

@@ -125,6 +125,9 @@ struct TrainArgs {
     /// Keep only the backbone's first N encoder layers (0: all).
     #[arg(long, default_value_t = 0)]
     backbone_layers: u32,
+    /// Keep the word embeddings as the backbone has them (no gradient, no update).
+    #[arg(long)]
+    freeze_word_embeddings: bool,
     /// bce, hinge, infonce, margin_mse, distill_ranknet, adr_mse, mse, ranknet, kl_div.
     #[arg(long)]
     objective: String,
@@ -260,6 +263,7 @@ fn training_spec(a: &TrainArgs, teacher_addr: &str) -> pb::TrainingSpec {
         datasets: a.datasets.iter().map(|d| absolutize(d)).collect(),
         backbone: absolutize(&a.backbone),
         backbone_layers: a.backbone_layers,
+        freeze_word_embeddings: a.freeze_word_embeddings,
         objective: a.objective.clone(),
         hyperparameters: Some(pb::Hyperparameters {
             learning_rate: a.lr,

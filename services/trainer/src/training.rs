@@ -166,6 +166,7 @@ pub struct Prepared {
     pub backbone_dir: std::path::PathBuf,
     /// Encoder layers the student keeps (None: all).
     pub backbone_layers: Option<usize>,
+    pub freeze_word_embeddings: bool,
     pub eval: Option<EvalData>,
     pub validation_metric: Option<String>,
     pub positive_from_labels: bool,
@@ -270,6 +271,7 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
         total_steps,
         groups_per_epoch: summary.rows,
         backbone_layers: (spec.backbone_layers > 0).then_some(spec.backbone_layers as usize),
+        freeze_word_embeddings: spec.freeze_word_embeddings,
         backbone_dir,
         eval,
         validation_metric,
@@ -292,11 +294,14 @@ pub fn run(
         total_steps,
         backbone_dir,
         backbone_layers,
+        freeze_word_embeddings,
         eval,
         validation_metric,
         positive_from_labels,
         ..
     } = prepared;
+    // This blocking thread runs every forward pass of the job.
+    distill_models::layers::freeze_word_embeddings(freeze_word_embeddings);
     let device = Device::Cpu;
     let model = CrossEncoder::load_layers(
         &backbone_dir,

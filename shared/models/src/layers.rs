@@ -127,12 +127,29 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     table: Tensor,
+    /// The vocabulary table (`word_embeddings`, ModernBERT's `tok_embeddings`), which
+    /// [`freeze_word_embeddings`] detaches.
+    words: bool,
+}
+
+thread_local! {
+    /// Whether forward passes on this thread detach the vocabulary tables (see [`freeze_word_embeddings`]).
+    static WORDS_FROZEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Forward passes on this thread read the word-embedding tables detached: they get no gradient
+/// (the optimizer then leaves them as they are) and the backward pass skips the dense
+/// vocabulary-sized gradient. A trainer sets it on its training thread.
+pub fn freeze_word_embeddings(on: bool) {
+    WORDS_FROZEN.with(|f| f.set(on));
 }
 
 impl Embedding {
     pub fn load(vb: VarBuilder, n: usize, dim: usize) -> Result<Self> {
+        let prefix = vb.prefix();
+        let words = prefix.ends_with("word_embeddings") || prefix.ends_with("tok_embeddings");
         let table = vb.get_with_hints((n, dim), "weight", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?;
-        Ok(Self { table })
+        Ok(Self { table, words })
     }
 
     pub fn dtype(&self) -> DType {
@@ -146,7 +163,9 @@ impl Embedding {
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let shape = ids.dims().to_vec();
-        let flat = self.table.index_select(&ids.flatten_all()?, 0)?;
+        let frozen = self.words && WORDS_FROZEN.with(|f| f.get());
+        let table = if frozen { self.table.detach() } else { self.table.clone() };
+        let flat = table.index_select(&ids.flatten_all()?, 0)?;
         let mut out = shape;
         out.push(self.table.dim(1)?);
         flat.reshape(out)

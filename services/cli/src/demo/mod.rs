@@ -69,6 +69,9 @@ pub struct DemoArgs {
     lr: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Students keep MiniLM's word embeddings as they are (no gradient, no update).
+    #[arg(long)]
+    freeze_word_embeddings: bool,
     /// Token limit of the teacher's bi-encoder.
     #[arg(long, default_value_t = 128)]
     teacher_max_length: u32,
@@ -404,6 +407,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             datasets: vec![s(&train_lists)],
             backbone: s(&minilm),
             backbone_layers: a.layers,
+            freeze_word_embeddings: a.freeze_word_embeddings,
             objective: objective.clone(),
             hyperparameters: Some(pb::Hyperparameters {
                 learning_rate: a.lr,
@@ -475,7 +479,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let settings = serde_json::json!({
         "train_queries": n_train, "test_queries": n_test, "depth": a.depth, "rerank_depth": a.rerank_depth,
         "layers": a.layers, "max_length": a.max_length, "steps": a.steps, "batch_size": a.batch_size,
-        "group_size": a.group_size, "lr": a.lr, "seed": a.seed, "teacher_max_length": a.teacher_max_length,
+        "group_size": a.group_size, "lr": a.lr, "freeze_word_embeddings": a.freeze_word_embeddings, "seed": a.seed, "teacher_max_length": a.teacher_max_length,
         "label_train_s": label_train_s, "label_test_s": label_test_s, "total_s": t0.elapsed().as_secs_f64(),
     });
     report::write(&work, &rows, &title, &settings)?;
