@@ -29,7 +29,9 @@ if [ ! -s "$OUT/candle_score_bf16.json" ]; then
   echo "== distill-bench: scoring f32 (bf16 failed)"
   timeout "${T_SCORE:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes score --json "$OUT/candle_score_f32.json" 2>&1 | tail -8
 fi
-echo "== distill-bench: training f32 (differentiable ops)"
+echo "== distill-bench: training bf16 mixed precision (f32 master weights; differentiable ops)"
+timeout "${T_TRAIN:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes train --train-precision bf16 --json "$OUT/candle_train_bf16.json" 2>&1 | tail -8
+echo "== distill-bench: training fp32"
 timeout "${T_TRAIN:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes train --json "$OUT/candle_train_f32.json" 2>&1 | tail -8
 echo "== PyTorch baseline"
 OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${T_TORCH:-240}" python3 "$BENCH_DIR/pytorch_baseline.py" 2>&1 | tail -14

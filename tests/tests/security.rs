@@ -69,6 +69,29 @@ async fn bearer_token_is_required_except_for_health() {
     assert!(names.contains(&"distill.v1.TeacherService".to_string()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
 
+    // `distill health` (the containers' HEALTHCHECK) needs no token either.
+    let health_cli = |args: &[&str], env_addr: Option<String>| {
+        let mut cmd = std::process::Command::new(bin("distill"));
+        cmd.arg("health").args(args).env_remove("DISTILL_TLS_CERT");
+        match env_addr {
+            Some(a) => cmd.env("DISTILL_ADDR", a),
+            None => cmd.env_remove("DISTILL_ADDR"),
+        };
+        cmd.output().unwrap()
+    };
+    let url = svc.url();
+    let out = health_cli(&["--addr", &url], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let out = health_cli(&["--service", "distill.v1.TeacherService"], Some(format!("0.0.0.0:{port}")));
+    assert!(out.status.success(), "from DISTILL_ADDR: {}", String::from_utf8_lossy(&out.stderr));
+    let out = health_cli(&["--addr", &url, "--service", "distill.v1.NoSuchService"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NoSuchService"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = health_cli(&["--addr", &format!("http://127.0.0.1:{}", free_port()), "--timeout", "3"], None);
+    assert!(!out.status.success(), "an address with no service is not healthy");
+
     // The token from the environment works the same way.
     drop(svc);
     let svc = Service::teacher(state.path().join("store"), &[], &[("DISTILL_AUTH_TOKEN", "env-token".to_string())]);

@@ -294,6 +294,70 @@ async fn frozen_word_embeddings_stay_as_the_backbone_has_them() {
     assert!(moved.count() > 5, "the rest of the model did not train");
 }
 
+/// Mixed precision through the service (on the CPU here: the same code path as on a GPU): the
+/// job trains, the loss goes down, the exported weights are f32 masters that moved, and an
+/// unknown precision is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_mixed_precision_trains_f32_master_weights() {
+    let f = Fixture::topical(24, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_string();
+    let teacher = Service::teacher(dir.path().join("teacher"), &["--device", "cpu"], &[]);
+    let lists = format!("{root}/lists");
+    label(&teacher, labeling_spec(&f, pb::OutputLayout::Lists, &lists)).await;
+    let trainer = Service::trainer(dir.path().join("trainer"), &["--device", "cpu"], &[]);
+    let mut client = trainer.trainer_client().await;
+
+    let output = format!("{root}/bf16");
+    let mut spec = pb::TrainingSpec { evaluation: None, ..training_spec(&lists, "infonce", &output, 30, None) };
+    spec.hyperparameters.as_mut().unwrap().precision = "bf16".into();
+    let job = client.start_training(spec.clone()).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+    let (first, last) = loss_ends(&history(&output), 5);
+    assert!(last < first, "bf16: loss did not decrease ({first} -> {last})");
+    let dev = candle_core::Device::Cpu;
+    let before = candle_core::safetensors::load(format!("{}/model.safetensors", model_fixture("bert")), &dev).unwrap();
+    let after = candle_core::safetensors::load(format!("{output}/final/model.safetensors"), &dev).unwrap();
+    assert!(after.values().all(|t| t.dtype() == candle_core::DType::F32), "exported weights are not f32");
+    let moved = before
+        .iter()
+        .filter(|(n, t)| {
+            after
+                .get(*n)
+                .is_some_and(|a| (a - *t).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+        })
+        .count();
+    assert!(moved > 10, "only {moved} tensors moved");
+
+    spec.hyperparameters.as_mut().unwrap().precision = "fp8".into();
+    spec.output_uri = format!("{root}/fp8");
+    let err = client.start_training(spec).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hyperparameters.precision"), "{}", err.message());
+}
+
+/// A CUDA device asked of a binary built without CUDA: the service does not start, and says why.
+#[test]
+fn services_refuse_a_device_they_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    for bin_name in ["distill-trainer", "distill-teacher"] {
+        for (device, want) in [("cuda:0", "built without CUDA"), ("tpu", "expected cpu, cuda or cuda:N")] {
+            if device.starts_with("cuda") && candle_core::utils::cuda_is_available() {
+                continue;
+            }
+            let out = std::process::Command::new(bin(bin_name))
+                .args(["--addr", "127.0.0.1:0", "--store"])
+                .arg(dir.path())
+                .args(["--device", device])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{bin_name} --device {device} started");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("--device") && err.contains(want), "{bin_name} --device {device}: {err}");
+        }
+    }
+}
+
 fn assert_same_weights(a: &str, b: &str) {
     let dev = candle_core::Device::Cpu;
     let (ta, tb) = (candle_core::safetensors::load(a, &dev).unwrap(), candle_core::safetensors::load(b, &dev).unwrap());

@@ -90,7 +90,7 @@ impl Connection {
         Ok(Bearer(value))
     }
 
-    async fn channel(&self, addr: &str) -> anyhow::Result<Channel> {
+    pub async fn channel(&self, addr: &str) -> anyhow::Result<Channel> {
         let mut endpoint =
             Endpoint::from_shared(addr.to_string()).map_err(|e| anyhow::anyhow!("address {addr}: {e}"))?;
         if addr.starts_with("https://") {

@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod health;
 mod jobs;
 mod retrieve;
 mod score;
@@ -44,6 +45,8 @@ enum Command {
     Retrieve(retrieve::RetrieveArgs),
     /// The whole system on the bundled Debian collection: BM25, a teacher, three students, a table.
     Demo(demo::DemoArgs),
+    /// Ask a service's gRPC health endpoint (container health checks): exit 0 when SERVING.
+    Health(health::HealthArgs),
     /// Look into datasets of shards.
     Shards {
         #[command(subcommand)]
@@ -165,6 +168,9 @@ struct TrainArgs {
     temperature: f64,
     #[arg(long, default_value_t = 1024)]
     shuffle_buffer: u32,
+    /// fp32, or bf16: mixed precision (bf16 matmuls, f32 master weights and optimizer state), for GPUs.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    precision: String,
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
     /// Evaluate every N steps (and at the end) on --eval-run; 0: only at the end.
@@ -285,6 +291,7 @@ fn training_spec(a: &TrainArgs, teacher_addr: &str) -> pb::TrainingSpec {
             max_length: a.max_length,
             temperature: a.temperature,
             shuffle_buffer: a.shuffle_buffer,
+            precision: a.precision.clone(),
         }),
         evaluation: a.eval.spec("", a.max_query_length, a.max_length, "", ""),
         eval_every_steps: a.eval_every,
@@ -654,6 +661,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval(&args).await,
         Command::Retrieve(args) => retrieve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Health(args) => health::run(args, &cli.conn).await,
         Command::Score(args) => {
             let dir = distill_store::materialize_dir(&args.model).await.map_err(|e| anyhow::anyhow!("--model: {e}"))?;
             tokio::task::spawn_blocking(move || score::run(&args, &dir)).await?
@@ -664,6 +672,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
+    distill_models::alloc::keep_freed_memory();
     let cli = Cli::parse();
     // Both ring and aws-lc-rs are linked (object_store's HTTP stack); pick one for TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();

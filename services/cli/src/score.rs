@@ -25,18 +25,28 @@ pub struct ScoreArgs {
     max_length: usize,
     #[arg(long, default_value_t = 64)]
     max_query_length: usize,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
+    device: String,
+    /// fp32, or bf16 (cross-encoders: bf16 weights and matmuls, f32 norms and softmax).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
 }
 
 /// Scores with the model in the local directory `dir` (what `a.model` names, materialised).
 pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
-    let cpu = candle_core::Device::Cpu;
+    let device = distill_models::parse_device(&a.device)?;
+    let dtype = distill_models::parse_precision(&a.precision)?.unwrap_or(candle_core::DType::F32);
     let batching = Batching { max_pairs: a.batch_size, max_tokens: usize::MAX };
     let scorer: Box<dyn Fn(&[(&str, &str)]) -> distill_models::Result<Vec<f32>>> = if is_bi_encoder(dir) {
-        let model = BiEncoder::load(dir, a.max_length, &cpu)?;
+        if dtype != candle_core::DType::F32 {
+            anyhow::bail!("--precision {}: bi-encoders score in fp32 only", a.precision);
+        }
+        let model = BiEncoder::load(dir, a.max_length, &device)?;
         eprintln!("{}: a sentence-transformers bi-encoder; scores are cosine similarities", a.model);
         Box::new(move |pairs| Ok(model.score_with(pairs, batching)?.0))
     } else {
-        let model = CrossEncoder::load(dir, a.max_query_length, a.max_length, &cpu)?;
+        let model = CrossEncoder::load_as(dir, a.max_query_length, a.max_length, &device, dtype)?;
         if model.new_head() {
             eprintln!("warning: {} has no classification head; a new random head was initialised", a.model);
         }

@@ -22,12 +22,19 @@ struct Args {
     /// Token limit of the scoring models.
     #[arg(long, env = "DISTILL_SCORE_MAX_LENGTH", default_value_t = 512)]
     score_max_length: u32,
+    /// Where model teachers and the scorer run: cpu, cuda or cuda:N (CUDA needs a binary built
+    /// with `--features cuda`).
+    #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    distill_models::alloc::keep_freed_memory();
     let args = Args::parse();
+    let device = distill_models::parse_device(&args.device)?;
     let cfg = args.service.setup(args.addr)?;
+    tracing::info!(device = %distill_models::device_name(&device), "models run here");
     let scorer = (!args.score_models.is_empty()).then(|| distill_proto::CrossEncoderEnsemble {
         models: args.score_models.iter().map(|m| distill_store::absolutize(m)).collect(),
         combination: if args.score_combination == "znorm" {
@@ -39,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     });
     let start = |store, jobs| async move {
-        let teacher = distill_teacher::service::Teacher::start(store, jobs).await?;
+        let teacher = distill_teacher::service::Teacher::start(store, jobs, device).await?;
         let ready = scorer.and_then(|spec| teacher.load_scorer(spec));
         let jobs = teacher.jobs();
         Ok(distill_jobs::serving::Started { service: TeacherServiceServer::new(teacher), ready, jobs })

@@ -23,6 +23,8 @@ pub struct TeacherState {
     /// The `Score` RPC's ensemble: configured or not, set once loaded.
     scorer_configured: std::sync::atomic::AtomicBool,
     scorer: tokio::sync::OnceCell<Arc<crate::teachers::Ensemble>>,
+    /// Where model teachers and the scorer run (`--device`).
+    device: candle_core::Device,
 }
 
 /// The gRPC handle (cheap to clone).
@@ -31,7 +33,11 @@ pub struct Teacher(Arc<TeacherState>);
 
 impl Teacher {
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished.
-    pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
+    pub async fn start(
+        store: Location,
+        max_concurrent_jobs: usize,
+        device: candle_core::Device,
+    ) -> Result<Self, Error> {
         let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
         let state = Arc::new(TeacherState {
             jobs,
@@ -39,6 +45,7 @@ impl Teacher {
             permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))),
             scorer_configured: Default::default(),
             scorer: Default::default(),
+            device,
         });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
@@ -57,7 +64,7 @@ impl Teacher {
         self.0.scorer_configured.store(true, std::sync::atomic::Ordering::SeqCst);
         let state = self.0.clone();
         Some(Box::pin(async move {
-            let ensemble = crate::teachers::Ensemble::load(&spec).await.map_err(|e| {
+            let ensemble = crate::teachers::Ensemble::load(&spec, &state.device).await.map_err(|e| {
                 anyhow::anyhow!("--score-model: {}", e.to_string().replace("teacher.cross_encoders.", ""))
             })?;
             tracing::info!(teacher = %ensemble.identity().name, "scorer loaded");
@@ -79,7 +86,11 @@ impl TeacherState {
                 return;
             }
             self.jobs.set_state(&entry, JobState::Running, "").await;
-            let ctx = TeacherContext { store: Some(self.store.clone()), api_key: self.secret(&job.id).await };
+            let ctx = TeacherContext {
+                store: Some(self.store.clone()),
+                api_key: self.secret(&job.id).await,
+                device: Some(self.device.clone()),
+            };
             let result = match job.spec.and_then(|s| s.spec) {
                 Some(job_spec::Spec::Labeling(spec)) => match Location::parse(&job.output_uri) {
                     Ok(output) => labeling::run(&spec, &job.id, output, &ctx, &self.jobs, &entry, &entry.cancel).await,

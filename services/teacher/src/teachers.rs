@@ -191,9 +191,9 @@ pub async fn build(spec: &TeacherSpec, ctx: &TeacherContext) -> Result<Box<dyn T
             let format = PrecomputedFormat::try_from(p.format).expect("validated");
             Ok(Box::new(Precomputed::load(&p.path, format, &p.name).await?))
         }
-        TeacherKind::CrossEncoders(e) => Ok(Box::new(Ensemble::load(e).await?)),
+        TeacherKind::CrossEncoders(e) => Ok(Box::new(Ensemble::load(e, &ctx.device()).await?)),
         TeacherKind::Llm(l) => Ok(Box::new(LlmTeacher::build(l, ctx).await?)),
-        TeacherKind::LocalLlm(l) => Ok(Box::new(crate::llm::local::LocalLlmTeacher::load(l).await?)),
+        TeacherKind::LocalLlm(l) => Ok(Box::new(crate::llm::local::LocalLlmTeacher::load(l, &ctx.device()).await?)),
     }
 }
 
@@ -254,7 +254,8 @@ pub fn znorm(xs: &[f64], reference: &[f64]) -> Vec<f64> {
 }
 
 impl Ensemble {
-    pub async fn load(spec: &distill_proto::CrossEncoderEnsemble) -> Result<Self, Error> {
+    /// Loads every member onto `device`.
+    pub async fn load(spec: &distill_proto::CrossEncoderEnsemble, device: &candle_core::Device) -> Result<Self, Error> {
         let max_q = if spec.max_query_length == 0 { 64 } else { spec.max_query_length as usize };
         let max_len = if spec.max_length == 0 { 512 } else { spec.max_length as usize };
         let mut members = Vec::with_capacity(spec.models.len());
@@ -263,12 +264,12 @@ impl Ensemble {
             let dir = distill_store::materialize_dir(uri)
                 .await
                 .map_err(|e| Error::InvalidArgument(format!("teacher.cross_encoders.models[{i}]: {e}")))?;
+            let device = device.clone();
             let model = tokio::task::spawn_blocking(move || -> distill_models::Result<Member> {
-                let cpu = candle_core::Device::Cpu;
                 if distill_models::bi_encoder::is_bi_encoder(&dir) {
-                    Ok(Member::Bi(distill_models::BiEncoder::load(&dir, max_len, &cpu)?))
+                    Ok(Member::Bi(distill_models::BiEncoder::load(&dir, max_len, &device)?))
                 } else {
-                    Ok(Member::Cross(distill_models::CrossEncoder::load(&dir, max_q, max_len, &cpu)?))
+                    Ok(Member::Cross(distill_models::CrossEncoder::load(&dir, max_q, max_len, &device)?))
                 }
             })
             .await
@@ -508,7 +509,7 @@ mod tests {
                 include_first_stage: true,
                 ..Default::default()
             };
-            let e = Ensemble::load(&spec).await.unwrap();
+            let e = Ensemble::load(&spec, &candle_core::Device::Cpu).await.unwrap();
             let queries = vec![
                 QueryCandidates {
                     qid: "1".into(),

@@ -45,6 +45,26 @@ pub struct Batch {
     pub consumed: u64,
 }
 
+impl Batch {
+    /// The same batch on `device` (batches are built on the CPU by the producer thread).
+    pub fn to_device(self, device: &Device) -> candle_core::Result<Batch> {
+        if device.is_cpu() {
+            return Ok(self);
+        }
+        let opt = |t: Option<Tensor>| t.map(|t| t.to_device(device)).transpose();
+        Ok(Batch {
+            input_ids: self.input_ids.to_device(device)?,
+            token_type_ids: self.token_type_ids.to_device(device)?,
+            attention_mask: self.attention_mask.to_device(device)?,
+            mask: self.mask.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+            teacher_scores: opt(self.teacher_scores)?,
+            teacher_ranks: opt(self.teacher_ranks)?,
+            ..self
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
 pub struct Position {
     pub epoch: u64,

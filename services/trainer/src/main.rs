@@ -16,14 +16,21 @@ struct Args {
     addr: SocketAddr,
     #[command(flatten)]
     service: distill_jobs::serving::ServiceArgs,
+    /// Where training and evaluation run: cpu, cuda or cuda:N (CUDA needs a binary built with
+    /// `--features cuda`).
+    #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    distill_models::alloc::keep_freed_memory();
     let args = Args::parse();
+    let device = distill_models::parse_device(&args.device)?;
     let cfg = args.service.setup(args.addr)?;
+    tracing::info!(device = %distill_models::device_name(&device), "models run here");
     let start = |store, jobs| async move {
-        let trainer = distill_trainer::service::Trainer::start(store, jobs).await?;
+        let trainer = distill_trainer::service::Trainer::start(store, jobs, device).await?;
         let jobs = trainer.jobs();
         Ok(distill_jobs::serving::Started { service: TrainerServiceServer::new(trainer), ready: None, jobs })
     };

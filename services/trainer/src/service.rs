@@ -20,6 +20,8 @@ pub struct TrainerState {
     jobs: Arc<Jobs>,
     store: Location,
     permits: Arc<Semaphore>,
+    /// Where training and evaluation run (`--device`).
+    device: candle_core::Device,
 }
 
 /// The gRPC handle (cheap to clone).
@@ -34,10 +36,14 @@ impl Trainer {
 
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished
     /// (training resumes from its newest checkpoint).
-    pub async fn start(store: Location, max_concurrent_jobs: usize) -> Result<Self, Error> {
+    pub async fn start(
+        store: Location,
+        max_concurrent_jobs: usize,
+        device: candle_core::Device,
+    ) -> Result<Self, Error> {
         let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
-        let state =
-            Arc::new(TrainerState { jobs, store, permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))) });
+        let permits = Arc::new(Semaphore::new(max_concurrent_jobs.max(1)));
+        let state = Arc::new(TrainerState { jobs, store, permits, device });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
@@ -82,7 +88,8 @@ impl TrainerState {
         let jobs = self.jobs.clone();
         let handle = tokio::runtime::Handle::current();
         let out = output.clone();
-        let outcome = tokio::task::spawn_blocking(move || training::run(prepared, out, jobs, entry, handle))
+        let device = self.device.clone();
+        let outcome = tokio::task::spawn_blocking(move || training::run(prepared, out, jobs, entry, handle, device))
             .await
             .map_err(|e| Error::Internal(format!("training thread: {e}")))??;
         Ok(match outcome {
@@ -111,9 +118,10 @@ impl TrainerState {
         let max_len = if spec.max_length == 0 { 256 } else { spec.max_length as usize };
         let batch = if spec.batch_size == 0 { 32 } else { spec.batch_size as usize };
         let d = data.clone();
+        let device = self.device.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<Option<_>, Error> {
             let data = d;
-            let model = distill_models::CrossEncoder::load(&model_dir, max_q, max_len, &candle_core::Device::Cpu)?;
+            let model = distill_models::CrossEncoder::load(&model_dir, max_q, max_len, &device)?;
             let mut cancelled = false;
             let run = data.rerank(&model, batch, |done, total| {
                 cancelled |= e.cancel.is_cancelled();

@@ -48,6 +48,8 @@ pub struct Hyper {
     pub max_length: usize,
     pub temperature: f64,
     pub shuffle_buffer: usize,
+    /// fp32, or bf16 (mixed precision: bf16 matmuls, f32 master weights).
+    pub precision: String,
     pub checkpoint_every: u64,
     pub eval_every: u64,
 }
@@ -77,9 +79,12 @@ impl Hyper {
             max_length: or(h.max_length, 256),
             temperature: if h.temperature == 0.0 { 1.0 } else { h.temperature },
             shuffle_buffer: or(h.shuffle_buffer, 1024),
+            precision: if h.precision.is_empty() { "fp32".into() } else { h.precision.trim().to_ascii_lowercase() },
             checkpoint_every: if spec.checkpoint_every_steps == 0 { 100 } else { spec.checkpoint_every_steps },
             eval_every: spec.eval_every_steps,
         };
+        distill_models::parse_precision(&hyper.precision)
+            .map_err(|e| Error::InvalidArgument(format!("hyperparameters.{e}")))?;
         if !(hyper.learning_rate > 0.0 && hyper.learning_rate.is_finite()) {
             return Err(Error::InvalidArgument(format!(
                 "hyperparameters.learning_rate: {} is not a positive number",
@@ -286,6 +291,7 @@ pub fn run(
     jobs: Arc<Jobs>,
     entry: Arc<JobEntry>,
     handle: tokio::runtime::Handle,
+    device: Device,
 ) -> Result<Outcome, Error> {
     let Prepared {
         hyper,
@@ -302,7 +308,7 @@ pub fn run(
     } = prepared;
     // This blocking thread runs every forward pass of the job.
     distill_models::layers::freeze_word_embeddings(freeze_word_embeddings);
-    let device = Device::Cpu;
+    distill_models::layers::autocast(distill_models::parse_precision(&hyper.precision).unwrap_or(None));
     let model = CrossEncoder::load_layers(
         &backbone_dir,
         hyper.max_query_length,
@@ -363,7 +369,7 @@ pub fn run(
         let mut pairs = 0usize;
         for micro in 0..hyper.accumulation {
             let batch: Batch = match batches.recv() {
-                Ok(b) => b?,
+                Ok(b) => b?.to_device(&device)?,
                 Err(_) => return Err(Error::Internal("the data stream ended early".into())),
             };
             distill_models::layers::seed_dropout(Some(dropout_seed(hyper.seed, step, micro)));

@@ -159,7 +159,7 @@ impl Encoder {
         let heads = cfg.num_attention_heads;
         let head_dim = cfg.hidden_size / heads;
         // The weights' dtype: where matmuls run (bf16 under mixed precision, activations in f32).
-        let compute = self.word.dtype();
+        let compute = crate::layers::compute_dtype(self.word.dtype());
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
             // Weights are variables, so every op records its inputs for backprop; under no_grad,

@@ -254,7 +254,7 @@ impl DebertaV2CrossEncoder {
         let dev = input_ids.device();
         let heads = cfg.num_attention_heads;
         let hd = cfg.hidden_size / heads;
-        let compute = self.word.dtype();
+        let compute = crate::layers::compute_dtype(self.word.dtype());
 
         let mut x = self.word.forward(input_ids)?;
         if let Some(p) = &self.position {

@@ -22,9 +22,12 @@ impl Linear {
 impl Module for Linear {
     /// Mixed precision as autocast does it: with bf16 weights and f32 activations the product
     /// runs in bf16 and comes back as f32; with one dtype throughout nothing is cast.
+    /// Under [`autocast`] the f32 master weight is cast for the product (its gradient flows back
+    /// to the f32 variable through the cast).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let act = x.dtype();
-        let y = x.to_dtype(self.weight.dtype())?.broadcast_matmul(&self.weight.t()?)?.to_dtype(act)?;
+        let compute = compute_dtype(self.weight.dtype());
+        let y = x.to_dtype(compute)?.broadcast_matmul(&self.weight.to_dtype(compute)?.t()?)?.to_dtype(act)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(act)?),
             None => Ok(y),
@@ -32,8 +35,8 @@ impl Module for Linear {
     }
 }
 
-/// `a @ b` computed in `dtype` (the weights' dtype, bf16 under mixed precision), result in the
-/// dtype of `a`.
+/// `a @ b` computed in `dtype` (from [`compute_dtype`]: bf16 under mixed precision), result in
+/// the dtype of `a`.
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
 }
@@ -73,6 +76,24 @@ impl Module for LayerNorm {
 /// (A fused kernel on the CPU, `kernels::softmax_last_dim`.)
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     crate::kernels::softmax_last_dim(x)
+}
+
+thread_local! {
+    /// The dtype matmuls run in on this thread, whatever the weights' (see [`autocast`]).
+    static AUTOCAST: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Mixed-precision training as PyTorch's autocast: with `Some(BF16)`, forward passes on this
+/// thread run every matmul in bf16 while the variables (master weights), layer norms, softmax,
+/// the residual stream and the objective stay f32. `None` turns it off. A trainer sets it on
+/// its training thread; scoring in bf16 loads bf16 weights instead.
+pub fn autocast(dtype: Option<DType>) {
+    AUTOCAST.with(|a| a.set(dtype));
+}
+
+/// The dtype a matmul with weights of dtype `weights` runs in on this thread.
+pub fn compute_dtype(weights: DType) -> DType {
+    AUTOCAST.with(|a| a.get()).unwrap_or(weights)
 }
 
 thread_local! {

@@ -5,11 +5,13 @@
 //! Architectures, one file each, dispatched on `config.json`'s `model_type`: BERT (covers
 //! MiniLM), ELECTRA, RoBERTa / XLM-RoBERTa, DeBERTa-v2/v3, ModernBERT.
 
+pub mod alloc;
 pub mod bert;
 pub mod bi_encoder;
 pub mod checkpoint;
 pub mod cross_encoder;
 pub mod deberta;
+pub mod device;
 pub mod electra;
 pub mod gguf_llm;
 pub mod head;
@@ -32,5 +34,6 @@ pub enum ModelError {
 
 pub use bi_encoder::BiEncoder;
 pub use cross_encoder::{BatchStats, Batching, CrossEncoder};
+pub use device::{device_name, parse_device, parse_precision};
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -175,7 +175,7 @@ impl ModernBertCrossEncoder {
         let dev = input_ids.device();
         let heads = cfg.num_attention_heads;
         let hd = cfg.hidden_size / heads;
-        let compute = self.embeddings.dtype();
+        let compute = crate::layers::compute_dtype(self.embeddings.dtype());
         let mut x =
             dropout(&self.emb_norm.forward(&self.embeddings.forward(input_ids)?)?, cfg.embedding_dropout, train)?;
 

@@ -78,6 +78,12 @@ pub struct DemoArgs {
     /// Where distill-teacher and distill-trainer are (default: next to this program).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Where the services run their models: cpu, cuda or cuda:N (binaries built with `--features cuda`).
+    #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Students' training precision: fp32, or bf16 (mixed precision, for GPUs).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    precision: String,
 }
 
 /// A service process of the demo; killed when dropped.
@@ -86,11 +92,12 @@ struct Service {
     addr: String,
 }
 
-async fn start_service(bin: &Path, store: &Path, log: &Path) -> anyhow::Result<Service> {
+async fn start_service(bin: &Path, store: &Path, log: &Path, device: &str) -> anyhow::Result<Service> {
     let log_file = std::fs::File::create(log).map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
     let mut child = tokio::process::Command::new(bin)
         .args(["--addr", "127.0.0.1:0", "--store"])
         .arg(store)
+        .args(["--device", device])
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -328,8 +335,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     }
 
     step(4, of, "starting the teacher and trainer services", t0);
-    let teacher_svc = start_service(&teacher_bin, &work.join("store/teacher"), &work.join("logs/teacher.log")).await?;
-    let trainer_svc = start_service(&trainer_bin, &work.join("store/trainer"), &work.join("logs/trainer.log")).await?;
+    let teacher_svc =
+        start_service(&teacher_bin, &work.join("store/teacher"), &work.join("logs/teacher.log"), &a.device).await?;
+    let trainer_svc =
+        start_service(&trainer_bin, &work.join("store/trainer"), &work.join("logs/trainer.log"), &a.device).await?;
     eprintln!(
         "teacher at {}, trainer at {} (logs in {})",
         teacher_svc.addr,
@@ -425,6 +434,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
                 max_length: a.max_length,
                 temperature: 1.0,
                 shuffle_buffer: 1024,
+                precision: a.precision.clone(),
             }),
             evaluation: None,
             eval_every_steps: 0,

@@ -55,11 +55,12 @@ async fn gguf_file(uri: &str) -> Result<PathBuf, Error> {
 }
 
 impl LocalLlmTeacher {
-    pub async fn load(spec: &LocalLlm) -> Result<Self, Error> {
+    pub async fn load(spec: &LocalLlm, device: &candle_core::Device) -> Result<Self, Error> {
         validate(spec)?;
         let path = gguf_file(&spec.model).await?;
         let file = path.clone();
-        let model = tokio::task::spawn_blocking(move || GgufLlm::load(&file, &candle_core::Device::Cpu))
+        let device = device.clone();
+        let model = tokio::task::spawn_blocking(move || GgufLlm::load(&file, &device))
             .await
             .map_err(|e| Error::Internal(format!("model loading task: {e}")))?
             .map_err(|e| Error::InvalidArgument(format!("teacher.local_llm.model: {e}")))?;

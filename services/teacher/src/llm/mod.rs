@@ -33,6 +33,14 @@ pub struct TeacherContext {
     pub store: Option<Location>,
     /// The API key the job was started with (kept apart from the job spec).
     pub api_key: Option<String>,
+    /// Where model teachers run (the service's `--device`; None: the CPU).
+    pub device: Option<candle_core::Device>,
+}
+
+impl TeacherContext {
+    pub fn device(&self) -> candle_core::Device {
+        self.device.clone().unwrap_or(candle_core::Device::Cpu)
+    }
 }
 
 fn or_default(v: u32, default: u32) -> u32 {

@@ -38,6 +38,12 @@ struct Args {
     /// Scoring weights and activations: f32 or bf16.
     #[arg(long, default_value = "f32")]
     score_dtype: String,
+    /// Training precision: fp32, or bf16 (mixed: bf16 matmuls, f32 master weights and optimizer state).
+    #[arg(long, default_value = "fp32")]
+    train_precision: String,
+    /// Training leaves the word-embedding table as it is (no gradient, no update).
+    #[arg(long)]
+    freeze_word_embeddings: bool,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -133,15 +139,6 @@ fn shape_config(name: &str) -> anyhow::Result<(String, serde_json::Value)> {
     })
 }
 
-fn device(spec: &str) -> anyhow::Result<Device> {
-    Ok(match spec {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        s if s.starts_with("cuda:") => Device::new_cuda(s[5..].parse()?)?,
-        s => anyhow::bail!("unknown device '{s}' (cpu, cuda, cuda:N)"),
-    })
-}
-
 /// Median seconds of `iters` timed calls after `warmup` untimed ones.
 fn timed(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     for _ in 0..warmup {
@@ -194,10 +191,11 @@ fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::R
 }
 
 fn main() -> anyhow::Result<()> {
+    distill_models::alloc::keep_freed_memory();
     let args = Args::parse();
     distill_models::kernels::set_fused(args.fused);
     let kernels = if args.fused { "fused" } else { "composite" };
-    let dev = device(&args.device)?;
+    let dev = distill_models::parse_device(&args.device)?;
     let score_dtype = match args.score_dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -234,6 +232,8 @@ fn main() -> anyhow::Result<()> {
             let mut opt = AdamW::new(&b.varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
             let (ids, types, mask) = random_ids(b.vocab, args.train_batch, args.seq, &dev)?;
             let target = Tensor::randn(0f32, 1.0, args.train_batch / 2, &dev)?;
+            distill_models::layers::autocast(distill_models::parse_precision(&args.train_precision)?);
+            distill_models::layers::freeze_word_embeddings(args.freeze_word_embeddings);
             let t = timed(&dev, args.warmup, args.iters, || {
                 let s = b.backbone.forward(&ids, &types, &mask, true)?.reshape((args.train_batch / 2, 2))?;
                 let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
@@ -243,9 +243,11 @@ fn main() -> anyhow::Result<()> {
                 opt.update(&grads, 1e-5)?;
                 Ok(())
             })?;
+            distill_models::layers::autocast(None);
+            distill_models::layers::freeze_word_embeddings(false);
             let n = args.train_batch as f64;
             rows.push(
-                serde_json::json!({"model": name, "mode": "train-f32", "params": b.params, "batch": args.train_batch,
+                serde_json::json!({"model": name, "mode": format!("train-{}", args.train_precision), "params": b.params, "batch": args.train_batch,
                 "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
                 "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
