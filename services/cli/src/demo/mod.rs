@@ -50,14 +50,14 @@ pub struct DemoArgs {
     /// Students to train, by objective.
     #[arg(long, value_delimiter = ',', default_value = "bce,margin_mse,infonce")]
     objectives: Vec<String>,
-    /// The students keep this many of MiniLM's 6 layers.
-    #[arg(long, default_value_t = 2)]
+    /// The students keep this many of MiniLM's 6 layers (all 6 learn far faster than 2 or 3: docs/demo.md).
+    #[arg(long, default_value_t = 6)]
     layers: u32,
     /// Token limit of the students (query + passage).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 48)]
     max_length: u32,
     /// Training steps per student.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 110)]
     steps: u64,
     /// Queries per step.
     #[arg(long, default_value_t = 2)]
@@ -65,15 +65,15 @@ pub struct DemoArgs {
     /// Passages per query in a step (the positive and group_size - 1 negatives).
     #[arg(long, default_value_t = 8)]
     group_size: u32,
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = 1e-4)]
     lr: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Students keep MiniLM's word embeddings as they are (no gradient, no update).
-    #[arg(long)]
+    /// Students keep MiniLM's word embeddings as they are (no gradient, no update); `false` trains them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     freeze_word_embeddings: bool,
     /// Token limit of the teacher's bi-encoder.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 96)]
     teacher_max_length: u32,
     /// Where distill-teacher and distill-trainer are (default: next to this program).
     #[arg(long)]
