@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: distill-bench (built with `--features cuda`, see
-# scripts/cuda-toolkit.sh) and ../shared/bench/pytorch_baseline.py on the same card, then the ratio
-# table (scripts/bench/perf-table.py). Expects the stripped binary at $BENCH_BIN (default
-# $BENCH_DIR/distill-bench, or that path + .xz) and the baseline at $BENCH_DIR/pytorch_baseline.py
-# (BENCH_DIR defaults to .device-bench, a git-ignored folder the device tool carries).
-# Results go to $OUT (default ./bench-out).
+# On a machine with an NVIDIA GPU, in one go: the fused kernels checked against candle's composite
+# ops, bf16 scores against transformers' fp32 logits (parity fixtures; transformers' own bf16 on the
+# same fixtures for comparison), ../shared/bench/pytorch_baseline.py, distill-bench scoring and
+# training on the same card (each shape its own process, so one failure loses nothing else), an
+# optional Nsight Compute kernel profile of a training step, and the ratio table
+# (scripts/bench/perf-table.py).
+#
+# Expects the stripped binary (built with `--features cuda`, see scripts/cuda-toolkit.sh) at
+# $BENCH_BIN (default $BENCH_DIR/distill-bench, or that path + .xz) and the baseline at
+# $BENCH_DIR/pytorch_baseline.py (BENCH_DIR defaults to .device-bench, a git-ignored folder the device
+# tool carries); a bf16 all-MiniLM-L6-v2 directory at $BENCH_DIR/minilm-bf16 adds the real-weights
+# parity check. Results go to $OUT (default ./bench-out): the JSON rows, ratios.md, kernels.csv.
+# Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, COMPOSITE=1 (bert-base with candle's composite ops),
+# FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench-out}"
 mkdir -p "$OUT"
+TMP="$(mktemp -d)"
 export LD_LIBRARY_PATH="/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 BENCH_DIR="${BENCH_DIR:-.device-bench}"
 BIN="${BENCH_BIN:-$BENCH_DIR/distill-bench}"
@@ -16,24 +25,68 @@ if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
   python3 -c "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],'wb'))" "$BIN.xz" "$BIN"
   chmod +x "$BIN"
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 SHAPES="${SHAPES:-minilm-l6,bert-base,electra-base,deberta-v3-base,modernbert-base}"
 F=shared/models/tests/fixtures
+W="--warmup ${WARMUP:-2} --iters ${ITERS:-8}"
+
+echo "== fused kernels (kernels.cu) against the composite ops on the GPU: values, gradients, dropout, AdamW"
+timeout 90 "$BIN" --device cuda --check-kernels 2>&1
+
 echo "== bf16 and f32 scores on the GPU against transformers fp32 (parity fixtures)"
 for dt in bf16 f32; do
-  "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tee -a "$OUT/parity.txt"
+  timeout 60 "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
 done
-echo "== distill-bench: scoring bf16"
-timeout "${T_SCORE:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes score --score-dtype bf16 --json "$OUT/candle_score_bf16.json" 2>&1 | tail -8
-if [ ! -s "$OUT/candle_score_bf16.json" ]; then
-  echo "== distill-bench: scoring f32 (bf16 failed)"
-  timeout "${T_SCORE:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes score --json "$OUT/candle_score_f32.json" 2>&1 | tail -8
+if [ -d "$BENCH_DIR/minilm-bf16" ]; then
+  echo "== real weights: all-MiniLM-L6-v2 (+ the fixture's head), bf16 on the GPU against transformers fp32"
+  timeout 60 "$BIN" --device cuda --parity "$F/minilm" --parity-base "$BENCH_DIR/minilm-bf16" --score-dtype bf16 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
 fi
-echo "== distill-bench: training bf16 mixed precision (f32 master weights; differentiable ops)"
-timeout "${T_TRAIN:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes train --train-precision bf16 --json "$OUT/candle_train_bf16.json" 2>&1 | tail -8
-echo "== distill-bench: training fp32"
-timeout "${T_TRAIN:-180}" "$BIN" --device cuda --shapes "$SHAPES" --modes train --json "$OUT/candle_train_f32.json" 2>&1 | tail -8
+echo "== transformers' own bf16 on the same fixtures"
+PYTHONUNBUFFERED=1 timeout 90 python3 scripts/bench/pytorch_bf16_parity.py 2>&1 | grep -v "Loading weights\|Warning\|warn"
+
 echo "== PyTorch baseline"
-OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${T_TORCH:-240}" python3 "$BENCH_DIR/pytorch_baseline.py" 2>&1 | tail -14
+OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${T_TORCH:-240}" python3 "$BENCH_DIR/pytorch_baseline.py" 2>&1 | tail -12
+
+IFS=, read -ra shapes <<< "$SHAPES"
+for s in "${shapes[@]}"; do
+  echo "== distill-bench $s: scoring bf16"
+  timeout "${T_SCORE:-60}" "$BIN" --device cuda --shapes "$s" --modes score --score-dtype bf16 $W --json "$TMP/score_bf16_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -12
+done
+for s in "${shapes[@]}"; do
+  echo "== distill-bench $s: training bf16 mixed precision (f32 master weights, fused kernels)"
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes "$s" --modes train --train-precision bf16 $W --json "$TMP/train_bf16_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -12
+done
+if [ "${COMPOSITE:-1}" = 1 ]; then
+  echo "== distill-bench bert-base: training bf16 with candle's composite ops instead of the fused kernels"
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes bert-base --modes train --train-precision bf16 --kernels composite $W --json "$TMP/train_bf16_composite_bert-base.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
+fi
+if [ "${FP32:-0}" = 1 ]; then
+  for s in "${shapes[@]}"; do
+    echo "== distill-bench $s: training fp32"
+    timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes "$s" --modes train $W --json "$TMP/train_f32_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
+  done
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  NCU="$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+  echo "== Nsight Compute ($NCU): kernel time of one bert-base bf16 training step, batch ${PROFILE_BATCH:-16} x 256"
+  timeout "${T_PROFILE:-120}" "$NCU" --csv --metrics gpu__time_duration.sum "$BIN" --device cuda --shapes bert-base --modes train \
+    --train-precision bf16 --train-batch "${PROFILE_BATCH:-16}" --warmup 1 --iters 1 --breakdown false > "$OUT/kernels.csv" 2> "$TMP/ncu.err"
+  tail -3 "$TMP/ncu.err"
+  python3 scripts/bench/ncu-summary.py "$OUT/kernels.csv" 40
+fi
+
+# One JSON per kind of run, as perf-table.py reads them.
+python3 - "$TMP" "$OUT" <<'PY'
+import glob, json, os, sys
+tmp, out = sys.argv[1:]
+groups = {}
+for p in sorted(glob.glob(os.path.join(tmp, "*.json"))):
+    kind = os.path.basename(p).rsplit("_", 1)[0]
+    d = json.load(open(p))
+    g = groups.setdefault(kind, {"device": d.get("device"), "rows": []})
+    g["rows"] += d["rows"]
+for kind, g in groups.items():
+    json.dump(g, open(os.path.join(out, f"candle_{kind}.json"), "w"), indent=1)
+PY
 echo "== ratios"
 python3 scripts/bench/perf-table.py "$OUT/gpu_baseline.json" "$OUT"/candle_*.json | tee "$OUT/ratios.md"

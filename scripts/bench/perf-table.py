@@ -15,12 +15,13 @@ for r in torch["rows"]:
     kind = "score" if r["mode"].startswith("score") else "train"
     base[(r["model"], kind)] = r
 print(f"Card: {torch.get('device', '?')} (PyTorch {torch.get('torch', '?')}); distill on {', '.join(o.get('device', '?') for o in ours)}\n")
-print("| model | distill mode | batch x seq | PyTorch pairs/s | distill pairs/s | ratio | distill TFLOP/s |")
-print("|---|---|---|---:|---:|---:|---:|")
+print("| model | distill mode | kernels | batch x seq | PyTorch pairs/s | distill pairs/s | ratio | distill TFLOP/s | step: forward / backward / optimizer ms |")
+print("|---|---|---|---|---:|---:|---:|---:|---|")
 for o in ours:
     for r in o["rows"]:
         kind = "score" if r["mode"].startswith("score") else "train"
         b = base.get((r["model"], kind))
         ref = f"{b['pairs_per_s']:.0f} ({b['mode']})" if b else "n/a"
         ratio = f"{r['pairs_per_s'] / b['pairs_per_s']:.2f}x" if b else "n/a"
-        print(f"| {r['model']} | {r['mode']} | {r['batch']}x{r['seq']} | {ref} | {r['pairs_per_s']:.0f} | {ratio} | {r['tflops']:.1f} |")
+        split = " / ".join(f"{1000 * r[k]:.0f}" for k in ("forward_s", "backward_s", "optimizer_s")) if r.get("forward_s") is not None else ""
+        print(f"| {r['model']} | {r['mode']} | {r.get('kernels', '')} | {r['batch']}x{r['seq']} | {ref} | {r['pairs_per_s']:.0f} | {ratio} | {r['tflops']:.1f} | {split} |")

@@ -2,7 +2,8 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::layers::{dropout, matmul_in, softmax_last_dim, Embedding, LayerNorm, Linear};
+use crate::kernels::masked_softmax;
+use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -172,8 +173,8 @@ impl Encoder {
             let q = split(layer.query.forward(&x)?)?;
             let k = split(layer.key.forward(&x)?)?;
             let v = split(layer.value.forward(&x)?)?;
-            let scores = matmul_in(&q, &k.t()?.contiguous()?, compute)?.affine(scale, 0.0)?.broadcast_add(&bias)?;
-            let probs = dropout(&softmax_last_dim(&scores)?, cfg.attention_probs_dropout_prob, train)?;
+            let scores = matmul_in(&q, &k.t()?, compute)?;
+            let probs = dropout(&masked_softmax(&scores, &bias, scale)?, cfg.attention_probs_dropout_prob, train)?;
             let ctx =
                 matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
             let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;

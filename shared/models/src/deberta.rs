@@ -9,7 +9,8 @@
 //! `classifier`. Gathers are differentiable (`gather`'s backward scatters).
 
 use crate::bert::{activation, first_token};
-use crate::layers::{dropout, matmul_in, softmax_last_dim, Embedding, LayerNorm, Linear};
+use crate::kernels::masked_softmax;
+use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -304,7 +305,7 @@ impl DebertaV2CrossEncoder {
             let q = split(layer.query.forward(&x)?, bsz)?;
             let k = split(layer.key.forward(&x)?, bsz)?;
             let v = split(layer.value.forward(&x)?, bsz)?;
-            let mut scores = (matmul_in(&q, &k.t()?.contiguous()?, compute)? / scale)?;
+            let mut scores = (matmul_in(&q, &k.t()?, compute)? / scale)?;
             if let Some(rel) = &rel {
                 // [1, heads, 2 span, hd]
                 let proj = |l: &Linear| -> Result<Tensor> { split(l.forward(&rel.unsqueeze(0)?)?, 1) };
@@ -328,8 +329,7 @@ impl DebertaV2CrossEncoder {
                     scores = (scores + (att / scale)?)?;
                 }
             }
-            let probs =
-                dropout(&softmax_last_dim(&scores.broadcast_add(&bias)?)?, cfg.attention_probs_dropout_prob, train)?;
+            let probs = dropout(&masked_softmax(&scores, &bias, 1.0)?, cfg.attention_probs_dropout_prob, train)?;
             let ctx =
                 matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
             let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;

@@ -23,9 +23,32 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                     "'{spec}': this binary was built without CUDA support (rebuild with `--features cuda`, see scripts/cuda-toolkit.sh)"
                 )));
             }
-            Device::new_cuda(ordinal).map_err(|e| bad(format!("'{spec}': {e}")))
+            let device = Device::new_cuda(ordinal).map_err(|e| bad(format!("'{spec}': {e}")))?;
+            prepare_cuda(&device);
+            Ok(device)
         }
         _ => Err(bad(format!("'{spec}': expected cpu, cuda or cuda:N"))),
+    }
+}
+
+/// Settings for a CUDA device, once, as it is opened:
+/// - Event tracking off. cudarc records a CUDA event on every tensor a kernel reads or writes, so
+///   that tensors shared between streams are safe; candle runs everything of a device on one
+///   stream, where the stream's order already guarantees it, and the events cost host time on
+///   every launch. `DISTILL_CUDA_EVENT_TRACKING=1` keeps them.
+/// - `DISTILL_TF32=1` lets f32 matmuls use TF32 tensor cores (as PyTorch's `allow_tf32`); off by
+///   default, so fp32 means fp32.
+#[allow(unused_variables)]
+fn prepare_cuda(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        if std::env::var("DISTILL_CUDA_EVENT_TRACKING").map_or(true, |v| v != "1") {
+            // SAFETY: one stream per device (candle's); see above.
+            unsafe { cuda.disable_event_tracking() };
+        }
+        if std::env::var("DISTILL_TF32").is_ok_and(|v| v == "1") {
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        }
     }
 }
 

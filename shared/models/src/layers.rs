@@ -27,7 +27,18 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let act = x.dtype();
         let compute = compute_dtype(self.weight.dtype());
-        let y = x.to_dtype(compute)?.broadcast_matmul(&self.weight.to_dtype(compute)?.t()?)?.to_dtype(act)?;
+        // One 2-D product over all leading dimensions (its weight gradient is one GEMM too,
+        // where a batched product would write a partial gradient per batch and sum them).
+        let dims = x.dims();
+        let (inp, lead) = match dims.split_last() {
+            Some((inp, lead)) => (*inp, lead),
+            None => candle_core::bail!("linear: a scalar input"),
+        };
+        let rows: usize = lead.iter().product();
+        let y = x.to_dtype(compute)?.reshape((rows, inp))?.matmul(&self.weight.to_dtype(compute)?.t()?)?;
+        let mut out = lead.to_vec();
+        out.push(y.dim(1)?);
+        let y = y.reshape(out)?.to_dtype(act)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(act)?),
             None => Ok(y),
@@ -130,6 +141,11 @@ pub fn seed_dropout(seed: Option<u64>) {
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
+    }
+    if x.device().is_cuda() && crate::kernels::fused_dropout_for(x) {
+        // One kernel, the mask a function of a seed (from this thread's generator when seeded).
+        let seed = DROPOUT_RNG.with(|r| r.borrow_mut().as_mut().map(|rng| rand::Rng::random::<u64>(rng)));
+        return crate::kernels::dropout(x, p, seed.unwrap_or_else(rand::random));
     }
     let seeded = DROPOUT_RNG.with(|r| {
         r.borrow_mut().as_mut().map(|rng| {

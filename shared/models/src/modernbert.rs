@@ -7,7 +7,8 @@
 //! `classifier`. Rotary and softmax are composed of differentiable ops.
 
 use crate::bert::activation;
-use crate::layers::{dropout, matmul_in, softmax_last_dim, Embedding, LayerNorm, Linear};
+use crate::kernels::masked_softmax;
+use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -206,9 +207,8 @@ impl ModernBertCrossEncoder {
             let q = apply_rotary(&part(0)?, cos, sin)?;
             let k = apply_rotary(&part(1)?, cos, sin)?;
             let v = part(2)?;
-            let scores =
-                matmul_in(&q, &k.t()?.contiguous()?, compute)?.affine(scale, 0.0)?.broadcast_add(&masks[which])?;
-            let probs = dropout(&softmax_last_dim(&scores)?, cfg.attention_dropout, train)?;
+            let scores = matmul_in(&q, &k.t()?, compute)?;
+            let probs = dropout(&masked_softmax(&scores, &masks[which], scale)?, cfg.attention_dropout, train)?;
             let ctx =
                 matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
             x = (x + dropout(&layer.wo.forward(&ctx)?, cfg.attention_dropout, train)?)?;

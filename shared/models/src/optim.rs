@@ -60,8 +60,10 @@ impl AdamW {
         let mut params = Vec::with_capacity(names.len());
         for name in names {
             let var = data[name].clone();
-            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-            params.push(Param { name: name.clone(), decay: !no_decay(name), m: zeros.clone(), v: zeros, var });
+            // Two allocations: the fused update writes the moments in place.
+            let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            let v = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            params.push(Param { name: name.clone(), decay: !no_decay(name), m, v, var });
         }
         Ok(Self { config, step: 0, params })
     }
@@ -85,6 +87,24 @@ impl AdamW {
         for (p, g) in self.params.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
             let g = g.to_dtype(DType::F32)?.detach();
+            let decay = if p.decay && c.weight_decay > 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+            // On CUDA: one fused kernel, in place (kernels::adamw_step); the composite below is its reference.
+            if p.var.dtype() == DType::F32
+                && crate::kernels::adamw_step(
+                    p.var.as_tensor(),
+                    &p.m,
+                    &p.v,
+                    &g.contiguous()?,
+                    decay,
+                    c.beta1,
+                    c.beta2,
+                    bc2,
+                    lr / bc1,
+                    c.eps,
+                )?
+            {
+                continue;
+            }
             let theta = p.var.as_tensor().detach();
             let theta =
                 if p.decay && c.weight_decay > 0.0 { theta.affine(1.0 - lr * c.weight_decay, 0.0)? } else { theta };
@@ -97,12 +117,15 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as named tensors (`m.<param>`, `v.<param>`), for a checkpoint.
+    /// The moments as named tensors (`m.<param>`, `v.<param>`), for a checkpoint: copies, since
+    /// the fused update writes the moments in place.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::with_capacity(self.params.len() * 2);
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.clone());
-            out.insert(format!("v.{}", p.name), p.v.clone());
+            let copy =
+                |t: &Tensor| if t.device().is_cuda() { t.copy().unwrap_or_else(|_| t.clone()) } else { t.clone() };
+            out.insert(format!("m.{}", p.name), copy(&p.m));
+            out.insert(format!("v.{}", p.name), copy(&p.v));
         }
         out
     }
@@ -120,7 +143,12 @@ impl AdamW {
                         slot.dims()
                     ));
                 }
-                *slot = t.to_dtype(DType::F32).and_then(|t| t.to_device(p.var.device())).map_err(|e| e.to_string())?;
+                // A copy of its own (the fused update writes it in place).
+                *slot = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_device(p.var.device()))
+                    .and_then(|t| t.copy())
+                    .map_err(|e| e.to_string())?;
             }
         }
         self.step = step;

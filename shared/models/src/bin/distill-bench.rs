@@ -50,10 +50,17 @@ struct Args {
     iters: usize,
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Use the fused CPU kernels (GELU, softmax, layer norm; `kernels.rs`) instead of the
-    /// composite candle ops, to measure what they bring.
+    /// Also time the training step's forward and forward + backward alone (where the time goes).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    breakdown: bool,
+    /// Which kernels for GELU, softmax, layer norm and AdamW (`kernels.rs`): auto (fused on CUDA,
+    /// composite candle ops on the CPU), fused or composite, to measure what they bring.
+    #[arg(long, default_value = "auto")]
+    kernels: String,
+    /// Instead of timing: check the fused kernels against the composite ops on --device (values
+    /// and gradients; AdamW updates on CUDA) and exit non-zero on a difference.
     #[arg(long)]
-    fused: bool,
+    check_kernels: bool,
     /// Instead of timing: score the pairs of these parity fixtures (model directories holding a
     /// reference.json from transformers, fp32) on --device in --score-dtype and report the largest
     /// relative difference to the reference logits.
@@ -193,9 +200,33 @@ fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::R
 fn main() -> anyhow::Result<()> {
     distill_models::alloc::keep_freed_memory();
     let args = Args::parse();
-    distill_models::kernels::set_fused(args.fused);
-    let kernels = if args.fused { "fused" } else { "composite" };
     let dev = distill_models::parse_device(&args.device)?;
+    let kernels = match args.kernels.as_str() {
+        "auto" => {
+            distill_models::kernels::set_fused_default();
+            if dev.is_cuda() {
+                "fused"
+            } else {
+                "composite"
+            }
+        }
+        "fused" => {
+            distill_models::kernels::set_fused(true);
+            "fused"
+        }
+        "composite" => {
+            distill_models::kernels::set_fused(false);
+            "composite"
+        }
+        k => anyhow::bail!("--kernels {k}: auto, fused or composite"),
+    };
+    if args.check_kernels {
+        for line in distill_models::kernels::check_against_composite(&dev)? {
+            println!("{line}");
+        }
+        println!("fused kernels match the composite ops on {}", distill_models::device_name(&dev));
+        return Ok(());
+    }
     let score_dtype = match args.score_dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -234,21 +265,38 @@ fn main() -> anyhow::Result<()> {
             let target = Tensor::randn(0f32, 1.0, args.train_batch / 2, &dev)?;
             distill_models::layers::autocast(distill_models::parse_precision(&args.train_precision)?);
             distill_models::layers::freeze_word_embeddings(args.freeze_word_embeddings);
-            let t = timed(&dev, args.warmup, args.iters, || {
+            let loss = || -> anyhow::Result<Tensor> {
                 let s = b.backbone.forward(&ids, &types, &mask, true)?.reshape((args.train_batch / 2, 2))?;
                 let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
-                let loss = (margin - &target)?.sqr()?.mean_all()?;
-                let mut grads = opt.grads(&loss.backward()?);
+                Ok((margin - &target)?.sqr()?.mean_all()?)
+            };
+            let t = timed(&dev, args.warmup, args.iters, || {
+                let mut grads = opt.grads(&loss()?.backward()?);
                 grads.clip(1.0)?;
                 opt.update(&grads, 1e-5)?;
                 Ok(())
             })?;
+            // Where the step's time goes: the forward pass (keeping the graph) and forward + backward.
+            let (fwd, fwd_bwd) = if args.breakdown {
+                let fwd = timed(&dev, 1, args.iters.min(5), || {
+                    loss()?;
+                    Ok(())
+                })?;
+                let fwd_bwd = timed(&dev, 1, args.iters.min(5), || {
+                    loss()?.backward()?;
+                    Ok(())
+                })?;
+                (fwd, fwd_bwd)
+            } else {
+                (f64::NAN, f64::NAN)
+            };
             distill_models::layers::autocast(None);
             distill_models::layers::freeze_word_embeddings(false);
             let n = args.train_batch as f64;
             rows.push(
                 serde_json::json!({"model": name, "mode": format!("train-{}", args.train_precision), "params": b.params, "batch": args.train_batch,
                 "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
+                "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
                 "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
             println!("{}", rows.last().unwrap());

@@ -1,0 +1,176 @@
+// CUDA kernels behind the fused ops of kernels.rs (f32): GELU (erf form) and its gradient, softmax
+// over the last dimension and its gradient, layer-norm normalisation and its gradient, and the
+// AdamW update in place. Compiled to PTX by build.rs (feature `cuda`) and loaded by candle's
+// CudaDevice. Row kernels give one warp to a row (rows of attention scores, 256-512 columns, and of
+// hidden states, 384-1024 columns); the same formulas as the CPU kernels in kernels.rs.
+#include <stdint.h>
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The row this warp handles, or -1.
+__device__ __forceinline__ int64_t warp_row(int64_t rows) {
+  int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  return row < rows ? row : -1;
+}
+
+extern "C" __global__ void distill_gelu_erf_f32(const float* x, float* y, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = x[i];
+    y[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  }
+}
+
+extern "C" __global__ void distill_gelu_erf_grad_f32(const float* x, const float* g, float* dx, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = x[i];
+    float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    dx[i] = g[i] * (cdf + v * pdf);
+  }
+}
+
+extern "C" __global__ void distill_softmax_f32(const float* x, float* y, int64_t rows, int64_t cols) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  const float* xr = x + row * cols;
+  float* yr = y + row * cols;
+  float m = -INFINITY;
+  for (int64_t i = lane; i < cols; i += 32) m = fmaxf(m, xr[i]);
+  m = warp_max(m);
+  if (m == -INFINITY) m = 0.0f;
+  float s = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float e = expf(xr[i] - m);
+    yr[i] = e;
+    s += e;
+  }
+  float inv = 1.0f / warp_sum(s);
+  for (int64_t i = lane; i < cols; i += 32) yr[i] *= inv;
+}
+
+// Attention probabilities: softmax(x · scale + bias) per row of scores [B, H, Q, K], with the
+// additive mask `bias` [B, 1, Q or 1, K] read in place (no broadcast copy): row r is batch
+// r / rows_per_batch and query r % q_len.
+extern "C" __global__ void distill_masked_softmax_f32(const float* x, const float* bias, float* y, int64_t rows, int64_t cols,
+                                                     int64_t rows_per_batch, int64_t bias_batch_stride,
+                                                     int64_t bias_row_stride, int64_t q_len, float scale) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  const float* xr = x + row * cols;
+  const float* br = bias + (row / rows_per_batch) * bias_batch_stride + (row % q_len) * bias_row_stride;
+  float* yr = y + row * cols;
+  float m = -INFINITY;
+  for (int64_t i = lane; i < cols; i += 32) m = fmaxf(m, xr[i] * scale + br[i]);
+  m = warp_max(m);
+  if (m == -INFINITY) m = 0.0f;
+  float s = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float e = expf(xr[i] * scale + br[i] - m);
+    yr[i] = e;
+    s += e;
+  }
+  float inv = 1.0f / warp_sum(s);
+  for (int64_t i = lane; i < cols; i += 32) yr[i] *= inv;
+}
+
+// dx = scale · y (g - Σ g y) per row (scale 1 for a plain softmax)
+extern "C" __global__ void distill_softmax_grad_f32(const float* y, const float* g, float* dx, int64_t rows, int64_t cols,
+                                                    float scale) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  const float* yr = y + row * cols;
+  const float* gr = g + row * cols;
+  float* dr = dx + row * cols;
+  float dot = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) dot += yr[i] * gr[i];
+  dot = warp_sum(dot);
+  for (int64_t i = lane; i < cols; i += 32) dr[i] = scale * yr[i] * (gr[i] - dot);
+}
+
+// Mean and 1/σ of a row, two passes (as the composite computes them).
+__device__ __forceinline__ void moments(const float* xr, int64_t cols, float eps, int lane, float* mean, float* rstd) {
+  float s = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) s += xr[i];
+  float mu = warp_sum(s) / (float)cols;
+  float q = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float d = xr[i] - mu;
+    q += d * d;
+  }
+  float var = warp_sum(q) / (float)cols;
+  *mean = mu;
+  *rstd = 1.0f / sqrtf(var + eps);
+}
+
+extern "C" __global__ void distill_normalize_f32(const float* x, float* y, int64_t rows, int64_t cols, float eps) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  const float* xr = x + row * cols;
+  float* yr = y + row * cols;
+  float mean, rstd;
+  moments(xr, cols, eps, lane, &mean, &rstd);
+  for (int64_t i = lane; i < cols; i += 32) yr[i] = (xr[i] - mean) * rstd;
+}
+
+// dx = (g - mean(g) - x̂ mean(g x̂)) / σ per row
+extern "C" __global__ void distill_normalize_grad_f32(const float* x, const float* g, float* dx, int64_t rows, int64_t cols,
+                                                      float eps) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  const float* xr = x + row * cols;
+  const float* gr = g + row * cols;
+  float* dr = dx + row * cols;
+  float mean, rstd;
+  moments(xr, cols, eps, lane, &mean, &rstd);
+  float gs = 0.0f, gx = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    gs += gr[i];
+    gx += gr[i] * (xr[i] - mean) * rstd;
+  }
+  float g_mean = warp_sum(gs) / (float)cols;
+  float gx_mean = warp_sum(gx) / (float)cols;
+  for (int64_t i = lane; i < cols; i += 32) dr[i] = (gr[i] - g_mean - (xr[i] - mean) * rstd * gx_mean) * rstd;
+}
+
+// Dropout with a counter-based mask: element i is kept when uniform(seed, i) >= p (splitmix64 of
+// seed and index), so the backward regenerates the same mask from the seed instead of storing it.
+__device__ __forceinline__ float uniform(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+extern "C" __global__ void distill_dropout_f32(const float* x, float* y, int64_t n, uint64_t seed, float p, float scale) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    y[i] = uniform(seed, (uint64_t)i) >= p ? x[i] * scale : 0.0f;
+  }
+}
+
+// AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
+// θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
+extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, int64_t n, float decay, float beta1,
+                                             float beta2, float bc2, float step, float eps) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float gi = g[i];
+    float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * decay - step * (mi / (sqrtf(vi / bc2) + eps));
+  }
+}
