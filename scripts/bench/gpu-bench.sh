@@ -11,7 +11,7 @@
 # $BENCH_DIR/pytorch_baseline.py (BENCH_DIR defaults to .device-bench, a git-ignored folder the device
 # tool carries); a bf16 all-MiniLM-L6-v2 directory at $BENCH_DIR/minilm-bf16 adds the real-weights
 # parity check. Results go to $OUT (default ./bench-out): the JSON rows, ratios.md, kernels.csv.
-# Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, COMPOSITE=1 (bert-base with candle's composite ops),
+# Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, PARITY_DTYPES ("bf16 f32"), TORCH_PARITY=1, COMPOSITE=1 (bert-base with candle's composite ops),
 # FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,15 +34,17 @@ echo "== fused kernels (kernels.cu) against the composite ops on the GPU: values
 timeout 90 "$BIN" --device cuda --check-kernels 2>&1
 
 echo "== bf16 and f32 scores on the GPU against transformers fp32 (parity fixtures)"
-for dt in bf16 f32; do
+for dt in ${PARITY_DTYPES:-bf16 f32}; do
   timeout 60 "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
 done
 if [ -d "$BENCH_DIR/minilm-bf16" ]; then
   echo "== real weights: all-MiniLM-L6-v2 (+ the fixture's head), bf16 on the GPU against transformers fp32"
   timeout 60 "$BIN" --device cuda --parity "$F/minilm" --parity-base "$BENCH_DIR/minilm-bf16" --score-dtype bf16 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
 fi
-echo "== transformers' own bf16 on the same fixtures"
-PYTHONUNBUFFERED=1 timeout 90 python3 scripts/bench/pytorch_bf16_parity.py 2>&1 | grep -v "Loading weights\|Warning\|warn"
+if [ "${TORCH_PARITY:-1}" = 1 ]; then
+  echo "== transformers' own bf16 on the same fixtures"
+  PYTHONUNBUFFERED=1 timeout 90 python3 scripts/bench/pytorch_bf16_parity.py 2>&1 | grep -v "Loading weights\|Warning\|warn"
+fi
 
 echo "== PyTorch baseline"
 OUT="$OUT" PYTHONUNBUFFERED=1 timeout "${T_TORCH:-240}" python3 "$BENCH_DIR/pytorch_baseline.py" 2>&1 | tail -12

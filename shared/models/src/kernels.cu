@@ -161,6 +161,24 @@ extern "C" __global__ void distill_dropout_f32(const float* x, float* y, int64_t
   }
 }
 
+// Embedding rows: out[t] = table[ids[t]] (ids past the vocabulary give zeros), and the backward
+// scatter dtable[ids[t]] += g[t] with atomic adds (dtable zeroed by the caller).
+extern "C" __global__ void distill_gather_rows_f32(const float* table, const uint32_t* ids, float* out, int64_t n, int64_t dim,
+                                                  int64_t vocab) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * dim; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t id = ids[i / dim];
+    out[i] = id < vocab ? table[id * dim + i % dim] : 0.0f;
+  }
+}
+
+extern "C" __global__ void distill_scatter_add_rows_f32(const float* g, const uint32_t* ids, float* dtable, int64_t n, int64_t dim,
+                                                       int64_t vocab) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * dim; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t id = ids[i / dim];
+    if (id < vocab) atomicAdd(&dtable[id * dim + i % dim], g[i]);
+  }
+}
+
 // AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
 // θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
 extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, int64_t n, float decay, float beta1,

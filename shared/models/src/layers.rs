@@ -199,12 +199,9 @@ impl Embedding {
     }
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let shape = ids.dims().to_vec();
         let frozen = self.words && WORDS_FROZEN.with(|f| f.get());
         let table = if frozen { self.table.detach() } else { self.table.clone() };
-        let flat = table.index_select(&ids.flatten_all()?, 0)?;
-        let mut out = shape;
-        out.push(self.table.dim(1)?);
-        flat.reshape(out)
+        // index_select, or where the fused kernels run a gather whose backward is one scatter.
+        crate::kernels::embedding(&table, ids)
     }
 }
