@@ -698,6 +698,27 @@ mod gpu {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
     const MODULE: &str = "distill-kernels";
+    /// Every kernel this module launches.
+    const KERNELS: [&str; 11] = [
+        "distill_gelu_erf_f32",
+        "distill_gelu_erf_grad_f32",
+        "distill_softmax_f32",
+        "distill_masked_softmax_f32",
+        "distill_softmax_grad_f32",
+        "distill_normalize_f32",
+        "distill_normalize_grad_f32",
+        "distill_dropout_f32",
+        "distill_gather_rows_f32",
+        "distill_scatter_add_rows_f32",
+        "distill_adamw_f32",
+    ];
+
+    /// The kernels this code launches that the embedded PTX lacks: a binary built while
+    /// kernels.cu changed can embed an older PTX (cargo decides at the start of a build whether
+    /// build.rs reruns).
+    pub fn missing_kernels() -> Vec<&'static str> {
+        KERNELS.into_iter().filter(|k| !PTX.contains(&format!(".entry {k}("))).collect()
+    }
     /// Warps per block of the row kernels (one warp per row).
     const WARPS: usize = 4;
 
@@ -961,6 +982,13 @@ fn compare(
 pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>> {
     let mut lines = Vec::new();
     let mut bad = Vec::new();
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let missing = gpu::missing_kernels();
+        if !missing.is_empty() {
+            candle_core::bail!("the embedded PTX lacks {missing:?}: a stale build; rebuild from a clean target/cuda");
+        }
+    }
     let shapes: [(Vec<usize>, f64); 5] = [
         (vec![3, 5, 384], 3.0),
         (vec![2, 12, 40, 40], 6.0),
