@@ -269,7 +269,8 @@ impl DebertaV2CrossEncoder {
             x = proj.forward(&x)?;
         }
         let mask_f = attention_mask.to_dtype(DType::F32)?;
-        let x = self.emb_norm.forward(&x)?.broadcast_mul(&mask_f.unsqueeze(2)?)?;
+        let normed = self.emb_norm.forward(&x)?;
+        let x = normed.broadcast_mul(&mask_f.to_dtype(normed.dtype())?.unsqueeze(2)?)?;
         let mut x = dropout(&x, cfg.hidden_dropout_prob, train)?;
 
         let types = cfg.pos_types();

@@ -363,17 +363,21 @@ impl CustomOp2 for MaskedSoftmax {
     }
 }
 
-/// Attention probabilities `softmax(scores · scale + bias)` over the last dimension, in f32
-/// whatever the scores' dtype, with the backward to the scores (the mask bias is a constant).
+/// Attention probabilities `softmax(scores · scale + bias)` over the last dimension, computed in
+/// f32 and returned in the scores' dtype (f32 under autocast, whose matmuls return f32; bf16 in
+/// bf16 scoring), with the backward to the scores (the mask bias is a constant).
 /// `scores` [B, H, Q, K], `bias` [B, 1, Q or 1, K] (0 for keys to attend, very negative for
 /// masked ones). Fused: one pass instead of scale, broadcast add and softmax's four.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = scores.dtype();
     let scores = scores.to_dtype(DType::F32)?;
     let bias = bias.to_dtype(DType::F32)?.detach();
-    if !fused_for(&scores) {
-        return softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(&bias)?);
-    }
-    scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })
+    let probs = if !fused_for(&scores) {
+        softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(&bias)?)?
+    } else {
+        scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })?
+    };
+    probs.to_dtype(dtype)
 }
 
 // ---------------------------------------------------------------------------------------------

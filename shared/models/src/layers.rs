@@ -70,15 +70,18 @@ impl LayerNorm {
 }
 
 impl Module for LayerNorm {
-    /// In f32 whatever the input's dtype, and f32 out (as autocast does for bf16): the residual
-    /// stream after the first norm stays in f32.
+    /// Computed in f32 whatever the input's dtype; out in the weights' dtype. Under autocast the
+    /// weights are f32 master weights, so the residual stream after the first norm stays f32 (as
+    /// PyTorch's autocast runs layer norm); with bf16 weights (bf16 scoring) the stream is bf16,
+    /// as in a bf16 PyTorch model, and no casts surround each matmul.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let normed = crate::kernels::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?;
         let y = normed.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
-            None => Ok(y),
-        }
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        y.to_dtype(self.weight.dtype())
     }
 }
 
