@@ -140,6 +140,22 @@ fn invalid(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Invalid { path: path.display().to_string(), message: message.into() }
 }
 
+/// The longest input a model with absolute position embeddings takes: `max_position_embeddings`
+/// (BERT, ELECTRA, DeBERTa with `position_biased_input`), less `pad_token_id + 1` where
+/// positions start after the padding index (RoBERTa, XLM-R). None for relative or rotary
+/// positions (DeBERTa-v3, ModernBERT).
+pub fn position_limit(model_type: &str, config: &serde_json::Value) -> Option<usize> {
+    let table = config["max_position_embeddings"].as_u64()? as usize;
+    match model_type {
+        "bert" | "electra" => Some(table),
+        "roberta" | "xlm-roberta" | "camembert" => {
+            Some(table.saturating_sub(config["pad_token_id"].as_u64().unwrap_or(1) as usize + 1))
+        }
+        "deberta-v2" | "deberta" if config["position_biased_input"].as_bool().unwrap_or(true) => Some(table),
+        _ => None,
+    }
+}
+
 impl CrossEncoder {
     pub fn load(dir: &Path, max_query_length: usize, max_length: usize, device: &Device) -> Result<Self> {
         Self::load_as(dir, max_query_length, max_length, device, DType::F32)
@@ -200,6 +216,9 @@ impl CrossEncoder {
         if !encoder_missing.is_empty() {
             return Err(invalid(&weights, format!("weights missing for {encoder_missing:?}")));
         }
+        // Longer inputs than the position table holds would index past it: cut to what the
+        // model takes (as transformers' tokenizers do with `model_max_length`).
+        let max_length = position_limit(&model_type, &value).map_or(max_length, |limit| max_length.min(limit));
         let tokenizer = PairTokenizer::from_file(&dir.join("tokenizer.json"), max_query_length, max_length, pad_id)?;
         Ok(Self {
             backbone,

@@ -227,3 +227,19 @@ fn bf16_autocast_trains_f32_master_weights_close_to_fp32() {
         assert!(rel < 0.15, "{arch}: bf16 gradients {rel} relative to fp32's");
     }
 }
+
+/// A max length past the position table (the tiny BERT fixture has 64 positions) is cut to what
+/// the model takes instead of indexing past the table: a long pair scores as at 64 tokens.
+#[test]
+fn max_length_is_cut_to_the_position_table() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert");
+    let long = "word ".repeat(300);
+    let pairs = [("a query", long.as_str())];
+    let wide = CrossEncoder::load(&dir, 8, 512, &Device::Cpu).unwrap();
+    let fit = CrossEncoder::load(&dir, 8, 64, &Device::Cpu).unwrap();
+    let (a, b) = (wide.score(&pairs, 4).unwrap(), fit.score(&pairs, 4).unwrap());
+    assert_eq!(a, b);
+    let cfg = serde_json::json!({"max_position_embeddings": 514, "pad_token_id": 1});
+    assert_eq!(distill_models::cross_encoder::position_limit("xlm-roberta", &cfg), Some(512));
+    assert_eq!(distill_models::cross_encoder::position_limit("modernbert", &cfg), None);
+}
