@@ -157,23 +157,55 @@ fn triple_group(t: TripleRow) -> Group {
     }
 }
 
-fn list_group(mut l: ListRow, opts: GroupOptions) -> Option<Group> {
+fn list_group(mut l: ListRow, opts: GroupOptions, tokenizer: Option<&PairTokenizer>) -> Result<Option<Group>, Error> {
     l.items.sort_by_key(|i| i.teacher_rank);
     if opts.positive_from_labels {
-        let best = l.items.iter().map(|i| i.label.unwrap_or(0)).max().filter(|&b| b > 0)?;
-        let at = l.items.iter().position(|i| i.label.unwrap_or(0) == best)?;
+        let Some(best) = l.items.iter().map(|i| i.label.unwrap_or(0)).max().filter(|&b| b > 0) else {
+            return Ok(None);
+        };
+        let Some(at) = l.items.iter().position(|i| i.label.unwrap_or(0) == best) else { return Ok(None) };
         let pos = l.items.remove(at);
         l.items.retain(|i| i.label.unwrap_or(0) <= 0);
         l.items.insert(0, pos);
     }
-    let items: Vec<_> = l.items.into_iter().take(opts.group_size.max(2)).collect();
-    Some(Group {
+    let width = opts.group_size.max(2);
+    let items = match tokenizer {
+        Some(tok) => distinct_inputs(tok, &l.query, l.items, |i| &i.text, width)?,
+        None => l.items.into_iter().take(width).collect(),
+    };
+    Ok(Some(Group {
         query: l.query,
         passages: items.iter().map(|i| i.text.clone()).collect(),
         labels: items.iter().map(|i| i.label.unwrap_or(0) as f32).collect(),
         teacher_scores: items.iter().map(|i| i.teacher_score as f32).collect(),
         teacher_ranks: items.iter().map(|i| i.teacher_rank as f32).collect(),
-    })
+    }))
+}
+
+/// The first `keep` items, in order, whose student input differs from every earlier item's: the
+/// same token ids once cut to the max length means the same score, so a passage that differs from
+/// the positive only past the cut (near-duplicate descriptions, boilerplate prefixes) or not at all
+/// is a negative the student cannot tell apart, a target it cannot meet. Such items are skipped
+/// and the next candidates take their place.
+fn distinct_inputs<T>(
+    tokenizer: &PairTokenizer,
+    query: &str,
+    items: Vec<T>,
+    text: impl Fn(&T) -> &str,
+    keep: usize,
+) -> Result<Vec<T>, Error> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(keep);
+    for item in items {
+        if out.len() == keep {
+            break;
+        }
+        let (ids, _) = tokenizer.encode_pair(query, text(&item))?;
+        if seen.insert(ids) {
+            out.push(item);
+        }
+    }
+    Ok(out)
 }
 
 /// Stream settings.
@@ -340,13 +372,22 @@ impl Producer {
             Layout::Triples => TripleRow::from_batch(rb)
                 .map_err(|m| Error::InvalidInput(format!("{uri}: {m}")))?
                 .into_iter()
-                .map(triple_group)
-                .collect(),
+                .filter_map(|t| {
+                    // A negative the student cannot tell from the positive (same input once cut
+                    // to the max length): no signal, skipped (see `distinct_inputs`).
+                    match distinct_inputs(&self.tokenizer, &t.query, vec![&t.pos_text, &t.neg_text], |s| s.as_str(), 2)
+                    {
+                        Ok(v) if v.len() < 2 => None,
+                        Ok(_) => Some(Ok(triple_group(t))),
+                        Err(e) => Some(Err(e)),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
             Layout::Lists => ListRow::from_batch(rb)
                 .map_err(|m| Error::InvalidInput(format!("{uri}: {m}")))?
                 .into_iter()
-                .filter_map(|l| list_group(l, self.opts.groups))
-                .collect(),
+                .filter_map(|l| list_group(l, self.opts.groups, Some(&self.tokenizer)).transpose())
+                .collect::<Result<_, _>>()?,
         };
         for g in groups {
             e.seen = true;
@@ -450,18 +491,58 @@ mod tests {
             ],
         };
         let opts = GroupOptions { group_size: 8, positive_from_labels: true };
-        let g = list_group(row.clone(), opts).unwrap();
+        let g = list_group(row.clone(), opts, None).unwrap().unwrap();
         assert_eq!(g.passages, ["known", "n1", "n2", "n3"]);
         assert_eq!(g.labels, [2.0, 0.0, 0.0, 0.0]);
         assert_eq!(g.teacher_ranks, [4.0, 1.0, 3.0, 5.0]);
         // group_size cuts the negatives in teacher order.
-        let g = list_group(row.clone(), GroupOptions { group_size: 2, positive_from_labels: true }).unwrap();
+        let g =
+            list_group(row.clone(), GroupOptions { group_size: 2, positive_from_labels: true }, None).unwrap().unwrap();
         assert_eq!(g.passages, ["known", "n1"]);
         // Without labels the teacher's first is the positive and everything else follows.
-        let g = list_group(row.clone(), GroupOptions { group_size: 8, positive_from_labels: false }).unwrap();
+        let g = list_group(row.clone(), GroupOptions { group_size: 8, positive_from_labels: false }, None)
+            .unwrap()
+            .unwrap();
         assert_eq!(g.passages, ["n1", "sib", "n2", "known", "n3"]);
         // No relevant item: skipped.
         let none = ListRow { items: vec![item("a", 1, Some(0)), item("b", 2, None)], ..row };
-        assert!(list_group(none, opts).is_none());
+        assert!(list_group(none, opts, None).unwrap().is_none());
+    }
+
+    #[test]
+    fn negatives_the_student_cannot_tell_from_the_positive_are_skipped() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/models/tests/fixtures/bert/tokenizer.json");
+        // 16 tokens: [CLS] query [SEP] passage [SEP] leaves the passage 16 - 3 - 2 = 11 tokens.
+        let tok = PairTokenizer::from_file(&fixture, 32, 16, None).unwrap();
+        let long = "the large data and the store for the large data and the store";
+        let text = |t: &str, rank: i32, label: Option<i32>| ListItem {
+            text: t.into(),
+            ..item(&format!("d{rank}"), rank, label)
+        };
+        let row = ListRow {
+            query_id: "q".into(),
+            query: "a b".into(),
+            items: vec![
+                text(&format!("{long} of the game"), 1, None), // the positive's first 11 tokens
+                text("the game store", 2, None),
+                text(&format!("{long} for data"), 3, Some(2)), // the positive
+                text("the game store", 4, None),               // the same as rank 2
+                text("a different text", 5, None),
+                text("one more text", 6, None),
+            ],
+        };
+        let opts = GroupOptions { group_size: 3, positive_from_labels: true };
+        let (a, _) = tok.encode_pair("a b", &row.items[0].text).unwrap();
+        let (b, _) = tok.encode_pair("a b", &row.items[2].text).unwrap();
+        assert_eq!(a, b, "the fixture must make ranks 1 and 3 the same input");
+        let g = list_group(row.clone(), opts, Some(&tok)).unwrap().unwrap();
+        // Rank 1 (the positive's input) and rank 4 (rank 2's) are skipped; the next candidates fill the group.
+        assert_eq!(g.teacher_ranks, [3.0, 2.0, 5.0]);
+        let g = list_group(row.clone(), GroupOptions { group_size: 8, ..opts }, Some(&tok)).unwrap().unwrap();
+        assert_eq!(g.teacher_ranks, [3.0, 2.0, 5.0, 6.0]);
+        // Without the tokenizer (no cut known) only the order and the size apply.
+        let g = list_group(row, opts, None).unwrap().unwrap();
+        assert_eq!(g.teacher_ranks, [3.0, 1.0, 2.0]);
     }
 }
