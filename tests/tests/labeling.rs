@@ -95,7 +95,7 @@ fn check_lists(f: &Fixture, rows: &[ListRow]) {
             assert_eq!(item.teacher_score, *score, "scores match the input run");
             assert_eq!(item.teacher_rank, i as i32 + 1);
             assert_eq!(item.label, qrels.get(&(qid.clone(), docid.clone())).copied());
-            assert!(item.text.starts_with(&format!("passage {}", &docid[1..])));
+            assert!(item.text.starts_with(&format!("passage {}", spell(docid[1..].parse().unwrap()))));
         }
     }
 }

@@ -282,6 +282,8 @@ struct Epoch {
     pending: Vec<Group>,
     consumed: u64,
     seen: bool,
+    /// Triples skipped because their two inputs are the same (`distinct_inputs`).
+    indistinct: u64,
 }
 
 enum Flow {
@@ -304,6 +306,7 @@ impl Producer {
                 pending: Vec::new(),
                 consumed: 0,
                 seen: false,
+                indistinct: 0,
             };
             for source in sources {
                 if let Flow::Stop = self.read_source(source, &mut e)? {
@@ -318,7 +321,17 @@ impl Producer {
                 }
             }
             if !e.seen {
-                return Err(Error::InvalidInput("the datasets hold no usable groups".into()));
+                let why = if e.indistinct > 0 {
+                    format!(
+                        ": every one of the {} triples has a negative whose input, once tokenized and cut to max_length \
+                         {}, is its positive's (a tokenizer that maps the texts to the same ids, or a max_length too short)",
+                        e.indistinct,
+                        self.tokenizer.max_length
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(Error::InvalidInput(format!("the datasets hold no usable groups{why}")));
             }
             // A partial last batch is dropped, as drop_last does.
             epoch += 1;
@@ -377,7 +390,10 @@ impl Producer {
                     // to the max length): no signal, skipped (see `distinct_inputs`).
                     match distinct_inputs(&self.tokenizer, &t.query, vec![&t.pos_text, &t.neg_text], |s| s.as_str(), 2)
                     {
-                        Ok(v) if v.len() < 2 => None,
+                        Ok(v) if v.len() < 2 => {
+                            e.indistinct += 1;
+                            None
+                        }
                         Ok(_) => Some(Ok(triple_group(t))),
                         Err(e) => Some(Err(e)),
                     }
