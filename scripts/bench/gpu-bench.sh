@@ -3,7 +3,7 @@
 # ops, bf16 scores against transformers' fp32 logits (parity fixtures; transformers' own bf16 on the
 # same fixtures for comparison), ../shared/bench/pytorch_baseline.py, distill-bench scoring and
 # training on the same card (each shape its own process, so one failure loses nothing else), an
-# optional Nsight Compute kernel profile of a training step, and the ratio table
+# optional Nsight Compute kernel profile of a training step and a scoring batch, and the ratio table
 # (scripts/bench/perf-table.py).
 #
 # Expects the stripped binary (built with `--features cuda`, see scripts/cuda-toolkit.sh) at
@@ -12,7 +12,8 @@
 # tool carries); a bf16 all-MiniLM-L6-v2 directory at $BENCH_DIR/minilm-bf16 adds the real-weights
 # parity check. Results go to $OUT (default ./bench-out): the JSON rows, ratios.md, kernels.csv.
 # Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, PARITY_DTYPES ("bf16 f32"), TORCH_PARITY=1, COMPOSITE=1 (bert-base with candle's composite ops),
-# FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step).
+# TRAIN_KERNELS=fused (every kernel, those not yet proven on a GPU included; auto: the defaults), AUTO=1 (bert-base with the defaults),
+# FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench-out}"
@@ -55,9 +56,13 @@ for s in "${shapes[@]}"; do
   timeout "${T_SCORE:-60}" "$BIN" --device cuda --shapes "$s" --modes score --score-dtype bf16 $W --json "$TMP/score_bf16_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -12
 done
 for s in "${shapes[@]}"; do
-  echo "== distill-bench $s: training bf16 mixed precision (f32 master weights, fused kernels)"
-  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes "$s" --modes train --train-precision bf16 $W --json "$TMP/train_bf16_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -12
+  echo "== distill-bench $s: training bf16 mixed precision (f32 master weights, kernels: ${TRAIN_KERNELS:-fused})"
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes "$s" --modes train --train-precision bf16 --kernels "${TRAIN_KERNELS:-fused}" $W --json "$TMP/train_bf16_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -12
 done
+if [ "${AUTO:-1}" = 1 ]; then
+  echo "== distill-bench bert-base: training bf16 with the default kernels (those proven on a GPU; the rest composite)"
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes bert-base --modes train --train-precision bf16 --kernels auto $W --json "$TMP/train_bf16_auto_bert-base.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
+fi
 if [ "${COMPOSITE:-1}" = 1 ]; then
   echo "== distill-bench bert-base: training bf16 with candle's composite ops instead of the fused kernels"
   timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes bert-base --modes train --train-precision bf16 --kernels composite $W --json "$TMP/train_bf16_composite_bert-base.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
@@ -75,6 +80,11 @@ if [ "${PROFILE:-0}" = 1 ]; then
     --train-precision bf16 --train-batch "${PROFILE_BATCH:-16}" --warmup 1 --iters 1 --breakdown false > "$OUT/kernels.csv" 2> "$TMP/ncu.err"
   tail -3 "$TMP/ncu.err"
   python3 scripts/bench/ncu-summary.py "$OUT/kernels.csv" 40
+  echo "== Nsight Compute: kernel time of one minilm-l6 bf16 scoring batch, ${PROFILE_SCORE_BATCH:-64} x 256"
+  timeout "${T_PROFILE:-120}" "$NCU" --csv --metrics gpu__time_duration.sum "$BIN" --device cuda --shapes minilm-l6 --modes score \
+    --score-dtype bf16 --score-batch "${PROFILE_SCORE_BATCH:-64}" --warmup 1 --iters 1 > "$OUT/kernels-score.csv" 2> "$TMP/ncu-score.err"
+  tail -3 "$TMP/ncu-score.err"
+  python3 scripts/bench/ncu-summary.py "$OUT/kernels-score.csv" 30
 fi
 
 # One JSON per kind of run, as perf-table.py reads them.

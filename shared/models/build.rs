@@ -1,4 +1,4 @@
-//! With the `cuda` feature: compiles `src/kernels.cu` to PTX with nvcc (from `NVCC`, `CUDA_ROOT`
+//! With the `cuda` feature: compiles `src/kernels/kernels.cu` to PTX with nvcc (from `NVCC`, `CUDA_ROOT`
 //! or the PATH; scripts/cuda-toolkit.sh provides one) for `CUDA_COMPUTE_CAP` (default 80; PTX is
 //! compiled on for newer GPUs by the driver). Without the feature it does nothing.
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src/kernels.cu");
+    println!("cargo:rerun-if-changed=src/kernels/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -19,9 +19,9 @@ fn main() {
     });
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "src/kernels.cu", "-o"])
+        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "src/kernels/kernels.cu", "-o"])
         .arg(&out)
         .status()
         .unwrap_or_else(|e| panic!("{nvcc}: {e} (the cuda feature needs nvcc: source scripts/cuda-toolkit.sh)"));
-    assert!(status.success(), "{nvcc} failed on src/kernels.cu");
+    assert!(status.success(), "{nvcc} failed on src/kernels/kernels.cu");
 }

@@ -40,7 +40,8 @@ impl Module for Linear {
         out.push(y.dim(1)?);
         let y = y.reshape(out)?.to_dtype(act)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(act)?),
+            // One kernel where the fused kernels run (its gradient a coalesced column sum).
+            Some(b) => crate::kernels::bias_add(&y, &b.to_dtype(act)?),
             None => Ok(y),
         }
     }
@@ -52,8 +53,8 @@ pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: candle_core::DType) -> Result<Te
     a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
 }
 
-/// Layer normalisation over the last dimension: our fused normalisation with its backward
-/// (`kernels::normalize_last_dim`; candle's fused layer norm has none), then scale and shift.
+/// Layer normalisation over the last dimension with its backward (`kernels::layer_norm`:
+/// candle's fused layer norm has none).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -75,13 +76,11 @@ impl Module for LayerNorm {
     /// PyTorch's autocast runs layer norm); with bf16 weights (bf16 scoring) the stream is bf16,
     /// as in a bf16 PyTorch model, and no casts surround each matmul.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let normed = crate::kernels::normalize_last_dim(&x.to_dtype(DType::F32)?, self.eps)?;
-        let y = normed.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-            None => y,
-        };
-        y.to_dtype(self.weight.dtype())
+        // One kernel each way where the fused kernels run (`kernels::layer_norm`), else the
+        // normalisation, scale and shift.
+        let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let w = self.weight.to_dtype(DType::F32)?;
+        crate::kernels::layer_norm(&x.to_dtype(DType::F32)?, &w, bias.as_ref(), self.eps)?.to_dtype(self.weight.dtype())
     }
 }
 

@@ -125,15 +125,6 @@ fn rotary(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(T
     Ok((emb.cos()?, emb.sin()?))
 }
 
-/// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = [-x2, x1]`, in f32.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let half = x.dim(D::Minus1)? / 2;
-    let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
-    (x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?.to_dtype(dtype)
-}
-
 impl ModernBertCrossEncoder {
     pub fn load(vb: VarBuilder, config: &ModernBertConfig) -> Result<Self> {
         let (h, eps, nb) = (config.hidden_size, config.norm_eps, config.norm_bias);
@@ -202,11 +193,9 @@ impl ModernBertCrossEncoder {
                 None => x.clone(),
             };
             let qkv = layer.wqkv.forward(&normed)?.reshape((bsz, len, 3, heads, hd))?;
-            let part = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
             let (cos, sin) = &ropes[which];
-            let q = apply_rotary(&part(0)?, cos, sin)?;
-            let k = apply_rotary(&part(1)?, cos, sin)?;
-            let v = part(2)?;
+            // The head split with q and k rotated (one kernel where the fused kernels run).
+            let (q, k, v) = crate::kernels::rotary_qkv(&qkv, cos, sin)?;
             let scores = matmul_in(&q, &k.t()?, compute)?;
             let probs = dropout(&masked_softmax(&scores, &masks[which], scale)?, cfg.attention_dropout, train)?;
             let ctx =

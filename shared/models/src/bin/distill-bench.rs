@@ -53,8 +53,9 @@ struct Args {
     /// Also time the training step's forward and forward + backward alone (where the time goes).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     breakdown: bool,
-    /// Which kernels for GELU, softmax, layer norm and AdamW (`kernels.rs`): auto (fused on CUDA,
-    /// composite candle ops on the CPU), fused or composite, to measure what they bring.
+    /// Which kernels (`kernels/`): auto (on CUDA the fused kernels already proven on a GPU, on the
+    /// CPU candle's composite ops), fused (every fused kernel) or composite, to measure what they
+    /// bring.
     #[arg(long, default_value = "auto")]
     kernels: String,
     /// Instead of timing: check the fused kernels against the composite ops on --device (values
@@ -205,7 +206,7 @@ fn main() -> anyhow::Result<()> {
         "auto" => {
             distill_models::kernels::set_fused_default();
             if dev.is_cuda() {
-                "fused"
+                "fused (proven on a GPU)"
             } else {
                 "composite"
             }

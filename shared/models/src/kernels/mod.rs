@@ -7,6 +7,15 @@
 //! `DISTILL_FUSED_KERNELS=1`, `distill-bench --fused`) until they are vectorised. When on, f32 on
 //! the CPU takes the fused path; other dtypes and devices take the composite.
 //!
+//! Layer norm with its scale and shift (one kernel forward; the input gradient and both weight
+//! gradients one kernel each) and a linear layer's bias add (its gradient one coalesced column
+//! sum, where candle reduces over leading dimensions with strided reads) follow the same pattern.
+//!
+//! Layout: this file holds the switches, the ops and their CPU kernels; `kernels.cu` the CUDA
+//! kernels; `launch.rs` each launch's grid, block and arguments (pure); `cuda.rs` runs those on
+//! candle's storage; `emulated.rs` (tests) runs the same launches of the same CUDA source on the
+//! CPU through `distill-cuda-emu` against the CPU kernels.
+//!
 //! On CUDA the same ops run as our kernels (`kernels.cu`, compiled to PTX by build.rs), on by
 //! default there: candle's composites launch four to eight kernels per op, each a pass over
 //! memory, and its AdamW is twelve launches per parameter ([`adamw_step`] is one).
@@ -18,17 +27,19 @@
 //! - softmax: y = exp(x - max) / Σ exp(x - max), dx = y ⊙ (g - Σ g ⊙ y)
 //! - normalise: x̂ = (x - μ) / σ with σ = sqrt(var + eps), dx = (g - mean(g) - x̂ mean(g ⊙ x̂)) / σ
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The CPU kernels (off by default) and the CUDA kernels (on by default).
 static FUSED_CPU: AtomicBool = AtomicBool::new(false);
 static FUSED_CUDA: AtomicBool = AtomicBool::new(true);
-/// The embedding gather/scatter on CUDA: off by default until it has run on a GPU (written in
-/// session 6 after the last GPU call; its CPU twin is checked). `set_fused(true)` and
-/// `DISTILL_FUSED_KERNELS=1` turn it on, so `distill-bench --check-kernels` checks it.
-static FUSED_EMBEDDING_CUDA: AtomicBool = AtomicBool::new(false);
+/// The CUDA kernels not yet run on a GPU: off there by default until `distill-bench
+/// --check-kernels` has passed on one (the embedding gather/scatter, layer norm with its weights,
+/// the bias add). Their CUDA source runs in the emulated tests and their CPU twins pass the
+/// composite checks. `set_fused(true)` and `DISTILL_FUSED_KERNELS=1` turn them on, so the check
+/// and `distill-bench --kernels fused` run them.
+static FUSED_UNPROVEN_CUDA: AtomicBool = AtomicBool::new(false);
 static FROM_ENV: std::sync::Once = std::sync::Once::new();
 
 /// Turns the fused kernels on or off for the whole process, on every device (the composite ops
@@ -37,7 +48,7 @@ pub fn set_fused(on: bool) {
     FROM_ENV.call_once(|| {});
     FUSED_CPU.store(on, Ordering::Relaxed);
     FUSED_CUDA.store(on, Ordering::Relaxed);
-    FUSED_EMBEDDING_CUDA.store(on, Ordering::Relaxed);
+    FUSED_UNPROVEN_CUDA.store(on, Ordering::Relaxed);
 }
 
 /// Back to the defaults: composite on the CPU, fused on CUDA.
@@ -45,14 +56,14 @@ pub fn set_fused_default() {
     FROM_ENV.call_once(|| {});
     FUSED_CPU.store(false, Ordering::Relaxed);
     FUSED_CUDA.store(true, Ordering::Relaxed);
-    FUSED_EMBEDDING_CUDA.store(false, Ordering::Relaxed);
+    FUSED_UNPROVEN_CUDA.store(false, Ordering::Relaxed);
 }
 
 fn from_env() {
     FROM_ENV.call_once(|| match std::env::var("DISTILL_FUSED_KERNELS").as_deref() {
         Ok("1") => {
             FUSED_CPU.store(true, Ordering::Relaxed);
-            FUSED_EMBEDDING_CUDA.store(true, Ordering::Relaxed);
+            FUSED_UNPROVEN_CUDA.store(true, Ordering::Relaxed);
         }
         Ok("0") => FUSED_CUDA.store(false, Ordering::Relaxed),
         _ => {}
@@ -67,6 +78,11 @@ fn fused_for(x: &Tensor) -> bool {
             candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && FUSED_CUDA.load(Ordering::Relaxed),
             _ => false,
         }
+}
+
+/// As [`fused_for`], for the kernels that have not yet run on a GPU ([`FUSED_UNPROVEN_CUDA`]).
+fn fused_unproven_for(x: &Tensor) -> bool {
+    fused_for(x) && (!x.device().is_cuda() || FUSED_UNPROVEN_CUDA.load(Ordering::Relaxed))
 }
 
 /// Rows handed to one thread at a time: big enough that scheduling is noise.
@@ -157,7 +173,7 @@ impl CustomOp1 for GeluErf {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::elementwise("distill_gelu_erf_f32", &[(s, l)], self.name())
+        cuda::elementwise("distill_gelu_erf_f32", &[(s, l)], self.name())
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -191,7 +207,7 @@ impl CustomOp2 for GeluErfGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::elementwise("distill_gelu_erf_grad_f32", &[(s1, l1), (s2, l2)], self.name())
+        cuda::elementwise("distill_gelu_erf_grad_f32", &[(s1, l1), (s2, l2)], self.name())
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -228,7 +244,7 @@ impl CustomOp1 for Softmax {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::rows("distill_softmax_f32", &[(s, l)], None, self.name())
+        cuda::rows("distill_softmax_f32", &[(s, l)], None, self.name())
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -269,7 +285,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::rows("distill_softmax_grad_f32", &[(s1, l1), (s2, l2)], Some(self.scale), self.name())
+        cuda::rows("distill_softmax_grad_f32", &[(s1, l1), (s2, l2)], Some(self.scale), self.name())
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -348,7 +364,7 @@ impl CustomOp2 for MaskedSoftmax {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let strides = bias_strides(l1, l2)?;
-        gpu::masked_softmax(s1, l1, s2, l2, strides, self.scale)
+        cuda::masked_softmax(s1, l1, s2, l2, strides, self.scale)
     }
 
     fn bwd(
@@ -414,7 +430,7 @@ impl CustomOp1 for Dropout {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::dropout(s, l, self.seed, self.p)
+        cuda::dropout(s, l, self.seed, self.p)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -486,7 +502,7 @@ impl CustomOp2 for Gather {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (vocab, dim) = table_dims(l1, self.name())?;
         let n = l2.shape().elem_count();
-        let out = gpu::rows_by_id("distill_gather_rows_f32", s1, l1, s2, l2, n * dim, false, n, dim, vocab)?;
+        let out = cuda::rows_by_id("distill_gather_rows_f32", s1, l1, s2, l2, n * dim, false, n, dim, vocab)?;
         let mut shape = l2.dims().to_vec();
         shape.push(dim);
         Ok((out, shape.into()))
@@ -538,7 +554,7 @@ impl CustomOp2 for ScatterRows {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dim = last_dim(l1);
         let n = l2.shape().elem_count();
-        let out = gpu::rows_by_id(
+        let out = cuda::rows_by_id(
             "distill_scatter_add_rows_f32",
             s1,
             l1,
@@ -559,9 +575,7 @@ impl CustomOp2 for ScatterRows {
 /// index_select backward is an index_add that measured 2.3 ms per table on the H100).
 /// Falls back to `index_select` where the fused kernels are off or the table is not f32.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    from_env();
-    let embedding_on = !table.device().is_cuda() || FUSED_EMBEDDING_CUDA.load(Ordering::Relaxed);
-    if !fused_for(table) || !embedding_on || ids.dtype() != DType::U32 {
+    if !fused_unproven_for(table) || ids.dtype() != DType::U32 {
         let mut shape = ids.dims().to_vec();
         shape.push(table.dim(1)?);
         return table.index_select(&ids.flatten_all()?, 0)?.reshape(shape);
@@ -592,7 +606,7 @@ impl CustomOp1 for Normalize {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::rows("distill_normalize_f32", &[(s, l)], Some(self.eps), self.name())
+        cuda::rows("distill_normalize_f32", &[(s, l)], Some(self.eps), self.name())
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -629,7 +643,7 @@ impl CustomOp2 for NormalizeGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        gpu::rows("distill_normalize_grad_f32", &[(s1, l1), (s2, l2)], Some(self.eps), self.name())
+        cuda::rows("distill_normalize_grad_f32", &[(s1, l1), (s2, l2)], Some(self.eps), self.name())
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -660,6 +674,407 @@ pub fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layer norm with its scale and shift; the bias of a linear layer
+
+/// The widest row the fused layer norm takes: its weight gradient sums a block's rows in shared
+/// memory (`DISTILL_MAX_COLS` in kernels.cu).
+const MAX_NORM_COLS: usize = 2048;
+
+/// A vector of `cols` elements (a norm's weight, a bias).
+fn vector<'a>(s: &'a CpuStorage, l: &Layout, cols: usize, op: &str) -> Result<&'a [f32]> {
+    let v = slice(s, l, op)?;
+    if v.len() != cols {
+        candle_core::bail!("{op}: a vector of {} for rows of {cols}", v.len());
+    }
+    Ok(v)
+}
+
+/// (x, w, b) -> x̂ w + b per row (+ b only when `has_bias`).
+struct LayerNormOp {
+    eps: f32,
+    has_bias: bool,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "distill-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let x = slice(s1, l1, self.name())?;
+        let (w, b) = (vector(s2, l2, cols, self.name())?, vector(s3, l3, cols, self.name())?);
+        let y = map_rows(x, cols, |y, x| {
+            let (mean, rstd) = moments(x, self.eps);
+            for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                *y = (x - mean) * rstd * w[i] + if self.has_bias { b[i] } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l2.shape().elem_count() != last_dim(l1) || l3.shape().elem_count() != last_dim(l1) {
+            candle_core::bail!("{}: weights of {:?} for {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        cuda::layer_norm((s1, l1), (s2, l2), (s3, l3), self.eps, self.has_bias)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &g, &LayerNormGrad { eps: self.eps })?;
+        let wb = x.apply_op2_no_bwd(&g, &LayerNormWGrad { eps: self.eps })?;
+        let db = if self.has_bias { Some(wb.get(1)?) } else { None };
+        Ok((Some(dx), Some(wb.get(0)?), db))
+    }
+}
+
+/// (x, w, g) -> dx: the normalisation's gradient of g ⊙ w.
+struct LayerNormGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "distill-layer-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let (x, w, g) = (slice(s1, l1, self.name())?, vector(s2, l2, cols, self.name())?, slice(s3, l3, self.name())?);
+        same_len(x, g, self.name())?;
+        let dx = map_rows2(x, g, cols, |dx, x, g| {
+            let (mean, rstd) = moments(x, self.eps);
+            let n = x.len() as f32;
+            let g_mean = g.iter().zip(w).map(|(g, w)| g * w).sum::<f32>() / n;
+            let gx_mean = x.iter().zip(g).zip(w).map(|((x, g), w)| (x - mean) * rstd * g * w).sum::<f32>() / n;
+            for (i, ((dx, &x), &g)) in dx.iter_mut().zip(x).zip(g).enumerate() {
+                *dx = (g * w[i] - g_mean - (x - mean) * rstd * gx_mean) * rstd;
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l3.shape() || l2.shape().elem_count() != last_dim(l1) {
+            candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::layer_norm_grad((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
+}
+
+/// (x, g) -> [Σ_rows g ⊙ x̂ ; Σ_rows g]: the weight and bias gradients of layer norm, [2, cols].
+struct LayerNormWGrad {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormWGrad {
+    fn name(&self) -> &'static str {
+        "distill-layer-norm-weight-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        same_len(x, g, self.name())?;
+        let cols = last_dim(l1);
+        let mut out = vec![0f32; 2 * cols];
+        let (dw, db) = out.split_at_mut(cols);
+        for (x, g) in x.chunks(cols).zip(g.chunks(cols)) {
+            let (mean, rstd) = moments(x, self.eps);
+            for i in 0..cols {
+                dw[i] += g[i] * (x[i] - mean) * rstd;
+                db[i] += g[i];
+            }
+        }
+        Ok((CpuStorage::F32(out), (2, cols).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{}: {:?} and {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        cuda::layer_norm_wgrad(s1, l1, s2, l2, self.eps)
+    }
+}
+
+/// Layer norm over the last dimension with scale `w` and optional shift `b`: one kernel
+/// forward; backward one kernel for the input's gradient and one for both weight gradients
+/// (column sums in one pass, where candle sums over the leading dimensions with strided reads).
+/// Falls back to the composite ([`normalize_last_dim`], scale, shift) where the kernels are off,
+/// a dtype is not f32 or rows are wider than 2,048.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    let f32s = w.dtype() == DType::F32 && b.is_none_or(|b| b.dtype() == DType::F32);
+    if !fused_unproven_for(x) || !f32s || cols > MAX_NORM_COLS || w.elem_count() != cols {
+        let y = normalize_last_dim(x, eps)?.broadcast_mul(w)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
+    let op = LayerNormOp { eps: eps as f32, has_bias: b.is_some() };
+    let b = match b {
+        Some(b) => b.contiguous()?,
+        // Never read (has_bias is false); its gradient is None.
+        None => w.detach(),
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)
+}
+
+/// (x, b) -> x + b over the last dimension; the bias's gradient is a column sum.
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "distill-bias-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let (x, b) = (slice(s1, l1, self.name())?, vector(s2, l2, cols, self.name())?);
+        let y = map_rows(x, cols, |y, x| {
+            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                *y = x + b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l2.shape().elem_count() != last_dim(l1) {
+            candle_core::bail!("{}: a bias of {:?} for {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        cuda::bias_add(s1, l1, s2, l2)
+    }
+
+    fn bwd(&self, _x: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((Some(grad.clone()), Some(db)))
+    }
+}
+
+/// g [.., cols] -> [cols], the sum over every other dimension.
+struct ColumnSum;
+
+impl CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "distill-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = slice(s, l, self.name())?;
+        let cols = last_dim(l);
+        let mut out = vec![0f32; cols];
+        for row in g.chunks(cols) {
+            out.iter_mut().zip(row).for_each(|(o, g)| *o += g);
+        }
+        Ok((CpuStorage::F32(out), cols.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::column_sum(s, l)
+    }
+}
+
+/// `x + b` with `b` [cols] broadcast over the leading dimensions of `x` [.., cols]: one kernel,
+/// and the bias's gradient one coalesced column sum. The composite `broadcast_add` where the
+/// kernels are off or a dtype is not f32.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fused_unproven_for(x) || b.dtype() != DType::F32 || b.rank() != 1 || b.elem_count() != x.dim(D::Minus1)? {
+        return x.broadcast_add(b);
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embeddings with the head split
+
+/// [b, l, h, d] of a packed projection [B, L, 3, H, D] (split) or of its gradient [3, B, H, L, D]
+/// (merge).
+fn rotary_dims(l: &Layout, merge: bool, op: &str) -> Result<[usize; 4]> {
+    match (merge, l.dims()) {
+        (false, &[b, len, 3, h, d]) | (true, &[3, b, h, len, d]) if d % 2 == 0 => Ok([b, len, h, d]),
+        (_, dims) => candle_core::bail!("{op}: {dims:?} is not a packed q, k, v projection with an even head size"),
+    }
+}
+
+/// Split: (qkv [B, L, 3, H, D], cos [L, D], sin [L, D]) -> [3, B, H, L, D] with q and k rotated,
+/// `x cos + rotate_half(x) sin`. Merge (the split's backward): (g [3, B, H, L, D], cos, sin) ->
+/// [B, L, 3, H, D] rotated by -sin.
+struct Rotary {
+    merge: bool,
+}
+
+impl CustomOp3 for Rotary {
+    fn name(&self) -> &'static str {
+        if self.merge {
+            "distill-rotary-merge"
+        } else {
+            "distill-rotary-split"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, l, h, d] = rotary_dims(l1, self.merge, self.name())?;
+        let (x, cos, sin) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        if cos.len() != l * d || sin.len() != l * d {
+            candle_core::bail!("{}: cos and sin of {} and {} values for {l} x {d}", self.name(), cos.len(), sin.len());
+        }
+        let (half, sign) = (d / 2, if self.merge { -1.0 } else { 1.0 });
+        let mut out = vec![0f32; x.len()];
+        // One output row of d values at a time; its source row in the other layout.
+        out.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+            let (part, batch, head, pos) = if self.merge {
+                (r / h % 3, r / (3 * h * l), r % h, r / (3 * h) % l)
+            } else {
+                (r / (b * h * l), r / (h * l) % b, r / l % h, r % l)
+            };
+            let src = if self.merge {
+                (((part * b + batch) * h + head) * l + pos) * d
+            } else {
+                (((batch * l + pos) * 3 + part) * h + head) * d
+            };
+            let x = &x[src..src + d];
+            let (c, s) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+            for i in 0..d {
+                out[i] = if part == 2 {
+                    x[i]
+                } else {
+                    let other = if i < half { -x[i + half] } else { x[i - half] };
+                    x[i] * c[i] + other * s[i] * sign
+                };
+            }
+        });
+        let shape: Shape = if self.merge { (b, l, 3, h, d).into() } else { (3, b, h, l, d).into() };
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let [b, l, h, d] = rotary_dims(l1, self.merge, self.name())?;
+        if l2.shape().elem_count() != l * d || l3.shape().elem_count() != l * d {
+            candle_core::bail!("{}: cos {:?} and sin {:?} for {l} x {d}", self.name(), l2.dims(), l3.dims());
+        }
+        let (kernel, shape): (&'static str, Shape) = if self.merge {
+            ("distill_rotary_merge_f32", (b, l, 3, h, d).into())
+        } else {
+            ("distill_rotary_split_f32", (3, b, h, l, d).into())
+        };
+        cuda::rotary(kernel, (s1, l1), (s2, l2), (s3, l3), [b, l, h, d], shape)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.merge {
+            candle_core::bail!("{}: no backward (it is the split's backward)", self.name());
+        }
+        Ok((Some(grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rotary { merge: true })?), None, None))
+    }
+}
+
+/// `x cos + rotate_half(x) sin` with `rotate_half(x) = [-x2, x1]` over the last dimension, in f32
+/// (the composite).
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(&[&x.narrow(D::Minus1, half, half)?.neg()?, &x.narrow(D::Minus1, 0, half)?], D::Minus1)?;
+    (x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?.to_dtype(dtype)
+}
+
+/// q, k and v [B, H, L, D] (contiguous) from a packed projection `qkv` [B, L, 3, H, D], with
+/// rotary embeddings (`cos`, `sin` [L, D], f32) applied to q and k. Fused: one kernel each way
+/// (the head split's copies and the rotation's six ops in one pass). The composite (narrow,
+/// transpose, copy, rotate) where the kernels are off or qkv is not f32.
+pub fn rotary_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let packed = matches!(qkv.dims(), &[_, _, 3, _, d] if d % 2 == 0);
+    if packed && fused_unproven_for(qkv) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
+        let out = qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary { merge: false })?;
+        return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
+    }
+    let part = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+    Ok((apply_rotary(&part(0)?, cos, sin)?, apply_rotary(&part(1)?, cos, sin)?, part(2)?))
+}
+
+// ---------------------------------------------------------------------------------------------
 // AdamW
 
 /// One AdamW update of `param` (a variable) with its moments `m`, `v` and gradient `g`, all f32,
@@ -685,7 +1100,7 @@ pub fn adamw_step(
     }
     #[cfg(feature = "cuda")]
     {
-        gpu::adamw(param, m, v, g, [decay, beta1, beta2, bc2, step, eps].map(|x| x as f32))?;
+        cuda::adamw(param, m, v, g, [decay, beta1, beta2, bc2, step, eps].map(|x| x as f32))?;
         Ok(true)
     }
     #[cfg(not(feature = "cuda"))]
@@ -693,260 +1108,11 @@ pub fn adamw_step(
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
-    //! Launching the kernels of `kernels.cu` on candle's CUDA storage.
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
-    const MODULE: &str = "distill-kernels";
-    /// Every kernel this module launches.
-    const KERNELS: [&str; 11] = [
-        "distill_gelu_erf_f32",
-        "distill_gelu_erf_grad_f32",
-        "distill_softmax_f32",
-        "distill_masked_softmax_f32",
-        "distill_softmax_grad_f32",
-        "distill_normalize_f32",
-        "distill_normalize_grad_f32",
-        "distill_dropout_f32",
-        "distill_gather_rows_f32",
-        "distill_scatter_add_rows_f32",
-        "distill_adamw_f32",
-    ];
-
-    /// The kernels this code launches that the embedded PTX lacks: a binary built while
-    /// kernels.cu changed can embed an older PTX (cargo decides at the start of a build whether
-    /// build.rs reruns).
-    pub fn missing_kernels() -> Vec<&'static str> {
-        KERNELS.into_iter().filter(|k| !PTX.contains(&format!(".entry {k}("))).collect()
-    }
-    /// Warps per block of the row kernels (one warp per row).
-    const WARPS: usize = 4;
-
-    fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
-        let slice = s.as_cuda_slice::<f32>()?;
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(slice.slice(a..b)),
-            None => candle_core::bail!("{op}: the input is not contiguous"),
-        }
-    }
-
-    fn inputs<'a>(args: &[(&'a CudaStorage, &Layout)], op: &str) -> Result<Vec<CudaView<'a, f32>>> {
-        let n = args[0].1.shape().elem_count();
-        if args.iter().any(|(_, l)| l.shape().elem_count() != n) {
-            candle_core::bail!("{op}: inputs of different sizes");
-        }
-        args.iter().map(|(s, l)| view(s, l, op)).collect()
-    }
-
-    fn elementwise_config(n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    /// `kernel(inputs..., out, n)` over all elements.
-    pub fn elementwise(kernel: &str, args: &[(&CudaStorage, &Layout)], op: &str) -> Result<(CudaStorage, Shape)> {
-        let dev = args[0].0.device().clone();
-        let xs = inputs(args, op)?;
-        let n = args[0].1.shape().elem_count();
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-        let mut b = func.builder();
-        for x in &xs {
-            b.arg(x);
-        }
-        b.arg(&out);
-        let n64 = n as i64;
-        b.arg(&n64);
-        if n > 0 {
-            // SAFETY: the kernel's signature is (const float*..., float*, int64).
-            unsafe { b.launch(elementwise_config(n)) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), args[0].1.shape().clone()))
-    }
-
-    /// `kernel(inputs..., out, rows, cols[, eps])`, one warp per row of the last dimension.
-    pub fn rows(
-        kernel: &str,
-        args: &[(&CudaStorage, &Layout)],
-        eps: Option<f32>,
-        op: &str,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = args[0].0.device().clone();
-        let xs = inputs(args, op)?;
-        let n = args[0].1.shape().elem_count();
-        let cols = super::last_dim(args[0].1);
-        let rows = n / cols;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-        let mut b = func.builder();
-        for x in &xs {
-            b.arg(x);
-        }
-        b.arg(&out);
-        let (r64, c64) = (rows as i64, cols as i64);
-        b.arg(&r64);
-        b.arg(&c64);
-        if let Some(eps) = &eps {
-            b.arg(eps);
-        }
-        if rows > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-                block_dim: (32 * WARPS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the kernel's signature is (const float*..., float*, int64, int64[, float]).
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), args[0].1.shape().clone()))
-    }
-
-    /// `distill_masked_softmax_f32`: one warp per row of the scores.
-    pub fn masked_softmax(
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        (per_batch, batch_stride, row_stride, q_len): (usize, usize, usize, usize),
-        scale: f32,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        let (x, bias) = (view(s1, l1, "masked softmax")?, view(s2, l2, "masked softmax")?);
-        let n = l1.shape().elem_count();
-        let cols = super::last_dim(l1);
-        let rows = n / cols;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func("distill_masked_softmax_f32", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&x);
-        b.arg(&bias);
-        b.arg(&out);
-        let ints = [rows, cols, per_batch, batch_stride, row_stride, q_len].map(|v| v as i64);
-        for v in &ints {
-            b.arg(v);
-        }
-        b.arg(&scale);
-        if rows > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
-                block_dim: (32 * WARPS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: (const float* x, const float* bias, float* y, int64 x 6, float).
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
-    }
-
-    /// `distill_dropout_f32` over all elements.
-    pub fn dropout(s: &CudaStorage, l: &Layout, seed: u64, p: f32) -> Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let x = view(s, l, "dropout")?;
-        let n = l.shape().elem_count();
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func("distill_dropout_f32", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&x);
-        b.arg(&out);
-        let n64 = n as i64;
-        b.arg(&n64);
-        b.arg(&seed);
-        b.arg(&p);
-        let scale = 1.0 / (1.0 - p);
-        b.arg(&scale);
-        if n > 0 {
-            // SAFETY: (const float* x, float* y, int64 n, uint64 seed, float p, float scale).
-            unsafe { b.launch(elementwise_config(n)) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
-    }
-
-    /// The gather / scatter kernels: `kernel(f32 input, u32 ids, out, n, dim, vocab)` over an
-    /// output of `out_len` elements (zeroed first when `zeroed`), threads over n x dim.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rows_by_id(
-        kernel: &str,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        out_len: usize,
-        zeroed: bool,
-        n: usize,
-        dim: usize,
-        vocab: usize,
-    ) -> Result<CudaStorage> {
-        let dev = s1.device().clone();
-        let x = view(s1, l1, kernel)?;
-        let ids = match l2.contiguous_offsets() {
-            Some((a, b)) => s2.as_cuda_slice::<u32>()?.slice(a..b),
-            None => candle_core::bail!("{kernel}: the ids are not contiguous"),
-        };
-        // SAFETY: either zeroed, or every element written by the gather.
-        let out = if zeroed { dev.alloc_zeros::<f32>(out_len)? } else { unsafe { dev.alloc::<f32>(out_len)? } };
-        let func = dev.get_or_load_custom_func(kernel, MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&x);
-        b.arg(&ids);
-        b.arg(&out);
-        let ints = [n, dim, vocab].map(|v| v as i64);
-        for v in &ints {
-            b.arg(v);
-        }
-        if n * dim > 0 {
-            // SAFETY: (const float*, const uint32*, float*, int64 n, int64 dim, int64 vocab).
-            unsafe { b.launch(elementwise_config(n * dim)) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
-    }
-
-    /// The AdamW kernel over one parameter, writing the parameter and both moments in place.
-    pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 6]) -> Result<()> {
-        let n = param.elem_count();
-        if [m, v, g].iter().any(|t| t.elem_count() != n) {
-            candle_core::bail!("adamw: parameter and state of different sizes");
-        }
-        // Read guards: the kernel writes through the parameter's and the moments' pointers. No
-        // other tensor shares their storage (the optimizer owns m and v; the variable's storage
-        // is written only here and by Var::set), and candle runs one stream, so nothing reads them
-        // while the kernel runs out of order.
-        let guards = [param, m, v, g].map(|t| t.storage_and_layout());
-        let mut views = Vec::with_capacity(4);
-        let mut dev = None;
-        for (storage, layout) in &guards {
-            let Storage::Cuda(s) = &**storage else { candle_core::bail!("adamw: not a CUDA tensor") };
-            views.push(view(s, layout, "adamw")?);
-            dev.get_or_insert_with(|| s.device().clone());
-        }
-        let dev = dev.expect("four tensors");
-        let func = dev.get_or_load_custom_func("distill_adamw_f32", MODULE, PTX)?;
-        let mut b = func.builder();
-        for x in &views {
-            b.arg(x);
-        }
-        let n64 = n as i64;
-        b.arg(&n64);
-        for x in &c {
-            b.arg(x);
-        }
-        if n > 0 {
-            // SAFETY: (float* p, float* m, float* v, const float* g, int64 n, float x 6).
-            unsafe { b.launch(elementwise_config(n)) }.w()?;
-        }
-        Ok(())
-    }
-}
+mod cuda;
+#[cfg(test)]
+mod emulated;
+#[cfg(any(feature = "cuda", test))]
+mod launch;
 
 /// Runs `f` fused and composite on `dev` on the same input and upstream gradient; returns the
 /// largest absolute differences of the outputs and of the input gradients. Leaves the kernels at
@@ -978,6 +1144,44 @@ fn compare(
     Ok((diff(&yf, &yc)?, diff(&gf, &gc)?))
 }
 
+/// As [`compare`] for an op with a weight and an optional shift over the last dimension
+/// (`f(x, w, b)`): the largest differences of the outputs and of the gradients of x, w and b.
+fn compare_with_weights(
+    dev: &candle_core::Device,
+    shape: &[usize],
+    scale: f64,
+    shift: bool,
+    f: &dyn Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<(f32, [f32; 3])> {
+    let cols = *shape.last().unwrap_or(&1);
+    let x0 = (Tensor::randn(0f32, 1.0, shape, dev)? * scale)?;
+    let w0 = Tensor::randn(0f32, 1.0, cols, dev)?.affine(0.5, 1.0)?;
+    let b0 = Tensor::randn(0f32, 1.0, cols, dev)?;
+    let run = |fused: bool| -> Result<(Tensor, [Tensor; 3])> {
+        let (x, w, b) = (
+            candle_core::Var::from_tensor(&x0)?,
+            candle_core::Var::from_tensor(&w0)?,
+            candle_core::Var::from_tensor(&b0)?,
+        );
+        set_fused(fused);
+        let y = f(x.as_tensor(), w.as_tensor(), shift.then_some(b.as_tensor()));
+        set_fused_default();
+        let y = y?;
+        let upstream = (Tensor::arange(0u32, y.elem_count() as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape(y.shape())?;
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        let get = |v: &candle_core::Var| {
+            grads.get(v.as_tensor()).cloned().unwrap_or_else(|| v.as_tensor().zeros_like().expect("zeros"))
+        };
+        Ok((y, [get(&x), get(&w), get(&b)]))
+    };
+    let (yf, gf) = run(true)?;
+    let (yc, gc) = run(false)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    Ok((diff(&yf, &yc)?, [diff(&gf[0], &gc[0])?, diff(&gf[1], &gc[1])?, diff(&gf[2], &gc[2])?]))
+}
+
 /// Checks the fused kernels on `dev` against the composite ops they replace: GELU, softmax and
 /// layer-norm values and input gradients on several shapes, and (on CUDA) three AdamW updates
 /// against the composite update. One line per check; an error names the first check over its
@@ -988,7 +1192,7 @@ pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>>
     let mut bad = Vec::new();
     #[cfg(feature = "cuda")]
     if dev.is_cuda() {
-        let missing = gpu::missing_kernels();
+        let missing = cuda::missing_kernels();
         if !missing.is_empty() {
             candle_core::bail!("the embedded PTX lacks {missing:?}: a stale build; rebuild from a clean target/cuda");
         }
@@ -1012,6 +1216,40 @@ pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>>
             if !(v < tv && g < tg) {
                 bad.push(lines.last().cloned().unwrap_or_default());
             }
+        }
+    }
+    // Layer norm with scale and shift (and without a shift, as ModernBERT's), and a linear
+    // layer's bias: the gradients of the weights too. 130 rows: three blocks of the column sums.
+    for (shape, scale) in [(vec![3, 5, 384], 3.0), (vec![4, 1536], 8.0), (vec![130, 33], 1.0)] {
+        for shift in [true, false] {
+            let (v, g) = compare_with_weights(dev, &shape, scale, shift, &|x, w, b| layer_norm(x, w, b, 1e-12))?;
+            lines.push(format!(
+                "layer norm {shape:?} shift {shift}: |values| {v:.1e}, |gradients of x, w, b| {:.1e}, {:.1e}, {:.1e}",
+                g[0], g[1], g[2]
+            ));
+            if !(v < 2e-5 && g[0] < 2e-4 && g[1] < 1e-4 && g[2] < 1e-4) {
+                bad.push(lines.last().cloned().unwrap_or_default());
+            }
+        }
+        let (v, g) = compare_with_weights(dev, &shape, scale, true, &|x, _, b| bias_add(x, b.expect("a bias")))?;
+        lines.push(format!("bias add {shape:?}: |values| {v:.1e}, |gradients of x, b| {:.1e}, {:.1e}", g[0], g[2]));
+        if !(v < 1e-6 && g[0] < 1e-6 && g[2] < 1e-4) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Rotary embeddings with the head split: q, k, v stacked, and the packed projection's gradient.
+    for (b, len, h, d) in [(2usize, 9usize, 3usize, 8usize), (3, 40, 12, 64)] {
+        let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        let angles: Vec<f32> = (0..len * d).map(|k| (k / d) as f32 * inv[k % d % (d / 2)]).collect();
+        let angles = Tensor::from_vec(angles, (len, d), dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let (v, g) = compare(dev, &[b, len, 3, h, d], 2.0, |x| {
+            let (q, k, v) = rotary_qkv(x, &cos, &sin)?;
+            Tensor::stack(&[q, k, v], 0)
+        })?;
+        lines.push(format!("rotary q, k, v [{b}, {len}, 3, {h}, {d}]: |values| {v:.1e}, |gradients| {g:.1e}"));
+        if !(v < 1e-5 && g < 1e-5) {
+            bad.push(lines.last().cloned().unwrap_or_default());
         }
     }
     // Attention probabilities with a key mask [B, 1, 1, K] and with a full mask [B, 1, Q, K].
@@ -1141,7 +1379,7 @@ mod tests {
     #[test]
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let lines = check_against_composite(&Device::Cpu).unwrap();
-        assert_eq!(lines.len(), 22, "{lines:?}");
+        assert_eq!(lines.len(), 33, "{lines:?}");
     }
 
     #[test]

@@ -1,0 +1,104 @@
+// Just enough of CUDA's device-side C++ to run kernels.cu on the CPU, for tests on a machine
+// without a GPU: a launch runs its blocks one after another, each block's threads as OS threads,
+// so warp shuffles and __syncthreads are real rendezvous (barriers) and a kernel's indexing,
+// reductions and write pattern are exercised as written. Not emulated: the memory model beyond
+// barriers, partial-warp masks (shuffles exchange across the whole warp), timing.
+#pragma once
+#include <barrier>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__
+// Blocks run one at a time and launches are serialised, so one static per kernel is one block's.
+#define __shared__ static
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+namespace emu {
+struct Warp {
+  explicit Warp(std::ptrdiff_t n) : bar(n), size(n) {}
+  std::barrier<> bar;
+  std::ptrdiff_t size;
+  uint64_t slots[32];
+};
+struct Thread {
+  Warp* warp = nullptr;
+  std::barrier<>* block = nullptr;
+  unsigned lane = 0;
+};
+extern thread_local Thread self;
+}  // namespace emu
+
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+inline void __syncthreads() { emu::self.block->arrive_and_wait(); }
+
+// Every lane writes its value, the warp meets, every lane reads its partner's, the warp meets
+// again (so the slots are not overwritten before all have read).
+template <class T>
+inline T emu_exchange(T v, unsigned src) {
+  static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
+  emu::Warp* w = emu::self.warp;
+  uint64_t slot = 0;
+  std::memcpy(&slot, &v, sizeof(T));
+  w->slots[emu::self.lane] = slot;
+  w->bar.arrive_and_wait();
+  T r = v;
+  if (src < (unsigned)w->size) std::memcpy(&r, &w->slots[src], sizeof(T));
+  w->bar.arrive_and_wait();
+  return r;
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) { return emu_exchange(v, emu::self.lane ^ (unsigned)mask); }
+template <class T>
+inline T __shfl_sync(unsigned, T v, int src) { return emu_exchange(v, (unsigned)src & 31u); }
+template <class T>
+inline T __shfl_down_sync(unsigned, T v, unsigned d) {
+  unsigned src = emu::self.lane + d;
+  T r = emu_exchange(v, src);
+  return src < 32 ? r : v;
+}
+
+inline float atomicAdd(float* a, float v) { return std::atomic_ref<float>(*a).fetch_add(v); }
+inline double atomicAdd(double* a, double v) { return std::atomic_ref<double>(*a).fetch_add(v); }
+
+inline float __expf(float x) { return expf(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+
+// bf16 as cuda_bf16.h: the top half of an f32, rounded to nearest even.
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) {
+  uint32_t u = (uint32_t)h.bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
+
+namespace emu {
+// Runs `body` as a grid of 1-D blocks.
+template <class F>
+void launch(dim3 grid, dim3 block, F body);
+}  // namespace emu

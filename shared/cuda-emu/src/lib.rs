@@ -1,0 +1,127 @@
+//! The kernels of `shared/models/src/kernels.cu` compiled as C++ for the CPU (`cpp/cuda_emu.h`
+//! supplies CUDA's device built-ins: each block's threads run as OS threads, warp shuffles and
+//! `__syncthreads` are barriers). Tests launch a kernel by name with the grid, block and
+//! arguments the CUDA path would use and compare what it writes with the CPU implementation.
+//! A dev-dependency only: nothing here runs in the services.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+/// One kernel argument, as the kernel's C signature takes it.
+pub enum Arg {
+    /// A device pointer: here a host buffer (`const float*` / `float*`).
+    F32(*mut f32),
+    /// `const uint32_t*`
+    U32(*mut u32),
+    /// `__nv_bfloat16*`, as raw bits
+    Bf16(*mut u16),
+    I64(i64),
+    U64(u64),
+    Float(f32),
+    I32(i32),
+}
+
+impl Arg {
+    fn code(&self) -> char {
+        match self {
+            Arg::F32(_) => 'f',
+            Arg::U32(_) => 'u',
+            Arg::Bf16(_) => 'h',
+            Arg::I64(_) => 'L',
+            Arg::U64(_) => 'U',
+            Arg::Float(_) => 'F',
+            Arg::I32(_) => 'I',
+        }
+    }
+
+    fn ptr(&mut self) -> *mut c_void {
+        match self {
+            Arg::F32(p) => p as *mut *mut f32 as *mut c_void,
+            Arg::U32(p) => p as *mut *mut u32 as *mut c_void,
+            Arg::Bf16(p) => p as *mut *mut u16 as *mut c_void,
+            Arg::I64(v) => v as *mut i64 as *mut c_void,
+            Arg::U64(v) => v as *mut u64 as *mut c_void,
+            Arg::Float(v) => v as *mut f32 as *mut c_void,
+            Arg::I32(v) => v as *mut i32 as *mut c_void,
+        }
+    }
+}
+
+extern "C" {
+    fn distill_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        signature: *const c_char,
+        params: *mut *mut c_void,
+    ) -> c_int;
+    fn distill_emu_error() -> *const c_char;
+}
+
+/// Runs `kernel` over `grid` x `block` threads with `args`. An unknown kernel or arguments of
+/// the wrong types (checked against the kernel's C signature) are an error.
+///
+/// # Safety
+/// The pointers must cover every element the kernel reads or writes with these arguments.
+pub unsafe fn launch(kernel: &str, grid: [u32; 3], block: [u32; 3], mut args: Vec<Arg>) -> Result<(), String> {
+    let name = CString::new(kernel).map_err(|e| e.to_string())?;
+    let signature = CString::new(args.iter().map(Arg::code).collect::<String>()).map_err(|e| e.to_string())?;
+    let mut params: Vec<*mut c_void> = args.iter_mut().map(Arg::ptr).collect();
+    let rc = distill_emu_launch(name.as_ptr(), grid.as_ptr(), block.as_ptr(), signature.as_ptr(), params.as_mut_ptr());
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(CStr::from_ptr(distill_emu_error()).to_string_lossy().into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_runs_and_wrong_arguments_are_refused() {
+        // GELU over 1,000 elements with 4 blocks of 256 threads, as the CUDA path launches it.
+        let mut x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 100.0).collect();
+        let mut y = vec![f32::NAN; 1000];
+        let args = vec![Arg::F32(x.as_mut_ptr()), Arg::F32(y.as_mut_ptr()), Arg::I64(1000)];
+        unsafe { launch("distill_gelu_erf_f32", [4, 1, 1], [256, 1, 1], args) }.unwrap();
+        for (x, y) in x.iter().zip(&y) {
+            let want = 0.5 * x * (1.0 + libm_erf(x / std::f32::consts::SQRT_2));
+            assert!((y - want).abs() < 1e-6, "gelu({x}) = {y}, want {want}");
+        }
+        let wrong = vec![Arg::F32(x.as_mut_ptr()), Arg::F32(y.as_mut_ptr()), Arg::Float(1000.0)];
+        let err = unsafe { launch("distill_gelu_erf_f32", [4, 1, 1], [256, 1, 1], wrong) }.unwrap_err();
+        assert!(err.contains("takes (ffL), launched with (ffF)"), "{err}");
+        let err = unsafe { launch("no_such_kernel", [1, 1, 1], [32, 1, 1], vec![]) }.unwrap_err();
+        assert!(err.contains("no kernel named no_such_kernel"), "{err}");
+    }
+
+    #[test]
+    fn warp_reductions_meet_across_lanes() {
+        // Softmax rows of 100 columns, one warp per row, 4 warps per block, 10 rows: the last
+        // block has two rows and two idle warps that return at once.
+        let (rows, cols) = (10usize, 100usize);
+        let mut x: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32) / 17.0).collect();
+        let mut y = vec![f32::NAN; rows * cols];
+        let args =
+            vec![Arg::F32(x.as_mut_ptr()), Arg::F32(y.as_mut_ptr()), Arg::I64(rows as i64), Arg::I64(cols as i64)];
+        unsafe { launch("distill_softmax_f32", [3, 1, 1], [128, 1, 1], args) }.unwrap();
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let s: f32 = row.iter().map(|v| (v - m).exp()).sum();
+            for c in 0..cols {
+                let want = (row[c] - m).exp() / s;
+                assert!((y[r * cols + c] - want).abs() < 1e-6, "row {r} col {c}");
+            }
+        }
+    }
+
+    /// erf from the C library the kernels call, as the reference.
+    fn libm_erf(x: f32) -> f32 {
+        extern "C" {
+            fn erff(x: f32) -> f32;
+        }
+        unsafe { erff(x) }
+    }
+}

@@ -1,0 +1,308 @@
+//! Launching the kernels of `kernels.cu` on candle's CUDA storage: every launch is a
+//! [`Launch`] description (launch.rs, the same the CPU-emulated tests run) and [`run`] turns it
+//! into one cudarc launch.
+use super::launch::{Launch, Param};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+const MODULE: &str = "distill-kernels";
+/// Every kernel this module launches.
+const KERNELS: [&str; 18] = [
+    "distill_gelu_erf_f32",
+    "distill_gelu_erf_grad_f32",
+    "distill_softmax_f32",
+    "distill_masked_softmax_f32",
+    "distill_softmax_grad_f32",
+    "distill_normalize_f32",
+    "distill_normalize_grad_f32",
+    "distill_dropout_f32",
+    "distill_gather_rows_f32",
+    "distill_scatter_add_rows_f32",
+    "distill_adamw_f32",
+    "distill_layer_norm_f32",
+    "distill_layer_norm_grad_f32",
+    "distill_layer_norm_wgrad_f32",
+    "distill_column_sum_f32",
+    "distill_bias_add_f32",
+    "distill_rotary_split_f32",
+    "distill_rotary_merge_f32",
+];
+
+/// The kernels this code launches that the embedded PTX lacks: a binary built while
+/// kernels.cu changed can embed an older PTX (cargo decides at the start of a build whether
+/// build.rs reruns).
+pub fn missing_kernels() -> Vec<&'static str> {
+    KERNELS.into_iter().filter(|k| !PTX.contains(&format!(".entry {k}("))).collect()
+}
+
+/// A buffer argument of a launch.
+enum Buf<'a> {
+    View(CudaView<'a, f32>),
+    Out(&'a CudaSlice<f32>),
+    Ids(CudaView<'a, u32>),
+}
+
+/// Runs `launch` with `bufs` as its buffers (`Param::Buf(i)` is `bufs[i]`).
+fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
+    if launch.grid == 0 {
+        return Ok(());
+    }
+    let func = dev.get_or_load_custom_func(launch.kernel, MODULE, PTX)?;
+    let mut b = func.builder();
+    for p in &launch.params {
+        match p {
+            Param::Buf(i) => match bufs.get(*i) {
+                Some(Buf::View(v)) => b.arg(v),
+                Some(Buf::Out(s)) => b.arg(*s),
+                Some(Buf::Ids(v)) => b.arg(v),
+                None => candle_core::bail!("{}: no buffer {i}", launch.kernel),
+            },
+            Param::I64(v) => b.arg(v),
+            Param::U64(v) => b.arg(v),
+            Param::F32(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig { grid_dim: (launch.grid, 1, 1), block_dim: (launch.block, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the descriptions in launch.rs follow the kernels' signatures (checked against
+    // kernels.cu by the emulated tests) and the callers size every buffer for the launch.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
+    let slice = s.as_cuda_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("{op}: the input is not contiguous"),
+    }
+}
+
+fn inputs<'a>(args: &[(&'a CudaStorage, &Layout)], op: &str) -> Result<Vec<Buf<'a>>> {
+    let n = args[0].1.shape().elem_count();
+    if args.iter().any(|(_, l)| l.shape().elem_count() != n) {
+        candle_core::bail!("{op}: inputs of different sizes");
+    }
+    args.iter().map(|(s, l)| Ok(Buf::View(view(s, l, op)?))).collect()
+}
+
+/// `kernel(inputs..., out, n)` over all elements.
+pub fn elementwise(kernel: &'static str, args: &[(&CudaStorage, &Layout)], op: &str) -> Result<(CudaStorage, Shape)> {
+    let dev = args[0].0.device().clone();
+    let n = args[0].1.shape().elem_count();
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let mut bufs = inputs(args, op)?;
+    bufs.push(Buf::Out(&out));
+    run(&dev, &Launch::elementwise(kernel, bufs.len(), n), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), args[0].1.shape().clone()))
+}
+
+/// `kernel(inputs..., out, rows, cols[, extra])`, one warp per row of the last dimension.
+pub fn rows(
+    kernel: &'static str,
+    args: &[(&CudaStorage, &Layout)],
+    extra: Option<f32>,
+    op: &str,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = args[0].0.device().clone();
+    let n = args[0].1.shape().elem_count();
+    let cols = super::last_dim(args[0].1);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let mut bufs = inputs(args, op)?;
+    bufs.push(Buf::Out(&out));
+    run(&dev, &Launch::rows(kernel, bufs.len(), n / cols, cols, extra), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), args[0].1.shape().clone()))
+}
+
+/// `distill_masked_softmax_f32`: one warp per row of the scores.
+pub fn masked_softmax(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    strides: (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let n = l1.shape().elem_count();
+    let cols = super::last_dim(l1);
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let bufs = [Buf::View(view(s1, l1, "masked softmax")?), Buf::View(view(s2, l2, "masked softmax")?), Buf::Out(&out)];
+    run(&dev, &Launch::masked_softmax(n / cols, cols, strides, scale), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// `distill_dropout_f32` over all elements.
+pub fn dropout(s: &CudaStorage, l: &Layout, seed: u64, p: f32) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let n = l.shape().elem_count();
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    let bufs = [Buf::View(view(s, l, "dropout")?), Buf::Out(&out)];
+    run(&dev, &Launch::dropout(n, seed, p), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+}
+
+/// The gather / scatter kernels: `kernel(f32 input, u32 ids, out, n, dim, vocab)` over an
+/// output of `out_len` elements (zeroed first when `zeroed`), threads over n x dim.
+#[allow(clippy::too_many_arguments)]
+pub fn rows_by_id(
+    kernel: &'static str,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    out_len: usize,
+    zeroed: bool,
+    n: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<CudaStorage> {
+    let dev = s1.device().clone();
+    let ids = match l2.contiguous_offsets() {
+        Some((a, b)) => s2.as_cuda_slice::<u32>()?.slice(a..b),
+        None => candle_core::bail!("{kernel}: the ids are not contiguous"),
+    };
+    // SAFETY: either zeroed, or every element written by the gather.
+    let out = if zeroed { dev.alloc_zeros::<f32>(out_len)? } else { unsafe { dev.alloc::<f32>(out_len)? } };
+    let bufs = [Buf::View(view(s1, l1, kernel)?), Buf::Ids(ids), Buf::Out(&out)];
+    run(&dev, &Launch::rows_by_id(kernel, n, dim, vocab), &bufs)?;
+    drop(bufs);
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The AdamW kernel over one parameter, writing the parameter and both moments in place.
+pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 6]) -> Result<()> {
+    let n = param.elem_count();
+    if [m, v, g].iter().any(|t| t.elem_count() != n) {
+        candle_core::bail!("adamw: parameter and state of different sizes");
+    }
+    // Read guards: the kernel writes through the parameter's and the moments' pointers. No
+    // other tensor shares their storage (the optimizer owns m and v; the variable's storage
+    // is written only here and by Var::set), and candle runs one stream, so nothing reads them
+    // while the kernel runs out of order.
+    let guards = [param, m, v, g].map(|t| t.storage_and_layout());
+    let mut bufs = Vec::with_capacity(4);
+    let mut dev = None;
+    for (storage, layout) in &guards {
+        let Storage::Cuda(s) = &**storage else { candle_core::bail!("adamw: not a CUDA tensor") };
+        bufs.push(Buf::View(view(s, layout, "adamw")?));
+        dev.get_or_insert_with(|| s.device().clone());
+    }
+    let dev = dev.expect("four tensors");
+    run(&dev, &Launch::adamw(n, c), &bufs)
+}
+
+/// Runs `launch` on `ins` plus a new output of `len` elements (zeroed first when `zeroed`, for
+/// the kernels that accumulate into it; otherwise the kernel writes every element).
+fn with_output(
+    dev: &CudaDevice,
+    launch: &Launch,
+    mut ins: Vec<Buf>,
+    len: usize,
+    zeroed: bool,
+) -> Result<CudaSlice<f32>> {
+    // SAFETY: either zeroed, or every element written by the kernel.
+    let out = if zeroed { dev.alloc_zeros::<f32>(len)? } else { unsafe { dev.alloc::<f32>(len)? } };
+    ins.push(Buf::Out(&out));
+    run(dev, launch, &ins)?;
+    drop(ins);
+    Ok(out)
+}
+
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let cols = super::last_dim(l);
+    (l.shape().elem_count() / cols, cols)
+}
+
+/// Layer norm with scale and shift: (x, w, b) -> y.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+    has_bias: bool,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "layer norm";
+    let ins = vec![Buf::View(view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(s3, l3, op)?)];
+    let out = with_output(&dev, &Launch::layer_norm(rows, cols, eps, has_bias), ins, rows * cols, false)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// The input gradient of layer norm: (x, w, g) -> dx.
+pub fn layer_norm_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "layer norm grad";
+    let ins = vec![Buf::View(view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(s3, l3, op)?)];
+    let launch = Launch::rows("distill_layer_norm_grad_f32", 4, rows, cols, Some(eps));
+    let out = with_output(&dev, &launch, ins, rows * cols, false)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// Layer norm's weight and bias gradients: (x, g) -> [2, cols].
+pub fn layer_norm_wgrad(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "layer norm weight grad";
+    let ins = vec![Buf::View(view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+    let out = with_output(&dev, &Launch::layer_norm_wgrad(rows, cols, eps), ins, 2 * cols, true)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (2, cols).into()))
+}
+
+/// Sums over every dimension but the last: g [.., cols] -> [cols].
+pub fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let (rows, cols) = rows_cols(l);
+    let ins = vec![Buf::View(view(s, l, "column sum")?)];
+    let out = with_output(&dev, &Launch::column_sum(rows, cols), ins, cols, true)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), cols.into()))
+}
+
+/// x + b over the last dimension.
+pub fn bias_add(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let ins = vec![Buf::View(view(s1, l1, "bias add")?), Buf::View(view(s2, l2, "bias add")?)];
+    let out = with_output(&dev, &Launch::bias_add(rows * cols, cols), ins, rows * cols, false)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// The rotary split or merge: (input, cos, sin) -> out of `out_shape` (3 b h l d elements).
+pub fn rotary(
+    kernel: &'static str,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    [b, l, h, d]: [usize; 4],
+    out_shape: Shape,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let ins =
+        vec![Buf::View(view(s1, l1, kernel)?), Buf::View(view(s2, l2, kernel)?), Buf::View(view(s3, l3, kernel)?)];
+    let out = with_output(&dev, &Launch::rotary(kernel, b, l, h, d), ins, 3 * b * l * h * d, false)?;
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), out_shape))
+}

@@ -1,0 +1,265 @@
+//! The CUDA kernels themselves (kernels.cu compiled for the CPU by `distill-cuda-emu`), launched
+//! with the descriptions of launch.rs that the CUDA path runs, against the CPU implementations
+//! of the same ops in mod.rs: the CUDA code's indexing, warp reductions, argument order and
+//! launch geometry are tested here without a GPU (the GPU check, `distill-bench
+//! --check-kernels`, compares against candle's composite ops on the card).
+
+use super::launch::{Launch, Param};
+use super::*;
+use candle_core::{CustomOp1, CustomOp2, Device, Tensor};
+use distill_cuda_emu::Arg;
+
+enum Buf {
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+}
+
+impl Buf {
+    fn f32(&self) -> &[f32] {
+        match self {
+            Buf::F32(v) => v,
+            Buf::U32(_) => panic!("not an f32 buffer"),
+        }
+    }
+}
+
+/// Runs `launch` in the emulator with `bufs` as its buffers.
+fn run(launch: &Launch, bufs: &mut [Buf]) {
+    if launch.grid == 0 {
+        return;
+    }
+    let args = launch
+        .params
+        .iter()
+        .map(|p| match *p {
+            Param::Buf(i) => match &mut bufs[i] {
+                Buf::F32(v) => Arg::F32(v.as_mut_ptr()),
+                Buf::U32(v) => Arg::U32(v.as_mut_ptr()),
+            },
+            Param::I64(v) => Arg::I64(v),
+            Param::U64(v) => Arg::U64(v),
+            Param::F32(v) => Arg::Float(v),
+        })
+        .collect();
+    // SAFETY: the tests size every buffer for the launch (the same sizes cuda.rs allocates).
+    unsafe { distill_cuda_emu::launch(launch.kernel, [launch.grid, 1, 1], [launch.block, 1, 1], args) }
+        .unwrap_or_else(|e| panic!("{}: {e}", launch.kernel));
+}
+
+/// Deterministic values in about [-scale, scale].
+fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 * 0.7131 + seed as f32 * 1.37).sin() * 43_758.547).fract() * 2.0 * scale).collect()
+}
+
+fn cpu1(op: impl CustomOp1, x: &[f32], shape: &[usize]) -> Vec<f32> {
+    let t = Tensor::from_slice(x, shape, &Device::Cpu).unwrap();
+    t.apply_op1_no_bwd(&op).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn cpu2(op: impl CustomOp2, a: &[f32], sa: &[usize], b: &Tensor) -> Vec<f32> {
+    let t = Tensor::from_slice(a, sa, &Device::Cpu).unwrap();
+    t.apply_op2_no_bwd(b, &op).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn tensor(x: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(x, shape, &Device::Cpu).unwrap()
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (i, d) = got.iter().zip(want).map(|(g, w)| (g - w).abs()).enumerate().fold((0, 0f32), |(bi, bd), (i, d)| {
+        if d > bd || d.is_nan() {
+            (i, d)
+        } else {
+            (bi, bd)
+        }
+    });
+    assert!(d <= tol, "{what}: element {i}: {} against {} (tolerance {tol})", got[i], want[i]);
+}
+
+#[test]
+fn gelu_and_its_gradient() {
+    // 1,000 elements: four blocks, the last one partly idle.
+    for n in [1000usize, 7] {
+        let x = values(n, 1, 4.0);
+        let g = values(n, 2, 1.0);
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::elementwise("distill_gelu_erf_f32", 2, n), &mut bufs);
+        // The CPU kernel's erf is a fit (fractional error < 1.2e-7), the CUDA one libm's.
+        assert_close("gelu", bufs[1].f32(), &cpu1(GeluErf, &x, &[n]), 1e-5);
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(g.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::elementwise("distill_gelu_erf_grad_f32", 3, n), &mut bufs);
+        assert_close("gelu grad", bufs[2].f32(), &cpu2(GeluErfGrad, &x, &[n], &tensor(&g, &[n])), 1e-5);
+    }
+}
+
+#[test]
+fn softmax_and_its_gradient() {
+    // Rows not a multiple of the warps per block; columns under, at and over a warp's width.
+    for (rows, cols) in [(10usize, 100usize), (3, 32), (5, 7), (2, 384)] {
+        let n = rows * cols;
+        let x = values(n, 3, 6.0);
+        let g = values(n, 4, 1.0);
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rows("distill_softmax_f32", 2, rows, cols, None), &mut bufs);
+        let y = bufs[1].f32().to_vec();
+        assert_close("softmax", &y, &cpu1(Softmax, &x, &[rows, cols]), 1e-6);
+        let mut bufs = [Buf::F32(y.clone()), Buf::F32(g.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rows("distill_softmax_grad_f32", 3, rows, cols, Some(0.125)), &mut bufs);
+        let want = cpu2(SoftmaxGrad { scale: 0.125 }, &y, &[rows, cols], &tensor(&g, &[rows, cols]));
+        assert_close("softmax grad", bufs[2].f32(), &want, 1e-6);
+    }
+}
+
+#[test]
+fn masked_softmax_reads_the_mask_in_place() {
+    // Scores [B, H, Q, K] with a padding mask [B, 1, 1, K] and a full mask [B, 1, Q, K]; one
+    // row of the full mask has every key masked (the kernel's -inf guard).
+    let (b, h, q, k) = (2usize, 3usize, 5usize, 7usize);
+    let x = values(b * h * q * k, 5, 4.0);
+    for mask_rows in [1usize, q] {
+        let mut bias: Vec<f32> = (0..b * mask_rows * k).map(|i| if i % 5 == 4 { -1e9 } else { 0.0 }).collect();
+        if mask_rows == q {
+            bias[k..2 * k].iter_mut().for_each(|v| *v = f32::NEG_INFINITY);
+        }
+        let (sx, sb) = ([b, h, q, k], [b, 1, mask_rows, k]);
+        let strides = bias_strides(&Layout::contiguous(&sx[..]), &Layout::contiguous(&sb[..])).unwrap();
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(bias.clone()), Buf::F32(vec![f32::NAN; x.len()])];
+        run(&Launch::masked_softmax(b * h * q, k, strides, 0.3), &mut bufs);
+        let want = cpu2(MaskedSoftmax { scale: 0.3 }, &x, &sx, &tensor(&bias, &sb));
+        let got = bufs[2].f32();
+        // A fully masked row is NaN on both sides (0 / 0); compare the rest.
+        let keep: Vec<usize> = (0..got.len()).filter(|&i| !want[i].is_nan()).collect();
+        let pick = |v: &[f32]| keep.iter().map(|&i| v[i]).collect::<Vec<f32>>();
+        assert_close(&format!("masked softmax, mask rows {mask_rows}"), &pick(got), &pick(&want), 1e-6);
+        assert_eq!(got.iter().filter(|v| v.is_nan()).count(), want.iter().filter(|v| v.is_nan()).count());
+    }
+}
+
+#[test]
+fn layer_norm_normalisation_and_its_gradient() {
+    for (rows, cols) in [(9usize, 384usize), (4, 33)] {
+        let n = rows * cols;
+        let x: Vec<f32> = values(n, 6, 3.0).iter().enumerate().map(|(i, v)| v + (i / cols) as f32).collect();
+        let g = values(n, 7, 1.0);
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rows("distill_normalize_f32", 2, rows, cols, Some(1e-12)), &mut bufs);
+        assert_close("normalize", bufs[1].f32(), &cpu1(Normalize { eps: 1e-12 }, &x, &[rows, cols]), 2e-5);
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(g.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rows("distill_normalize_grad_f32", 3, rows, cols, Some(1e-5)), &mut bufs);
+        let want = cpu2(NormalizeGrad { eps: 1e-5 }, &x, &[rows, cols], &tensor(&g, &[rows, cols]));
+        assert_close("normalize grad", bufs[2].f32(), &want, 2e-5);
+    }
+}
+
+#[test]
+fn dropout_draws_the_cpu_mask() {
+    let n = 3000;
+    let x = values(n, 8, 2.0);
+    let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![f32::NAN; n])];
+    run(&Launch::dropout(n, 42, 0.1), &mut bufs);
+    let want = cpu1(Dropout { seed: 42, p: 0.1 }, &x, &[n]);
+    assert_close("dropout", bufs[1].f32(), &want, 1e-6);
+    let dropped = want.iter().filter(|v| **v == 0.0).count();
+    assert!((200..400).contains(&dropped), "{dropped} of {n} dropped at p = 0.1");
+}
+
+#[test]
+fn embedding_gather_and_scatter() {
+    let (vocab, dim) = (11usize, 40usize);
+    let table = values(vocab * dim, 9, 1.0);
+    // Repeated ids, so the scatter's atomic adds meet on one row.
+    let ids: Vec<u32> = vec![3, 0, 10, 3, 3, 7, 0, 1, 3];
+    let n = ids.len();
+    let mut bufs = [Buf::F32(table.clone()), Buf::U32(ids.clone()), Buf::F32(vec![f32::NAN; n * dim])];
+    run(&Launch::rows_by_id("distill_gather_rows_f32", n, dim, vocab), &mut bufs);
+    let id_t = Tensor::from_slice(&ids, n, &Device::Cpu).unwrap();
+    assert_close("gather", bufs[2].f32(), &cpu2(Gather, &table, &[vocab, dim], &id_t), 0.0);
+
+    let g = values(n * dim, 10, 1.0);
+    let mut bufs = [Buf::F32(g.clone()), Buf::U32(ids), Buf::F32(vec![0.0; vocab * dim])];
+    run(&Launch::rows_by_id("distill_scatter_add_rows_f32", n, dim, vocab), &mut bufs);
+    assert_close("scatter", bufs[2].f32(), &cpu2(ScatterRows { vocab }, &g, &[n, dim], &id_t), 1e-6);
+}
+
+#[test]
+fn adamw_updates_in_place_as_the_composite() {
+    let n = 700;
+    let (p, m, v, g) = (values(n, 11, 1.0), values(n, 12, 0.1), values(n, 13, 0.01), values(n, 14, 1.0));
+    let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+    let c = [0.999f32, 0.9, 0.999, 0.5, 1e-3, 1e-8];
+    let mut bufs = [Buf::F32(p.clone()), Buf::F32(m.clone()), Buf::F32(v.clone()), Buf::F32(g.clone())];
+    run(&Launch::adamw(n, c), &mut bufs);
+    let [decay, b1, b2, bc2, step, eps] = c;
+    for i in 0..n {
+        let mi = b1 * m[i] + (1.0 - b1) * g[i];
+        let vi = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+        let pi = p[i] * decay - step * (mi / ((vi / bc2).sqrt() + eps));
+        assert!((bufs[1].f32()[i] - mi).abs() < 1e-6 && (bufs[2].f32()[i] - vi).abs() < 1e-6, "moments at {i}");
+        assert!((bufs[0].f32()[i] - pi).abs() < 1e-6, "parameter at {i}: {} against {pi}", bufs[0].f32()[i]);
+    }
+}
+
+#[test]
+fn layer_norm_with_weights_and_their_gradients() {
+    // 150 rows: three blocks of the column sums, the last one part full.
+    for (rows, cols, has_bias) in [(150usize, 48usize, true), (5, 384, false)] {
+        let n = rows * cols;
+        let x = values(n, 15, 2.0);
+        let (w, b, g) = (values(cols, 16, 1.0), values(cols, 17, 1.0), values(n, 18, 1.0));
+        let shape = [rows, cols];
+        let op = || LayerNormOp { eps: 1e-5, has_bias };
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(w.clone()), Buf::F32(b.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::layer_norm(rows, cols, 1e-5, has_bias), &mut bufs);
+        let want = tensor(&x, &shape).apply_op3_no_bwd(&tensor(&w, &[cols]), &tensor(&b, &[cols]), &op()).unwrap();
+        assert_close("layer norm", bufs[3].f32(), &want.flatten_all().unwrap().to_vec1().unwrap(), 2e-5);
+
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(w.clone()), Buf::F32(g.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rows("distill_layer_norm_grad_f32", 4, rows, cols, Some(1e-5)), &mut bufs);
+        let want = tensor(&x, &shape)
+            .apply_op3_no_bwd(&tensor(&w, &[cols]), &tensor(&g, &shape), &LayerNormGrad { eps: 1e-5 })
+            .unwrap();
+        assert_close("layer norm grad", bufs[3].f32(), &want.flatten_all().unwrap().to_vec1().unwrap(), 2e-5);
+
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(g.clone()), Buf::F32(vec![0.0; 2 * cols])];
+        run(&Launch::layer_norm_wgrad(rows, cols, 1e-5), &mut bufs);
+        let want = cpu2(LayerNormWGrad { eps: 1e-5 }, &x, &shape, &tensor(&g, &shape));
+        assert_close("layer norm weight grads", bufs[2].f32(), &want, 1e-4);
+    }
+}
+
+#[test]
+fn bias_add_and_its_column_sum() {
+    for (rows, cols) in [(130usize, 300usize), (3, 7)] {
+        let n = rows * cols;
+        let (x, b) = (values(n, 19, 1.0), values(cols, 20, 1.0));
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(b.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::bias_add(n, cols), &mut bufs);
+        assert_close("bias add", bufs[2].f32(), &cpu2(BiasAdd, &x, &[rows, cols], &tensor(&b, &[cols])), 0.0);
+
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![0.0; cols])];
+        run(&Launch::column_sum(rows, cols), &mut bufs);
+        assert_close("column sum", bufs[1].f32(), &cpu1(ColumnSum, &x, &[rows, cols]), 1e-4);
+    }
+}
+
+#[test]
+fn rotary_split_and_merge() {
+    let (b, l, h, d) = (2usize, 5usize, 3usize, 8usize);
+    let n = 3 * b * l * h * d;
+    let x = values(n, 21, 1.0);
+    let angles = values(l * d, 22, 3.0);
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    for (merge, kernel, shape) in
+        [(false, "distill_rotary_split_f32", [b, l, 3, h, d]), (true, "distill_rotary_merge_f32", [3, b, h, l, d])]
+    {
+        let mut bufs = [Buf::F32(x.clone()), Buf::F32(cos.clone()), Buf::F32(sin.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::rotary(kernel, b, l, h, d), &mut bufs);
+        let want = tensor(&x, &shape)
+            .apply_op3_no_bwd(&tensor(&cos, &[l, d]), &tensor(&sin, &[l, d]), &Rotary { merge })
+            .unwrap();
+        assert_close(kernel, bufs[3].f32(), &want.flatten_all().unwrap().to_vec1().unwrap(), 1e-6);
+    }
+}

@@ -1,0 +1,140 @@
+//! What a launch of a `kernels.cu` kernel is: its name, grid, block and arguments in the kernel's
+//! order, built from the shapes alone. The CUDA path (`cuda.rs`) runs these on candle's storage;
+//! the tests run the same descriptions on the CPU through `distill-cuda-emu`, so the argument
+//! order, the scalar types and the launch geometry are checked on a machine without a GPU.
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Param {
+    /// The caller's buffer number `i` (a device pointer).
+    Buf(usize),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// One kernel launch over a 1-D grid of 1-D blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Launch {
+    pub kernel: &'static str,
+    /// Blocks; 0 when there is nothing to do (the launch is skipped).
+    pub grid: u32,
+    pub block: u32,
+    pub params: Vec<Param>,
+}
+
+/// Threads per block of the elementwise kernels (grid-stride loops).
+pub(crate) const ELEMENTWISE_BLOCK: u32 = 256;
+/// Most blocks of an elementwise launch; the loops stride over the rest.
+const MAX_BLOCKS: usize = 1 << 16;
+/// Warps per block of the row kernels (one warp per row).
+pub(crate) const WARPS: usize = 4;
+
+fn buffers(n: usize) -> impl Iterator<Item = Param> {
+    (0..n).map(Param::Buf)
+}
+
+fn elementwise_grid(n: usize) -> u32 {
+    n.div_ceil(ELEMENTWISE_BLOCK as usize).min(MAX_BLOCKS) as u32
+}
+
+fn rows_grid(rows: usize) -> u32 {
+    rows.div_ceil(WARPS) as u32
+}
+
+impl Launch {
+    /// `kernel(buffers..., n)` over `n` elements: inputs then the output.
+    pub fn elementwise(kernel: &'static str, buffers_: usize, n: usize) -> Self {
+        let mut params: Vec<Param> = buffers(buffers_).collect();
+        params.push(Param::I64(n as i64));
+        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `kernel(buffers..., rows, cols[, extra])`, one warp per row: `extra` is layer norm's eps
+    /// or the softmax gradient's scale.
+    pub fn rows(kernel: &'static str, buffers_: usize, rows: usize, cols: usize, extra: Option<f32>) -> Self {
+        let mut params: Vec<Param> = buffers(buffers_).collect();
+        params.extend([Param::I64(rows as i64), Param::I64(cols as i64)]);
+        params.extend(extra.map(Param::F32));
+        Launch { kernel, grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+    }
+
+    /// `distill_masked_softmax_f32(x, bias, y, rows, cols, rows per batch, bias batch stride,
+    /// bias row stride, q_len, scale)`.
+    pub fn masked_softmax(rows: usize, cols: usize, strides: (usize, usize, usize, usize), scale: f32) -> Self {
+        let (per_batch, batch_stride, row_stride, q_len) = strides;
+        let mut params: Vec<Param> = buffers(3).collect();
+        params.extend([rows, cols, per_batch, batch_stride, row_stride, q_len].map(|v| Param::I64(v as i64)));
+        params.push(Param::F32(scale));
+        Launch { kernel: "distill_masked_softmax_f32", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+    }
+
+    /// `distill_dropout_f32(x, y, n, seed, p, 1 / (1 - p))`.
+    pub fn dropout(n: usize, seed: u64, p: f32) -> Self {
+        let mut l = Self::elementwise("distill_dropout_f32", 2, n);
+        l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        l
+    }
+
+    /// The gather / scatter kernels: `kernel(f32 input, u32 ids, out, n, dim, vocab)`, threads
+    /// over n x dim.
+    pub fn rows_by_id(kernel: &'static str, n: usize, dim: usize, vocab: usize) -> Self {
+        let mut params: Vec<Param> = buffers(3).collect();
+        params.extend([n, dim, vocab].map(|v| Param::I64(v as i64)));
+        Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `distill_adamw_f32(p, m, v, g, n, decay, beta1, beta2, bc2, step, eps)`, in place.
+    pub fn adamw(n: usize, c: [f32; 6]) -> Self {
+        let mut params: Vec<Param> = buffers(4).collect();
+        params.push(Param::I64(n as i64));
+        params.extend(c.map(Param::F32));
+        Launch { kernel: "distill_adamw_f32", grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `distill_layer_norm_f32(x, w, b, y, rows, cols, eps, has_bias)`, one warp per row.
+    pub fn layer_norm(rows: usize, cols: usize, eps: f32, has_bias: bool) -> Self {
+        let mut l = Self::rows("distill_layer_norm_f32", 4, rows, cols, Some(eps));
+        l.params.push(Param::I64(has_bias as i64));
+        l
+    }
+
+    /// `distill_layer_norm_wgrad_f32(x, g, out, rows, cols, eps)`: a block per chunk of rows.
+    pub fn layer_norm_wgrad(rows: usize, cols: usize, eps: f32) -> Self {
+        let mut params: Vec<Param> = buffers(3).collect();
+        params.extend([Param::I64(rows as i64), Param::I64(cols as i64), Param::F32(eps)]);
+        Launch { kernel: "distill_layer_norm_wgrad_f32", grid: chunks_grid(rows), block: 32 * WARPS as u32, params }
+    }
+
+    /// `distill_column_sum_f32(g, out, rows, cols)`: a block per chunk of rows.
+    pub fn column_sum(rows: usize, cols: usize) -> Self {
+        let mut params: Vec<Param> = buffers(2).collect();
+        params.extend([Param::I64(rows as i64), Param::I64(cols as i64)]);
+        Launch { kernel: "distill_column_sum_f32", grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `distill_bias_add_f32(x, b, y, n, cols)`.
+    pub fn bias_add(n: usize, cols: usize) -> Self {
+        let mut l = Self::elementwise("distill_bias_add_f32", 3, n);
+        l.params.push(Param::I64(cols as i64));
+        l
+    }
+}
+
+impl Launch {
+    /// The rotary split (`distill_rotary_split_f32`) or its backward merge
+    /// (`distill_rotary_merge_f32`): `(input, cos, sin, out, b, l, h, d)` over 3 b h l d elements.
+    pub fn rotary(kernel: &'static str, b: usize, l: usize, h: usize, d: usize) -> Self {
+        let n = 3 * b * l * h * d;
+        let mut params: Vec<Param> = buffers(4).collect();
+        params.extend([b, l, h, d].map(|v| Param::I64(v as i64)));
+        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+    }
+}
+
+/// Rows per block of the column reductions (`DISTILL_ROWS_PER_BLOCK` in kernels.cu).
+const ROWS_PER_BLOCK: usize = 64;
+
+fn chunks_grid(rows: usize) -> u32 {
+    rows.div_ceil(ROWS_PER_BLOCK) as u32
+}
