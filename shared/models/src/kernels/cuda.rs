@@ -207,15 +207,18 @@ pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 6]) ->
 fn with_output(
     dev: &CudaDevice,
     launch: &Launch,
-    mut ins: Vec<Buf>,
+    ins: Vec<Buf>,
     len: usize,
     zeroed: bool,
 ) -> Result<CudaSlice<f32>> {
     // SAFETY: either zeroed, or every element written by the kernel.
     let out = if zeroed { dev.alloc_zeros::<f32>(len)? } else { unsafe { dev.alloc::<f32>(len)? } };
-    ins.push(Buf::Out(&out));
-    run(dev, launch, &ins)?;
-    drop(ins);
+    {
+        // A new vector, whose buffers need live only as long as `out`'s borrow.
+        let mut bufs = ins;
+        bufs.push(Buf::Out(&out));
+        run(dev, launch, &bufs)?;
+    }
     Ok(out)
 }
 
