@@ -2,7 +2,7 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::kernels::masked_softmax;
+use crate::kernels::{flash_attention_for_scoring, masked_softmax};
 use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -173,10 +173,22 @@ impl Encoder {
             let q = split(layer.query.forward(&x)?)?;
             let k = split(layer.key.forward(&x)?)?;
             let v = split(layer.value.forward(&x)?)?;
-            let scores = matmul_in(&q, &k.t()?, compute)?;
-            let probs = dropout(&masked_softmax(&scores, &bias, scale)?, cfg.attention_probs_dropout_prob, train)?;
-            let ctx =
-                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+            // Scoring in bf16: one flash-attention kernel where it applies (kernels::
+            // flash_attention_for_scoring says when), else the products and the masked softmax.
+            let flash = if train { None } else { flash_attention_for_scoring(&q, &k, &v, &bias, scale, None)? };
+            let ctx = match flash {
+                Some(ctx) => ctx,
+                None => {
+                    let scores = matmul_in(&q, &k.t()?, compute)?;
+                    let probs =
+                        dropout(&masked_softmax(&scores, &bias, scale)?, cfg.attention_probs_dropout_prob, train)?;
+                    matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((
+                        bsz,
+                        len,
+                        cfg.hidden_size,
+                    ))?
+                }
+            };
             let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
             let attn = layer.attn_norm.forward(&(attn + &x)?)?;
             let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;

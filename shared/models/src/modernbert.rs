@@ -7,7 +7,7 @@
 //! `classifier`. Rotary and softmax are composed of differentiable ops.
 
 use crate::bert::activation;
-use crate::kernels::masked_softmax;
+use crate::kernels::{flash_attention_for_scoring, masked_softmax};
 use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -196,10 +196,22 @@ impl ModernBertCrossEncoder {
             let (cos, sin) = &ropes[which];
             // The head split with q and k rotated (one kernel where the fused kernels run).
             let (q, k, v) = crate::kernels::rotary_qkv(&qkv, cos, sin)?;
-            let scores = matmul_in(&q, &k.t()?, compute)?;
-            let probs = dropout(&masked_softmax(&scores, &masks[which], scale)?, cfg.attention_dropout, train)?;
-            let ctx =
-                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+            // Scoring in bf16: one flash-attention kernel where it applies (the local layers' band
+            // as its window), else the products and the masked softmax.
+            let window = layer.sliding.then_some(window as usize);
+            let flash = if train { None } else { flash_attention_for_scoring(&q, &k, &v, &pad, scale, window)? };
+            let ctx = match flash {
+                Some(ctx) => ctx,
+                None => {
+                    let scores = matmul_in(&q, &k.t()?, compute)?;
+                    let probs = dropout(&masked_softmax(&scores, &masks[which], scale)?, cfg.attention_dropout, train)?;
+                    matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((
+                        bsz,
+                        len,
+                        cfg.hidden_size,
+                    ))?
+                }
+            };
             x = (x + dropout(&layer.wo.forward(&ctx)?, cfg.attention_dropout, train)?)?;
             let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
             let (input, gate) = (

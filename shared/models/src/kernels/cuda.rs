@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 18] = [
+const KERNELS: [&str; 20] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -29,6 +29,8 @@ const KERNELS: [&str; 18] = [
     "distill_bias_add_f32",
     "distill_rotary_split_f32",
     "distill_rotary_merge_f32",
+    "distill_flash_attention_d32_bf16",
+    "distill_flash_attention_d64_bf16",
 ];
 
 /// The kernels this code launches that the embedded PTX lacks: a binary built while
@@ -43,6 +45,8 @@ enum Buf<'a> {
     View(CudaView<'a, f32>),
     Out(&'a CudaSlice<f32>),
     Ids(CudaView<'a, u32>),
+    Bf16(CudaView<'a, half::bf16>),
+    Bf16Out(&'a CudaSlice<half::bf16>),
 }
 
 /// Runs `launch` with `bufs` as its buffers (`Param::Buf(i)` is `bufs[i]`).
@@ -58,6 +62,8 @@ fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
                 Some(Buf::View(v)) => b.arg(v),
                 Some(Buf::Out(s)) => b.arg(*s),
                 Some(Buf::Ids(v)) => b.arg(v),
+                Some(Buf::Bf16(v)) => b.arg(v),
+                Some(Buf::Bf16Out(s)) => b.arg(*s),
                 None => candle_core::bail!("{}: no buffer {i}", launch.kernel),
             },
             Param::I64(v) => b.arg(v),
@@ -77,6 +83,13 @@ fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(slice.slice(a..b)),
         None => candle_core::bail!("{op}: the input is not contiguous"),
+    }
+}
+
+fn bf16_view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, half::bf16>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<half::bf16>()?.slice(a..b)),
+        None => candle_core::bail!("{op}: an input is not contiguous"),
     }
 }
 
@@ -204,13 +217,7 @@ pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 6]) ->
 
 /// Runs `launch` on `ins` plus a new output of `len` elements (zeroed first when `zeroed`, for
 /// the kernels that accumulate into it; otherwise the kernel writes every element).
-fn with_output(
-    dev: &CudaDevice,
-    launch: &Launch,
-    ins: Vec<Buf>,
-    len: usize,
-    zeroed: bool,
-) -> Result<CudaSlice<f32>> {
+fn with_output(dev: &CudaDevice, launch: &Launch, ins: Vec<Buf>, len: usize, zeroed: bool) -> Result<CudaSlice<f32>> {
     // SAFETY: either zeroed, or every element written by the kernel.
     let out = if zeroed { dev.alloc_zeros::<f32>(len)? } else { unsafe { dev.alloc::<f32>(len)? } };
     {
@@ -308,4 +315,37 @@ pub fn rotary(
         vec![Buf::View(view(s1, l1, kernel)?), Buf::View(view(s2, l2, kernel)?), Buf::View(view(s3, l3, kernel)?)];
     let out = with_output(&dev, &Launch::rotary(kernel, b, l, h, d), ins, 3 * b * l * h * d, false)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), out_shape))
+}
+
+/// Attention for scoring: (q, k, v [B, H, L, D] bf16, key bias [B, 1, 1, L] f32) -> [B, L, H D] bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    [b, h, l, d]: [usize; 4],
+    scale: f32,
+    window: Option<usize>,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention";
+    let Some(launch) = super::launch::Launch::flash_attention(d, b, h, l, scale, window) else {
+        candle_core::bail!("{op}: no kernel for head size {d}");
+    };
+    let dev = s1.device().clone();
+    let (bias_storage, bias_layout) = bias.storage_and_layout();
+    let Storage::Cuda(bias_cuda) = &*bias_storage else { candle_core::bail!("{op}: the mask is not on the GPU") };
+    // SAFETY: the kernel writes every element (every query row of every head).
+    let out = unsafe { dev.alloc::<half::bf16>(b * l * h * d)? };
+    {
+        let bufs = [
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::Bf16(bf16_view(s2, l2, op)?),
+            Buf::Bf16(bf16_view(s3, l3, op)?),
+            Buf::View(view(bias_cuda, bias_layout, op)?),
+            Buf::Bf16Out(&out),
+        ];
+        run(&dev, &launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, h * d).into()))
 }

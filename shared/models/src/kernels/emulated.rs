@@ -12,13 +12,15 @@ use distill_cuda_emu::Arg;
 enum Buf {
     F32(Vec<f32>),
     U32(Vec<u32>),
+    /// bf16 bits
+    Bf16(Vec<u16>),
 }
 
 impl Buf {
     fn f32(&self) -> &[f32] {
         match self {
             Buf::F32(v) => v,
-            Buf::U32(_) => panic!("not an f32 buffer"),
+            _ => panic!("not an f32 buffer"),
         }
     }
 }
@@ -35,6 +37,7 @@ fn run(launch: &Launch, bufs: &mut [Buf]) {
             Param::Buf(i) => match &mut bufs[i] {
                 Buf::F32(v) => Arg::F32(v.as_mut_ptr()),
                 Buf::U32(v) => Arg::U32(v.as_mut_ptr()),
+                Buf::Bf16(v) => Arg::Bf16(v.as_mut_ptr()),
             },
             Param::I64(v) => Arg::I64(v),
             Param::U64(v) => Arg::U64(v),
@@ -262,4 +265,43 @@ fn rotary_split_and_merge() {
             .unwrap();
         assert_close(kernel, bufs[3].f32(), &want.flatten_all().unwrap().to_vec1().unwrap(), 1e-6);
     }
+}
+
+#[test]
+fn flash_attention_for_scoring() {
+    // 70 queries and keys: two blocks of 64 queries (the second mostly idle) and three key tiles
+    // of 32 (the last part full); masked keys; a window as ModernBERT's local layers use.
+    let (b, h, l) = (2usize, 3usize, 70usize);
+    for d in [32usize, 64] {
+        for window in [None, Some(5)] {
+            let n = b * h * l * d;
+            let bits = |seed: u32| -> Vec<u16> {
+                values(n, seed, 1.0).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()
+            };
+            let (q, k, v) = (bits(23), bits(24), bits(25));
+            let bias: Vec<f32> = (0..b * l).map(|i| if i % 7 == 3 || i >= l + 60 { -1e9 } else { 0.0 }).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let launch = Launch::flash_attention(d, b, h, l, scale, window).expect("a kernel for 32 and 64");
+            let mut bufs = [
+                Buf::Bf16(q.clone()),
+                Buf::Bf16(k.clone()),
+                Buf::Bf16(v.clone()),
+                Buf::F32(bias.clone()),
+                Buf::Bf16(vec![0x7fc0; n]),
+            ];
+            run(&launch, &mut bufs);
+            let Buf::Bf16(got) = &bufs[4] else { unreachable!() };
+            let got: Vec<f32> = got.iter().map(|v| half::bf16::from_bits(*v).to_f32()).collect();
+            let t = |x: &[u16]| {
+                let x: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_bits(*v)).collect();
+                Tensor::from_vec(x, (b, h, l, d), &Device::Cpu).unwrap()
+            };
+            let op = FlashAttention { bias: tensor(&bias, &[b, 1, 1, l]), scale, window };
+            let want = t(&q).apply_op3_no_bwd(&t(&k), &t(&v), &op).unwrap();
+            let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // The kernel rounds the probabilities to bf16 before the second product.
+            assert_close(&format!("flash attention d {d} window {window:?}"), &got, &want, 1.5e-2);
+        }
+    }
+    assert!(Launch::flash_attention(48, 1, 1, 8, 1.0, None).is_none());
 }

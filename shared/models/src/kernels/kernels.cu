@@ -7,6 +7,10 @@
 // to what cuda_emu.h provides. Row kernels give one warp to a row (rows of attention scores,
 // 256-512 columns, and of hidden states, 384-1024 columns); the same formulas as the CPU kernels.
 #include <stdint.h>
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <mma.h>
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -299,4 +303,147 @@ extern "C" __global__ void distill_rotary_merge_f32(const float* g, const float*
     const float* x = g + (((part * b + batch) * h + head) * l + pos) * d;
     dqkv[o] = part == 2 ? x[i] : rotate(x, i, d, cos[pos * d + i], -sin[pos * d + i]);
   }
+}
+
+// Attention for scoring (no backward), flash-style: softmax(q kᵀ · scale + key bias) v without the
+// [B, H, L, L] scores in memory, bf16 tensor-core tiles (wmma 16 x 16 x 16, f32 accumulation),
+// the softmax kept online in f32. q, k, v [B, H, L, D] bf16; bias [B, 1, 1, L] f32 (0 or very
+// negative per key); window >= 0 limits each query to keys within that distance (ModernBERT's
+// local layers), -1 none. Out [B, L, H, D] bf16: the heads already merged. A block of 4 warps
+// takes 64 queries of one (batch, head), each warp 16; keys go through in tiles of 32 (K and V
+// tiles in shared memory, shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query
+// blocks + query block.
+#define DISTILL_FA_WARPS 4
+#define DISTILL_FA_QW 16
+#define DISTILL_FA_KT 32
+
+template <int D>
+__device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                     const float* bias, __nv_bfloat16* out, int64_t heads, int64_t len, float scale,
+                                     int64_t window) {
+  using namespace nvcuda;
+  constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
+  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
+  __shared__ __align__(32) __nv_bfloat16 ks[KT * D];
+  __shared__ __align__(32) __nv_bfloat16 vs[KT * D];
+  __shared__ __align__(32) float ss[W][QW * KT];
+  __shared__ __align__(32) __nv_bfloat16 ps[W][QW * KT];
+  __shared__ __align__(32) float os[W][QW * D];
+  __shared__ float ms[W][QW], ls[W][QW];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t qblocks = (len + W * QW - 1) / (W * QW);
+  const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
+  const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+  const __nv_bfloat16* qb = q + bh * len * D;
+  const __nv_bfloat16* kb = k + bh * len * D;
+  const __nv_bfloat16* vb = v + bh * len * D;
+  const float* bb = bias + batch * len;
+
+  for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
+    int64_t r = q0 + i / D;
+    qs[i] = r < len ? qb[r * D + i % D] : zero;
+  }
+  for (int i = lane; i < QW * D; i += 32) os[warp][i] = 0.0f;
+  if (lane < QW) {
+    ms[warp][lane] = -INFINITY;
+    ls[warp][lane] = 0.0f;
+  }
+  __syncthreads();
+
+  // Two lanes per query row, each over half of a key tile and half of the head's values.
+  const int r = lane / 2, half = lane % 2;
+  const int64_t qi = q0 + warp * QW + r;
+  for (int64_t k0 = 0; k0 < len; k0 += KT) {
+    for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
+      int64_t row = k0 + i / D;
+      ks[i] = row < len ? kb[row * D + i % D] : zero;
+      vs[i] = row < len ? vb[row * D + i % D] : zero;
+    }
+    __syncthreads();
+
+    // S = Q Kᵀ for this warp's 16 queries and the tile's 32 keys (Kᵀ read column-major from K).
+    for (int n = 0; n < KT / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+        wmma::load_matrix_sync(a, qs + warp * QW * D + kk * 16, D);
+        wmma::load_matrix_sync(b, ks + n * 16 * D + kk * 16, D);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(ss[warp] + n * 16, acc, KT, wmma::mem_row_major);
+    }
+    __syncwarp();
+
+    // Online softmax: the row's new max, P = exp(s - max) (bf16 for the next product), the
+    // running sum and the output rescaled by exp(old max - new max).
+    float sv[KT / 2];
+    float mx = -INFINITY;
+    for (int c = 0; c < KT / 2; ++c) {
+      int64_t kj = k0 + half * (KT / 2) + c;
+      bool on = kj < len && (window < 0 || (qi - kj <= window && kj - qi <= window));
+      sv[c] = on ? ss[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] : -INFINITY;
+      mx = fmaxf(mx, sv[c]);
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    const float m_old = ms[warp][r];
+    const float m_new = fmaxf(m_old, mx);
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+    float sum = 0.0f;
+    for (int c = 0; c < KT / 2; ++c) {
+      float p = sv[c] == -INFINITY ? 0.0f : expf(sv[c] - m_use);
+      ps[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(p);
+      sum += p;
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
+    for (int j = half * (D / 2); j < (half + 1) * (D / 2); ++j) os[warp][r * D + j] *= alpha;
+    __syncwarp();
+    if (half == 0) {
+      ms[warp][r] = m_new;
+      ls[warp][r] = ls[warp][r] * alpha + sum;
+    }
+
+    // O += P V
+    for (int n = 0; n < D / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, os[warp] + n * 16, D, wmma::mem_row_major);
+      for (int kk = 0; kk < KT / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+        wmma::load_matrix_sync(a, ps[warp] + kk * 16, KT);
+        wmma::load_matrix_sync(b, vs + kk * 16 * D + n * 16, D);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(os[warp] + n * 16, acc, D, wmma::mem_row_major);
+    }
+    // The tile's K and V are overwritten next; the output tiles are read next.
+    __syncthreads();
+  }
+
+  for (int i = lane; i < QW * D; i += 32) {
+    int row = i / D;
+    int64_t qrow = q0 + warp * QW + row;
+    if (qrow < len) {
+      float l = ls[warp][row];
+      out[((batch * len + qrow) * heads + head) * D + i % D] = __float2bfloat16(l > 0.0f ? os[warp][i] / l : 0.0f);
+    }
+  }
+}
+
+extern "C" __global__ void distill_flash_attention_d32_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                            const __nv_bfloat16* v, const float* bias,
+                                                            __nv_bfloat16* out, int64_t heads, int64_t len,
+                                                            float scale, int64_t window) {
+  flash_attention_bf16<32>(q, k, v, bias, out, heads, len, scale, window);
+}
+
+extern "C" __global__ void distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                            const __nv_bfloat16* v, const float* bias,
+                                                            __nv_bfloat16* out, int64_t heads, int64_t len,
+                                                            float scale, int64_t window) {
+  flash_attention_bf16<64>(q, k, v, bias, out, heads, len, scale, window);
 }

@@ -132,6 +132,26 @@ impl Launch {
     }
 }
 
+/// Queries per block of the flash attention (`DISTILL_FA_WARPS` x `DISTILL_FA_QW` in kernels.cu).
+const FLASH_QUERIES: usize = 64;
+
+impl Launch {
+    /// `distill_flash_attention_d{32,64}_bf16(q, k, v, bias, out, heads, len, scale, window)`: a
+    /// block of 4 warps per 64 queries of one (batch, head). None for other head sizes.
+    pub fn flash_attention(d: usize, b: usize, h: usize, l: usize, scale: f32, window: Option<usize>) -> Option<Self> {
+        let kernel = match d {
+            32 => "distill_flash_attention_d32_bf16",
+            64 => "distill_flash_attention_d64_bf16",
+            _ => return None,
+        };
+        let mut params: Vec<Param> = buffers(5).collect();
+        params.extend([Param::I64(h as i64), Param::I64(l as i64), Param::F32(scale)]);
+        params.push(Param::I64(window.map_or(-1, |w| w as i64)));
+        let grid = (l.div_ceil(FLASH_QUERIES) * b * h) as u32;
+        Some(Launch { kernel, grid, block: 32 * WARPS as u32, params })
+    }
+}
+
 /// Rows per block of the column reductions (`DISTILL_ROWS_PER_BLOCK` in kernels.cu).
 const ROWS_PER_BLOCK: usize = 64;
 

@@ -1075,6 +1075,140 @@ pub fn rotary_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, T
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention for scoring
+
+/// softmax(q kᵀ · scale + key bias) v over (q, k, v) [B, H, L, D] bf16, out [B, L, H D] bf16 (heads
+/// merged). The key bias [B, 1, 1, L] (f32) and the window are the op's own; no backward.
+struct FlashAttention {
+    bias: Tensor,
+    scale: f32,
+    window: Option<usize>,
+}
+
+fn attention_dims(q: &Layout, k: &Layout, v: &Layout, op: &str) -> Result<[usize; 4]> {
+    match q.dims() {
+        &[b, h, l, d] if k.dims() == q.dims() && v.dims() == q.dims() => Ok([b, h, l, d]),
+        dims => {
+            candle_core::bail!("{op}: q {dims:?}, k {:?}, v {:?} (expected three [B, H, L, D])", k.dims(), v.dims())
+        }
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention"
+    }
+
+    /// The reference: exact softmax in f32 from the bf16 inputs.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, h, l, d] = attention_dims(l1, l2, l3, self.name())?;
+        let read = |s: &CpuStorage, lay: &Layout| -> Result<Vec<f32>> {
+            let data = s.as_slice::<half::bf16>()?;
+            match lay.contiguous_offsets() {
+                Some((x, y)) => Ok(data[x..y].iter().map(|v| v.to_f32()).collect()),
+                None => candle_core::bail!("{}: an input is not contiguous", self.name()),
+            }
+        };
+        let (q, k, v) = (read(s1, l1)?, read(s2, l2)?, read(s3, l3)?);
+        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        let mut out = vec![half::bf16::ZERO; b * l * h * d];
+        // One (batch, query) row of H D outputs at a time.
+        out.par_chunks_mut(h * d).enumerate().for_each(|(row, out)| {
+            let (batch, i) = (row / l, row % l);
+            let mut p = vec![0f32; l];
+            for head in 0..h {
+                let base = (batch * h + head) * l * d;
+                let qi = &q[base + i * d..base + (i + 1) * d];
+                for (j, p) in p.iter_mut().enumerate() {
+                    let near = self.window.is_none_or(|w| i.abs_diff(j) <= w);
+                    let kj = &k[base + j * d..base + (j + 1) * d];
+                    let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                    *p = if near { dot * self.scale + bias[batch * l + j] } else { f32::NEG_INFINITY };
+                }
+                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
+                p.iter_mut().for_each(|p| *p = (*p - max).exp());
+                let sum: f32 = p.iter().sum();
+                for c in 0..d {
+                    let o: f32 = p.iter().enumerate().map(|(j, p)| p * v[base + j * d + c]).sum();
+                    out[head * d + c] = half::bf16::from_f32(if sum > 0.0 { o / sum } else { 0.0 });
+                }
+            }
+        });
+        Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = attention_dims(l1, l2, l3, self.name())?;
+        cuda::flash_attention((s1, l1), (s2, l2), (s3, l3), &self.bias, dims, self.scale, self.window)
+    }
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        candle_core::bail!("{}: attention for scoring has no backward", self.name())
+    }
+}
+
+/// Head sizes with a flash-attention kernel.
+const FLASH_HEAD_DIMS: [usize; 2] = [32, 64];
+
+/// Attention for scoring, flash-style where it applies: no autograd graph being kept
+/// ([`crate::layers::no_grad`]), bf16 q, k, v [B, H, L, D] with D 32 or 64, a key mask `bias`
+/// [B, 1, 1, L] (0 to attend, very negative not to), the fused kernels on for the device; then
+/// the context [B, L, H D] in bf16, one kernel, no [B, H, L, L] scores in memory. `window`:
+/// keys within that distance only (ModernBERT's local layers). None where it does not apply (the
+/// caller runs the composite).
+pub fn flash_attention_for_scoring(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    from_env();
+    let on = match q.device() {
+        candle_core::Device::Cpu => FUSED_CPU.load(Ordering::Relaxed),
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && FUSED_CUDA.load(Ordering::Relaxed) && FUSED_UNPROVEN_CUDA.load(Ordering::Relaxed)
+        }
+        _ => false,
+    };
+    let fits = match q.dims() {
+        &[b, _, l, d] => FLASH_HEAD_DIMS.contains(&d) && bias.dims() == [b, 1, 1, l],
+        _ => false,
+    };
+    if !on || !fits || crate::layers::grad_enabled() || [q, k, v].iter().any(|t| t.dtype() != DType::BF16) {
+        return Ok(None);
+    }
+    let op = FlashAttention { bias: bias.to_dtype(DType::F32)?.contiguous()?, scale: scale as f32, window };
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?))
+}
+
+// ---------------------------------------------------------------------------------------------
 // AdamW
 
 /// One AdamW update of `param` (a variable) with its moments `m`, `v` and gradient `g`, all f32,
@@ -1252,6 +1386,39 @@ pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>>
             bad.push(lines.last().cloned().unwrap_or_default());
         }
     }
+    // Attention for scoring (bf16, no graph) against the composite: bf16 products and the masked
+    // softmax, heads merged; with and without a window.
+    for (b, h, l, d, window) in [(2usize, 3usize, 70usize, 32usize, None), (2, 12, 130, 64, Some(16))] {
+        let qkv: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1.0, (b, h, l, d), dev)?.to_dtype(DType::BF16))
+            .collect::<Result<_>>()?;
+        let keys = Tensor::rand(0f32, 1.0, (b, 1, 1, l), dev)?;
+        let bias = keys.ge(0.2)?.to_dtype(DType::F32)?.affine(1e9, -1e9)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let full = match window {
+            Some(w) => {
+                let band: Vec<f32> =
+                    (0..l * l).map(|x| if (x / l).abs_diff(x % l) <= w { 0.0 } else { -1e9 }).collect();
+                bias.broadcast_add(&Tensor::from_vec(band, (1, 1, l, l), dev)?)?
+            }
+            None => bias.clone(),
+        };
+        let composite = {
+            let probs = masked_softmax(&qkv[0].matmul(&qkv[1].t()?.contiguous()?)?, &full, scale)?;
+            probs.matmul(&qkv[2])?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?
+        };
+        set_fused(true);
+        let flash =
+            crate::layers::no_grad(|| flash_attention_for_scoring(&qkv[0], &qkv[1], &qkv[2], &bias, scale, window));
+        set_fused_default();
+        let flash = flash?.ok_or_else(|| candle_core::Error::Msg("flash attention did not apply".into()))?;
+        let diff =
+            (flash.to_dtype(DType::F32)? - composite.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        lines.push(format!("flash attention for scoring [{b}, {h}, {l}, {d}] window {window:?}: |values| {diff:.1e}"));
+        if diff >= 3e-2 {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
     // Attention probabilities with a key mask [B, 1, 1, K] and with a full mask [B, 1, Q, K].
     for (b, h, q, k, full) in [(3, 4, 17, 17, false), (2, 12, 64, 64, true), (2, 2, 5, 300, false)] {
         let keys = Tensor::rand(0f32, 1.0, (b, 1, if full { q } else { 1 }, k), dev)?;
@@ -1379,7 +1546,7 @@ mod tests {
     #[test]
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let lines = check_against_composite(&Device::Cpu).unwrap();
-        assert_eq!(lines.len(), 33, "{lines:?}");
+        assert_eq!(lines.len(), 35, "{lines:?}");
     }
 
     #[test]
