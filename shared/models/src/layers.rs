@@ -38,11 +38,12 @@ impl Module for Linear {
         let y = x.to_dtype(compute)?.reshape((rows, inp))?.matmul(&self.weight.to_dtype(compute)?.t()?)?;
         let mut out = lead.to_vec();
         out.push(y.dim(1)?);
-        let y = y.reshape(out)?.to_dtype(act)?;
+        let y = y.reshape(out)?;
         match &self.bias {
-            // One kernel where the fused kernels run (its gradient a coalesced column sum).
+            // The cast back to the activations' dtype and the bias in one kernel where the fused
+            // kernels run (the bias's gradient a coalesced column sum).
             Some(b) => crate::kernels::bias_add(&y, &b.to_dtype(act)?),
-            None => Ok(y),
+            None => y.to_dtype(act),
         }
     }
 }

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 20] = [
+const KERNELS: [&str; 21] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -27,6 +27,7 @@ const KERNELS: [&str; 20] = [
     "distill_layer_norm_wgrad_f32",
     "distill_column_sum_f32",
     "distill_bias_add_f32",
+    "distill_bias_add_bf16_f32",
     "distill_rotary_split_f32",
     "distill_rotary_merge_f32",
     "distill_flash_attention_d32_bf16",
@@ -292,12 +293,15 @@ pub fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     Ok((CudaStorage::wrap_cuda_slice(out, dev), cols.into()))
 }
 
-/// x + b over the last dimension.
+/// x + b over the last dimension, in f32 (x f32 or bf16).
 pub fn bias_add(s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (rows, cols) = rows_cols(l1);
-    let ins = vec![Buf::View(view(s1, l1, "bias add")?), Buf::View(view(s2, l2, "bias add")?)];
-    let out = with_output(&dev, &Launch::bias_add(rows * cols, cols), ins, rows * cols, false)?;
+    let op = "bias add";
+    let bf16_x = s1.dtype() == candle_core::DType::BF16;
+    let x = if bf16_x { Buf::Bf16(bf16_view(s1, l1, op)?) } else { Buf::View(view(s1, l1, op)?) };
+    let ins = vec![x, Buf::View(view(s2, l2, op)?)];
+    let out = with_output(&dev, &Launch::bias_add(bf16_x, rows * cols, cols), ins, rows * cols, false)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }
 

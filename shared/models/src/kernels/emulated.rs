@@ -238,8 +238,28 @@ fn bias_add_and_its_column_sum() {
         let n = rows * cols;
         let (x, b) = (values(n, 19, 1.0), values(cols, 20, 1.0));
         let mut bufs = [Buf::F32(x.clone()), Buf::F32(b.clone()), Buf::F32(vec![f32::NAN; n])];
-        run(&Launch::bias_add(n, cols), &mut bufs);
+        run(&Launch::bias_add(false, n, cols), &mut bufs);
         assert_close("bias add", bufs[2].f32(), &cpu2(BiasAdd, &x, &[rows, cols], &tensor(&b, &[cols])), 0.0);
+
+        // From a bf16 input (an autocast matmul's output): cast and bias in one pass.
+        let xb: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();
+        let mut bufs =
+            [Buf::Bf16(xb.iter().map(|v| v.to_bits()).collect()), Buf::F32(b.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::bias_add(true, n, cols), &mut bufs);
+        let xt = Tensor::from_vec(xb, (rows, cols), &Device::Cpu).unwrap();
+        let want: Vec<f32> =
+            xt.apply_op2_no_bwd(&tensor(&b, &[cols]), &BiasAdd).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_close("bias add from bf16", bufs[2].f32(), &want, 0.0);
+        let composite: Vec<f32> = xt
+            .to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_add(&tensor(&b, &[cols]))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_close("bias add from bf16 against the composite", &want, &composite, 0.0);
 
         let mut bufs = [Buf::F32(x.clone()), Buf::F32(vec![0.0; cols])];
         run(&Launch::column_sum(rows, cols), &mut bufs);

@@ -268,11 +268,25 @@ extern "C" __global__ void distill_column_sum_f32(const float* g, float* out, in
   }
 }
 
-// y = x + b[i % cols] (a bias over the last dimension).
-extern "C" __global__ void distill_bias_add_f32(const float* x, const float* b, float* y, int64_t n, int64_t cols) {
+// y = x + b[i % cols] (a bias over the last dimension), in f32; from a bf16 x (an autocast
+// matmul's output), the cast back to f32 in the same pass.
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+__device__ void bias_add(const T* x, const float* b, float* y, int64_t n, int64_t cols) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    y[i] = x[i] + b[i % cols];
+    y[i] = to_f32(x[i]) + b[i % cols];
   }
+}
+
+extern "C" __global__ void distill_bias_add_f32(const float* x, const float* b, float* y, int64_t n, int64_t cols) {
+  bias_add(x, b, y, n, cols);
+}
+
+extern "C" __global__ void distill_bias_add_bf16_f32(const __nv_bfloat16* x, const float* b, float* y, int64_t n,
+                                                     int64_t cols) {
+  bias_add(x, b, y, n, cols);
 }
 
 // Rotary embeddings fused with the head split of a packed projection (ModernBERT's Wqkv):

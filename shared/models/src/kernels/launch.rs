@@ -113,9 +113,10 @@ impl Launch {
         Launch { kernel: "distill_column_sum_f32", grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
     }
 
-    /// `distill_bias_add_f32(x, b, y, n, cols)`.
-    pub fn bias_add(n: usize, cols: usize) -> Self {
-        let mut l = Self::elementwise("distill_bias_add_f32", 3, n);
+    /// `distill_bias_add_f32` or `distill_bias_add_bf16_f32` (x bf16): `(x, b, y, n, cols)`.
+    pub fn bias_add(bf16_x: bool, n: usize, cols: usize) -> Self {
+        let kernel = if bf16_x { "distill_bias_add_bf16_f32" } else { "distill_bias_add_f32" };
+        let mut l = Self::elementwise(kernel, 3, n);
         l.params.push(Param::I64(cols as i64));
         l
     }

@@ -869,7 +869,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Resul
     x.contiguous()?.apply_op3(&w.contiguous()?, &b, op)
 }
 
-/// (x, b) -> x + b over the last dimension; the bias's gradient is a column sum.
+/// (x, b) -> x + b over the last dimension, in f32; x f32, or bf16 (an autocast matmul's output:
+/// the cast back to f32 and the bias in one pass). The bias's gradient is a column sum; x's is
+/// the upstream gradient (cast to bf16 for a bf16 x, as the cast's backward would).
 struct BiasAdd;
 
 impl CustomOp2 for BiasAdd {
@@ -879,12 +881,22 @@ impl CustomOp2 for BiasAdd {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l1);
-        let (x, b) = (slice(s1, l1, self.name())?, vector(s2, l2, cols, self.name())?);
-        let y = map_rows(x, cols, |y, x| {
+        let b = vector(s2, l2, cols, self.name())?;
+        let add = |y: &mut [f32], x: &[f32]| {
             for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
                 *y = x + b;
             }
-        });
+        };
+        let y = match s1 {
+            CpuStorage::BF16(data) => {
+                let Some((start, end)) = l1.contiguous_offsets() else {
+                    candle_core::bail!("{}: the input is not contiguous", self.name());
+                };
+                let x: Vec<f32> = data[start..end].iter().map(|v| v.to_f32()).collect();
+                map_rows(&x, cols, add)
+            }
+            _ => map_rows(slice(s1, l1, self.name())?, cols, add),
+        };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -902,9 +914,9 @@ impl CustomOp2 for BiasAdd {
         cuda::bias_add(s1, l1, s2, l2)
     }
 
-    fn bwd(&self, _x: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = grad.contiguous()?.apply_op1_no_bwd(&ColumnSum)?;
-        Ok((Some(grad.clone()), Some(db)))
+        Ok((Some(grad.to_dtype(x.dtype())?), Some(db)))
     }
 }
 
@@ -932,12 +944,15 @@ impl CustomOp1 for ColumnSum {
     }
 }
 
-/// `x + b` with `b` [cols] broadcast over the leading dimensions of `x` [.., cols]: one kernel,
-/// and the bias's gradient one coalesced column sum. The composite `broadcast_add` where the
-/// kernels are off or a dtype is not f32.
+/// `x + b` with `b` [cols] broadcast over the leading dimensions of `x` [.., cols], in `b`'s
+/// dtype: `x.to_dtype(b.dtype()) + b`. Fused (x f32 or bf16, b f32): one kernel, the cast of a
+/// bf16 matmul output included (a linear layer's epilogue under autocast), and the bias's
+/// gradient one coalesced column sum. Otherwise the composite cast and `broadcast_add`.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !fused_unproven_for(x) || b.dtype() != DType::F32 || b.rank() != 1 || b.elem_count() != x.dim(D::Minus1)? {
-        return x.broadcast_add(b);
+    let cols = x.dim(D::Minus1)?;
+    let fits = matches!(x.dtype(), DType::F32 | DType::BF16) && b.rank() == 1 && b.elem_count() == cols;
+    if !fused_unproven_for(b) || !fits {
+        return x.to_dtype(b.dtype())?.broadcast_add(b);
     }
     x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
 }
@@ -1371,6 +1386,35 @@ pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>>
             bad.push(lines.last().cloned().unwrap_or_default());
         }
     }
+    // The autocast epilogue of a linear layer: a bf16 matmul output back to f32 with its bias.
+    {
+        let x0 = Tensor::randn(0f32, 1.0, (130, 300), dev)?.to_dtype(DType::BF16)?;
+        let b0 = Tensor::randn(0f32, 1.0, 300, dev)?;
+        let upstream =
+            (Tensor::arange(0u32, 130 * 300, dev)?.to_dtype(DType::F32)? * 0.37)?.sin()?.reshape((130, 300))?;
+        let run = |fused: bool| -> Result<[Tensor; 3]> {
+            let (x, b) = (candle_core::Var::from_tensor(&x0)?, candle_core::Var::from_tensor(&b0)?);
+            set_fused(fused);
+            let y = bias_add(x.as_tensor(), b.as_tensor());
+            set_fused_default();
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let get = |v: &candle_core::Var| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+            };
+            Ok([y, get(&x)?.to_dtype(DType::F32)?, get(&b)?])
+        };
+        let (f, c) = (run(true)?, run(false)?);
+        let d: Vec<f32> =
+            f.iter().zip(&c).map(|(a, b)| (a - b)?.abs()?.max_all()?.to_scalar::<f32>()).collect::<Result<_>>()?;
+        lines.push(format!(
+            "bias add from bf16 [130, 300]: |values| {:.1e}, |gradients of x, b| {:.1e}, {:.1e}",
+            d[0], d[1], d[2]
+        ));
+        if !(f[0].dtype() == DType::F32 && d[0] < 1e-6 && d[1] < 1e-6 && d[2] < 1e-4) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
     // Rotary embeddings with the head split: q, k, v stacked, and the packed projection's gradient.
     for (b, len, h, d) in [(2usize, 9usize, 3usize, 8usize), (3, 40, 12, 64)] {
         let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
@@ -1546,7 +1590,7 @@ mod tests {
     #[test]
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let lines = check_against_composite(&Device::Cpu).unwrap();
-        assert_eq!(lines.len(), 35, "{lines:?}");
+        assert_eq!(lines.len(), 36, "{lines:?}");
     }
 
     #[test]
