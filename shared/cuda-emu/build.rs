@@ -1,4 +1,4 @@
-//! Compiles `shared/models/src/kernels.cu` as C++ against `cpp/cuda_emu.h` (the kernels run on
+//! Compiles `shared/models/src/kernels/kernels.cu` as C++ against `cpp/cuda_emu.h` (the kernels run on
 //! the CPU) and writes the table of its kernels, found by their `extern "C" __global__` lines.
 
 use std::path::PathBuf;

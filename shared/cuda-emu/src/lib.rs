@@ -1,4 +1,4 @@
-//! The kernels of `shared/models/src/kernels.cu` compiled as C++ for the CPU (`cpp/cuda_emu.h`
+//! The kernels of `shared/models/src/kernels/kernels.cu` compiled as C++ for the CPU (`cpp/cuda_emu.h`
 //! supplies CUDA's device built-ins: each block's threads run as OS threads, warp shuffles and
 //! `__syncthreads` are barriers). Tests launch a kernel by name with the grid, block and
 //! arguments the CUDA path would use and compare what it writes with the CPU implementation.
