@@ -168,11 +168,12 @@ impl Encoder {
             if !crate::layers::grad_enabled() {
                 x = x.detach();
             }
-            let split =
-                |t: Tensor| -> Result<Tensor> { t.reshape((bsz, len, heads, head_dim))?.transpose(1, 2)?.contiguous() };
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
+            // Query, key and value as one product [B, L, 3 H], then split into heads [B, heads, L, D].
+            let qkv = Linear::concat(&[&layer.query, &layer.key, &layer.value])?
+                .forward(&x)?
+                .reshape((bsz, len, 3, heads, head_dim))?;
+            let split = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             // Scoring in bf16: one flash-attention kernel where it applies (kernels::
             // flash_attention_for_scoring says when), else the products and the masked softmax.
             let flash = if train { None } else { flash_attention_for_scoring(&q, &k, &v, &bias, scale, None)? };

@@ -19,6 +19,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The layers side by side: one product whose output is theirs concatenated over the last
+    /// dimension (BERT's query, key and value as one matmul: the input read and, under
+    /// autocast, cast once, and its gradient one product instead of three summed). The
+    /// weights stay the layers' own variables (their HF names), joined per call; the joined
+    /// weight's gradient splits back to each.
+    pub fn concat(parts: &[&Linear]) -> Result<Linear> {
+        let weights: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+        let bias = if parts.iter().all(|l| l.bias.is_some()) {
+            let biases: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+            Some(Tensor::cat(&biases, 0)?)
+        } else if parts.iter().all(|l| l.bias.is_none()) {
+            None
+        } else {
+            candle_core::bail!("linear concat: some layers have a bias and some do not")
+        };
+        Ok(Linear { weight: Tensor::cat(&weights, 0)?, bias })
+    }
+}
+
 impl Module for Linear {
     /// Mixed precision as autocast does it: with bf16 weights and f32 activations the product
     /// runs in bf16 and comes back as f32; with one dtype throughout nothing is cast.
