@@ -2,7 +2,7 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::kernels::{flash_attention_for_scoring, masked_softmax};
+use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training, masked_softmax};
 use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -174,9 +174,15 @@ impl Encoder {
                 .reshape((bsz, len, 3, heads, head_dim))?;
             let split = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            // Scoring in bf16: one flash-attention kernel where it applies (kernels::
-            // flash_attention_for_scoring says when), else the products and the masked softmax.
-            let flash = if train { None } else { flash_attention_for_scoring(&q, &k, &v, &bias, scale, None)? };
+            // Flash-style attention where it applies (training under autocast, scoring in bf16:
+            // kernels::flash_attention_for_*), else the products and the masked softmax.
+            let flash = if train || crate::layers::grad_enabled() {
+                let p = cfg.attention_probs_dropout_prob;
+                let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
+                flash_attention_for_training(&q, &k, &v, &bias, scale, None, drop)?
+            } else {
+                flash_attention_for_scoring(&q, &k, &v, &bias, scale, None)?
+            };
             let ctx = match flash {
                 Some(ctx) => ctx,
                 None => {

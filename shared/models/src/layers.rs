@@ -160,6 +160,12 @@ pub fn seed_dropout(seed: Option<u64>) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64));
 }
 
+/// A seed for a dropout mask drawn by a kernel (a function of the seed and the element's index):
+/// from this thread's generator when seeded (reproducible, resumable), otherwise random.
+pub fn dropout_seed() -> u64 {
+    DROPOUT_RNG.with(|r| r.borrow_mut().as_mut().map(|rng| rand::Rng::random::<u64>(rng))).unwrap_or_else(rand::random)
+}
+
 /// Dropout that is active only in training (inverted: kept values are scaled by 1 / (1 - p)).
 pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
@@ -167,8 +173,7 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     }
     if x.device().is_cuda() && crate::kernels::fused_dropout_for(x) {
         // One kernel, the mask a function of a seed (from this thread's generator when seeded).
-        let seed = DROPOUT_RNG.with(|r| r.borrow_mut().as_mut().map(|rng| rand::Rng::random::<u64>(rng)));
-        return crate::kernels::dropout(x, p, seed.unwrap_or_else(rand::random));
+        return crate::kernels::dropout(x, p, dropout_seed());
     }
     let seeded = DROPOUT_RNG.with(|r| {
         r.borrow_mut().as_mut().map(|rng| {

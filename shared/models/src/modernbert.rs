@@ -7,7 +7,7 @@
 //! `classifier`. Rotary and softmax are composed of differentiable ops.
 
 use crate::bert::activation;
-use crate::kernels::{flash_attention_for_scoring, masked_softmax};
+use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training, masked_softmax};
 use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -196,10 +196,16 @@ impl ModernBertCrossEncoder {
             let (cos, sin) = &ropes[which];
             // The head split with q and k rotated (one kernel where the fused kernels run).
             let (q, k, v) = crate::kernels::rotary_qkv(&qkv, cos, sin)?;
-            // Scoring in bf16: one flash-attention kernel where it applies (the local layers' band
-            // as its window), else the products and the masked softmax.
+            // Flash-style attention where it applies (training under autocast, scoring in bf16;
+            // the local layers' band as its window), else the products and the masked softmax.
             let window = layer.sliding.then_some(window as usize);
-            let flash = if train { None } else { flash_attention_for_scoring(&q, &k, &v, &pad, scale, window)? };
+            let flash = if train || crate::layers::grad_enabled() {
+                let p = cfg.attention_dropout;
+                let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
+                flash_attention_for_training(&q, &k, &v, &pad, scale, window, drop)?
+            } else {
+                flash_attention_for_scoring(&q, &k, &v, &pad, scale, window)?
+            };
             let ctx = match flash {
                 Some(ctx) => ctx,
                 None => {

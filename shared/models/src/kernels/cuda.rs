@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 21] = [
+const KERNELS: [&str; 27] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -32,6 +32,12 @@ const KERNELS: [&str; 21] = [
     "distill_rotary_merge_f32",
     "distill_flash_attention_d32_bf16",
     "distill_flash_attention_d64_bf16",
+    "distill_flash_attention_train_d32_f32",
+    "distill_flash_attention_train_d64_f32",
+    "distill_flash_attention_dq_d32_f32",
+    "distill_flash_attention_dq_d64_f32",
+    "distill_flash_attention_dkv_d32_f32",
+    "distill_flash_attention_dkv_d64_f32",
 ];
 
 /// The kernels this code launches that the embedded PTX lacks: a binary built while
@@ -352,4 +358,108 @@ pub fn flash_attention(
         run(&dev, &launch, &bufs)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, h * d).into()))
+}
+
+/// Elements `range` of a contiguous f32 tensor's storage.
+fn view_range<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    range: std::ops::Range<usize>,
+    op: &str,
+) -> Result<CudaView<'a, f32>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if a + range.end <= b => Ok(s.as_cuda_slice::<f32>()?.slice(a + range.start..a + range.end)),
+        _ => candle_core::bail!("{op}: not contiguous, or shorter than {}", range.end),
+    }
+}
+
+/// A CUDA tensor's storage, held while a kernel reads it.
+fn cuda_of<'a>(guard: &'a candle_core::Storage, op: &str) -> Result<&'a CudaStorage> {
+    match guard {
+        Storage::Cuda(s) => Ok(s),
+        _ => candle_core::bail!("{op}: a tensor is not on the GPU"),
+    }
+}
+
+/// The training attention's forward: (q, k, v [B, H, L, D] f32) -> packed [B L H D + B H L].
+pub fn flash_train(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    a: super::launch::Attention,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention (training)";
+    let Some(launch) = a.forward() else { candle_core::bail!("{op}: no kernel for head size {}", a.d) };
+    let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
+    let dev = s1.device().clone();
+    let (bs, bl) = bias.storage_and_layout();
+    // SAFETY: the kernel writes every output row and every log-sum-exp.
+    let out = unsafe { dev.alloc::<f32>(n + nl)? };
+    {
+        let bufs = [
+            Buf::View(view(s1, l1, op)?),
+            Buf::View(view(s2, l2, op)?),
+            Buf::View(view(s3, l3, op)?),
+            Buf::View(view(cuda_of(&bs, op)?, bl, op)?),
+            Buf::View(out.slice(0..n)),
+            Buf::View(out.slice(n..n + nl)),
+        ];
+        run(&dev, &launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (n + nl).into()))
+}
+
+/// The training attention's backward: (q, k, v) -> [3, B, H, L, D] (dq, dk, dv) from the packed
+/// forward output and the context's gradient.
+pub fn flash_train_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    packed: &Tensor,
+    dout: &Tensor,
+    a: super::launch::Attention,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention backward";
+    let (Some(dq_launch), Some(dkv_launch)) = (a.backward_dq(), a.backward_dkv()) else {
+        candle_core::bail!("{op}: no kernel for head size {}", a.d)
+    };
+    let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
+    let dev = s1.device().clone();
+    let ((bs, bl), (ps, pl), (ds, dl)) =
+        (bias.storage_and_layout(), packed.storage_and_layout(), dout.storage_and_layout());
+    let (bias_s, packed_s, dout_s) = (cuda_of(&bs, op)?, cuda_of(&ps, op)?, cuda_of(&ds, op)?);
+    // SAFETY: the kernels write every row of dq, dk, dv and every Δ.
+    let out = unsafe { dev.alloc::<f32>(3 * n)? };
+    let delta = unsafe { dev.alloc::<f32>(nl)? };
+    {
+        let inputs = || -> Result<Vec<Buf>> {
+            Ok(vec![
+                Buf::View(view(s1, l1, op)?),
+                Buf::View(view(s2, l2, op)?),
+                Buf::View(view(s3, l3, op)?),
+                Buf::View(view(bias_s, bl, op)?),
+            ])
+        };
+        let mut bufs = inputs()?;
+        bufs.extend([
+            Buf::View(view_range(packed_s, pl, 0..n, op)?),
+            Buf::View(view(dout_s, dl, op)?),
+            Buf::View(view_range(packed_s, pl, n..n + nl, op)?),
+            Buf::View(out.slice(0..n)),
+            Buf::Out(&delta),
+        ]);
+        run(&dev, &dq_launch, &bufs)?;
+        let mut bufs = inputs()?;
+        bufs.extend([
+            Buf::View(view(dout_s, dl, op)?),
+            Buf::View(view_range(packed_s, pl, n..n + nl, op)?),
+            Buf::Out(&delta),
+            Buf::View(out.slice(n..2 * n)),
+            Buf::View(out.slice(2 * n..3 * n)),
+        ]);
+        run(&dev, &dkv_launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (3, a.b, a.h, a.l, a.d).into()))
 }

@@ -325,3 +325,97 @@ fn flash_attention_for_scoring() {
     }
     assert!(Launch::flash_attention(48, 1, 1, 8, 1.0, None).is_none());
 }
+
+/// Largest |got - want| over the largest |want|.
+fn relative(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    got.iter().zip(want).fold(0f32, |m, (g, w)| m.max((g - w).abs())) / scale
+}
+
+#[test]
+fn flash_attention_for_training_and_its_backward() {
+    let (b, h, l) = (2usize, 2usize, 70usize);
+    for (d, window, p) in [(32usize, None, 0.0f32), (64, Some(5usize), 0.0), (32, None, 0.2), (64, None, 0.1)] {
+        let a = launch_shape::Attention { b, h, l, d, scale: 1.0 / (d as f32).sqrt(), window, seed: 7, p };
+        let (n, nl) = (b * h * l * d, b * h * l);
+        let (q, k, v) = (values(n, 26, 1.0), values(n, 27, 1.0), values(n, 28, 1.0));
+        let bias: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 61 { -1e9 } else { 0.0 }).collect();
+        let what = format!("d {d} window {window:?} p {p}");
+        // The CPU implementation, the reference for both directions.
+        let t = |x: &[f32]| tensor(x, &[b, h, l, d]);
+        let op = FlashTrain { bias: tensor(&bias, &[b, 1, 1, l]), shape: a };
+        let packed: Vec<f32> = t(&q).apply_op3_no_bwd(&t(&k), &t(&v), &op).unwrap().to_vec1().unwrap();
+
+        let mut bufs = [
+            Buf::F32(q.clone()),
+            Buf::F32(k.clone()),
+            Buf::F32(v.clone()),
+            Buf::F32(bias.clone()),
+            Buf::F32(vec![f32::NAN; n]),
+            Buf::F32(vec![f32::NAN; nl]),
+        ];
+        run(&a.forward().unwrap(), &mut bufs);
+        let out_err = relative(bufs[4].f32(), &packed[..n]);
+        if out_err >= 2e-2 {
+            let (got, want) = (bufs[4].f32(), &packed[..n]);
+            let worst = (0..n).max_by(|&x, &y| (got[x] - want[x]).abs().total_cmp(&(got[y] - want[y]).abs())).unwrap();
+            let (row, c) = (worst / d, worst % d);
+            panic!(
+                "forward {what}: {out_err}; worst at batch {} query {} head {} dim {c}: {} against {}",
+                row / (l * h),
+                row / h % l,
+                row % h,
+                got[worst],
+                want[worst]
+            );
+        }
+        // Rows with every key masked have an infinite log-sum-exp (zero probabilities) on both sides.
+        for (i, (got, want)) in bufs[5].f32().iter().zip(&packed[n..]).enumerate() {
+            let same = if want.is_infinite() { got == want } else { (got - want).abs() < 5e-2 };
+            assert!(same, "log-sum-exp {what}: row {i}: {got} against {want}");
+        }
+
+        // The backward from the CPU forward's output, so each direction is tested on its own.
+        let dout = values(n, 29, 1.0);
+        let grad_op = FlashTrainGrad {
+            bias: tensor(&bias, &[b, 1, 1, l]),
+            packed: tensor(&packed, &[n + nl]),
+            dout: tensor(&dout, &[b, l, h * d]),
+            shape: a,
+        };
+        let want: Vec<f32> =
+            t(&q).apply_op3_no_bwd(&t(&k), &t(&v), &grad_op).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut bufs = [
+            Buf::F32(q.clone()),
+            Buf::F32(k.clone()),
+            Buf::F32(v.clone()),
+            Buf::F32(bias.clone()),
+            Buf::F32(packed[..n].to_vec()),
+            Buf::F32(dout.clone()),
+            Buf::F32(packed[n..].to_vec()),
+            Buf::F32(vec![f32::NAN; n]),
+            Buf::F32(vec![f32::NAN; nl]),
+        ];
+        run(&a.backward_dq().unwrap(), &mut bufs);
+        let dq = bufs[7].f32().to_vec();
+        let delta = bufs[8].f32().to_vec();
+        let mut bufs = [
+            Buf::F32(q.clone()),
+            Buf::F32(k.clone()),
+            Buf::F32(v.clone()),
+            Buf::F32(bias.clone()),
+            Buf::F32(dout.clone()),
+            Buf::F32(packed[n..].to_vec()),
+            Buf::F32(delta),
+            Buf::F32(vec![f32::NAN; n]),
+            Buf::F32(vec![f32::NAN; n]),
+        ];
+        run(&a.backward_dkv().unwrap(), &mut bufs);
+        for (name, got, want) in
+            [("dq", &dq[..], &want[..n]), ("dk", bufs[7].f32(), &want[n..2 * n]), ("dv", bufs[8].f32(), &want[2 * n..])]
+        {
+            let err = relative(got, want);
+            assert!(err < 3e-2, "{name} {what}: {err}");
+        }
+    }
+}

@@ -319,22 +319,80 @@ extern "C" __global__ void distill_rotary_merge_f32(const float* g, const float*
   }
 }
 
-// Attention for scoring (no backward), flash-style: softmax(q kᵀ · scale + key bias) v without the
-// [B, H, L, L] scores in memory, bf16 tensor-core tiles (wmma 16 x 16 x 16, f32 accumulation),
-// the softmax kept online in f32. q, k, v [B, H, L, D] bf16; bias [B, 1, 1, L] f32 (0 or very
-// negative per key); window >= 0 limits each query to keys within that distance (ModernBERT's
-// local layers), -1 none. Out [B, L, H, D] bf16: the heads already merged. A block of 4 warps
-// takes 64 queries of one (batch, head), each warp 16; keys go through in tiles of 32 (K and V
-// tiles in shared memory, shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query
-// blocks + query block.
+// Attention, flash-style: softmax(q kᵀ · scale + key bias) v without the [B, H, L, L] scores in
+// memory, bf16 tensor-core tiles (wmma 16 x 16 x 16, f32 accumulation), the softmax kept online in
+// f32. q, k, v [B, H, L, D] (bf16 for scoring; f32 in training, cast to bf16 as tiles enter shared
+// memory, as autocast's matmuls do); bias [B, 1, 1, L] f32 (0, or <= -1e4 to mask the key out); window >= 0
+// limits each query to keys within that distance (ModernBERT's local layers), -1 none. Out
+// [B, L, H, D] (the heads already merged), bf16 for scoring, f32 in training. Training adds
+// attention dropout (p > 0: probability (i, j) of head bh kept when uniform(seed, (bh L + i) L + j)
+// >= p, the mask distill_dropout_f32 draws over materialised probabilities) and the row
+// log-sum-exp `lse` [B, H, L] for the backward. A block of 4 warps takes 64 queries of one
+// (batch, head), each warp 16; keys go through in tiles of 32 (K and V tiles in shared memory,
+// shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query blocks + query block.
 #define DISTILL_FA_WARPS 4
 #define DISTILL_FA_QW 16
 #define DISTILL_FA_KT 32
 
-template <int D>
-__device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                     const float* bias, __nv_bfloat16* out, int64_t heads, int64_t len, float scale,
-                                     int64_t window) {
+__device__ __forceinline__ __nv_bfloat16 to_bf16(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ __nv_bfloat16 to_bf16(__nv_bfloat16 v) { return v; }
+__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// A key bias at or below this masks the key out entirely (the masks are 0 or -1e9): added to a
+// score it would leave only its f32 rounding (steps of 64 at 1e9), and a fully masked row would
+// give exp(s - lse) of tens in the backward.
+#define DISTILL_MASKED (-1.0e4f)
+
+// Whether query qi may attend key kj (inside the sequence and the window, not masked).
+__device__ __forceinline__ bool attends(int64_t qi, int64_t kj, int64_t len, int64_t window, const float* bias) {
+  return qi < len && kj < len && (window < 0 || (qi - kj <= window && kj - qi <= window)) && bias[kj] > DISTILL_MASKED;
+}
+
+// The dropout scale of probability (qi, kj) of head bh: 0 or 1 / (1 - p); 1 without dropout.
+__device__ __forceinline__ float keep(uint64_t seed, float p, int64_t bh, int64_t qi, int64_t kj, int64_t len) {
+  if (p <= 0.0f) return 1.0f;
+  return uniform(seed, (uint64_t)((bh * len + qi) * len + kj)) >= p ? 1.0f / (1.0f - p) : 0.0f;
+}
+
+// out [16 x N] (f32, leading dimension ldo) = A [16 x D] · Bᵀ, with A and B [N x D] row-major bf16
+// (leading dimension D; Bᵀ read column-major from B): one warp, wmma tiles.
+template <int D, int N>
+__device__ void mma_abt(float* out, int ldo, const __nv_bfloat16* a, const __nv_bfloat16* b) {
+  using namespace nvcuda;
+  for (int n = 0; n < N / 16; ++n) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, a + kk * 16, D);
+      wmma::load_matrix_sync(fb, b + n * 16 * D + kk * 16, D);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
+  }
+}
+
+// acc[n] += A [16 x K] · B [K x D] (columns 16 n ..), A row-major bf16 (leading dimension K), B
+// row-major bf16 (leading dimension D): one warp, wmma tiles.
+template <int K, int D>
+__device__ void mma_ab_acc(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc,
+                           const __nv_bfloat16* a, const __nv_bfloat16* b) {
+  using namespace nvcuda;
+  for (int n = 0; n < D / 16; ++n)
+    for (int kk = 0; kk < K / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+      wmma::load_matrix_sync(fa, a + kk * 16, K);
+      wmma::load_matrix_sync(fb, b + kk * 16 * D + n * 16, D);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+}
+
+template <int D, class TI, class TO>
+__device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float* bias, TO* out, float* lse,
+                              int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
   __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
@@ -350,14 +408,14 @@ __device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16
   const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
   const __nv_bfloat16 zero = __float2bfloat16(0.0f);
-  const __nv_bfloat16* qb = q + bh * len * D;
-  const __nv_bfloat16* kb = k + bh * len * D;
-  const __nv_bfloat16* vb = v + bh * len * D;
+  const TI* qb = q + bh * len * D;
+  const TI* kb = k + bh * len * D;
+  const TI* vb = v + bh * len * D;
   const float* bb = bias + batch * len;
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t r = q0 + i / D;
-    qs[i] = r < len ? qb[r * D + i % D] : zero;
+    qs[i] = r < len ? to_bf16(qb[r * D + i % D]) : zero;
   }
   for (int i = lane; i < QW * D; i += 32) os[warp][i] = 0.0f;
   if (lane < QW) {
@@ -372,34 +430,23 @@ __device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? kb[row * D + i % D] : zero;
-      vs[i] = row < len ? vb[row * D + i % D] : zero;
+      ks[i] = row < len ? to_bf16(kb[row * D + i % D]) : zero;
+      vs[i] = row < len ? to_bf16(vb[row * D + i % D]) : zero;
     }
     __syncthreads();
 
-    // S = Q Kᵀ for this warp's 16 queries and the tile's 32 keys (Kᵀ read column-major from K).
-    for (int n = 0; n < KT / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-        wmma::load_matrix_sync(a, qs + warp * QW * D + kk * 16, D);
-        wmma::load_matrix_sync(b, ks + n * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(ss[warp] + n * 16, acc, KT, wmma::mem_row_major);
-    }
+    // S = Q Kᵀ for this warp's 16 queries and the tile's 32 keys.
+    mma_abt<D, KT>(ss[warp], KT, qs + warp * QW * D, ks);
     __syncwarp();
 
-    // Online softmax: the row's new max, P = exp(s - max) (bf16 for the next product), the
-    // running sum and the output rescaled by exp(old max - new max).
+    // Online softmax: the row's new max, P = exp(s - max) (bf16, dropped out, for the next
+    // product), the running sum (of the kept and the dropped) and the output rescaled by
+    // exp(old max - new max).
     float sv[KT / 2];
     float mx = -INFINITY;
     for (int c = 0; c < KT / 2; ++c) {
       int64_t kj = k0 + half * (KT / 2) + c;
-      bool on = kj < len && (window < 0 || (qi - kj <= window && kj - qi <= window));
-      sv[c] = on ? ss[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] : -INFINITY;
+      sv[c] = attends(qi, kj, len, window, bb) ? ss[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] : -INFINITY;
       mx = fmaxf(mx, sv[c]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -408,9 +455,10 @@ __device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;
     float sum = 0.0f;
     for (int c = 0; c < KT / 2; ++c) {
-      float p = sv[c] == -INFINITY ? 0.0f : expf(sv[c] - m_use);
-      ps[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(p);
-      sum += p;
+      int64_t kj = k0 + half * (KT / 2) + c;
+      float e = sv[c] == -INFINITY ? 0.0f : expf(sv[c] - m_use);
+      ps[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(e == 0.0f ? 0.0f : e * keep(seed, p, bh, qi, kj, len));
+      sum += e;
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
@@ -421,18 +469,12 @@ __device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16
       ls[warp][r] = ls[warp][r] * alpha + sum;
     }
 
-    // O += P V
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, os[warp] + n * 16, D, wmma::mem_row_major);
-      for (int kk = 0; kk < KT / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-        wmma::load_matrix_sync(a, ps[warp] + kk * 16, KT);
-        wmma::load_matrix_sync(b, vs + kk * 16 * D + n * 16, D);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(os[warp] + n * 16, acc, D, wmma::mem_row_major);
+    // O += P V (O rescaled above, so it goes through shared memory)
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
+      for (int n = 0; n < D / 16; ++n) wmma::load_matrix_sync(acc[n], os[warp] + n * 16, D, wmma::mem_row_major);
+      mma_ab_acc<KT, D>(acc, ps[warp], vs);
+      for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(os[warp] + n * 16, acc[n], D, wmma::mem_row_major);
     }
     // The tile's K and V are overwritten next; the output tiles are read next.
     __syncthreads();
@@ -443,8 +485,12 @@ __device__ void flash_attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16
     int64_t qrow = q0 + warp * QW + row;
     if (qrow < len) {
       float l = ls[warp][row];
-      out[((batch * len + qrow) * heads + head) * D + i % D] = __float2bfloat16(l > 0.0f ? os[warp][i] / l : 0.0f);
+      store_out(&out[((batch * len + qrow) * heads + head) * D + i % D], l > 0.0f ? os[warp][i] / l : 0.0f);
     }
+  }
+  if (lse && lane < QW && q0 + warp * QW + lane < len) {
+    float m = ms[warp][lane], l = ls[warp][lane];
+    lse[bh * len + q0 + warp * QW + lane] = l > 0.0f ? (m == -INFINITY ? 0.0f : m) + logf(l) : INFINITY;
   }
 }
 
@@ -452,12 +498,233 @@ extern "C" __global__ void distill_flash_attention_d32_bf16(const __nv_bfloat16*
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_attention_bf16<32>(q, k, v, bias, out, heads, len, scale, window);
+  flash_forward<32>(q, k, v, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_attention_bf16<64>(q, k, v, bias, out, heads, len, scale, window);
+  flash_forward<64>(q, k, v, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+}
+
+extern "C" __global__ void distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
+                                                                 const float* bias, float* out, float* lse,
+                                                                 int64_t heads, int64_t len, float scale,
+                                                                 int64_t window, uint64_t seed, float p) {
+  flash_forward<32>(q, k, v, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
+                                                                 const float* bias, float* out, float* lse,
+                                                                 int64_t heads, int64_t len, float scale,
+                                                                 int64_t window, uint64_t seed, float p) {
+  flash_forward<64>(q, k, v, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+// The backward of the training attention, FA2-style, P recomputed from the log-sum-exp:
+// with Z the dropout scale, dP = (dO vᵀ) Z, dS = P (dP - Δ) where Δ_i = dO_i · O_i, then
+// dQ = scale dS K, dK = scale dSᵀ Q, dV = (P Z)ᵀ dO. Two kernels: per query block, dQ (and Δ for the
+// second); per key block, dK and dV. O and dO are [B, L, H, D] (merged heads, f32); q, k, v, dq, dk,
+// dv [B, H, L, D] f32; lse, delta [B, H, L].
+
+// Stores a warp's 16 x D accumulators (x scale) to rows row0.. of dst [len, D] through the
+// warp's 16 x 32 staging tile, skipping rows past len.
+template <int D>
+__device__ void store_rows(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc, float* stage,
+                           float* dst, int64_t row0, int64_t len, float scale, int lane) {
+  using namespace nvcuda;
+  for (int n2 = 0; n2 < D / 32; ++n2) {
+    wmma::store_matrix_sync(stage, acc[2 * n2], 32, wmma::mem_row_major);
+    wmma::store_matrix_sync(stage + 16, acc[2 * n2 + 1], 32, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < 16 * 32; i += 32) {
+      int64_t row = row0 + i / 32;
+      if (row < len) dst[row * D + n2 * 32 + i % 32] = stage[i] * scale;
+    }
+    __syncwarp();
+  }
+}
+
+template <int D>
+__device__ void flash_backward_dq(const float* q, const float* k, const float* v, const float* bias, const float* o,
+                                  const float* dout, const float* lse, float* dq, float* delta, int64_t heads,
+                                  int64_t len, float scale, int64_t window, uint64_t seed, float p) {
+  using namespace nvcuda;
+  constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
+  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
+  __shared__ __align__(32) __nv_bfloat16 dos[W * QW * D];
+  __shared__ __align__(32) __nv_bfloat16 ks[KT * D];
+  __shared__ __align__(32) __nv_bfloat16 vs[KT * D];
+  __shared__ __align__(32) float sb[W][QW * KT];
+  __shared__ __align__(32) __nv_bfloat16 dsb[W][QW * KT];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t qblocks = (len + W * QW - 1) / (W * QW);
+  const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
+  const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+  const float* bb = bias + batch * len;
+
+  for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
+    int64_t row = q0 + i / D;
+    qs[i] = row < len ? to_bf16(q[(bh * len + row) * D + i % D]) : zero;
+    dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
+  }
+  // Δ_i = dO_i · O_i in f32, two lanes per row.
+  const int r = lane / 2, half = lane % 2;
+  const int64_t qi = q0 + warp * QW + r;
+  float dlt = 0.0f;
+  if (qi < len)
+    for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) {
+      int64_t at = ((batch * len + qi) * heads + head) * D + c;
+      dlt += dout[at] * o[at];
+    }
+  dlt += __shfl_xor_sync(0xffffffffu, dlt, 1);
+  if (half == 0 && qi < len) delta[bh * len + qi] = dlt;
+  const float lse_i = qi < len ? lse[bh * len + qi] : INFINITY;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dq[D / 16];
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc_dq[n], 0.0f);
+  __syncthreads();
+
+  for (int64_t k0 = 0; k0 < len; k0 += KT) {
+    for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
+      int64_t row = k0 + i / D;
+      ks[i] = row < len ? to_bf16(k[(bh * len + row) * D + i % D]) : zero;
+      vs[i] = row < len ? to_bf16(v[(bh * len + row) * D + i % D]) : zero;
+    }
+    __syncthreads();
+    // S = Q Kᵀ, then P from the log-sum-exp (registers).
+    mma_abt<D, KT>(sb[warp], KT, qs + warp * QW * D, ks);
+    __syncwarp();
+    float pv[KT / 2];
+    for (int c = 0; c < KT / 2; ++c) {
+      int64_t kj = k0 + half * (KT / 2) + c;
+      pv[c] = attends(qi, kj, len, window, bb) ? expf(sb[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] - lse_i) : 0.0f;
+    }
+    __syncwarp();
+    // dO Vᵀ
+    mma_abt<D, KT>(sb[warp], KT, dos + warp * QW * D, vs);
+    __syncwarp();
+    for (int c = 0; c < KT / 2; ++c) {
+      int64_t kj = k0 + half * (KT / 2) + c;
+      float dp = sb[warp][r * KT + half * (KT / 2) + c] * keep(seed, p, bh, qi, kj, len);
+      dsb[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(pv[c] * (dp - dlt));
+    }
+    __syncwarp();
+    // dQ += dS K
+    mma_ab_acc<KT, D>(acc_dq, dsb[warp], ks);
+    __syncthreads();
+  }
+  store_rows<D>(acc_dq, sb[warp], dq + bh * len * D, q0 + warp * QW, len, scale, lane);
+}
+
+template <int D>
+__device__ void flash_backward_dkv(const float* q, const float* k, const float* v, const float* bias,
+                                   const float* dout, const float* lse, const float* delta, float* dk, float* dv,
+                                   int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed, float p) {
+  using namespace nvcuda;
+  constexpr int W = DISTILL_FA_WARPS, KW = DISTILL_FA_QW, QT = DISTILL_FA_KT;
+  __shared__ __align__(32) __nv_bfloat16 ks[W * KW * D];
+  __shared__ __align__(32) __nv_bfloat16 vs[W * KW * D];
+  __shared__ __align__(32) __nv_bfloat16 qs[QT * D];
+  __shared__ __align__(32) __nv_bfloat16 dos[QT * D];
+  __shared__ __align__(32) float sb[W][KW * QT];
+  __shared__ __align__(32) __nv_bfloat16 pb[W][KW * QT];
+  __shared__ float lse_t[QT], delta_t[QT];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t kblocks = (len + W * KW - 1) / (W * KW);
+  const int64_t bh = blockIdx.x / kblocks, batch = bh / heads, head = bh % heads;
+  const int64_t k0 = (blockIdx.x % kblocks) * (W * KW);
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+
+  for (int i = threadIdx.x; i < W * KW * D; i += blockDim.x) {
+    int64_t row = k0 + i / D;
+    ks[i] = row < len ? to_bf16(k[(bh * len + row) * D + i % D]) : zero;
+    vs[i] = row < len ? to_bf16(v[(bh * len + row) * D + i % D]) : zero;
+  }
+  // Two lanes per key row (this warp's 16 keys), each over half of a query tile.
+  const int r = lane / 2, half = lane % 2;
+  const int64_t kj = k0 + warp * KW + r;
+  const float bias_j = kj < len ? bias[batch * len + kj] : 0.0f;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc_dk[D / 16], acc_dv[D / 16];
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::fill_fragment(acc_dk[n], 0.0f);
+    wmma::fill_fragment(acc_dv[n], 0.0f);
+  }
+  __syncthreads();
+
+  for (int64_t t0 = 0; t0 < len; t0 += QT) {
+    for (int i = threadIdx.x; i < QT * D; i += blockDim.x) {
+      int64_t row = t0 + i / D;
+      qs[i] = row < len ? to_bf16(q[(bh * len + row) * D + i % D]) : zero;
+      dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
+    }
+    for (int i = threadIdx.x; i < QT; i += blockDim.x) {
+      lse_t[i] = t0 + i < len ? lse[bh * len + t0 + i] : INFINITY;
+      delta_t[i] = t0 + i < len ? delta[bh * len + t0 + i] : 0.0f;
+    }
+    __syncthreads();
+    // Sᵀ = K Qᵀ for this warp's 16 keys and the tile's 32 queries.
+    mma_abt<D, QT>(sb[warp], QT, ks + warp * KW * D, qs);
+    __syncwarp();
+    float pv[QT / 2], zv[QT / 2];
+    for (int c = 0; c < QT / 2; ++c) {
+      int cc = half * (QT / 2) + c;
+      int64_t qi = t0 + cc;
+      pv[c] = attends(qi, kj, len, window, bias + batch * len) ? expf(sb[warp][r * QT + cc] * scale + bias_j - lse_t[cc]) : 0.0f;
+      zv[c] = qi < len && kj < len ? keep(seed, p, bh, qi, kj, len) : 0.0f;
+      pb[warp][r * QT + cc] = __float2bfloat16(pv[c] * zv[c]);
+    }
+    __syncwarp();
+    // dV += (P Z)ᵀ dO
+    mma_ab_acc<QT, D>(acc_dv, pb[warp], dos);
+    // dPᵀ = V dOᵀ
+    mma_abt<D, QT>(sb[warp], QT, vs + warp * KW * D, dos);
+    __syncwarp();
+    for (int c = 0; c < QT / 2; ++c) {
+      int cc = half * (QT / 2) + c;
+      pb[warp][r * QT + cc] = __float2bfloat16(pv[c] * (sb[warp][r * QT + cc] * zv[c] - delta_t[cc]));
+    }
+    __syncwarp();
+    // dK += dSᵀ Q
+    mma_ab_acc<QT, D>(acc_dk, pb[warp], qs);
+    __syncthreads();
+  }
+  store_rows<D>(acc_dk, sb[warp], dk + bh * len * D, k0 + warp * KW, len, scale, lane);
+  store_rows<D>(acc_dv, sb[warp], dv + bh * len * D, k0 + warp * KW, len, 1.0f, lane);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_d32_f32(const float* q, const float* k, const float* v,
+                                                              const float* bias, const float* o, const float* dout,
+                                                              const float* lse, float* dq, float* delta, int64_t heads,
+                                                              int64_t len, float scale, int64_t window, uint64_t seed,
+                                                              float p) {
+  flash_backward_dq<32>(q, k, v, bias, o, dout, lse, dq, delta, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_d64_f32(const float* q, const float* k, const float* v,
+                                                              const float* bias, const float* o, const float* dout,
+                                                              const float* lse, float* dq, float* delta, int64_t heads,
+                                                              int64_t len, float scale, int64_t window, uint64_t seed,
+                                                              float p) {
+  flash_backward_dq<64>(q, k, v, bias, o, dout, lse, dq, delta, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_d32_f32(const float* q, const float* k, const float* v,
+                                                               const float* bias, const float* dout, const float* lse,
+                                                               const float* delta, float* dk, float* dv,
+                                                               int64_t heads, int64_t len, float scale,
+                                                               int64_t window, uint64_t seed, float p) {
+  flash_backward_dkv<32>(q, k, v, bias, dout, lse, delta, dk, dv, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, const float* k, const float* v,
+                                                               const float* bias, const float* dout, const float* lse,
+                                                               const float* delta, float* dk, float* dv,
+                                                               int64_t heads, int64_t len, float scale,
+                                                               int64_t window, uint64_t seed, float p) {
+  flash_backward_dkv<64>(q, k, v, bias, dout, lse, delta, dk, dv, heads, len, scale, window, seed, p);
 }

@@ -2,6 +2,8 @@
 //! order, built from the shapes alone. The CUDA path (`cuda.rs`) runs these on candle's storage;
 //! the tests run the same descriptions on the CPU through `distill-cuda-emu`, so the argument
 //! order, the scalar types and the launch geometry are checked on a machine without a GPU.
+// Without CUDA only the tests launch (the attention shape is used by the CPU kernels too).
+#![cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 
 /// One kernel argument.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,6 +152,56 @@ impl Launch {
         params.push(Param::I64(window.map_or(-1, |w| w as i64)));
         let grid = (l.div_ceil(FLASH_QUERIES) * b * h) as u32;
         Some(Launch { kernel, grid, block: 32 * WARPS as u32, params })
+    }
+}
+
+/// The shape and settings of a training attention launch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attention {
+    pub b: usize,
+    pub h: usize,
+    pub l: usize,
+    pub d: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+    pub seed: u64,
+    pub p: f32,
+}
+
+impl Attention {
+    fn kernel(&self, which: &str) -> Option<&'static str> {
+        Some(match (which, self.d) {
+            ("train", 32) => "distill_flash_attention_train_d32_f32",
+            ("train", 64) => "distill_flash_attention_train_d64_f32",
+            ("dq", 32) => "distill_flash_attention_dq_d32_f32",
+            ("dq", 64) => "distill_flash_attention_dq_d64_f32",
+            ("dkv", 32) => "distill_flash_attention_dkv_d32_f32",
+            ("dkv", 64) => "distill_flash_attention_dkv_d64_f32",
+            _ => return None,
+        })
+    }
+
+    fn launch(&self, which: &str, buffers_: usize) -> Option<Launch> {
+        let mut params: Vec<Param> = buffers(buffers_).collect();
+        params.extend([Param::I64(self.h as i64), Param::I64(self.l as i64), Param::F32(self.scale)]);
+        params.extend([Param::I64(self.window.map_or(-1, |w| w as i64)), Param::U64(self.seed), Param::F32(self.p)]);
+        let grid = (self.l.div_ceil(FLASH_QUERIES) * self.b * self.h) as u32;
+        Some(Launch { kernel: self.kernel(which)?, grid, block: 32 * WARPS as u32, params })
+    }
+
+    /// The forward: `(q, k, v, bias, out, lse, heads, len, scale, window, seed, p)`.
+    pub fn forward(&self) -> Option<Launch> {
+        self.launch("train", 6)
+    }
+
+    /// dQ and Δ: `(q, k, v, bias, o, dout, lse, dq, delta, ..)`, a block per 64 queries.
+    pub fn backward_dq(&self) -> Option<Launch> {
+        self.launch("dq", 9)
+    }
+
+    /// dK and dV: `(q, k, v, bias, dout, lse, delta, dk, dv, ..)`, a block per 64 keys.
+    pub fn backward_dkv(&self) -> Option<Launch> {
+        self.launch("dkv", 9)
     }
 }
 
