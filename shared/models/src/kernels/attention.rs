@@ -1,0 +1,406 @@
+//! Attention, flash-style (kernels.cu's `flash_*`): for scoring in bf16 and for training under
+//! autocast (with its backward and attention dropout), the ops and their exact CPU twins.
+
+use super::*;
+
+/// softmax(q kᵀ · scale + key bias) v over (q, k, v) [B, H, L, D] bf16, out [B, L, H D] bf16 (heads
+/// merged). The key bias [B, 1, 1, L] (f32) and the window are the op's own; no backward.
+pub(super) struct FlashAttention {
+    pub(super) bias: Tensor,
+    pub(super) scale: f32,
+    pub(super) window: Option<usize>,
+}
+
+fn attention_dims(q: &Layout, k: &Layout, v: &Layout, op: &str) -> Result<[usize; 4]> {
+    match q.dims() {
+        &[b, h, l, d] if k.dims() == q.dims() && v.dims() == q.dims() => Ok([b, h, l, d]),
+        dims => {
+            candle_core::bail!("{op}: q {dims:?}, k {:?}, v {:?} (expected three [B, H, L, D])", k.dims(), v.dims())
+        }
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention"
+    }
+
+    /// The reference: exact softmax in f32 from the bf16 inputs.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [b, h, l, d] = attention_dims(l1, l2, l3, self.name())?;
+        let read = |s: &CpuStorage, lay: &Layout| -> Result<Vec<f32>> {
+            let data = s.as_slice::<half::bf16>()?;
+            match lay.contiguous_offsets() {
+                Some((x, y)) => Ok(data[x..y].iter().map(|v| v.to_f32()).collect()),
+                None => candle_core::bail!("{}: an input is not contiguous", self.name()),
+            }
+        };
+        let (q, k, v) = (read(s1, l1)?, read(s2, l2)?, read(s3, l3)?);
+        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        let mut out = vec![half::bf16::ZERO; b * l * h * d];
+        // One (batch, query) row of H D outputs at a time.
+        out.par_chunks_mut(h * d).enumerate().for_each(|(row, out)| {
+            let (batch, i) = (row / l, row % l);
+            let mut p = vec![0f32; l];
+            for head in 0..h {
+                let base = (batch * h + head) * l * d;
+                let qi = &q[base + i * d..base + (i + 1) * d];
+                for (j, p) in p.iter_mut().enumerate() {
+                    let near = self.window.is_none_or(|w| i.abs_diff(j) <= w) && bias[batch * l + j] > MASKED;
+                    let kj = &k[base + j * d..base + (j + 1) * d];
+                    let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                    *p = if near { dot * self.scale + bias[batch * l + j] } else { f32::NEG_INFINITY };
+                }
+                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
+                p.iter_mut().for_each(|p| *p = (*p - max).exp());
+                let sum: f32 = p.iter().sum();
+                for c in 0..d {
+                    let o: f32 = p.iter().enumerate().map(|(j, p)| p * v[base + j * d + c]).sum();
+                    out[head * d + c] = half::bf16::from_f32(if sum > 0.0 { o / sum } else { 0.0 });
+                }
+            }
+        });
+        Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = attention_dims(l1, l2, l3, self.name())?;
+        cuda::flash_attention((s1, l1), (s2, l2), (s3, l3), &self.bias, dims, self.scale, self.window)
+    }
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        candle_core::bail!("{}: attention for scoring has no backward", self.name())
+    }
+}
+
+/// The dropout scale of attention probability (i, j) of head `bh`: 0 or 1 / (1 - p) as the
+/// kernels draw it (the mask [`dropout`] draws over materialised [B, H, L, L] probabilities).
+fn keep_scale(seed: u64, p: f32, bh: usize, i: usize, j: usize, l: usize) -> f32 {
+    if p <= 0.0 {
+        1.0
+    } else if uniform(seed, ((bh * l + i) * l + j) as u64) >= p {
+        1.0 / (1.0 - p)
+    } else {
+        0.0
+    }
+}
+
+/// One (batch, head)'s attention probabilities on the CPU, exact f32: P [L, L] (0 where masked)
+/// and the rows' log-sum-exp (`lse`; given, P is recomputed from it as the backward does).
+fn attention_probs(
+    q: &[f32],
+    k: &[f32],
+    bias: &[f32],
+    a: &launch_shape::Attention,
+    bh: usize,
+    lse: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (l, d, batch) = (a.l, a.d, bh / a.h);
+    let base = bh * l * d;
+    let mut p = vec![0f32; l * l];
+    let mut out_lse = vec![f32::INFINITY; l];
+    for i in 0..l {
+        let qi = &q[base + i * d..base + (i + 1) * d];
+        let row = &mut p[i * l..(i + 1) * l];
+        for (j, s) in row.iter_mut().enumerate() {
+            let near = a.window.is_none_or(|w| i.abs_diff(j) <= w) && bias[batch * l + j] > MASKED;
+            let dot: f32 = qi.iter().zip(&k[base + j * d..base + (j + 1) * d]).map(|(x, y)| x * y).sum();
+            *s = if near { dot * a.scale + bias[batch * l + j] } else { f32::NEG_INFINITY };
+        }
+        let lse_i = match lse {
+            Some(given) => given[bh * l + i],
+            None => {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    f32::INFINITY
+                } else {
+                    m + row.iter().map(|s| (s - m).exp()).sum::<f32>().ln()
+                }
+            }
+        };
+        row.iter_mut().for_each(|s| *s = if *s == f32::NEG_INFINITY { 0.0 } else { (*s - lse_i).exp() });
+        out_lse[i] = lse_i;
+    }
+    (p, out_lse)
+}
+
+/// Training attention (autocast): (q, k, v [B, H, L, D] f32) -> packed [B L H D + B H L]: the
+/// context [B, L, H, D] then the rows' log-sum-exp [B, H, L] (for the backward). Attention
+/// dropout inside (`p`, `seed`).
+pub(super) struct FlashTrain {
+    pub(super) bias: Tensor,
+    pub(super) shape: launch_shape::Attention,
+}
+
+fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+}
+
+impl CustomOp3 for FlashTrain {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = self.shape;
+        attention_dims(l1, l2, l3, self.name())?;
+        let (q, k, v) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let bias = f32_data(&self.bias)?;
+        let (n, nh) = (a.b * a.h * a.l * a.d, a.b * a.h);
+        let per: Vec<(Vec<f32>, Vec<f32>)> = (0..nh)
+            .into_par_iter()
+            .map(|bh| {
+                let (p, lse) = attention_probs(q, k, &bias, &a, bh, None);
+                let mut o = vec![0f32; a.l * a.d];
+                for i in 0..a.l {
+                    for j in 0..a.l {
+                        let w = p[i * a.l + j] * keep_scale(a.seed, a.p, bh, i, j, a.l);
+                        if w != 0.0 {
+                            let vj = &v[(bh * a.l + j) * a.d..(bh * a.l + j + 1) * a.d];
+                            o[i * a.d..(i + 1) * a.d].iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                        }
+                    }
+                }
+                (o, lse)
+            })
+            .collect();
+        let mut out = vec![0f32; n + nh * a.l];
+        for (bh, (o, lse)) in per.into_iter().enumerate() {
+            let (batch, head) = (bh / a.h, bh % a.h);
+            for i in 0..a.l {
+                let at = ((batch * a.l + i) * a.h + head) * a.d;
+                out[at..at + a.d].copy_from_slice(&o[i * a.d..(i + 1) * a.d]);
+            }
+            out[n + bh * a.l..n + (bh + 1) * a.l].copy_from_slice(&lse);
+        }
+        Ok((CpuStorage::F32(out), (n + nh * a.l).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        attention_dims(l1, l2, l3, self.name())?;
+        cuda::flash_train((s1, l1), (s2, l2), (s3, l3), &self.bias, self.shape)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let a = self.shape;
+        let n = a.b * a.h * a.l * a.d;
+        let dout = grad.narrow(0, 0, n)?.contiguous()?;
+        let op = FlashTrainGrad { bias: self.bias.clone(), packed: res.contiguous()?, dout, shape: a };
+        let g = q.apply_op3_no_bwd(k, v, &op)?;
+        Ok((Some(g.get(0)?), Some(g.get(1)?), Some(g.get(2)?)))
+    }
+}
+
+/// The training attention's backward: (q, k, v) -> [3, B, H, L, D] = dq, dk, dv, from the
+/// forward's packed output and the context's gradient `dout` [B L H D].
+pub(super) struct FlashTrainGrad {
+    pub(super) bias: Tensor,
+    pub(super) packed: Tensor,
+    pub(super) dout: Tensor,
+    pub(super) shape: launch_shape::Attention,
+}
+
+impl CustomOp3 for FlashTrainGrad {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = self.shape;
+        attention_dims(l1, l2, l3, self.name())?;
+        let (q, k, v) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
+        let (bias, packed, dout) = (f32_data(&self.bias)?, f32_data(&self.packed)?, f32_data(&self.dout)?);
+        let (l, d, n) = (a.l, a.d, a.b * a.h * a.l * a.d);
+        let (o, lse) = packed.split_at(n);
+        let per: Vec<[Vec<f32>; 3]> = (0..a.b * a.h)
+            .into_par_iter()
+            .map(|bh| {
+                let (batch, head) = (bh / a.h, bh % a.h);
+                let (p, _) = attention_probs(q, k, &bias, &a, bh, Some(lse));
+                let row = |t: &[f32], i: usize| -> Vec<f32> {
+                    let at = ((batch * l + i) * a.h + head) * d;
+                    t[at..at + d].to_vec()
+                };
+                let (mut dq, mut dk, mut dv) = (vec![0f32; l * d], vec![0f32; l * d], vec![0f32; l * d]);
+                for i in 0..l {
+                    let (doi, oi) = (row(&dout, i), row(o, i));
+                    let delta: f32 = doi.iter().zip(&oi).map(|(x, y)| x * y).sum();
+                    for j in 0..l {
+                        let pij = p[i * l + j];
+                        if pij == 0.0 {
+                            continue;
+                        }
+                        let z = keep_scale(a.seed, a.p, bh, i, j, l);
+                        let vj = &v[(bh * l + j) * d..(bh * l + j + 1) * d];
+                        let dp = doi.iter().zip(vj).map(|(x, y)| x * y).sum::<f32>() * z;
+                        let ds = pij * (dp - delta) * a.scale;
+                        let (qi, kj) =
+                            (&q[(bh * l + i) * d..(bh * l + i + 1) * d], &k[(bh * l + j) * d..(bh * l + j + 1) * d]);
+                        for c in 0..d {
+                            dq[i * d + c] += ds * kj[c];
+                            dk[j * d + c] += ds * qi[c];
+                            dv[j * d + c] += pij * z * doi[c];
+                        }
+                    }
+                }
+                [dq, dk, dv]
+            })
+            .collect();
+        let mut out = vec![0f32; 3 * n];
+        for (bh, parts) in per.into_iter().enumerate() {
+            for (which, part) in parts.into_iter().enumerate() {
+                out[which * n + bh * l * d..which * n + (bh + 1) * l * d].copy_from_slice(&part);
+            }
+        }
+        Ok((CpuStorage::F32(out), (3, a.b, a.h, a.l, a.d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        attention_dims(l1, l2, l3, self.name())?;
+        cuda::flash_train_grad((s1, l1), (s2, l2), (s3, l3), &self.bias, &self.packed, &self.dout, self.shape)
+    }
+}
+
+/// Attention in training under autocast, flash-style where it applies: f32 q, k, v [B, H, L, D]
+/// with D 32 or 64 (bf16 products inside, as autocast's matmuls), a key mask `bias` [B, 1, 1, L],
+/// bf16 autocast on this thread, the fused kernels on for the device. Returns the context
+/// [B, L, H D] (f32) with its backward (dq, dk, dv: two kernels, the probabilities recomputed),
+/// attention dropout inside (`dropout`: (p, seed), the mask [`dropout`] would draw over the
+/// materialised probabilities with that seed). None where it does not apply.
+pub fn flash_attention_for_training(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+    dropout: Option<(f64, u64)>,
+) -> Result<Option<Tensor>> {
+    let autocast = crate::layers::compute_dtype(DType::F32) == DType::BF16;
+    let fits = match q.dims() {
+        &[b, _, l, d] => FLASH_HEAD_DIMS.contains(&d) && bias.dims() == [b, 1, 1, l],
+        _ => false,
+    };
+    if !autocast || !fits || !fused_attention_on(q) || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    let (b, h, l, d) = q.dims4()?;
+    let (p, seed) = dropout.filter(|(p, _)| *p > 0.0).unwrap_or((0.0, 0));
+    let shape = launch_shape::Attention { b, h, l, d, scale: scale as f32, window, seed, p: p as f32 };
+    let op = FlashTrain { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape };
+    let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    Ok(Some(packed.narrow(0, 0, b * l * h * d)?.reshape((b, l, h * d))?))
+}
+
+/// Whether the flash-attention kernels run for tensors on `x`'s device (the fused kernels on;
+/// on CUDA also those not yet proven on a GPU).
+fn fused_attention_on(x: &Tensor) -> bool {
+    from_env();
+    match x.device() {
+        candle_core::Device::Cpu => FUSED_CPU.load(Ordering::Relaxed),
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda") && FUSED_CUDA.load(Ordering::Relaxed) && FUSED_UNPROVEN_CUDA.load(Ordering::Relaxed)
+        }
+        _ => false,
+    }
+}
+
+/// A key bias at or below this masks the key out of the flash kernels' softmax entirely
+/// (`DISTILL_MASKED` in kernels.cu; the masks are 0 or -1e9). A row with every key masked gives
+/// zeros there, where the composite averages the masked values (such rows are padding).
+const MASKED: f32 = -1.0e4;
+
+/// Head sizes with a flash-attention kernel.
+const FLASH_HEAD_DIMS: [usize; 2] = [32, 64];
+
+/// Attention for scoring, flash-style where it applies: no autograd graph being kept
+/// ([`crate::layers::no_grad`]), bf16 q, k, v [B, H, L, D] with D 32 or 64, a key mask `bias`
+/// [B, 1, 1, L] (0 to attend, very negative not to), the fused kernels on for the device; then
+/// the context [B, L, H D] in bf16, one kernel, no [B, H, L, L] scores in memory. `window`:
+/// keys within that distance only (ModernBERT's local layers). None where it does not apply (the
+/// caller runs the composite).
+pub fn flash_attention_for_scoring(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Option<Tensor>> {
+    let on = fused_attention_on(q);
+    let fits = match q.dims() {
+        &[b, _, l, d] => FLASH_HEAD_DIMS.contains(&d) && bias.dims() == [b, 1, 1, l],
+        _ => false,
+    };
+    if !on || !fits || crate::layers::grad_enabled() || [q, k, v].iter().any(|t| t.dtype() != DType::BF16) {
+        return Ok(None);
+    }
+    let op = FlashAttention { bias: bias.to_dtype(DType::F32)?.contiguous()?, scale: scale as f32, window };
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?))
+}

@@ -1,0 +1,454 @@
+//! The fused kernels against the composite ops they replace (`distill-bench --check-kernels`
+//! on a GPU, the unit test on the CPU).
+
+use super::*;
+
+/// Runs `f` fused and composite on `dev` on the same input and upstream gradient; returns the
+/// largest absolute differences of the outputs and of the input gradients. Leaves the kernels at
+/// their defaults.
+fn compare(
+    dev: &candle_core::Device,
+    shape: &[usize],
+    scale: f64,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(f32, f32)> {
+    let x0 = (Tensor::randn(0f32, 1.0, shape, dev)? * scale)?;
+    let run = |fused: bool| -> Result<(Tensor, Tensor)> {
+        set_fused(fused);
+        let x = candle_core::Var::from_tensor(&x0)?;
+        let y = f(x.as_tensor());
+        set_fused_default();
+        let y = y?;
+        // The same upstream gradient in both runs, shaped as the output: sin(0.37 i).
+        let upstream = (Tensor::arange(0u32, y.elem_count() as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape(y.shape())?;
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?.clone();
+        Ok((y, g))
+    };
+    let (yf, gf) = run(true)?;
+    let (yc, gc) = run(false)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    Ok((diff(&yf, &yc)?, diff(&gf, &gc)?))
+}
+
+/// As [`compare`] for an op with a weight and an optional shift over the last dimension
+/// (`f(x, w, b)`): the largest differences of the outputs and of the gradients of x, w and b.
+fn compare_with_weights(
+    dev: &candle_core::Device,
+    shape: &[usize],
+    scale: f64,
+    shift: bool,
+    f: &dyn Fn(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<(f32, [f32; 3])> {
+    let cols = *shape.last().unwrap_or(&1);
+    let x0 = (Tensor::randn(0f32, 1.0, shape, dev)? * scale)?;
+    let w0 = Tensor::randn(0f32, 1.0, cols, dev)?.affine(0.5, 1.0)?;
+    let b0 = Tensor::randn(0f32, 1.0, cols, dev)?;
+    let run = |fused: bool| -> Result<(Tensor, [Tensor; 3])> {
+        let (x, w, b) = (
+            candle_core::Var::from_tensor(&x0)?,
+            candle_core::Var::from_tensor(&w0)?,
+            candle_core::Var::from_tensor(&b0)?,
+        );
+        set_fused(fused);
+        let y = f(x.as_tensor(), w.as_tensor(), shift.then_some(b.as_tensor()));
+        set_fused_default();
+        let y = y?;
+        let upstream = (Tensor::arange(0u32, y.elem_count() as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape(y.shape())?;
+        let grads = (&y * &upstream)?.sum_all()?.backward()?;
+        let get = |v: &candle_core::Var| {
+            grads.get(v.as_tensor()).cloned().unwrap_or_else(|| v.as_tensor().zeros_like().expect("zeros"))
+        };
+        Ok((y, [get(&x), get(&w), get(&b)]))
+    };
+    let (yf, gf) = run(true)?;
+    let (yc, gc) = run(false)?;
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    Ok((diff(&yf, &yc)?, [diff(&gf[0], &gc[0])?, diff(&gf[1], &gc[1])?, diff(&gf[2], &gc[2])?]))
+}
+
+/// A random key mask [B, 1, 1, L] (0, or -1e9 for about a fifth of the keys) and, with a window,
+/// the full mask [B, 1, L, L] the composite reads (the mask plus the band).
+fn attention_masks(dev: &candle_core::Device, b: usize, l: usize, window: Option<usize>) -> Result<(Tensor, Tensor)> {
+    let keys = Tensor::rand(0f32, 1.0, (b, 1, 1, l), dev)?;
+    let mask = keys.ge(0.2)?.to_dtype(DType::F32)?.affine(1e9, -1e9)?;
+    let full = match window {
+        Some(w) => {
+            let band: Vec<f32> = (0..l * l).map(|x| if (x / l).abs_diff(x % l) <= w { 0.0 } else { -1e9 }).collect();
+            mask.broadcast_add(&Tensor::from_vec(band, (1, 1, l, l), dev)?)?
+        }
+        None => mask.clone(),
+    };
+    Ok((mask, full))
+}
+
+/// Checks the fused kernels on `dev` against the composite ops they replace: GELU, softmax and
+/// layer-norm values and input gradients on several shapes, and (on CUDA) three AdamW updates
+/// against the composite update. One line per check; an error names the first check over its
+/// tolerance. The fused kernels are switched process-wide while it runs: call it alone
+/// (`distill-bench --check-kernels` on a GPU; the unit test below on the CPU).
+pub fn check_against_composite(dev: &candle_core::Device) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    let mut bad = Vec::new();
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        let missing = cuda::missing_kernels();
+        if !missing.is_empty() {
+            candle_core::bail!("the embedded PTX lacks {missing:?}: a stale build; rebuild from a clean target/cuda");
+        }
+    }
+    let shapes: [(Vec<usize>, f64); 5] = [
+        (vec![3, 5, 384], 3.0),
+        (vec![2, 12, 40, 40], 6.0),
+        (vec![7], 1.0),
+        (vec![4, 1536], 8.0),
+        (vec![2, 3, 97, 1000], 4.0),
+    ];
+    for (shape, scale) in &shapes {
+        let ops: [(&str, f32, f32, &dyn Fn(&Tensor) -> Result<Tensor>); 3] = [
+            ("gelu", 2e-5, 2e-5, &gelu_erf),
+            ("softmax", 1e-5, 1e-5, &softmax_last_dim),
+            ("normalize", 2e-5, 2e-4, &|x: &Tensor| normalize_last_dim(x, 1e-12)),
+        ];
+        for (name, tv, tg, f) in ops {
+            let (v, g) = compare(dev, shape, *scale, f)?;
+            lines.push(format!("{name} {shape:?}: |values| {v:.1e}, |gradients| {g:.1e}"));
+            if !(v < tv && g < tg) {
+                bad.push(lines.last().cloned().unwrap_or_default());
+            }
+        }
+    }
+    // Layer norm with scale and shift (and without a shift, as ModernBERT's), and a linear
+    // layer's bias: the gradients of the weights too. 130 rows: three blocks of the column sums.
+    for (shape, scale) in [(vec![3, 5, 384], 3.0), (vec![4, 1536], 8.0), (vec![130, 33], 1.0)] {
+        for shift in [true, false] {
+            let (v, g) = compare_with_weights(dev, &shape, scale, shift, &|x, w, b| layer_norm(x, w, b, 1e-12))?;
+            lines.push(format!(
+                "layer norm {shape:?} shift {shift}: |values| {v:.1e}, |gradients of x, w, b| {:.1e}, {:.1e}, {:.1e}",
+                g[0], g[1], g[2]
+            ));
+            if !(v < 2e-5 && g[0] < 2e-4 && g[1] < 1e-4 && g[2] < 1e-4) {
+                bad.push(lines.last().cloned().unwrap_or_default());
+            }
+        }
+        let (v, g) = compare_with_weights(dev, &shape, scale, true, &|x, _, b| bias_add(x, b.expect("a bias")))?;
+        lines.push(format!("bias add {shape:?}: |values| {v:.1e}, |gradients of x, b| {:.1e}, {:.1e}", g[0], g[2]));
+        if !(v < 1e-6 && g[0] < 1e-6 && g[2] < 1e-4) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // The autocast epilogue of a linear layer: a bf16 matmul output back to f32 with its bias.
+    {
+        let x0 = Tensor::randn(0f32, 1.0, (130, 300), dev)?.to_dtype(DType::BF16)?;
+        let b0 = Tensor::randn(0f32, 1.0, 300, dev)?;
+        let upstream =
+            (Tensor::arange(0u32, 130 * 300, dev)?.to_dtype(DType::F32)? * 0.37)?.sin()?.reshape((130, 300))?;
+        let run = |fused: bool| -> Result<[Tensor; 3]> {
+            let (x, b) = (candle_core::Var::from_tensor(&x0)?, candle_core::Var::from_tensor(&b0)?);
+            set_fused(fused);
+            let y = bias_add(x.as_tensor(), b.as_tensor());
+            set_fused_default();
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let get = |v: &candle_core::Var| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+            };
+            Ok([y, get(&x)?.to_dtype(DType::F32)?, get(&b)?])
+        };
+        let (f, c) = (run(true)?, run(false)?);
+        let d: Vec<f32> =
+            f.iter().zip(&c).map(|(a, b)| (a - b)?.abs()?.max_all()?.to_scalar::<f32>()).collect::<Result<_>>()?;
+        lines.push(format!(
+            "bias add from bf16 [130, 300]: |values| {:.1e}, |gradients of x, b| {:.1e}, {:.1e}",
+            d[0], d[1], d[2]
+        ));
+        if !(f[0].dtype() == DType::F32 && d[0] < 1e-6 && d[1] < 1e-6 && d[2] < 1e-4) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Rotary embeddings with the head split: q, k, v stacked, and the packed projection's gradient.
+    for (b, len, h, d) in [(2usize, 9usize, 3usize, 8usize), (3, 40, 12, 64)] {
+        let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        let angles: Vec<f32> = (0..len * d).map(|k| (k / d) as f32 * inv[k % d % (d / 2)]).collect();
+        let angles = Tensor::from_vec(angles, (len, d), dev)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let (v, g) = compare(dev, &[b, len, 3, h, d], 2.0, |x| {
+            let (q, k, v) = rotary_qkv(x, &cos, &sin)?;
+            Tensor::stack(&[q, k, v], 0)
+        })?;
+        lines.push(format!("rotary q, k, v [{b}, {len}, 3, {h}, {d}]: |values| {v:.1e}, |gradients| {g:.1e}"));
+        if !(v < 1e-5 && g < 1e-5) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Attention for scoring (bf16, no graph) against the composite: bf16 products and the masked
+    // softmax, heads merged; with and without a window.
+    for (b, h, l, d, window) in [(2usize, 3usize, 70usize, 32usize, None), (2, 12, 130, 64, Some(16))] {
+        let qkv: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::randn(0f32, 1.0, (b, h, l, d), dev)?.to_dtype(DType::BF16))
+            .collect::<Result<_>>()?;
+        let (bias, full) = attention_masks(dev, b, l, window)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let composite = {
+            let probs = masked_softmax(&qkv[0].matmul(&qkv[1].t()?.contiguous()?)?, &full, scale)?;
+            probs.matmul(&qkv[2])?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?
+        };
+        set_fused(true);
+        let flash =
+            crate::layers::no_grad(|| flash_attention_for_scoring(&qkv[0], &qkv[1], &qkv[2], &bias, scale, window));
+        set_fused_default();
+        let flash = flash?.ok_or_else(|| candle_core::Error::Msg("flash attention did not apply".into()))?;
+        let diff =
+            (flash.to_dtype(DType::F32)? - composite.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        lines.push(format!("flash attention for scoring [{b}, {h}, {l}, {d}] window {window:?}: |values| {diff:.1e}"));
+        if diff >= 3e-2 {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Attention in training under autocast: the flash kernels (dropout inside) against the
+    // composite (bf16 products, the masked softmax, the fused dropout with the same seed): values
+    // and the gradients of q, k and v.
+    for (b, h, l, d, window, p) in
+        [(2usize, 3usize, 70usize, 32usize, None, 0.1f64), (2, 4, 100, 64, Some(16usize), 0.0)]
+    {
+        let (mask, full) = attention_masks(dev, b, l, window)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let inputs: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, (b, h, l, d), dev)).collect::<Result<_>>()?;
+        let upstream = (Tensor::arange(0u32, (b * l * h * d) as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((b, l, h * d))?;
+        let run = |flash: bool| -> Result<Vec<Tensor>> {
+            let vars: Vec<candle_core::Var> =
+                inputs.iter().map(candle_core::Var::from_tensor).collect::<Result<_>>()?;
+            let (q, k, v) = (vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor());
+            crate::layers::autocast(Some(DType::BF16));
+            let y = if flash {
+                set_fused(true);
+                let y = flash_attention_for_training(q, k, v, &mask, scale, window, Some((p, 42)));
+                set_fused_default();
+                y.and_then(|y| y.ok_or_else(|| candle_core::Error::Msg("flash attention did not apply".into())))
+            } else {
+                let probs = crate::layers::matmul_in(q, &k.t()?, DType::BF16)
+                    .and_then(|s| masked_softmax(&s, &full, scale))
+                    .and_then(|pr| if p > 0.0 { dropout(&pr, p, 42) } else { Ok(pr) });
+                probs.and_then(|pr| {
+                    crate::layers::matmul_in(&pr, v, DType::BF16)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))
+                })
+            };
+            crate::layers::autocast(None);
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in &vars {
+                out.push(
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?,
+                );
+            }
+            Ok(out)
+        };
+        let (f, c) = (run(true)?, run(false)?);
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
+        };
+        let d4: Vec<f32> = f.iter().zip(&c).map(|(a, b)| rel(a, b)).collect::<Result<_>>()?;
+        lines.push(format!(
+            "flash attention for training [{b}, {h}, {l}, {d}] window {window:?} dropout {p}: relative |values| {:.1e}, |gradients of q, k, v| {:.1e}, {:.1e}, {:.1e}",
+            d4[0], d4[1], d4[2], d4[3]
+        ));
+        if d4.iter().any(|x| !(*x < 3e-2)) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Whole backbones under autocast, every fused kernel against none: a BERT and a ModernBERT of
+    // head size 32 (two layers, random weights; ModernBERT's second layer local with a window of
+    // 8), padded rows; the scores and the gradient of every parameter.
+    for (model_type, config) in [
+        (
+            "bert",
+            serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2, "pad_token_id": 0}),
+        ),
+        (
+            "modernbert",
+            serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 96, "pad_token_id": 0, "local_attention": 16, "global_attn_every_n_layers": 2}),
+        ),
+    ] {
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev);
+        let (backbone, _) = crate::cross_encoder::Backbone::from_config(model_type, config, vb)
+            .map_err(|e| candle_core::Error::Msg(format!("{model_type}: {e}")))?;
+        let (rows, len) = (3usize, 40usize);
+        let ids = Tensor::rand(1f32, 99.0, (rows, len), dev)?.to_dtype(DType::U32)?;
+        let types = Tensor::zeros((rows, len), DType::U32, dev)?;
+        let lengths = [40usize, 23, 31];
+        let mask: Vec<u32> = (0..rows * len).map(|i| u32::from(i % len < lengths[i / len])).collect();
+        let mask = Tensor::from_vec(mask, (rows, len), dev)?;
+        let weights = Tensor::new(&[1f32, -2.0, 0.5], dev)?;
+        let run = |fused: bool| -> Result<(Tensor, Vec<(String, Tensor)>)> {
+            set_fused(fused);
+            crate::layers::autocast(Some(DType::BF16));
+            let scores = backbone.forward(&ids, &types, &mask, false);
+            crate::layers::autocast(None);
+            set_fused_default();
+            let scores = scores?;
+            let grads = (&scores * &weights)?.sum_all()?.backward()?;
+            let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = Vec::new();
+            for (name, var) in data.iter() {
+                let g = grads.get(var.as_tensor()).cloned();
+                out.push((name.clone(), g.ok_or_else(|| candle_core::Error::Msg(format!("{name}: no gradient")))?));
+            }
+            Ok((scores, out))
+        };
+        let ((sf, gf), (sc, gc)) = (run(true)?, run(false)?);
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6))
+        };
+        let scores = rel(&sf, &sc)?;
+        // Each gradient's difference over its own largest value, or over a hundredth of the
+        // largest of all where it is smaller (the key bias's gradient is zero up to rounding:
+        // softmax ignores a constant added to a row).
+        let composite: std::collections::HashMap<_, _> = gc.into_iter().collect();
+        let mut top = 0f32;
+        for g in composite.values() {
+            top = top.max(g.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+        let mut worst = (0f32, String::new());
+        for (name, g) in &gf {
+            let c = &composite[name];
+            let floor = c.abs()?.max_all()?.to_scalar::<f32>()?.max(top * 1e-2).max(1e-12);
+            let d = (g - c)?.abs()?.max_all()?.to_scalar::<f32>()? / floor;
+            if !(d <= worst.0) {
+                worst = (d, name.clone());
+            }
+        }
+        lines.push(format!(
+            "{model_type} of head size 32 under autocast, all fused: relative |scores| {scores:.1e}, worst |gradient| {:.1e} ({})",
+            worst.0, worst.1
+        ));
+        if !(scores < 2e-2 && worst.0 < 5e-2) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Attention probabilities with a key mask [B, 1, 1, K] and with a full mask [B, 1, Q, K].
+    for (b, h, q, k, full) in [(3, 4, 17, 17, false), (2, 12, 64, 64, true), (2, 2, 5, 300, false)] {
+        let keys = Tensor::rand(0f32, 1.0, (b, 1, if full { q } else { 1 }, k), dev)?;
+        let bias = keys.ge(0.3)?.to_dtype(DType::F32)?.affine(1e9, -1e9)?;
+        let (v, g) = compare(dev, &[b, h, q, k], 4.0, |x| masked_softmax(x, &bias, 0.125))?;
+        lines.push(format!(
+            "masked softmax [{b}, {h}, {q}, {k}] full mask {full}: |values| {v:.1e}, |gradients| {g:.1e}"
+        ));
+        if !(v < 1e-5 && g < 1e-5) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // A masked attention row: -inf-like biases give zeros and no NaN; a strided input (a transpose).
+    set_fused(true);
+    let masked = softmax_last_dim(&Tensor::new(&[[1f32, 2.0, -1e9, -3.4e38]], dev)?);
+    let strided = Tensor::randn(0f32, 1.0, (6, 9), dev)?.t()?;
+    let fused_strided = softmax_last_dim(&strided);
+    set_fused(false);
+    let composite_strided = softmax_last_dim(&strided);
+    set_fused_default();
+    let y: Vec<f32> = masked?.flatten_all()?.to_vec1()?;
+    let ok = (y[0] - 0.268_941_43).abs() < 1e-6 && (y[1] - 0.731_058_6).abs() < 1e-6 && y[2] == 0.0 && y[3] == 0.0;
+    lines.push(format!("softmax of a masked row: {y:?}"));
+    if !ok {
+        bad.push(lines.last().cloned().unwrap_or_default());
+    }
+    let d = (fused_strided? - composite_strided?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    lines.push(format!("softmax of a transposed input: |values| {d:.1e}"));
+    if d >= 1e-6 {
+        bad.push(lines.last().cloned().unwrap_or_default());
+    }
+    // Embedding rows and the table gradient, with repeated ids.
+    {
+        let ids = Tensor::new(&[[3u32, 7, 3, 49], [0, 7, 7, 12]], dev)?;
+        let (v, g) = compare(dev, &[50, 24], 1.0, |t| embedding(t, &ids))?;
+        lines.push(format!("embedding rows, repeated ids: |values| {v:.1e}, |table gradients| {g:.1e}"));
+        if !(v < 1e-6 && g < 1e-5) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    // Dropout: about p dropped, kept values scaled, the gradient through the same mask, the
+    // same mask again from the same seed.
+    {
+        let x = (Tensor::rand(0f32, 1.0, (64, 1000), dev)? + 0.5)?;
+        let upstream = Tensor::randn(0f32, 1.0, (64, 1000), dev)?;
+        let var = candle_core::Var::from_tensor(&x)?;
+        let y = dropout(var.as_tensor(), 0.1, 42)?;
+        let grad = (&y * &upstream)?.sum_all()?.backward()?;
+        let grad = grad.get(var.as_tensor()).ok_or_else(|| candle_core::Error::Msg("no dropout gradient".into()))?;
+        let kept = y.ne(0f32)?.to_dtype(DType::F32)?;
+        let dropped = 1.0 - kept.mean_all()?.to_scalar::<f32>()?;
+        let values = ((&y - (&x * (1.0 / 0.9))? * &kept)?).abs()?.max_all()?.to_scalar::<f32>()?;
+        let grads = ((grad - (&upstream * (1.0 / 0.9))? * &kept)?).abs()?.max_all()?.to_scalar::<f32>()?;
+        let again = (dropout(&x, 0.1, 42)? - &y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let other = (dropout(&x, 0.1, 43)? - &y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        lines.push(format!(
+            "dropout p 0.1: dropped {dropped:.4}, |values| {values:.1e}, |gradients| {grads:.1e}, same seed {again:.1e}, other seed differs {}",
+            other > 0.0
+        ));
+        if !((dropped - 0.1).abs() < 0.01 && values < 1e-6 && grads < 1e-6 && again == 0.0 && other > 0.0) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    if dev.is_cuda() {
+        let (p, s) = adamw_difference(dev)?;
+        lines.push(format!("adamw, 3 steps: |parameters| {p:.1e}, |moments| {s:.1e}"));
+        if !(p < 1e-6 && s < 1e-6) {
+            bad.push(lines.last().cloned().unwrap_or_default());
+        }
+    }
+    if !bad.is_empty() {
+        candle_core::bail!("fused kernels differ from the composite ops on {dev:?}: {}", bad.join("; "));
+    }
+    Ok(lines)
+}
+
+/// Largest absolute differences of parameters and moments after three AdamW steps fused and
+/// composite, from the same start and gradients (weight decay on one parameter, off on the other).
+fn adamw_difference(dev: &candle_core::Device) -> Result<(f32, f32)> {
+    use crate::optim::{AdamW, AdamWConfig, Grads};
+    let w0 = Tensor::randn(0f32, 1.0, (33, 70), dev)?;
+    let b0 = Tensor::randn(0f32, 1.0, 70, dev)?;
+    let grads: Vec<[Tensor; 2]> = (0..3)
+        .map(|_| Ok([Tensor::randn(0f32, 1.0, (33, 70), dev)?, Tensor::randn(0f32, 1.0, 70, dev)?]))
+        .collect::<Result<_>>()?;
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let varmap = candle_nn::VarMap::new();
+        {
+            let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            data.insert("dense.weight".into(), candle_core::Var::from_tensor(&w0.copy()?)?);
+            data.insert("dense.bias".into(), candle_core::Var::from_tensor(&b0.copy()?)?);
+        }
+        let mut opt = AdamW::new(&varmap, AdamWConfig { weight_decay: 0.1, ..Default::default() })?;
+        set_fused(fused);
+        let mut result = Ok(());
+        for [gw, gb] in &grads {
+            // Parameter order is by name: dense.bias, dense.weight.
+            result = result.and_then(|_| opt.update(&Grads(vec![Some(gb.clone()), Some(gw.clone())]), 1e-2));
+        }
+        set_fused_default();
+        result?;
+        let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = vec![data["dense.bias"].as_tensor().clone(), data["dense.weight"].as_tensor().clone()];
+        let mut state: Vec<_> = opt.state().into_iter().collect();
+        state.sort_by(|a, b| a.0.cmp(&b.0));
+        out.extend(state.into_iter().map(|(_, t)| t));
+        Ok(out)
+    };
+    let (fused, composite) = (run(true)?, run(false)?);
+    let mut worst = [0f32; 2];
+    for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let slot = &mut worst[usize::from(i >= 2)];
+        *slot = slot.max(d);
+    }
+    Ok((worst[0], worst[1]))
+}
