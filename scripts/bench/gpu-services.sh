@@ -21,6 +21,12 @@ for b in distill-teacher distill-trainer distill; do
     chmod +x "$BIN_DIR/$b"
   fi
 done
+# The kernel families gpu-bench.sh found correct on this GPU (its $OUT/kernels-ok.txt), if it ran.
+if [ -z "${DISTILL_FUSED_KERNELS:-}" ] && [ -f "${OUT:-bench-out}/kernels-ok.txt" ]; then
+  DISTILL_FUSED_KERNELS="$(grep -v '^auto$' "${OUT:-bench-out}/kernels-ok.txt" || true)"
+  export DISTILL_FUSED_KERNELS
+  echo "kernels not yet proven on a GPU turned on: ${DISTILL_FUSED_KERNELS:-none}"
+fi
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 for svc in teacher trainer; do

@@ -2,8 +2,8 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training, masked_softmax};
-use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
+use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training};
+use crate::layers::{composite_attention, dropout, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -139,6 +139,38 @@ impl Encoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        self.run(input_ids, token_type_ids, attention_mask, train, false)
+    }
+
+    /// The first token's hidden state only, [B, 1, H] (what a cross-encoder's head reads), equal
+    /// to `forward`'s first row: the last layer needs every token's key and value but only the
+    /// first token's query, attention, output projection, norms and feed-forward, so it runs
+    /// those on one row per sequence instead of L (about 5/6 of the last layer's work saved:
+    /// 14% of MiniLM-L6's matmuls, 7% of BERT-base's). Gradients flow as through `forward`.
+    pub fn forward_first_token(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let first_only = crate::layers::first_token_only_on();
+        let x = self.run(input_ids, token_type_ids, attention_mask, train, first_only)?;
+        if first_only {
+            Ok(x)
+        } else {
+            x.narrow(1, 0, 1)
+        }
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+        first_only: bool,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (bsz, len) = input_ids.dims2()?;
         let positions = match self.position_padding_idx {
@@ -162,11 +194,30 @@ impl Encoder {
         // The weights' dtype: where matmuls run (bf16 under mixed precision, activations in f32).
         let compute = crate::layers::compute_dtype(self.word.dtype());
         let scale = 1.0 / (head_dim as f64).sqrt();
-        for layer in &self.layers {
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
             // Weights are variables, so every op records its inputs for backprop; under no_grad,
             // cutting the graph at each layer frees the previous layer's activations.
             if !crate::layers::grad_enabled() {
                 x = x.detach();
+            }
+            let heads_of = |t: Tensor, rows: usize| -> Result<Tensor> {
+                t.reshape((bsz, rows, heads, head_dim))?.transpose(1, 2)?.contiguous()
+            };
+            if first_only && i == last {
+                // Keys and values of every token, the query of the first: [B, heads, 1, D].
+                let kv = Linear::concat(&[&layer.key, &layer.value])?
+                    .forward(&x)?
+                    .reshape((bsz, len, 2, heads, head_dim))?;
+                let split =
+                    |i: usize| -> Result<Tensor> { kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+                let (k, v) = (split(0)?, split(1)?);
+                let first = x.narrow(1, 0, 1)?.contiguous()?;
+                let q = heads_of(layer.query.forward(&first)?, 1)?;
+                let p = cfg.attention_probs_dropout_prob;
+                let ctx = composite_attention(&q, &k, &v, &bias, scale, compute, (p, train))?;
+                x = self.feed_forward(layer, &ctx, &first, train)?;
+                break;
             }
             // Query, key and value as one product [B, L, 3 H], then split into heads [B, heads, L, D].
             let qkv = Linear::concat(&[&layer.query, &layer.key, &layer.value])?
@@ -186,23 +237,35 @@ impl Encoder {
             let ctx = match flash {
                 Some(ctx) => ctx,
                 None => {
-                    let scores = matmul_in(&q, &k.t()?, compute)?;
-                    let probs =
-                        dropout(&masked_softmax(&scores, &bias, scale)?, cfg.attention_probs_dropout_prob, train)?;
-                    matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((
-                        bsz,
-                        len,
-                        cfg.hidden_size,
-                    ))?
+                    let p = cfg.attention_probs_dropout_prob;
+                    composite_attention(&q, &k, &v, &bias, scale, compute, (p, train))?
                 }
             };
-            let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
-            let attn = layer.attn_norm.forward(&(attn + &x)?)?;
-            let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
-            let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
-            x = layer.out_norm.forward(&(out + attn)?)?;
+            x = self.feed_forward(layer, &ctx, &x, train)?;
         }
         Ok(x)
+    }
+
+    /// The rest of a layer after attention: the output projection, the residual and its norm,
+    /// the feed-forward block, its residual and norm. `ctx` the attention's context and
+    /// `residual` the layer's input, [B, rows, H] both.
+    fn feed_forward(&self, layer: &Layer, ctx: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        let cfg = &self.config;
+        if !train && crate::kernels::scoring_epilogues_on(ctx) {
+            // Scoring: each linear layer's bias goes into the kernel after its product (the
+            // residual and the norm; GELU).
+            let attn = layer.attn_norm.add_norm(&layer.attn_out.product(ctx)?, layer.attn_out.bias(), residual)?;
+            let inter = match (cfg.hidden_act.as_str(), layer.intermediate.bias()) {
+                ("gelu", Some(b)) => crate::kernels::bias_gelu_for_scoring(&layer.intermediate.product(&attn)?, b)?,
+                _ => activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?,
+            };
+            return layer.out_norm.add_norm(&layer.output.product(&inter)?, layer.output.bias(), &attn);
+        }
+        let attn = dropout(&layer.attn_out.forward(ctx)?, cfg.hidden_dropout_prob, train)?;
+        let attn = layer.attn_norm.forward(&(attn + residual)?)?;
+        let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
+        let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
+        layer.out_norm.forward(&(out + attn)?)
     }
 }
 
@@ -236,7 +299,7 @@ impl BertCrossEncoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let x = self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?;
+        let x = self.encoder.forward_first_token(input_ids, token_type_ids, attention_mask, train)?;
         let pooled = self.pooler.forward(&first_token(&x)?)?.tanh()?;
         let p = self.config.classifier_dropout.unwrap_or(self.config.hidden_dropout_prob);
         let logits = self.classifier.forward(&dropout(&pooled, p, train)?)?;

@@ -296,14 +296,21 @@ impl DebertaV2CrossEncoder {
         };
         let (c2p_index, p2c_index) = (index(1)?, index(-1)?);
 
-        for layer in &self.layers {
+        // Only the first token's final state is read (the pooler's): the last layer needs every
+        // token's key and value but the query, attention and the rest for the first token only
+        // (row 0 of the relative-position indices).
+        let last = if crate::layers::first_token_only_on() { self.layers.len().saturating_sub(1) } else { usize::MAX };
+        for (i, layer) in self.layers.iter().enumerate() {
             if !crate::layers::grad_enabled() {
                 x = x.detach();
             }
             let split = |t: Tensor, n: usize| -> Result<Tensor> {
                 t.reshape((n, len_of(&t)?, heads, hd))?.transpose(1, 2)?.contiguous()
             };
-            let q = split(layer.query.forward(&x)?, bsz)?;
+            let first_only = i == last;
+            let residual = if first_only { x.narrow(1, 0, 1)?.contiguous()? } else { x.clone() };
+            let rows = residual.dim(1)?;
+            let q = split(layer.query.forward(&residual)?, bsz)?;
             let k = split(layer.key.forward(&x)?, bsz)?;
             let v = split(layer.value.forward(&x)?, bsz)?;
             let mut scores = (matmul_in(&q, &k.t()?, compute)? / scale)?;
@@ -317,7 +324,8 @@ impl DebertaV2CrossEncoder {
                         &pos_key.broadcast_as((bsz, heads, 2 * span as usize, hd))?.t()?.contiguous()?,
                         compute,
                     )?;
-                    scores = (scores + (att.contiguous()?.gather(&c2p_index, D::Minus1)? / scale)?)?;
+                    let index = if first_only { c2p_index.narrow(2, 0, 1)?.contiguous()? } else { c2p_index.clone() };
+                    scores = (scores + (att.contiguous()?.gather(&index, D::Minus1)? / scale)?)?;
                 }
                 if p2c {
                     let pos_query = proj(layer.pos_query.as_ref().unwrap_or(&layer.query))?;
@@ -326,15 +334,18 @@ impl DebertaV2CrossEncoder {
                         &pos_query.broadcast_as((bsz, heads, 2 * span as usize, hd))?.t()?.contiguous()?,
                         compute,
                     )?;
-                    let att = att.contiguous()?.gather(&p2c_index, D::Minus1)?.transpose(2, 3)?;
+                    // Row i of the result reads att[j, p2c_index[j, i]]: for the first row alone
+                    // the index's first column.
+                    let index = if first_only { p2c_index.narrow(3, 0, 1)?.contiguous()? } else { p2c_index.clone() };
+                    let att = att.contiguous()?.gather(&index, D::Minus1)?.transpose(2, 3)?;
                     scores = (scores + (att / scale)?)?;
                 }
             }
             let probs = dropout(&masked_softmax(&scores, &bias, 1.0)?, cfg.attention_probs_dropout_prob, train)?;
             let ctx =
-                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, len, cfg.hidden_size))?;
+                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, rows, cfg.hidden_size))?;
             let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
-            let attn = layer.attn_norm.forward(&(attn + &x)?)?;
+            let attn = layer.attn_norm.forward(&(attn + &residual)?)?;
             let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
             let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
             x = layer.out_norm.forward(&(out + attn)?)?;

@@ -40,6 +40,6 @@ impl ElectraCrossEncoder {
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        self.head.forward(&self.encoder.forward(input_ids, token_type_ids, attention_mask, train)?, train)
+        self.head.forward(&self.encoder.forward_first_token(input_ids, token_type_ids, attention_mask, train)?, train)
     }
 }

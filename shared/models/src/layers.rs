@@ -39,16 +39,11 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    /// Mixed precision as autocast does it: with bf16 weights and f32 activations the product
-    /// runs in bf16 and comes back as f32; with one dtype throughout nothing is cast.
-    /// Under [`autocast`] the f32 master weight is cast for the product (its gradient flows back
-    /// to the f32 variable through the cast).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let act = x.dtype();
+impl Linear {
+    /// The product alone, x Wᵀ, in the dtype matmuls run in ([`compute_dtype`]), for a kernel
+    /// that adds the bias itself (`kernels::add_norm_for_scoring`, `kernels::bias_gelu_for_scoring`).
+    pub fn product(&self, x: &Tensor) -> Result<Tensor> {
         let compute = compute_dtype(self.weight.dtype());
-        // One 2-D product over all leading dimensions (its weight gradient is one GEMM too,
-        // where a batched product would write a partial gradient per batch and sum them).
         let dims = x.dims();
         let (inp, lead) = match dims.split_last() {
             Some((inp, lead)) => (*inp, lead),
@@ -58,7 +53,24 @@ impl Module for Linear {
         let y = x.to_dtype(compute)?.reshape((rows, inp))?.matmul(&self.weight.to_dtype(compute)?.t()?)?;
         let mut out = lead.to_vec();
         out.push(y.dim(1)?);
-        let y = y.reshape(out)?;
+        y.reshape(out)
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    /// Mixed precision as autocast does it: with bf16 weights and f32 activations the product
+    /// runs in bf16 and comes back as f32; with one dtype throughout nothing is cast.
+    /// Under [`autocast`] the f32 master weight is cast for the product (its gradient flows back
+    /// to the f32 variable through the cast).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let act = x.dtype();
+        // One 2-D product over all leading dimensions (its weight gradient is one GEMM too,
+        // where a batched product would write a partial gradient per batch and sum them).
+        let y = self.product(x)?;
         match &self.bias {
             // The cast back to the activations' dtype and the bias in one kernel where the fused
             // kernels run (the bias's gradient a coalesced column sum).
@@ -72,6 +84,24 @@ impl Module for Linear {
 /// the dtype of `a`.
 pub fn matmul_in(a: &Tensor, b: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
     a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(a.dtype())
+}
+
+/// Attention from candle's ops: softmax(q kᵀ · scale + mask) (dropout p in training) times v,
+/// the products in `compute`; q [B, heads, Q, D], k and v [B, heads, L, D], `mask` additive and
+/// broadcast to [B, heads, Q, L]. The heads merged: [B, Q, heads D].
+pub fn composite_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    compute: DType,
+    (p, train): (f64, bool),
+) -> Result<Tensor> {
+    let (b, heads, rows, d) = q.dims4()?;
+    let scores = matmul_in(q, &k.t()?, compute)?;
+    let probs = dropout(&crate::kernels::masked_softmax(&scores, mask, scale)?, p, train)?;
+    matmul_in(&probs, v, compute)?.transpose(1, 2)?.contiguous()?.reshape((b, rows, heads * d))
 }
 
 /// Layer normalisation over the last dimension with its backward (`kernels::layer_norm`:
@@ -102,6 +132,14 @@ impl Module for LayerNorm {
         let bias = self.bias.as_ref().map(|b| b.to_dtype(DType::F32)).transpose()?;
         let w = self.weight.to_dtype(DType::F32)?;
         crate::kernels::layer_norm(&x.to_dtype(DType::F32)?, &w, bias.as_ref(), self.eps)?.to_dtype(self.weight.dtype())
+    }
+}
+
+impl LayerNorm {
+    /// The norm of `x + bias + residual` for scoring (`x` a linear layer's product without its
+    /// `bias`): one kernel where `kernels::scoring_epilogues_on` holds, else the composite.
+    pub fn add_norm(&self, x: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+        crate::kernels::add_norm_for_scoring(x, bias, residual, &self.weight, self.bias.as_ref(), self.eps)
     }
 }
 
@@ -137,6 +175,25 @@ thread_local! {
     /// The dropout masks' generator on this thread, when seeded (training that must be
     /// reproducible and resumable); otherwise candle's own random source is used.
     static DROPOUT_RNG: std::cell::RefCell<Option<rand_chacha::ChaCha8Rng>> = const { std::cell::RefCell::new(None) };
+}
+
+thread_local! {
+    /// Whether cross-encoders on this thread run their last layer for the first token only (see
+    /// [`first_token_only`]).
+    static FIRST_TOKEN_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// A cross-encoder's head reads the first token's final state only, so its last layer runs the
+/// query, attention, output projection, norms and feed-forward for that token alone (keys and
+/// values for all): the same scores and gradients for less work. On by default; `false` runs the
+/// full last layer on this thread (the check that both agree, and the benchmark's baseline).
+pub fn first_token_only(on: bool) {
+    FIRST_TOKEN_ONLY.with(|f| f.set(on));
+}
+
+/// Whether the last layer runs for the first token only on this thread.
+pub fn first_token_only_on() -> bool {
+    FIRST_TOKEN_ONLY.with(|f| f.get())
 }
 
 /// Runs `f` without keeping the autograd graph, as `torch.no_grad()`: the models cut the graph

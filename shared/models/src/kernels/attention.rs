@@ -347,7 +347,11 @@ pub fn flash_attention_for_training(
         &[b, _, l, d] => FLASH_HEAD_DIMS.contains(&d) && bias.dims() == [b, 1, 1, l],
         _ => false,
     };
-    if !autocast || !fits || !fused_attention_on(q) || [q, k, v].iter().any(|t| t.dtype() != DType::F32) {
+    if !autocast
+        || !fits
+        || !unproven_on(q, Unproven::AttentionTraining)
+        || [q, k, v].iter().any(|t| t.dtype() != DType::F32)
+    {
         return Ok(None);
     }
     let (b, h, l, d) = q.dims4()?;
@@ -356,19 +360,6 @@ pub fn flash_attention_for_training(
     let op = FlashTrain { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape };
     let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
     Ok(Some(packed.narrow(0, 0, b * l * h * d)?.reshape((b, l, h * d))?))
-}
-
-/// Whether the flash-attention kernels run for tensors on `x`'s device (the fused kernels on;
-/// on CUDA also those not yet proven on a GPU).
-fn fused_attention_on(x: &Tensor) -> bool {
-    from_env();
-    match x.device() {
-        candle_core::Device::Cpu => FUSED_CPU.load(Ordering::Relaxed),
-        candle_core::Device::Cuda(_) => {
-            cfg!(feature = "cuda") && FUSED_CUDA.load(Ordering::Relaxed) && FUSED_UNPROVEN_CUDA.load(Ordering::Relaxed)
-        }
-        _ => false,
-    }
 }
 
 /// A key bias at or below this masks the key out of the flash kernels' softmax entirely
@@ -393,7 +384,7 @@ pub fn flash_attention_for_scoring(
     scale: f64,
     window: Option<usize>,
 ) -> Result<Option<Tensor>> {
-    let on = fused_attention_on(q);
+    let on = unproven_on(q, Unproven::AttentionScoring);
     let fits = match q.dims() {
         &[b, _, l, d] => FLASH_HEAD_DIMS.contains(&d) && bias.dims() == [b, 1, 1, l],
         _ => false,

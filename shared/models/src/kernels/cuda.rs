@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 27] = [
+const KERNELS: [&str; 29] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -28,6 +28,8 @@ const KERNELS: [&str; 27] = [
     "distill_column_sum_f32",
     "distill_bias_add_f32",
     "distill_bias_add_bf16_f32",
+    "distill_add_norm_bf16",
+    "distill_bias_gelu_bf16",
     "distill_rotary_split_f32",
     "distill_rotary_merge_f32",
     "distill_flash_attention_d32_bf16",
@@ -239,6 +241,43 @@ fn with_output(dev: &CudaDevice, launch: &Launch, ins: Vec<Buf>, len: usize, zer
 fn rows_cols(l: &Layout) -> (usize, usize) {
     let cols = super::last_dim(l);
     (l.shape().elem_count() / cols, cols)
+}
+
+/// The scoring epilogue of a post-LN block: (x, residual, params [3, cols]) -> LN(x + bias +
+/// residual) w + shift, bf16 in and out.
+pub fn add_norm(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "add norm";
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
+    let bufs = [
+        Buf::Bf16(bf16_view(s1, l1, op)?),
+        Buf::Bf16(bf16_view(s2, l2, op)?),
+        Buf::View(view(s3, l3, op)?),
+        Buf::Bf16Out(&out),
+    ];
+    run(&dev, &Launch::add_norm(rows, cols, eps), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// The feed-forward's bias and GELU for scoring: (x bf16, b f32) -> gelu(x + b), bf16.
+pub fn bias_gelu((s1, l1): (&CudaStorage, &Layout), (s2, l2): (&CudaStorage, &Layout)) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "bias gelu";
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
+    let bufs = [Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::Bf16Out(&out)];
+    run(&dev, &Launch::bias_gelu(rows * cols, cols), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }
 
 /// Layer norm with scale and shift: (x, w, b) -> y.

@@ -267,6 +267,50 @@ fn bias_add_and_its_column_sum() {
     }
 }
 
+/// f32 values as bf16 bits and as the bf16 tensor of those values.
+fn bf16_bits(x: &[f32], shape: &[usize]) -> (Vec<u16>, Tensor) {
+    let v: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_f32(*v)).collect();
+    (v.iter().map(|v| v.to_bits()).collect(), Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+}
+
+fn widen(bits: &Buf) -> Vec<f32> {
+    let Buf::Bf16(v) = bits else { panic!("not a bf16 buffer") };
+    v.iter().map(|v| half::bf16::from_bits(*v).to_f32()).collect()
+}
+
+#[test]
+fn scoring_epilogues_add_norm_and_bias_gelu() {
+    // Rows not a multiple of the warps per block; 1,000 columns (not a multiple of 32).
+    for (rows, cols) in [(7usize, 384usize), (5, 1000), (2, 32)] {
+        let n = rows * cols;
+        let (xb, xt) = bf16_bits(&values(n, 41, 3.0), &[rows, cols]);
+        let (rb, rt) = bf16_bits(&values(n, 42, 1.0), &[rows, cols]);
+        let mut params = values(cols, 43, 0.5);
+        params.extend(values(cols, 44, 1.0).iter().map(|w| w + 1.0));
+        params.extend(values(cols, 45, 1.0));
+        let mut bufs = [Buf::Bf16(xb.clone()), Buf::Bf16(rb), Buf::F32(params.clone()), Buf::Bf16(vec![0x7fc0; n])];
+        run(&Launch::add_norm(rows, cols, 1e-12), &mut bufs);
+        let want = xt.apply_op3_no_bwd(&rt, &tensor(&params, &[3 * cols]), &AddNorm { eps: 1e-12 }).unwrap();
+        assert_eq!(want.dtype(), DType::BF16);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // The same f32 formula summed in another order: at most a bf16 rounding step apart.
+        let got = widen(&bufs[3]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "add norm [{rows}, {cols}] {i}: {g} against {w}");
+        }
+
+        let b = values(cols, 46, 1.0);
+        let mut bufs = [Buf::Bf16(xb), Buf::F32(b.clone()), Buf::Bf16(vec![0x7fc0; n])];
+        run(&Launch::bias_gelu(n, cols), &mut bufs);
+        let want = xt.apply_op2_no_bwd(&tensor(&b, &[cols]), &BiasGelu).unwrap();
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[2]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "bias gelu [{rows}, {cols}] {i}: {g} against {w}");
+        }
+    }
+}
+
 #[test]
 fn rotary_split_and_merge() {
     let (b, l, h, d) = (2usize, 5usize, 3usize, 8usize);

@@ -231,6 +231,8 @@ extern "C" __global__ void distill_layer_norm_grad_f32(const float* x, const flo
 // atomic per column. The output is zeroed by the caller.
 #define DISTILL_ROWS_PER_BLOCK 64
 #define DISTILL_MAX_COLS 2048
+// Warps per block of the row kernels (`WARPS` in launch.rs).
+#define DISTILL_NORM_WARPS 4
 
 // dw[c] = Σ_rows g x̂ and db[c] = Σ_rows g (out = [dw | db], 2 x cols), one warp per row.
 extern "C" __global__ void distill_layer_norm_wgrad_f32(const float* x, const float* g, float* out, int64_t rows,
@@ -287,6 +289,45 @@ extern "C" __global__ void distill_bias_add_f32(const float* x, const float* b, 
 extern "C" __global__ void distill_bias_add_bf16_f32(const __nv_bfloat16* x, const float* b, float* y, int64_t n,
                                                      int64_t cols) {
   bias_add(x, b, y, n, cols);
+}
+
+// Scoring epilogues in bf16 (forward only: scoring keeps no graph). A post-LN block's linear
+// bias, residual and layer norm in one pass, y = LN(x + bias + residual) w + shift, with
+// params [3, cols] f32 = (the linear layer's bias, the norm's weight, its shift; zeros where a
+// model has none); one warp per row, the row's sums kept in shared memory (cols <= 2,048), math in
+// f32. And the feed-forward's bias with GELU (erf form), y = gelu(x + bias).
+extern "C" __global__ void distill_add_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* res, const float* params,
+                                                 __nv_bfloat16* y, int64_t rows, int64_t cols, float eps) {
+  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_MAX_COLS];
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  int lane = threadIdx.x % 32;
+  float* v = sums[threadIdx.x / 32];
+  const __nv_bfloat16* xr = x + row * cols;
+  const __nv_bfloat16* rr = res + row * cols;
+  float s = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float t = to_f32(xr[i]) + params[i] + to_f32(rr[i]);
+    v[i] = t;
+    s += t;
+  }
+  float mean = warp_sum(s) / (float)cols;
+  float q = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float d = v[i] - mean;
+    q += d * d;
+  }
+  float rstd = 1.0f / sqrtf(warp_sum(q) / (float)cols + eps);
+  __nv_bfloat16* yr = y + row * cols;
+  for (int64_t i = lane; i < cols; i += 32) yr[i] = __float2bfloat16((v[i] - mean) * rstd * params[cols + i] + params[2 * cols + i]);
+}
+
+extern "C" __global__ void distill_bias_gelu_bf16(const __nv_bfloat16* x, const float* b, __nv_bfloat16* y, int64_t n,
+                                                  int64_t cols) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = to_f32(x[i]) + b[i % cols];
+    y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  }
 }
 
 // Rotary embeddings fused with the head split of a packed projection (ModernBERT's Wqkv):

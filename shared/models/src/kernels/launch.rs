@@ -115,6 +115,18 @@ impl Launch {
         Launch { kernel: "distill_column_sum_f32", grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
     }
 
+    /// `distill_add_norm_bf16(x, residual, params, y, rows, cols, eps)`, one warp per row.
+    pub fn add_norm(rows: usize, cols: usize, eps: f32) -> Self {
+        Self::rows("distill_add_norm_bf16", 4, rows, cols, Some(eps))
+    }
+
+    /// `distill_bias_gelu_bf16(x, b, y, n, cols)`.
+    pub fn bias_gelu(n: usize, cols: usize) -> Self {
+        let mut l = Self::elementwise("distill_bias_gelu_bf16", 3, n);
+        l.params.push(Param::I64(cols as i64));
+        l
+    }
+
     /// `distill_bias_add_f32` or `distill_bias_add_bf16_f32` (x bf16): `(x, b, y, n, cols)`.
     pub fn bias_add(bf16_x: bool, n: usize, cols: usize) -> Self {
         let kernel = if bf16_x { "distill_bias_add_bf16_f32" } else { "distill_bias_add_f32" };

@@ -31,17 +31,80 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 /// The CPU kernels (off by default) and the CUDA kernels (on by default).
 static FUSED_CPU: AtomicBool = AtomicBool::new(false);
 static FUSED_CUDA: AtomicBool = AtomicBool::new(true);
-/// The CUDA kernels not yet run on a GPU: off there by default until `distill-bench
-/// --check-kernels` has passed on one (the embedding gather/scatter, layer norm with its weights,
-/// the bias add). Their CUDA source runs in the emulated tests and their CPU twins pass the
-/// composite checks. `set_fused(true)` and `DISTILL_FUSED_KERNELS=1` turn them on, so the check
-/// and `distill-bench --kernels fused` run them.
-static FUSED_UNPROVEN_CUDA: AtomicBool = AtomicBool::new(false);
+/// The CUDA kernels not yet run on a GPU, by family: off there by default until `distill-bench
+/// --check-kernels` has passed on one. Their CUDA source runs in the emulated tests and their CPU
+/// twins pass the composite checks. Each family can be turned on alone (`set_unproven`,
+/// `DISTILL_FUSED_KERNELS=layer_norm,bias_add`, `distill-bench --kernels layer_norm,bias_add`), so
+/// that one family failing on a GPU does not keep the others from being timed; `set_fused(true)`
+/// and `DISTILL_FUSED_KERNELS=1` turn them all on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unproven {
+    /// The embedding gather and its scatter-add gradient.
+    Embedding,
+    /// Layer norm with its scale and shift, and both weight gradients.
+    LayerNorm,
+    /// A linear layer's bias add (under autocast its whole epilogue) and the bias gradient.
+    BiasAdd,
+    /// Rotary embeddings fused with ModernBERT's head split.
+    Rotary,
+    /// Flash-style attention for scoring (bf16).
+    AttentionScoring,
+    /// Flash-style attention for training under autocast, with its backward and dropout.
+    AttentionTraining,
+    /// Scoring in bf16: a post-LN block's bias, residual and layer norm in one kernel; the
+    /// feed-forward's bias and GELU in one.
+    ScoringEpilogues,
+}
+
+impl Unproven {
+    pub const ALL: [Unproven; 7] = [
+        Unproven::Embedding,
+        Unproven::LayerNorm,
+        Unproven::BiasAdd,
+        Unproven::Rotary,
+        Unproven::AttentionScoring,
+        Unproven::AttentionTraining,
+        Unproven::ScoringEpilogues,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unproven::Embedding => "embedding",
+            Unproven::LayerNorm => "layer_norm",
+            Unproven::BiasAdd => "bias_add",
+            Unproven::Rotary => "rotary",
+            Unproven::AttentionScoring => "attention_scoring",
+            Unproven::AttentionTraining => "attention_training",
+            Unproven::ScoringEpilogues => "scoring_epilogues",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << self as u32
+    }
+
+    /// A comma-separated list of family names (`layer_norm,bias_add`; empty: none).
+    pub fn parse_list(list: &str) -> std::result::Result<Vec<Unproven>, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Unproven::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+                    let names: Vec<_> = Unproven::ALL.iter().map(|f| f.name()).collect();
+                    format!("unknown kernel family {s:?} (known: {})", names.join(", "))
+                })
+            })
+            .collect()
+    }
+}
+
+const ALL_UNPROVEN: u32 = (1 << Unproven::ALL.len()) - 1;
+static UNPROVEN_CUDA: AtomicU32 = AtomicU32::new(0);
 static FROM_ENV: std::sync::Once = std::sync::Once::new();
 
 /// Turns the fused kernels on or off for the whole process, on every device (the composite ops
@@ -50,25 +113,35 @@ pub fn set_fused(on: bool) {
     FROM_ENV.call_once(|| {});
     FUSED_CPU.store(on, Ordering::Relaxed);
     FUSED_CUDA.store(on, Ordering::Relaxed);
-    FUSED_UNPROVEN_CUDA.store(on, Ordering::Relaxed);
+    UNPROVEN_CUDA.store(if on { ALL_UNPROVEN } else { 0 }, Ordering::Relaxed);
 }
 
-/// Back to the defaults: composite on the CPU, fused on CUDA.
+/// Back to the defaults: composite on the CPU, fused on CUDA (the kernels proven on a GPU).
 pub fn set_fused_default() {
-    FROM_ENV.call_once(|| {});
-    FUSED_CPU.store(false, Ordering::Relaxed);
+    set_fused(false);
     FUSED_CUDA.store(true, Ordering::Relaxed);
-    FUSED_UNPROVEN_CUDA.store(false, Ordering::Relaxed);
 }
 
+/// The defaults, plus these families of the CUDA kernels not yet proven on a GPU.
+pub fn set_unproven(families: &[Unproven]) {
+    set_fused_default();
+    UNPROVEN_CUDA.store(families.iter().fold(0, |bits, f| bits | f.bit()), Ordering::Relaxed);
+}
+
+/// `DISTILL_FUSED_KERNELS`: 1 (every kernel, on the CPU too), 0 (candle's composites everywhere)
+/// or a list of [`Unproven`] families to turn on with the defaults.
 fn from_env() {
     FROM_ENV.call_once(|| match std::env::var("DISTILL_FUSED_KERNELS").as_deref() {
         Ok("1") => {
             FUSED_CPU.store(true, Ordering::Relaxed);
-            FUSED_UNPROVEN_CUDA.store(true, Ordering::Relaxed);
+            UNPROVEN_CUDA.store(ALL_UNPROVEN, Ordering::Relaxed);
         }
         Ok("0") => FUSED_CUDA.store(false, Ordering::Relaxed),
-        _ => {}
+        Ok(list) => match Unproven::parse_list(list) {
+            Ok(families) => UNPROVEN_CUDA.store(families.iter().fold(0, |bits, f| bits | f.bit()), Ordering::Relaxed),
+            Err(e) => tracing::warn!("DISTILL_FUSED_KERNELS: {e}; the defaults stay"),
+        },
+        Err(_) => {}
     });
 }
 
@@ -82,9 +155,24 @@ fn fused_for(x: &Tensor) -> bool {
         }
 }
 
-/// As [`fused_for`], for the kernels that have not yet run on a GPU ([`FUSED_UNPROVEN_CUDA`]).
-fn fused_unproven_for(x: &Tensor) -> bool {
-    fused_for(x) && (!x.device().is_cuda() || FUSED_UNPROVEN_CUDA.load(Ordering::Relaxed))
+/// Whether a family of the kernels not yet proven on a GPU runs on `x`'s device: on the CPU with
+/// the fused kernels, on CUDA with them and the family turned on.
+fn unproven_on(x: &Tensor, family: Unproven) -> bool {
+    from_env();
+    match x.device() {
+        candle_core::Device::Cpu => FUSED_CPU.load(Ordering::Relaxed),
+        candle_core::Device::Cuda(_) => {
+            cfg!(feature = "cuda")
+                && FUSED_CUDA.load(Ordering::Relaxed)
+                && UNPROVEN_CUDA.load(Ordering::Relaxed) & family.bit() != 0
+        }
+        _ => false,
+    }
+}
+
+/// As [`fused_for`] (f32), for a family of the kernels not yet proven on a GPU.
+fn fused_unproven_for(x: &Tensor, family: Unproven) -> bool {
+    x.dtype() == DType::F32 && unproven_on(x, family)
 }
 
 /// Rows handed to one thread at a time: big enough that scheduling is noise.
@@ -577,7 +665,7 @@ impl CustomOp2 for ScatterRows {
 /// index_select backward is an index_add that measured 2.3 ms per table on the H100).
 /// Falls back to `index_select` where the fused kernels are off or the table is not f32.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    if !fused_unproven_for(table) || ids.dtype() != DType::U32 {
+    if !fused_unproven_for(table, Unproven::Embedding) || ids.dtype() != DType::U32 {
         let mut shape = ids.dims().to_vec();
         shape.push(table.dim(1)?);
         return table.index_select(&ids.flatten_all()?, 0)?.reshape(shape);
@@ -855,7 +943,7 @@ impl CustomOp2 for LayerNormWGrad {
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let cols = x.dim(D::Minus1)?;
     let f32s = w.dtype() == DType::F32 && b.is_none_or(|b| b.dtype() == DType::F32);
-    if !fused_unproven_for(x) || !f32s || cols > MAX_NORM_COLS || w.elem_count() != cols {
+    if !fused_unproven_for(x, Unproven::LayerNorm) || !f32s || cols > MAX_NORM_COLS || w.elem_count() != cols {
         let y = normalize_last_dim(x, eps)?.broadcast_mul(w)?;
         return match b {
             Some(b) => y.broadcast_add(b),
@@ -953,10 +1041,177 @@ impl CustomOp1 for ColumnSum {
 pub fn bias_add(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let cols = x.dim(D::Minus1)?;
     let fits = matches!(x.dtype(), DType::F32 | DType::BF16) && b.rank() == 1 && b.elem_count() == cols;
-    if !fused_unproven_for(b) || !fits {
+    if !fused_unproven_for(b, Unproven::BiasAdd) || !fits {
         return x.to_dtype(b.dtype())?.broadcast_add(b);
     }
     x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoring epilogues: bias + residual + layer norm, bias + GELU (forward only)
+
+/// A tensor's elements as f32 (bf16 widened), contiguous.
+fn widened<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: not contiguous")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        _ => candle_core::bail!("{op}: f32 or bf16 only"),
+    })
+}
+
+/// f32 values stored in `like`'s dtype (bf16 rounded to nearest even).
+fn narrowed(v: Vec<f32>, like: &CpuStorage) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+/// (x, residual, params [3, cols]) -> LN(x + bias + residual) w + shift per row, with params =
+/// (the linear layer's bias, the norm's weight, its shift); x and residual bf16 (or f32 on the
+/// CPU), out in their dtype, math in f32. Forward only: scoring keeps no graph.
+struct AddNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "distill-add-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let (x, r) = (widened(s1, l1, self.name())?, widened(s2, l2, self.name())?);
+        same_len(&x, &r, self.name())?;
+        let p = vector(s3, l3, 3 * cols, self.name())?;
+        let (bias, w, shift) = (&p[..cols], &p[cols..2 * cols], &p[2 * cols..]);
+        let y = map_rows2(&x, &r, cols, |y, x, r| {
+            for (i, (y, (x, r))) in y.iter_mut().zip(x.iter().zip(r)).enumerate() {
+                *y = x + bias[i] + r;
+            }
+            let (mean, rstd) = moments(y, self.eps);
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = (*y - mean) * rstd * w[i] + shift[i];
+            }
+        });
+        Ok((narrowed(y, s1), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() || l3.shape().elem_count() != 3 * last_dim(l1) {
+            candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::add_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
+    }
+}
+
+/// (x, b) -> gelu_erf(x + b) over the last dimension, x bf16 (or f32 on the CPU), b f32, out in
+/// x's dtype. Forward only.
+struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "distill-bias-gelu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let x = widened(s1, l1, self.name())?;
+        let b = vector(s2, l2, cols, self.name())?;
+        let y = map_rows(&x, cols, |y, x| {
+            for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                let v = x + b[i];
+                *y = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+            }
+        });
+        Ok((narrowed(y, s1), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l2.shape().elem_count() != last_dim(l1) {
+            candle_core::bail!("{}: a bias of {:?} for {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        cuda::bias_gelu((s1, l1), (s2, l2))
+    }
+}
+
+/// Whether the scoring epilogues ([`add_norm_for_scoring`], [`bias_gelu_for_scoring`]) run for
+/// activations like `x`: no graph kept, bf16 (on CUDA; f32 too on the CPU), rows of at most
+/// 2,048, the family on for the device.
+pub fn scoring_epilogues_on(x: &Tensor) -> bool {
+    let dtype_ok = x.dtype() == DType::BF16 || (x.dtype() == DType::F32 && x.device().is_cpu());
+    dtype_ok
+        && !crate::layers::grad_enabled()
+        && x.dim(D::Minus1).is_ok_and(|c| c <= MAX_NORM_COLS)
+        && unproven_on(x, Unproven::ScoringEpilogues)
+}
+
+/// A post-LN block's end for scoring, one kernel: LN(x + bias + residual) w + shift, where x is
+/// a linear layer's product without its bias. Where [`scoring_epilogues_on`] does not hold, the
+/// composite (the bias, the residual, then [`layer_norm`] in f32, back to x's dtype).
+pub fn add_norm_for_scoring(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+        let sum = match bias {
+            Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        let sum = (sum + residual)?.to_dtype(DType::F32)?;
+        let shift = shift.map(|s| s.to_dtype(DType::F32)).transpose()?;
+        return layer_norm(&sum, &w.to_dtype(DType::F32)?, shift.as_ref(), eps)?.to_dtype(x.dtype());
+    }
+    let dev = x.device();
+    let zeros = || Tensor::zeros(cols, DType::F32, dev);
+    let params = Tensor::cat(
+        &[
+            bias.map_or_else(zeros, |b| b.to_dtype(DType::F32))?,
+            w.to_dtype(DType::F32)?,
+            shift.map_or_else(zeros, |s| s.to_dtype(DType::F32))?,
+        ],
+        0,
+    )?;
+    x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32 })
+}
+
+/// The feed-forward's bias and GELU (erf form) for scoring, one kernel where
+/// [`scoring_epilogues_on`] holds; else the bias then [`gelu_erf`].
+pub fn bias_gelu_for_scoring(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !scoring_epilogues_on(x) || bias.elem_count() != x.dim(D::Minus1)? {
+        return gelu_erf(&x.broadcast_add(&bias.to_dtype(x.dtype())?)?);
+    }
+    x.contiguous()?.apply_op2_no_bwd(&bias.to_dtype(DType::F32)?.contiguous()?, &BiasGelu)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1083,7 +1338,7 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// transpose, copy, rotate) where the kernels are off or qkv is not f32.
 pub fn rotary_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let packed = matches!(qkv.dims(), &[_, _, 3, _, d] if d % 2 == 0);
-    if packed && fused_unproven_for(qkv) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
+    if packed && fused_unproven_for(qkv, Unproven::Rotary) && cos.dtype() == DType::F32 && sin.dtype() == DType::F32 {
         let out = qkv.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rotary { merge: false })?;
         return Ok((out.get(0)?, out.get(1)?, out.get(2)?));
     }
@@ -1134,7 +1389,7 @@ mod launch;
 pub use attention::{flash_attention_for_scoring, flash_attention_for_training};
 #[cfg(test)]
 use attention::{FlashAttention, FlashTrain, FlashTrainGrad};
-pub use check::check_against_composite;
+pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 use launch as launch_shape;
 
 #[cfg(test)]
@@ -1145,8 +1400,29 @@ mod tests {
     // set_fused is process-wide: the comparisons run in one test so that they never interleave.
     #[test]
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
-        let lines = check_against_composite(&Device::Cpu).unwrap();
-        assert_eq!(lines.len(), 40, "{lines:?}");
+        let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
+        assert!(checks.bad.is_empty(), "{:?}", checks.bad);
+        assert_eq!(checks.lines.len(), 43, "{:?}", checks.lines);
+        // One group alone runs only its checks; an unknown group is an error naming the known.
+        let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
+        assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
+        assert!(rotary.lines.iter().all(|l| l.starts_with("rotary")), "{:?}", rotary.lines);
+        let err = check_against_composite(&Device::Cpu, &["flash"]).unwrap_err().to_string();
+        assert!(err.contains("\"flash\"") && err.contains("attention_training"), "{err}");
+    }
+
+    #[test]
+    fn kernel_families_parse_from_a_list_and_name_the_known_ones_on_a_typo() {
+        assert_eq!(
+            Unproven::parse_list("layer_norm, attention_scoring,").unwrap(),
+            [Unproven::LayerNorm, Unproven::AttentionScoring]
+        );
+        assert!(Unproven::parse_list("").unwrap().is_empty());
+        let err = Unproven::parse_list("layer_norm,rotery").unwrap_err();
+        assert!(err.contains("\"rotery\"") && err.contains("rotary"), "{err}");
+        for f in Unproven::ALL {
+            assert_eq!(Unproven::parse_list(f.name()).unwrap(), [f]);
+        }
     }
 
     #[test]
