@@ -2,7 +2,7 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::kernels::{flash_attention_for_scoring, flash_attention_for_training};
+use crate::kernels::{flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training};
 use crate::layers::{composite_attention, dropout, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -219,10 +219,17 @@ impl Encoder {
                 x = self.feed_forward(layer, &ctx, &first, train)?;
                 break;
             }
-            // Query, key and value as one product [B, L, 3 H], then split into heads [B, heads, L, D].
-            let qkv = Linear::concat(&[&layer.query, &layer.key, &layer.value])?
-                .forward(&x)?
-                .reshape((bsz, len, 3, heads, head_dim))?;
+            // Query, key and value as one product [B, L, 3 H]; for scoring in bf16 the attention
+            // kernel reads it as it is (the bias added as it loads), else it is split into heads
+            // [B, heads, L, D].
+            let joined = Linear::concat(&[&layer.query, &layer.key, &layer.value])?;
+            if !train && crate::kernels::flash_scoring_packed_on(&x, head_dim) {
+                let ctx =
+                    flash_attention_for_scoring_packed(&joined.product(&x)?, joined.bias(), &bias, heads, scale, None)?;
+                x = self.feed_forward(layer, &ctx, &x, train)?;
+                continue;
+            }
+            let qkv = joined.forward(&x)?.reshape((bsz, len, 3, heads, head_dim))?;
             let split = |i: usize| -> Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             // Flash-style attention where it applies (training under autocast, scoring in bf16:
@@ -246,27 +253,54 @@ impl Encoder {
         Ok(x)
     }
 
-    /// The rest of a layer after attention: the output projection, the residual and its norm,
-    /// the feed-forward block, its residual and norm. `ctx` the attention's context and
-    /// `residual` the layer's input, [B, rows, H] both.
+    /// The rest of a layer after attention (see [`post_ln_block`]).
     fn feed_forward(&self, layer: &Layer, ctx: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let cfg = &self.config;
-        if !train && crate::kernels::scoring_epilogues_on(ctx) {
-            // Scoring: each linear layer's bias goes into the kernel after its product (the
-            // residual and the norm; GELU).
-            let attn = layer.attn_norm.add_norm(&layer.attn_out.product(ctx)?, layer.attn_out.bias(), residual)?;
-            let inter = match (cfg.hidden_act.as_str(), layer.intermediate.bias()) {
-                ("gelu", Some(b)) => crate::kernels::bias_gelu_for_scoring(&layer.intermediate.product(&attn)?, b)?,
-                _ => activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?,
-            };
-            return layer.out_norm.add_norm(&layer.output.product(&inter)?, layer.output.bias(), &attn);
-        }
-        let attn = dropout(&layer.attn_out.forward(ctx)?, cfg.hidden_dropout_prob, train)?;
-        let attn = layer.attn_norm.forward(&(attn + residual)?)?;
-        let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
-        let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
-        layer.out_norm.forward(&(out + attn)?)
+        let block = PostLn {
+            attn_out: &layer.attn_out,
+            attn_norm: &layer.attn_norm,
+            intermediate: &layer.intermediate,
+            output: &layer.output,
+            out_norm: &layer.out_norm,
+        };
+        post_ln_block(&block, &cfg.hidden_act, cfg.hidden_dropout_prob, ctx, residual, train)
     }
+}
+
+/// The part of a post-LN transformer layer after attention (BERT, ELECTRA, RoBERTa, DeBERTa).
+pub(crate) struct PostLn<'a> {
+    pub attn_out: &'a Linear,
+    pub attn_norm: &'a LayerNorm,
+    pub intermediate: &'a Linear,
+    pub output: &'a Linear,
+    pub out_norm: &'a LayerNorm,
+}
+
+/// The output projection of the attention's context `ctx`, the residual and its norm, the
+/// feed-forward block, its residual and norm; `ctx` and `residual` (the layer's input) [B, rows,
+/// H]. Scoring in bf16 puts each linear layer's bias into the kernel after its product (the
+/// residual and the norm; GELU) where `kernels::scoring_epilogues_on` holds.
+pub(crate) fn post_ln_block(
+    l: &PostLn,
+    hidden_act: &str,
+    dropout_p: f64,
+    ctx: &Tensor,
+    residual: &Tensor,
+    train: bool,
+) -> Result<Tensor> {
+    if !train && crate::kernels::scoring_epilogues_on(ctx) {
+        let attn = l.attn_norm.add_norm(&l.attn_out.product(ctx)?, l.attn_out.bias(), residual)?;
+        let inter = match (hidden_act, l.intermediate.bias()) {
+            ("gelu", Some(b)) => crate::kernels::bias_gelu_for_scoring(&l.intermediate.product(&attn)?, b)?,
+            _ => activation(hidden_act, &l.intermediate.forward(&attn)?)?,
+        };
+        return l.out_norm.add_norm(&l.output.product(&inter)?, l.output.bias(), &attn);
+    }
+    let attn = dropout(&l.attn_out.forward(ctx)?, dropout_p, train)?;
+    let attn = l.attn_norm.forward(&(attn + residual)?)?;
+    let inter = activation(hidden_act, &l.intermediate.forward(&attn)?)?;
+    let out = dropout(&l.output.forward(&inter)?, dropout_p, train)?;
+    l.out_norm.forward(&(out + attn)?)
 }
 
 /// The first token's hidden state, [B, H].

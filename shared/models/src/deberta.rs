@@ -344,11 +344,14 @@ impl DebertaV2CrossEncoder {
             let probs = dropout(&masked_softmax(&scores, &bias, 1.0)?, cfg.attention_probs_dropout_prob, train)?;
             let ctx =
                 matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, rows, cfg.hidden_size))?;
-            let attn = dropout(&layer.attn_out.forward(&ctx)?, cfg.hidden_dropout_prob, train)?;
-            let attn = layer.attn_norm.forward(&(attn + &residual)?)?;
-            let inter = activation(&cfg.hidden_act, &layer.intermediate.forward(&attn)?)?;
-            let out = dropout(&layer.output.forward(&inter)?, cfg.hidden_dropout_prob, train)?;
-            x = layer.out_norm.forward(&(out + attn)?)?;
+            let block = crate::bert::PostLn {
+                attn_out: &layer.attn_out,
+                attn_norm: &layer.attn_norm,
+                intermediate: &layer.intermediate,
+                output: &layer.output,
+                out_norm: &layer.out_norm,
+            };
+            x = crate::bert::post_ln_block(&block, &cfg.hidden_act, cfg.hidden_dropout_prob, &ctx, &residual, train)?;
         }
         let cls = dropout(&first_token(&x)?, cfg.pooler_dropout, train)?;
         let pooled = activation(&cfg.pooler_hidden_act, &self.pooler.forward(&cls)?)?;

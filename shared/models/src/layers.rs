@@ -141,6 +141,12 @@ impl LayerNorm {
     pub fn add_norm(&self, x: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         crate::kernels::add_norm_for_scoring(x, bias, residual, &self.weight, self.bias.as_ref(), self.eps)
     }
+
+    /// As [`LayerNorm::add_norm`], also returning the sum (a pre-LN block's residual stream):
+    /// (x + bias + residual, its norm).
+    pub fn add_norm_sum(&self, x: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        crate::kernels::add_norm_sum_for_scoring(x, bias, residual, &self.weight, self.bias.as_ref(), self.eps)
+    }
 }
 
 /// Softmax over the last dimension; the max is a constant shift, so it is detached.

@@ -158,6 +158,20 @@ impl ModernBertCrossEncoder {
     /// then the gated MLP on its norm added again. `x` and `ctx` [B, rows, H].
     fn mlp_block(&self, layer: &Layer, x: &Tensor, ctx: &Tensor, train: bool) -> Result<Tensor> {
         let cfg = &self.config;
+        if !train && crate::kernels::scoring_epilogues_on(ctx) {
+            // Scoring: the residual add and the MLP's norm in one kernel (wo's bias inside), the
+            // GeGLU in one.
+            let (x, normed) = layer.mlp_norm.add_norm_sum(&layer.wo.product(ctx)?, layer.wo.bias(), x)?;
+            let inner = layer.wi.forward(&normed)?;
+            let glu = match cfg.hidden_activation.as_str() {
+                "gelu" => crate::kernels::geglu_for_scoring(&inner)?,
+                act => {
+                    let n = cfg.intermediate_size;
+                    (activation(act, &inner.narrow(D::Minus1, 0, n)?)? * inner.narrow(D::Minus1, n, n)?)?
+                }
+            };
+            return &x + layer.mlp_wo.forward(&glu)?;
+        }
         let x = (x + dropout(&layer.wo.forward(ctx)?, cfg.attention_dropout, train)?)?;
         let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
         let (input, gate) = (

@@ -20,6 +20,44 @@ fn attention_dims(q: &Layout, k: &Layout, v: &Layout, op: &str) -> Result<[usize
     }
 }
 
+/// The exact attention of the flash kernels (softmax in f32) over q, k, v [B, H, L, D] (bf16
+/// values, widened), key bias [B, L]; out [B, L, H D] in bf16.
+fn flash_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: &[f32],
+    [b, h, l, d]: [usize; 4],
+    scale: f32,
+    window: Option<usize>,
+) -> Vec<half::bf16> {
+    let mut out = vec![half::bf16::ZERO; b * l * h * d];
+    // One (batch, query) row of H D outputs at a time.
+    out.par_chunks_mut(h * d).enumerate().for_each(|(row, out)| {
+        let (batch, i) = (row / l, row % l);
+        let mut p = vec![0f32; l];
+        for head in 0..h {
+            let base = (batch * h + head) * l * d;
+            let qi = &q[base + i * d..base + (i + 1) * d];
+            for (j, p) in p.iter_mut().enumerate() {
+                let near = window.is_none_or(|w| i.abs_diff(j) <= w) && bias[batch * l + j] > MASKED;
+                let kj = &k[base + j * d..base + (j + 1) * d];
+                let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                *p = if near { dot * scale + bias[batch * l + j] } else { f32::NEG_INFINITY };
+            }
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
+            p.iter_mut().for_each(|p| *p = (*p - max).exp());
+            let sum: f32 = p.iter().sum();
+            for c in 0..d {
+                let o: f32 = p.iter().enumerate().map(|(j, p)| p * v[base + j * d + c]).sum();
+                out[head * d + c] = half::bf16::from_f32(if sum > 0.0 { o / sum } else { 0.0 });
+            }
+        }
+    });
+    out
+}
+
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "distill-flash-attention"
@@ -45,30 +83,7 @@ impl CustomOp3 for FlashAttention {
         };
         let (q, k, v) = (read(s1, l1)?, read(s2, l2)?, read(s3, l3)?);
         let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
-        let mut out = vec![half::bf16::ZERO; b * l * h * d];
-        // One (batch, query) row of H D outputs at a time.
-        out.par_chunks_mut(h * d).enumerate().for_each(|(row, out)| {
-            let (batch, i) = (row / l, row % l);
-            let mut p = vec![0f32; l];
-            for head in 0..h {
-                let base = (batch * h + head) * l * d;
-                let qi = &q[base + i * d..base + (i + 1) * d];
-                for (j, p) in p.iter_mut().enumerate() {
-                    let near = self.window.is_none_or(|w| i.abs_diff(j) <= w) && bias[batch * l + j] > MASKED;
-                    let kj = &k[base + j * d..base + (j + 1) * d];
-                    let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                    *p = if near { dot * self.scale + bias[batch * l + j] } else { f32::NEG_INFINITY };
-                }
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
-                p.iter_mut().for_each(|p| *p = (*p - max).exp());
-                let sum: f32 = p.iter().sum();
-                for c in 0..d {
-                    let o: f32 = p.iter().enumerate().map(|(j, p)| p * v[base + j * d + c]).sum();
-                    out[head * d + c] = half::bf16::from_f32(if sum > 0.0 { o / sum } else { 0.0 });
-                }
-            }
-        });
+        let out = flash_cpu(&q, &k, &v, &bias, [b, h, l, d], self.scale, self.window);
         Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
     }
 
@@ -394,4 +409,103 @@ pub fn flash_attention_for_scoring(
     }
     let op = FlashAttention { bias: bias.to_dtype(DType::F32)?.contiguous()?, scale: scale as f32, window };
     Ok(Some(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?))
+}
+
+/// softmax(q kᵀ · scale + key bias) v with q, k, v read from one linear layer's product
+/// [B, L, 3 H D] (query, key, value side by side, as BERT's joined projection) plus its bias
+/// [3 H D] f32, added in f32 and rounded to bf16 as each value is read (what a bf16 bias add before
+/// the split gives). Out [B, L, H D] bf16; no backward.
+pub(super) struct FlashAttentionPacked {
+    pub(super) bias: Tensor,
+    pub(super) heads: usize,
+    pub(super) scale: f32,
+    pub(super) window: Option<usize>,
+}
+
+impl FlashAttentionPacked {
+    fn dims(&self, qkv: &Layout, qkv_bias: &Layout) -> Result<[usize; 4]> {
+        match qkv.dims() {
+            &[b, l, n] if n % (3 * self.heads) == 0 && qkv_bias.shape().elem_count() == n => {
+                Ok([b, self.heads, l, n / (3 * self.heads)])
+            }
+            dims => candle_core::bail!(
+                "distill-flash-attention-packed: qkv {dims:?} and a bias of {:?} for {} heads",
+                qkv_bias.dims(),
+                self.heads
+            ),
+        }
+    }
+}
+
+impl CustomOp2 for FlashAttentionPacked {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention-packed"
+    }
+
+    /// The reference: the bias added and rounded to bf16, the heads split, then [`flash_cpu`].
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let [b, h, l, d] = self.dims(l1, l2)?;
+        let qkv = widened(s1, l1, self.name())?;
+        let qkv_bias = vector(s2, l2, 3 * h * d, self.name())?;
+        let mut split = vec![vec![0f32; b * h * l * d]; 3];
+        for (i, x) in qkv.iter().enumerate() {
+            let (row, col) = (i / (3 * h * d), i % (3 * h * d));
+            let (batch, pos) = (row / l, row % l);
+            let (which, head, c) = (col / (h * d), col % (h * d) / d, col % d);
+            split[which][((batch * h + head) * l + pos) * d + c] = half::bf16::from_f32(x + qkv_bias[col]).to_f32();
+        }
+        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        let out = flash_cpu(&split[0], &split[1], &split[2], &bias, [b, h, l, d], self.scale, self.window);
+        Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.dims(l1, l2)?;
+        cuda::flash_attention_packed((s1, l1), (s2, l2), &self.bias, dims, self.scale, self.window)
+    }
+}
+
+/// Whether [`flash_attention_for_scoring_packed`] runs for activations like `x` with heads of
+/// `head_dim`: no graph kept, bf16, a head size with a kernel, the family on for the device.
+pub fn flash_scoring_packed_on(x: &Tensor, head_dim: usize) -> bool {
+    x.dtype() == DType::BF16
+        && FLASH_HEAD_DIMS.contains(&head_dim)
+        && !crate::layers::grad_enabled()
+        && unproven_on(x, Unproven::AttentionScoring)
+}
+
+/// Attention for scoring straight from a joined query/key/value product `qkv` [B, L, 3 H D]
+/// (bf16, without its bias) and that bias [3 H D]: one kernel, no bias pass, no head-split
+/// copies, no [B, H, L, L] scores; key mask `bias` [B, 1, 1, L]. Out [B, L, H D] bf16. Call where
+/// [`flash_scoring_packed_on`] holds (an error otherwise).
+pub fn flash_attention_for_scoring_packed(
+    qkv: &Tensor,
+    qkv_bias: Option<&Tensor>,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b, l, n) = qkv.dims3()?;
+    if !flash_scoring_packed_on(qkv, n / (3 * heads).max(1)) || bias.dims() != [b, 1, 1, l] {
+        candle_core::bail!(
+            "flash attention (packed): does not apply to {:?} with a mask of {:?}",
+            qkv.dims(),
+            bias.dims()
+        );
+    }
+    let qkv_bias = match qkv_bias {
+        Some(t) => t.to_dtype(DType::F32)?.contiguous()?,
+        None => Tensor::zeros(n, DType::F32, qkv.device())?,
+    };
+    let op =
+        FlashAttentionPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, heads, scale: scale as f32, window };
+    qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)
 }

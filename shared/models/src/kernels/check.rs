@@ -376,6 +376,34 @@ fn check_attention_scoring(dev: &candle_core::Device, c: &mut Checks) -> Result<
             c.fail();
         }
     }
+    // The same from one joined product [B, L, 3 H D] and its bias, read in place.
+    for (b, h, l, d) in [(2usize, 3usize, 70usize, 32usize), (2, 12, 130, 64)] {
+        let qkv = Tensor::randn(0f32, 1.0, (b, l, 3 * h * d), dev)?.to_dtype(DType::BF16)?;
+        let qkv_bias = (Tensor::randn(0f32, 1.0, 3 * h * d, dev)? * 0.5)?.to_dtype(DType::BF16)?;
+        let (bias, _) = attention_masks(dev, b, l, None)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let composite = {
+            let split = qkv.broadcast_add(&qkv_bias)?.reshape((b, l, 3, h, d))?;
+            let part =
+                |i: usize| -> Result<Tensor> { split.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let probs = masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &bias, scale)?;
+            probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?
+        };
+        set_fused(true);
+        let flash = crate::layers::no_grad(|| {
+            flash_attention_for_scoring_packed(&qkv, Some(&qkv_bias), &bias.to_dtype(DType::BF16)?, h, scale, None)
+        });
+        set_fused_default();
+        let diff =
+            (flash?.to_dtype(DType::F32)? - composite.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        c.line(format!(
+            "flash attention for scoring from a joined product [{b}, {l}, 3 x {h} x {d}]: |values| {diff:.1e}"
+        ));
+        if diff >= 3e-2 {
+            c.fail();
+        }
+    }
     Ok(())
 }
 
@@ -455,28 +483,24 @@ fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<
         let bias = bf16(&[cols], 0.5)?;
         let w = (Tensor::randn(0f32, 1.0, cols, dev)?.affine(0.5, 1.0)?).to_dtype(DType::BF16)?;
         let shift = bf16(&[cols], 1.0)?;
-        let run = |fused: bool| -> Result<(Tensor, Tensor)> {
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
             set_fused(fused);
-            let y = crate::layers::no_grad(|| -> Result<(Tensor, Tensor)> {
-                let norm = add_norm_for_scoring(
-                    &x,
-                    with_bias.then_some(&bias),
-                    &residual,
-                    &w,
-                    with_bias.then_some(&shift),
-                    1e-12,
-                )?;
-                Ok((norm, bias_gelu_for_scoring(&x, &bias)?))
+            let y = crate::layers::no_grad(|| -> Result<Vec<Tensor>> {
+                let (b, s) = (with_bias.then_some(&bias), with_bias.then_some(&shift));
+                let norm = add_norm_for_scoring(&x, b, &residual, &w, s, 1e-12)?;
+                let (sum, norm2) = add_norm_sum_for_scoring(&x, b, &residual, &w, s, 1e-12)?;
+                Ok(vec![norm, sum, norm2, bias_gelu_for_scoring(&x, &bias)?, geglu_for_scoring(&x)?])
             });
             set_fused_default();
             y
         };
-        let ((nf, gf), (nc, gc)) = (run(true)?, run(false)?);
-        let (dn, dg) = (rel(&nf, &nc)?, rel(&gf, &gc)?);
+        let (f, composite) = (run(true)?, run(false)?);
+        let d: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| rel(a, b)).collect::<Result<_>>()?;
         c.line(format!(
-            "scoring epilogues bf16 {shape:?} bias and shift {with_bias}: relative |add + norm| {dn:.1e}, |bias + gelu| {dg:.1e}"
+            "scoring epilogues bf16 {shape:?} bias and shift {with_bias}: relative |add + norm| {:.1e}, |sum, its norm| {:.1e}, {:.1e}, |bias + gelu| {:.1e}, |geglu| {:.1e}",
+            d[0], d[1], d[2], d[3], d[4]
         ));
-        if !(nf.dtype() == DType::BF16 && gf.dtype() == DType::BF16 && dn < 2e-2 && dg < 2e-2) {
+        if !(f.iter().all(|t| t.dtype() == DType::BF16) && d.iter().all(|d| *d < 2e-2)) {
             c.fail();
         }
     }

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 29] = [
+const KERNELS: [&str; 33] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -30,10 +30,14 @@ const KERNELS: [&str; 29] = [
     "distill_bias_add_bf16_f32",
     "distill_add_norm_bf16",
     "distill_bias_gelu_bf16",
+    "distill_add_norm_sum_bf16",
+    "distill_geglu_bf16",
     "distill_rotary_split_f32",
     "distill_rotary_merge_f32",
     "distill_flash_attention_d32_bf16",
     "distill_flash_attention_d64_bf16",
+    "distill_flash_attention_packed_d32_bf16",
+    "distill_flash_attention_packed_d64_bf16",
     "distill_flash_attention_train_d32_f32",
     "distill_flash_attention_train_d64_f32",
     "distill_flash_attention_dq_d32_f32",
@@ -244,27 +248,49 @@ fn rows_cols(l: &Layout) -> (usize, usize) {
 }
 
 /// The scoring epilogue of a post-LN block: (x, residual, params [3, cols]) -> LN(x + bias +
-/// residual) w + shift, bf16 in and out.
+/// residual) w + shift, bf16 in and out; with `sum`, [2, ..] = (the sums, their norms).
 pub fn add_norm(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     (s3, l3): (&CudaStorage, &Layout),
     eps: f32,
+    sum: bool,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = s1.device().clone();
     let (rows, cols) = rows_cols(l1);
     let op = "add norm";
+    let (launch, parts) =
+        if sum { (Launch::add_norm_sum(rows, cols, eps), 2) } else { (Launch::add_norm(rows, cols, eps), 1) };
     // SAFETY: every element is written by the kernel.
-    let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
+    let out = unsafe { dev.alloc::<half::bf16>(parts * rows * cols)? };
     let bufs = [
         Buf::Bf16(bf16_view(s1, l1, op)?),
         Buf::Bf16(bf16_view(s2, l2, op)?),
         Buf::View(view(s3, l3, op)?),
         Buf::Bf16Out(&out),
     ];
-    run(&dev, &Launch::add_norm(rows, cols, eps), &bufs)?;
+    run(&dev, &launch, &bufs)?;
     drop(bufs);
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+    let mut shape = if sum { vec![2] } else { vec![] };
+    shape.extend(l1.dims());
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.into()))
+}
+
+/// GeGLU for scoring: x [.., 2 inter] bf16 -> gelu(input) gate [.., inter], bf16.
+pub fn geglu(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let (rows, cols) = rows_cols(l);
+    let inter = cols / 2;
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(rows * inter)? };
+    let bufs = [Buf::Bf16(bf16_view(s, l, "geglu")?), Buf::Bf16Out(&out)];
+    run(&dev, &Launch::geglu(rows, inter), &bufs)?;
+    drop(bufs);
+    let mut shape = l.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = inter;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.into()))
 }
 
 /// The feed-forward's bias and GELU for scoring: (x bf16, b f32) -> gelu(x + b), bf16.
@@ -381,21 +407,29 @@ pub fn flash_attention(
     let Some(launch) = super::launch::Launch::flash_attention(d, b, h, l, scale, window) else {
         candle_core::bail!("{op}: no kernel for head size {d}");
     };
-    let dev = s1.device().clone();
+    let inputs =
+        vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::Bf16(bf16_view(s2, l2, op)?), Buf::Bf16(bf16_view(s3, l3, op)?)];
+    flash_scoring(&launch, inputs, bias, [b, h, l, d], op)
+}
+
+/// Runs a flash-attention-for-scoring launch on `inputs` then the key bias and a new [B, L, H D]
+/// bf16 output.
+fn flash_scoring(
+    launch: &Launch,
+    mut inputs: Vec<Buf>,
+    bias: &Tensor,
+    [b, h, l, d]: [usize; 4],
+    op: &str,
+) -> Result<(CudaStorage, Shape)> {
     let (bias_storage, bias_layout) = bias.storage_and_layout();
     let Storage::Cuda(bias_cuda) = &*bias_storage else { candle_core::bail!("{op}: the mask is not on the GPU") };
+    let dev = bias_cuda.device().clone();
     // SAFETY: the kernel writes every element (every query row of every head).
     let out = unsafe { dev.alloc::<half::bf16>(b * l * h * d)? };
-    {
-        let bufs = [
-            Buf::Bf16(bf16_view(s1, l1, op)?),
-            Buf::Bf16(bf16_view(s2, l2, op)?),
-            Buf::Bf16(bf16_view(s3, l3, op)?),
-            Buf::View(view(bias_cuda, bias_layout, op)?),
-            Buf::Bf16Out(&out),
-        ];
-        run(&dev, &launch, &bufs)?;
-    }
+    inputs.push(Buf::View(view(bias_cuda, bias_layout, op)?));
+    inputs.push(Buf::Bf16Out(&out));
+    run(&dev, launch, &inputs)?;
+    drop(inputs);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, h * d).into()))
 }
 
@@ -501,4 +535,22 @@ pub fn flash_train_grad(
         run(&dev, &dkv_launch, &bufs)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (3, a.b, a.h, a.l, a.d).into()))
+}
+
+/// Attention for scoring from one packed product: (qkv [B, L, 3 H D] bf16, its bias [3 H D] f32),
+/// key bias [B, 1, 1, L] f32 -> [B, L, H D] bf16.
+pub fn flash_attention_packed(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    [b, h, l, d]: [usize; 4],
+    scale: f32,
+    window: Option<usize>,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention (packed)";
+    let Some(launch) = super::launch::Launch::flash_attention_packed(d, b, h, l, scale, window) else {
+        candle_core::bail!("{op}: no kernel for head size {d}");
+    };
+    let inputs = vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+    flash_scoring(&launch, inputs, bias, [b, h, l, d], op)
 }

@@ -23,6 +23,13 @@ impl Buf {
             _ => panic!("not an f32 buffer"),
         }
     }
+
+    fn bits(&self) -> &[u16] {
+        match self {
+            Buf::Bf16(v) => v,
+            _ => panic!("not a bf16 buffer"),
+        }
+    }
 }
 
 /// Runs `launch` in the emulator with `bufs` as its buffers.
@@ -290,13 +297,37 @@ fn scoring_epilogues_add_norm_and_bias_gelu() {
         params.extend(values(cols, 45, 1.0));
         let mut bufs = [Buf::Bf16(xb.clone()), Buf::Bf16(rb), Buf::F32(params.clone()), Buf::Bf16(vec![0x7fc0; n])];
         run(&Launch::add_norm(rows, cols, 1e-12), &mut bufs);
-        let want = xt.apply_op3_no_bwd(&rt, &tensor(&params, &[3 * cols]), &AddNorm { eps: 1e-12 }).unwrap();
+        let want =
+            xt.apply_op3_no_bwd(&rt, &tensor(&params, &[3 * cols]), &AddNorm { eps: 1e-12, sum: false }).unwrap();
         assert_eq!(want.dtype(), DType::BF16);
         let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // The same f32 formula summed in another order: at most a bf16 rounding step apart.
         let got = widen(&bufs[3]);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "add norm [{rows}, {cols}] {i}: {g} against {w}");
+        }
+
+        // With the sums written too: [2, rows, cols].
+        let rb = bufs[1].bits().to_vec();
+        let mut bufs = [Buf::Bf16(xb.clone()), Buf::Bf16(rb), Buf::F32(params.clone()), Buf::Bf16(vec![0x7fc0; 2 * n])];
+        run(&Launch::add_norm_sum(rows, cols, 1e-12), &mut bufs);
+        let want = xt.apply_op3_no_bwd(&rt, &tensor(&params, &[3 * cols]), &AddNorm { eps: 1e-12, sum: true }).unwrap();
+        assert_eq!(want.dims(), [2, rows, cols]);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[3]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "add norm sum [{rows}, {cols}] {i}: {g} against {w}");
+        }
+
+        // GeGLU: the row's halves as input and gate.
+        let mut bufs = [Buf::Bf16(xb.clone()), Buf::Bf16(vec![0x7fc0; n / 2])];
+        run(&Launch::geglu(rows, cols / 2), &mut bufs);
+        let want = xt.apply_op1_no_bwd(&Geglu).unwrap();
+        assert_eq!(want.dims(), [rows, cols / 2]);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[1]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "geglu [{rows}, {cols}] {i}: {g} against {w}");
         }
 
         let b = values(cols, 46, 1.0);
@@ -368,6 +399,33 @@ fn flash_attention_for_scoring() {
         }
     }
     assert!(Launch::flash_attention(48, 1, 1, 8, 1.0, None).is_none());
+}
+
+#[test]
+fn flash_attention_for_scoring_from_a_joined_product() {
+    // q, k and v side by side in one [B, L, 3, H, D] product with its bias: the kernel reads them
+    // in place, the CPU twin splits them after the bias.
+    let (b, h, l) = (2usize, 3usize, 70usize);
+    for d in [32usize, 64] {
+        let n = b * l * 3 * h * d;
+        let (qkv, qkv_t) = bf16_bits(&values(n, 47, 1.0), &[b, l, 3 * h * d]);
+        let qkv_bias = values(3 * h * d, 48, 0.5);
+        let bias: Vec<f32> = (0..b * l).map(|i| if i % 7 == 3 || i >= l + 60 { -1e9 } else { 0.0 }).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let launch = Launch::flash_attention_packed(d, b, h, l, scale, None).expect("a kernel for 32 and 64");
+        let out = b * l * h * d;
+        let mut bufs =
+            [Buf::Bf16(qkv), Buf::F32(qkv_bias.clone()), Buf::F32(bias.clone()), Buf::Bf16(vec![0x7fc0; out])];
+        run(&launch, &mut bufs);
+        let got = widen(&bufs[3]);
+        let op = FlashAttentionPacked { bias: tensor(&bias, &[b, 1, 1, l]), heads: h, scale, window: None };
+        let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * h * d]), &op).unwrap();
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Values up to ~2.2 (the bias shifts v): the probabilities' bf16 rounding and one bf16
+        // step of the output (1/64 at 2).
+        assert_close(&format!("flash attention from a joined product, d {d}"), &got, &want, 2.5e-2);
+    }
+    assert!(Launch::flash_attention_packed(48, 1, 1, 8, 1.0, None).is_none());
 }
 
 /// Largest |got - want| over the largest |want|.

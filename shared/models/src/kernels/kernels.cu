@@ -296,18 +296,19 @@ extern "C" __global__ void distill_bias_add_bf16_f32(const __nv_bfloat16* x, con
 // params [3, cols] f32 = (the linear layer's bias, the norm's weight, its shift; zeros where a
 // model has none); one warp per row, the row's sums kept in shared memory (cols <= 2,048), math in
 // f32. And the feed-forward's bias with GELU (erf form), y = gelu(x + bias).
-extern "C" __global__ void distill_add_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* res, const float* params,
-                                                 __nv_bfloat16* y, int64_t rows, int64_t cols, float eps) {
-  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_MAX_COLS];
-  int64_t row = warp_row(rows);
-  if (row < 0) return;
-  int lane = threadIdx.x % 32;
-  float* v = sums[threadIdx.x / 32];
-  const __nv_bfloat16* xr = x + row * cols;
-  const __nv_bfloat16* rr = res + row * cols;
+// One row of LN(x + bias + residual) w + shift; with `sum` the row's sum is written too, rounded
+// to bf16, and the norm taken of that (a pre-LN block's residual stream and the next norm).
+__device__ __forceinline__ void add_norm_row(const __nv_bfloat16* xr, const __nv_bfloat16* rr, const float* params,
+                                             __nv_bfloat16* sum, __nv_bfloat16* yr, float* v, int64_t cols,
+                                             float eps, int lane) {
   float s = 0.0f;
   for (int64_t i = lane; i < cols; i += 32) {
     float t = to_f32(xr[i]) + params[i] + to_f32(rr[i]);
+    if (sum) {
+      __nv_bfloat16 r = __float2bfloat16(t);
+      sum[i] = r;
+      t = to_f32(r);
+    }
     v[i] = t;
     s += t;
   }
@@ -318,8 +319,27 @@ extern "C" __global__ void distill_add_norm_bf16(const __nv_bfloat16* x, const _
     q += d * d;
   }
   float rstd = 1.0f / sqrtf(warp_sum(q) / (float)cols + eps);
-  __nv_bfloat16* yr = y + row * cols;
   for (int64_t i = lane; i < cols; i += 32) yr[i] = __float2bfloat16((v[i] - mean) * rstd * params[cols + i] + params[2 * cols + i]);
+}
+
+extern "C" __global__ void distill_add_norm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* res, const float* params,
+                                                 __nv_bfloat16* y, int64_t rows, int64_t cols, float eps) {
+  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_MAX_COLS];
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  add_norm_row(x + row * cols, res + row * cols, params, (__nv_bfloat16*)nullptr, y + row * cols,
+               sums[threadIdx.x / 32], cols, eps, threadIdx.x % 32);
+}
+
+// out [2, rows, cols]: the sums, then the norms.
+extern "C" __global__ void distill_add_norm_sum_bf16(const __nv_bfloat16* x, const __nv_bfloat16* res,
+                                                     const float* params, __nv_bfloat16* out, int64_t rows,
+                                                     int64_t cols, float eps) {
+  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_MAX_COLS];
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  add_norm_row(x + row * cols, res + row * cols, params, out + row * cols, out + (rows + row) * cols,
+               sums[threadIdx.x / 32], cols, eps, threadIdx.x % 32);
 }
 
 extern "C" __global__ void distill_bias_gelu_bf16(const __nv_bfloat16* x, const float* b, __nv_bfloat16* y, int64_t n,
@@ -327,6 +347,17 @@ extern "C" __global__ void distill_bias_gelu_bf16(const __nv_bfloat16* x, const 
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     float v = to_f32(x[i]) + b[i % cols];
     y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  }
+}
+
+// GeGLU for scoring (ModernBERT's MLP): x [rows, 2 inter] = (input | gate) -> gelu(input) gate
+// [rows, inter], n = rows x inter.
+extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int64_t n, int64_t inter) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t row = i / inter, c = i % inter;
+    float a = to_f32(x[row * 2 * inter + c]);
+    float g = to_f32(x[row * 2 * inter + inter + c]);
+    y[i] = __float2bfloat16(0.5f * a * (1.0f + erff(a * 0.70710678118654752f)) * g);
   }
 }
 
@@ -431,9 +462,21 @@ __device__ void mma_ab_acc(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16,
     }
 }
 
+// An element of q, k or v as it enters shared memory: bf16, with its column's bias added first
+// (in f32, then rounded: what a bf16 bias add before the split gives) where there is one.
+template <class TI>
+__device__ __forceinline__ __nv_bfloat16 tile_bf16(TI x, const float* bias, int64_t c) {
+  return bias ? __float2bfloat16(to_f32(x) + bias[c]) : to_bf16(x);
+}
+
+// q, k, v either [B, H, L, D] each (packed = 0), or one linear layer's output [B, L, 3, H, D]
+// (packed = 1: q points at it, k and v are ignored) with its bias qkv_bias [3, H, D] (or null)
+// added as the tiles load: BERT's joined query/key/value product read in place, without the
+// bias pass and the three head-split copies.
 template <int D, class TI, class TO>
-__device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float* bias, TO* out, float* lse,
-                              int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed, float p) {
+__device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
+                              const float* bias, TO* out, float* lse, int64_t heads, int64_t len, float scale,
+                              int64_t window, uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
   __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
@@ -449,14 +492,20 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
   const __nv_bfloat16 zero = __float2bfloat16(0.0f);
-  const TI* qb = q + bh * len * D;
-  const TI* kb = k + bh * len * D;
-  const TI* vb = v + bh * len * D;
+  const int64_t hd = heads * D;
+  // Each (batch, head)'s rows: where they start, how far apart; the bias of its columns.
+  const int64_t rs = packed ? 3 * hd : D;
+  const TI* qb = packed ? q + batch * len * 3 * hd + head * D : q + bh * len * D;
+  const TI* kb = packed ? qb + hd : k + bh * len * D;
+  const TI* vb = packed ? qb + 2 * hd : v + bh * len * D;
+  const float* qbias = qkv_bias ? qkv_bias + head * D : nullptr;
+  const float* kbias = qkv_bias ? qkv_bias + hd + head * D : nullptr;
+  const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
   const float* bb = bias + batch * len;
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t r = q0 + i / D;
-    qs[i] = r < len ? to_bf16(qb[r * D + i % D]) : zero;
+    qs[i] = r < len ? tile_bf16(qb[r * rs + i % D], qbias, i % D) : zero;
   }
   for (int i = lane; i < QW * D; i += 32) os[warp][i] = 0.0f;
   if (lane < QW) {
@@ -471,8 +520,8 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? to_bf16(kb[row * D + i % D]) : zero;
-      vs[i] = row < len ? to_bf16(vb[row * D + i % D]) : zero;
+      ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+      vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
 
@@ -539,28 +588,40 @@ extern "C" __global__ void distill_flash_attention_d32_bf16(const __nv_bfloat16*
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_forward<32>(q, k, v, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<32>(q, k, v, (const float*)nullptr, 0, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_forward<64>(q, k, v, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<64>(q, k, v, (const float*)nullptr, 0, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+}
+
+extern "C" __global__ void distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                   const float* bias, __nv_bfloat16* out, int64_t heads,
+                                                                   int64_t len, float scale, int64_t window) {
+  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+}
+
+extern "C" __global__ void distill_flash_attention_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                   const float* bias, __nv_bfloat16* out, int64_t heads,
+                                                                   int64_t len, float scale, int64_t window) {
+  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
-  flash_forward<32>(q, k, v, bias, out, lse, heads, len, scale, window, seed, p);
+  flash_forward<32>(q, k, v, (const float*)nullptr, 0, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
-  flash_forward<64>(q, k, v, bias, out, lse, heads, len, scale, window, seed, p);
+  flash_forward<64>(q, k, v, (const float*)nullptr, 0, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
 // The backward of the training attention, FA2-style, P recomputed from the log-sum-exp:

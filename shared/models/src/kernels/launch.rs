@@ -120,6 +120,18 @@ impl Launch {
         Self::rows("distill_add_norm_bf16", 4, rows, cols, Some(eps))
     }
 
+    /// `distill_add_norm_sum_bf16(x, residual, params, out [2, rows, cols], rows, cols, eps)`.
+    pub fn add_norm_sum(rows: usize, cols: usize, eps: f32) -> Self {
+        Self::rows("distill_add_norm_sum_bf16", 4, rows, cols, Some(eps))
+    }
+
+    /// `distill_geglu_bf16(x, y, rows x inter, inter)`.
+    pub fn geglu(rows: usize, inter: usize) -> Self {
+        let mut l = Self::elementwise("distill_geglu_bf16", 2, rows * inter);
+        l.params.push(Param::I64(inter as i64));
+        l
+    }
+
     /// `distill_bias_gelu_bf16(x, b, y, n, cols)`.
     pub fn bias_gelu(n: usize, cols: usize) -> Self {
         let mut l = Self::elementwise("distill_bias_gelu_bf16", 3, n);
@@ -164,6 +176,28 @@ impl Launch {
         params.push(Param::I64(window.map_or(-1, |w| w as i64)));
         let grid = (l.div_ceil(FLASH_QUERIES) * b * h) as u32;
         Some(Launch { kernel, grid, block: 32 * WARPS as u32, params })
+    }
+}
+
+impl Launch {
+    /// `distill_flash_attention_packed_d{32,64}_bf16(qkv, qkv_bias, bias, out, heads, len, scale,
+    /// window)`: as [`Launch::flash_attention`], q, k and v read from one [B, L, 3, H, D] product.
+    pub fn flash_attention_packed(
+        d: usize,
+        b: usize,
+        h: usize,
+        l: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> Option<Self> {
+        let mut launch = Self::flash_attention(d, b, h, l, scale, window)?;
+        launch.kernel = match d {
+            32 => "distill_flash_attention_packed_d32_bf16",
+            _ => "distill_flash_attention_packed_d64_bf16",
+        };
+        // (qkv, qkv bias, key bias, out): one buffer fewer than q, k, v, bias, out.
+        launch.params.remove(4);
+        Some(launch)
     }
 }
 

@@ -1073,6 +1073,8 @@ fn narrowed(v: Vec<f32>, like: &CpuStorage) -> CpuStorage {
 /// CPU), out in their dtype, math in f32. Forward only: scoring keeps no graph.
 struct AddNorm {
     eps: f32,
+    /// The sums too: out [2, ..] = (x + bias + residual in x's dtype, the norm of that).
+    sum: bool,
 }
 
 impl CustomOp3 for AddNorm {
@@ -1094,16 +1096,26 @@ impl CustomOp3 for AddNorm {
         same_len(&x, &r, self.name())?;
         let p = vector(s3, l3, 3 * cols, self.name())?;
         let (bias, w, shift) = (&p[..cols], &p[cols..2 * cols], &p[2 * cols..]);
-        let y = map_rows2(&x, &r, cols, |y, x, r| {
+        let bf16 = matches!(s1, CpuStorage::BF16(_));
+        // The sum as the residual stream keeps it (rounded to bf16 for bf16 activations).
+        let sums = map_rows2(&x, &r, cols, |y, x, r| {
             for (i, (y, (x, r))) in y.iter_mut().zip(x.iter().zip(r)).enumerate() {
-                *y = x + bias[i] + r;
-            }
-            let (mean, rstd) = moments(y, self.eps);
-            for (i, y) in y.iter_mut().enumerate() {
-                *y = (*y - mean) * rstd * w[i] + shift[i];
+                let t = x + bias[i] + r;
+                *y = if self.sum && bf16 { half::bf16::from_f32(t).to_f32() } else { t };
             }
         });
-        Ok((narrowed(y, s1), l1.shape().clone()))
+        let y = map_rows(&sums, cols, |y, v| {
+            let (mean, rstd) = moments(v, self.eps);
+            for (i, (y, v)) in y.iter_mut().zip(v).enumerate() {
+                *y = (v - mean) * rstd * w[i] + shift[i];
+            }
+        });
+        if !self.sum {
+            return Ok((narrowed(y, s1), l1.shape().clone()));
+        }
+        let mut shape = vec![2];
+        shape.extend(l1.dims());
+        Ok((narrowed([sums, y].concat(), s1), shape.into()))
     }
 
     #[cfg(feature = "cuda")]
@@ -1119,7 +1131,7 @@ impl CustomOp3 for AddNorm {
         if l1.shape() != l2.shape() || l3.shape().elem_count() != 3 * last_dim(l1) {
             candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
         }
-        cuda::add_norm((s1, l1), (s2, l2), (s3, l3), self.eps)
+        cuda::add_norm((s1, l1), (s2, l2), (s3, l3), self.eps, self.sum)
     }
 }
 
@@ -1184,25 +1196,121 @@ pub fn add_norm_for_scoring(
 ) -> Result<Tensor> {
     let cols = x.dim(D::Minus1)?;
     if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
-        let sum = match bias {
-            Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
-            None => x.clone(),
-        };
-        let sum = (sum + residual)?.to_dtype(DType::F32)?;
-        let shift = shift.map(|s| s.to_dtype(DType::F32)).transpose()?;
-        return layer_norm(&sum, &w.to_dtype(DType::F32)?, shift.as_ref(), eps)?.to_dtype(x.dtype());
+        return Ok(add_norm_composite(x, bias, residual, w, shift, eps)?.1);
     }
-    let dev = x.device();
+    let params = norm_params(bias, w, shift, cols, x.device())?;
+    x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: false })
+}
+
+/// The composite of the add-norm epilogues: (x + bias + residual in x's dtype, its layer norm
+/// computed in f32 and returned in x's dtype).
+fn add_norm_composite(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let sum = match bias {
+        Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => x.clone(),
+    };
+    let sum = (sum + residual)?;
+    let shift = shift.map(|s| s.to_dtype(DType::F32)).transpose()?;
+    let norm = layer_norm(&sum.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, shift.as_ref(), eps)?;
+    let norm = norm.to_dtype(x.dtype())?;
+    Ok((sum, norm))
+}
+
+/// (the linear bias, the norm's weight, its shift) as one f32 [3 cols], zeros where absent.
+fn norm_params(
+    bias: Option<&Tensor>,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    cols: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
     let zeros = || Tensor::zeros(cols, DType::F32, dev);
-    let params = Tensor::cat(
+    Tensor::cat(
         &[
             bias.map_or_else(zeros, |b| b.to_dtype(DType::F32))?,
             w.to_dtype(DType::F32)?,
             shift.map_or_else(zeros, |s| s.to_dtype(DType::F32))?,
         ],
         0,
-    )?;
-    x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32 })
+    )
+}
+
+/// A pre-LN block's residual add and the next norm for scoring, one kernel: (x + bias +
+/// residual, and its layer norm), x a linear layer's product without its bias. The composite
+/// where [`scoring_epilogues_on`] does not hold.
+pub fn add_norm_sum_for_scoring(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+        return add_norm_composite(x, bias, residual, w, shift, eps);
+    }
+    let params = norm_params(bias, w, shift, cols, x.device())?;
+    let out =
+        x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: true })?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// x [.., 2 inter] = (input | gate) -> gelu_erf(input) gate [.., inter] (ModernBERT's GeGLU), in
+/// x's dtype, math in f32. Forward only.
+struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "distill-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l);
+        if cols % 2 != 0 {
+            candle_core::bail!("{}: an odd last dimension {cols}", self.name());
+        }
+        let x = widened(s, l, self.name())?;
+        let inter = cols / 2;
+        let mut y = vec![0f32; x.len() / 2];
+        y.par_chunks_mut(inter).zip(x.par_chunks(cols)).for_each(|(y, x)| {
+            let (a, g) = x.split_at(inter);
+            for ((y, &a), &g) in y.iter_mut().zip(a).zip(g) {
+                *y = 0.5 * a * (1.0 + erf(a * FRAC_1_SQRT_2)) * g;
+            }
+        });
+        let mut shape = l.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = inter;
+        }
+        Ok((narrowed(y, s), shape.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if last_dim(l) % 2 != 0 {
+            candle_core::bail!("{}: an odd last dimension {:?}", self.name(), l.dims());
+        }
+        cuda::geglu(s, l)
+    }
+}
+
+/// GeGLU for scoring, one kernel where [`scoring_epilogues_on`] holds (no split copies); else
+/// the halves, [`gelu_erf`] and the product.
+pub fn geglu_for_scoring(x: &Tensor) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || cols % 2 != 0 {
+        let (input, gate) = (x.narrow(D::Minus1, 0, cols / 2)?, x.narrow(D::Minus1, cols / 2, cols / 2)?);
+        return gelu_erf(&input)? * gate;
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Geglu)
 }
 
 /// The feed-forward's bias and GELU (erf form) for scoring, one kernel where
@@ -1386,9 +1494,12 @@ mod cuda;
 #[cfg(test)]
 mod emulated;
 mod launch;
-pub use attention::{flash_attention_for_scoring, flash_attention_for_training};
+pub use attention::{
+    flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training,
+    flash_scoring_packed_on,
+};
 #[cfg(test)]
-use attention::{FlashAttention, FlashTrain, FlashTrainGrad};
+use attention::{FlashAttention, FlashAttentionPacked, FlashTrain, FlashTrainGrad};
 pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 use launch as launch_shape;
 
@@ -1402,7 +1513,7 @@ mod tests {
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
         assert!(checks.bad.is_empty(), "{:?}", checks.bad);
-        assert_eq!(checks.lines.len(), 43, "{:?}", checks.lines);
+        assert_eq!(checks.lines.len(), 45, "{:?}", checks.lines);
         // One group alone runs only its checks; an unknown group is an error naming the known.
         let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
         assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
