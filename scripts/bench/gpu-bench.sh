@@ -14,7 +14,7 @@
 # Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, PARITY_DTYPES ("bf16 f32"), TORCH_PARITY=1, COMPOSITE=1 (bert-base with candle's composite ops),
 # TRAIN_KERNELS / SCORE_KERNELS (default: the defaults plus every family of kernels not yet proven on a GPU that passed its check
 # in this run; fused: all; auto: the defaults), AUTO=1 (rows with the defaults too),
-# FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch).
+# FULL_LAST_LAYER=1 (scoring rows with the full last layer, --first-token-only false), FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench-out}"
@@ -75,6 +75,10 @@ done
 if [ "${AUTO:-1}" = 1 ]; then
   echo "== distill-bench minilm-l6, bert-base: scoring bf16 with the default kernels (no flash attention until proven)"
   timeout "${T_SCORE:-60}" "$BIN" --device cuda --shapes minilm-l6,bert-base --modes score --score-dtype bf16 --kernels auto $W --json "$TMP/score_bf16_auto.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
+fi
+if [ "${FULL_LAST_LAYER:-1}" = 1 ]; then
+  echo "== distill-bench minilm-l6, bert-base: scoring bf16 with the full last layer (what running it for the first token only saves)"
+  timeout "${T_SCORE:-60}" "$BIN" --device cuda --shapes minilm-l6,bert-base --modes score --score-dtype bf16 --kernels "$SCORE_KERNELS" --first-token-only false $W --json "$TMP/score_bf16_fulllast.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
 fi
 for s in "${shapes[@]}"; do
   echo "== distill-bench $s: training bf16 mixed precision (f32 master weights, kernels: $TRAIN_KERNELS)"

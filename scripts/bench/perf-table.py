@@ -2,7 +2,9 @@
 
 Usage: python3 scripts/bench/perf-table.py gpu_baseline.json candle_*.json
 Prints a Markdown table: per model and mode, PyTorch pairs/s, distill pairs/s, their ratio, and
-distill's achieved TFLOP/s. Scoring compares with PyTorch's bf16 scoring; training with its
+distill's achieved TFLOP/s (counted as 2 x parameters x tokens, so a cross-encoder's last layer run
+for the first token only counts as full work). Rows with "(full last layer)" ran with
+--first-token-only false. Scoring compares with PyTorch's bf16 scoring; training with its
 bf16-autocast training step.
 """
 import json
@@ -24,4 +26,5 @@ for o in ours:
         ref = f"{b['pairs_per_s']:.0f} ({b['mode']})" if b else "n/a"
         ratio = f"{r['pairs_per_s'] / b['pairs_per_s']:.2f}x" if b else "n/a"
         split = " / ".join(f"{1000 * r[k]:.0f}" for k in ("forward_s", "backward_s", "optimizer_s")) if r.get("forward_s") is not None else ""
-        print(f"| {r['model']} | {r['mode']} | {r.get('kernels', '')} | {r['batch']}x{r['seq']} | {ref} | {r['pairs_per_s']:.0f} | {ratio} | {r['tflops']:.1f} | {split} |")
+        kernels = r.get("kernels", "") + (" (full last layer)" if r.get("first_token_only") is False else "")
+        print(f"| {r['model']} | {r['mode']} | {kernels} | {r['batch']}x{r['seq']} | {ref} | {r['pairs_per_s']:.0f} | {ratio} | {r['tflops']:.1f} | {split} |")

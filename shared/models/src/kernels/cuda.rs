@@ -416,7 +416,7 @@ pub fn flash_attention(
 /// bf16 output.
 fn flash_scoring(
     launch: &Launch,
-    mut inputs: Vec<Buf>,
+    inputs: Vec<Buf>,
     bias: &Tensor,
     [b, h, l, d]: [usize; 4],
     op: &str,
@@ -426,10 +426,13 @@ fn flash_scoring(
     let dev = bias_cuda.device().clone();
     // SAFETY: the kernel writes every element (every query row of every head).
     let out = unsafe { dev.alloc::<half::bf16>(b * l * h * d)? };
-    inputs.push(Buf::View(view(bias_cuda, bias_layout, op)?));
-    inputs.push(Buf::Bf16Out(&out));
-    run(&dev, launch, &inputs)?;
-    drop(inputs);
+    {
+        // A new vector, whose buffers need live only as long as the mask's and `out`'s borrows.
+        let mut bufs: Vec<Buf> = inputs;
+        bufs.push(Buf::View(view(bias_cuda, bias_layout, op)?));
+        bufs.push(Buf::Bf16Out(&out));
+        run(&dev, launch, &bufs)?;
+    }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (b, l, h * d).into()))
 }
 
