@@ -19,10 +19,18 @@
 //! `distill-cuda-emu` against the CPU kernels.
 //!
 //! On CUDA the same ops run as our kernels (`kernels.cu`, compiled to PTX by build.rs), on by
-//! default there: candle's composites launch four to eight kernels per op, each a pass over
-//! memory, and its AdamW is twelve launches per parameter ([`adamw_step`] is one).
-//! `DISTILL_FUSED_KERNELS=0` (or `set_fused(false)`) returns to the composites everywhere,
-//! `=1` turns the CPU kernels on too.
+//! default there once proven on a GPU: candle's composites launch four to eight kernels per op,
+//! each a pass over memory, and its AdamW is twelve launches per parameter ([`adamw_step`] is
+//! one). The kernels not yet run on a GPU ([`Unproven`], by family) are off there until
+//! `distill-bench --check-kernels` passes on one. `DISTILL_FUSED_KERNELS=0` (or
+//! `set_fused(false)`) returns to the composites everywhere, `=1` turns every kernel on (the CPU
+//! kernels too), a list of families turns those on.
+//!
+//! Scoring (no graph, bf16) has forward-only epilogues: a post-LN block's bias, residual and
+//! layer norm in one kernel ([`add_norm_for_scoring`]), the sum and its norm for pre-LN blocks
+//! ([`add_norm_sum_for_scoring`]), bias + GELU ([`bias_gelu_for_scoring`]) and GeGLU
+//! ([`geglu_for_scoring`]); the attention reads BERT's joined q/k/v product in place
+//! ([`flash_attention_for_scoring_packed`]).
 //!
 //! candle's own fused ops (`softmax_last_dim`, `layer_norm`) have no backward; these do:
 //! - GELU: y = x Φ(x), dy/dx = Φ(x) + x φ(x)
