@@ -1,0 +1,259 @@
+//! Scoring epilogues (forward only: scoring keeps no graph): a post-LN block's linear bias,
+//! residual and layer norm in one kernel, the sum and its norm for pre-LN blocks, bias + GELU, and
+//! GeGLU; bf16 on CUDA (`kernels.cu`), bf16 or f32 CPU twins.
+
+use super::*;
+
+/// (x, residual, params [3, cols]) -> LN(x + bias + residual) w + shift per row, with params =
+/// (the linear layer's bias, the norm's weight, its shift); x and residual bf16 (or f32 on the
+/// CPU), out in their dtype, math in f32. Forward only: scoring keeps no graph.
+pub(super) struct AddNorm {
+    pub(super) eps: f32,
+    /// The sums too: out [2, ..] = (x + bias + residual in x's dtype, the norm of that).
+    pub(super) sum: bool,
+}
+
+impl CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "distill-add-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let (x, r) = (widened(s1, l1, self.name())?, widened(s2, l2, self.name())?);
+        same_len(&x, &r, self.name())?;
+        let p = vector(s3, l3, 3 * cols, self.name())?;
+        let (bias, w, shift) = (&p[..cols], &p[cols..2 * cols], &p[2 * cols..]);
+        let bf16 = matches!(s1, CpuStorage::BF16(_));
+        // The sum as the residual stream keeps it (rounded to bf16 for bf16 activations).
+        let sums = map_rows2(&x, &r, cols, |y, x, r| {
+            for (i, (y, (x, r))) in y.iter_mut().zip(x.iter().zip(r)).enumerate() {
+                let t = x + bias[i] + r;
+                *y = if self.sum && bf16 { half::bf16::from_f32(t).to_f32() } else { t };
+            }
+        });
+        let y = map_rows(&sums, cols, |y, v| {
+            let (mean, rstd) = moments(v, self.eps);
+            for (i, (y, v)) in y.iter_mut().zip(v).enumerate() {
+                *y = (v - mean) * rstd * w[i] + shift[i];
+            }
+        });
+        if !self.sum {
+            return Ok((narrowed(y, s1), l1.shape().clone()));
+        }
+        let mut shape = vec![2];
+        shape.extend(l1.dims());
+        Ok((narrowed([sums, y].concat(), s1), shape.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() || l3.shape().elem_count() != 3 * last_dim(l1) {
+            candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::add_norm((s1, l1), (s2, l2), (s3, l3), self.eps, self.sum)
+    }
+}
+
+/// (x, b) -> gelu_erf(x + b) over the last dimension, x bf16 (or f32 on the CPU), b f32, out in
+/// x's dtype. Forward only.
+pub(super) struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "distill-bias-gelu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let x = widened(s1, l1, self.name())?;
+        let b = vector(s2, l2, cols, self.name())?;
+        let y = map_rows(&x, cols, |y, x| {
+            for (i, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+                let v = x + b[i];
+                *y = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
+            }
+        });
+        Ok((narrowed(y, s1), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l2.shape().elem_count() != last_dim(l1) {
+            candle_core::bail!("{}: a bias of {:?} for {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        cuda::bias_gelu((s1, l1), (s2, l2))
+    }
+}
+
+/// Whether the scoring epilogues ([`add_norm_for_scoring`], [`bias_gelu_for_scoring`]) run for
+/// activations like `x`: no graph kept, bf16 (on CUDA; f32 too on the CPU), rows of at most
+/// 2,048, the family on for the device.
+pub fn scoring_epilogues_on(x: &Tensor) -> bool {
+    let dtype_ok = x.dtype() == DType::BF16 || (x.dtype() == DType::F32 && x.device().is_cpu());
+    dtype_ok
+        && !crate::layers::grad_enabled()
+        && x.dim(D::Minus1).is_ok_and(|c| c <= MAX_NORM_COLS)
+        && unproven_on(x, Unproven::ScoringEpilogues)
+}
+
+/// A post-LN block's end for scoring, one kernel: LN(x + bias + residual) w + shift, where x is
+/// a linear layer's product without its bias. Where [`scoring_epilogues_on`] does not hold, the
+/// composite (the bias, the residual, then [`layer_norm`] in f32, back to x's dtype).
+pub fn add_norm_for_scoring(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+        return Ok(add_norm_composite(x, bias, residual, w, shift, eps)?.1);
+    }
+    let params = norm_params(bias, w, shift, cols, x.device())?;
+    x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: false })
+}
+
+/// The composite of the add-norm epilogues: (x + bias + residual in x's dtype, its layer norm
+/// computed in f32 and returned in x's dtype).
+fn add_norm_composite(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let sum = match bias {
+        Some(b) => x.broadcast_add(&b.to_dtype(x.dtype())?)?,
+        None => x.clone(),
+    };
+    let sum = (sum + residual)?;
+    let shift = shift.map(|s| s.to_dtype(DType::F32)).transpose()?;
+    let norm = layer_norm(&sum.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, shift.as_ref(), eps)?;
+    let norm = norm.to_dtype(x.dtype())?;
+    Ok((sum, norm))
+}
+
+/// (the linear bias, the norm's weight, its shift) as one f32 [3 cols], zeros where absent.
+fn norm_params(
+    bias: Option<&Tensor>,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    cols: usize,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let zeros = || Tensor::zeros(cols, DType::F32, dev);
+    Tensor::cat(
+        &[
+            bias.map_or_else(zeros, |b| b.to_dtype(DType::F32))?,
+            w.to_dtype(DType::F32)?,
+            shift.map_or_else(zeros, |s| s.to_dtype(DType::F32))?,
+        ],
+        0,
+    )
+}
+
+/// A pre-LN block's residual add and the next norm for scoring, one kernel: (x + bias +
+/// residual, and its layer norm), x a linear layer's product without its bias. The composite
+/// where [`scoring_epilogues_on`] does not hold.
+pub fn add_norm_sum_for_scoring(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+        return add_norm_composite(x, bias, residual, w, shift, eps);
+    }
+    let params = norm_params(bias, w, shift, cols, x.device())?;
+    let out =
+        x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: true })?;
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+/// x [.., 2 inter] = (input | gate) -> gelu_erf(input) gate [.., inter] (ModernBERT's GeGLU), in
+/// x's dtype, math in f32. Forward only.
+pub(super) struct Geglu;
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "distill-geglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l);
+        if cols % 2 != 0 {
+            candle_core::bail!("{}: an odd last dimension {cols}", self.name());
+        }
+        let x = widened(s, l, self.name())?;
+        let inter = cols / 2;
+        let mut y = vec![0f32; x.len() / 2];
+        y.par_chunks_mut(inter).zip(x.par_chunks(cols)).for_each(|(y, x)| {
+            let (a, g) = x.split_at(inter);
+            for ((y, &a), &g) in y.iter_mut().zip(a).zip(g) {
+                *y = 0.5 * a * (1.0 + erf(a * FRAC_1_SQRT_2)) * g;
+            }
+        });
+        let mut shape = l.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = inter;
+        }
+        Ok((narrowed(y, s), shape.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if last_dim(l) % 2 != 0 {
+            candle_core::bail!("{}: an odd last dimension {:?}", self.name(), l.dims());
+        }
+        cuda::geglu(s, l)
+    }
+}
+
+/// GeGLU for scoring, one kernel where [`scoring_epilogues_on`] holds (no split copies); else
+/// the halves, [`gelu_erf`] and the product.
+pub fn geglu_for_scoring(x: &Tensor) -> Result<Tensor> {
+    let cols = x.dim(D::Minus1)?;
+    if !scoring_epilogues_on(x) || cols % 2 != 0 {
+        let (input, gate) = (x.narrow(D::Minus1, 0, cols / 2)?, x.narrow(D::Minus1, cols / 2, cols / 2)?);
+        return gelu_erf(&input)? * gate;
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Geglu)
+}
+
+/// The feed-forward's bias and GELU (erf form) for scoring, one kernel where
+/// [`scoring_epilogues_on`] holds; else the bias then [`gelu_erf`].
+pub fn bias_gelu_for_scoring(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !scoring_epilogues_on(x) || bias.elem_count() != x.dim(D::Minus1)? {
+        return gelu_erf(&x.broadcast_add(&bias.to_dtype(x.dtype())?)?);
+    }
+    x.contiguous()?.apply_op2_no_bwd(&bias.to_dtype(DType::F32)?.contiguous()?, &BiasGelu)
+}
