@@ -80,6 +80,7 @@ impl Storage {
     }
 
     pub(crate) fn const_set(&mut self, v: Scalar, l: &Layout) -> Result<()> {
+        crate::op_stats::record("fill", "const_set", crate::op_stats::out_bytes(l, self.dtype()), 0);
         match self {
             Storage::Cpu(storage) => storage.const_set(v, l),
             Storage::Cuda(storage) => storage.const_set(v, l),
@@ -88,6 +89,7 @@ impl Storage {
     }
 
     pub(crate) fn affine(&self, layout: &Layout, mul: f64, add: f64) -> Result<Self> {
+        crate::op_stats::record("affine", "affine", crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, self.dtype()), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.affine(layout, mul, add)?;
@@ -105,6 +107,7 @@ impl Storage {
     }
 
     pub(crate) fn powf(&self, layout: &Layout, alpha: f64) -> Result<Self> {
+        crate::op_stats::record("unary", "powf", crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, self.dtype()), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.powf(layout, alpha)?;
@@ -122,6 +125,7 @@ impl Storage {
     }
 
     pub(crate) fn elu(&self, layout: &Layout, alpha: f64) -> Result<Self> {
+        crate::op_stats::record("unary", "elu", crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, self.dtype()), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.elu(layout, alpha)?;
@@ -145,6 +149,7 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        crate::op_stats::record("cmp", "cmp", crate::op_stats::read_bytes(lhs_layout, self.dtype()) + crate::op_stats::read_bytes(rhs_layout, self.dtype()) + lhs_layout.shape().elem_count(), 0);
         self.same_device(rhs, "cmp")?;
         self.same_dtype(rhs, "cmp")?;
         match (self, rhs) {
@@ -174,6 +179,7 @@ impl Storage {
     }
 
     pub(crate) fn reduce_op(&self, op: ReduceOp, layout: &Layout, s: &[usize]) -> Result<Self> {
+        crate::op_stats::record("reduce", op.name(), crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, self.dtype()) / s.iter().map(|d| layout.dims()[*d]).product::<usize>().max(1), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.reduce_op(op, layout, s)?;
@@ -191,6 +197,7 @@ impl Storage {
     }
 
     pub(crate) fn to_dtype(&self, layout: &Layout, dtype: DType) -> Result<Self> {
+        crate::op_stats::record("cast", dtype.as_str(), crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, dtype), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.to_dtype(layout, dtype)?;
@@ -208,6 +215,12 @@ impl Storage {
     }
 
     pub(crate) fn apply_op1(&self, l: &Layout, c: &dyn CustomOp1) -> Result<(Self, Shape)> {
+        let (s, shape) = self.apply_op1_dispatch(l, c)?;
+        crate::op_stats::record("custom", c.name(), crate::op_stats::read_bytes(l, self.dtype()) + shape.elem_count() * s.dtype().size_in_bytes(), 0);
+        Ok((s, shape))
+    }
+
+    fn apply_op1_dispatch(&self, l: &Layout, c: &dyn CustomOp1) -> Result<(Self, Shape)> {
         match self {
             Self::Cpu(storage) => {
                 let (storage, shape) = c.cpu_fwd(storage, l)?;
@@ -224,7 +237,13 @@ impl Storage {
         }
     }
 
-    pub(crate) fn apply_op2(
+    pub(crate) fn apply_op2(&self, l1: &Layout, t2: &Self, l2: &Layout, c: &dyn CustomOp2) -> Result<(Self, Shape)> {
+        let (s, shape) = self.apply_op2_dispatch(l1, t2, l2, c)?;
+        crate::op_stats::record("custom", c.name(), crate::op_stats::read_bytes(l1, self.dtype()) + crate::op_stats::read_bytes(l2, t2.dtype()) + shape.elem_count() * s.dtype().size_in_bytes(), 0);
+        Ok((s, shape))
+    }
+
+    fn apply_op2_dispatch(
         &self,
         l1: &Layout,
         t2: &Self,
@@ -249,7 +268,13 @@ impl Storage {
         }
     }
 
-    pub(crate) fn apply_op3(
+    pub(crate) fn apply_op3(&self, l1: &Layout, t2: &Self, l2: &Layout, t3: &Self, l3: &Layout, c: &dyn CustomOp3) -> Result<(Self, Shape)> {
+        let (s, shape) = self.apply_op3_dispatch(l1, t2, l2, t3, l3, c)?;
+        crate::op_stats::record("custom", c.name(), crate::op_stats::read_bytes(l1, self.dtype()) + crate::op_stats::read_bytes(l2, t2.dtype()) + crate::op_stats::read_bytes(l3, t3.dtype()) + shape.elem_count() * s.dtype().size_in_bytes(), 0);
+        Ok((s, shape))
+    }
+
+    fn apply_op3_dispatch(
         &self,
         l1: &Layout,
         t2: &Self,
@@ -288,6 +313,7 @@ impl Storage {
         srcs: [(Src<'_, Storage>, &Layout); N],
         c: &C,
     ) -> Result<()> {
+        crate::op_stats::record("inplace", c.name(), 2 * crate::op_stats::out_bytes(dst_l, self.dtype()) + srcs.iter().map(|(_, l)| crate::op_stats::read_bytes(l, self.dtype())).sum::<usize>(), 0);
         // Aliased sources are `self`. Only distinct needs checking.
         for (s, _) in srcs.iter() {
             if let Src::Distinct(s) = s {
@@ -324,6 +350,7 @@ impl Storage {
     }
 
     pub(crate) fn unary_impl<B: op::UnaryOpT>(&self, layout: &Layout) -> Result<Self> {
+        crate::op_stats::record("unary", B::NAME, crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::out_bytes(layout, self.dtype()), 0);
         match self {
             Storage::Cpu(storage) => {
                 let storage = storage.unary_impl::<B>(layout)?;
@@ -346,6 +373,7 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        crate::op_stats::record("binary", B::NAME, crate::op_stats::read_bytes(lhs_layout, self.dtype()) + crate::op_stats::read_bytes(rhs_layout, self.dtype()) + crate::op_stats::out_bytes(lhs_layout, self.dtype()), 0);
         self.same_device(rhs, B::NAME)?;
         self.same_dtype(rhs, B::NAME)?;
         match (self, rhs) {
@@ -612,6 +640,7 @@ impl Storage {
         f: &Self,
         layout_f: &Layout,
     ) -> Result<Self> {
+        crate::op_stats::record("where", "where_cond", crate::op_stats::read_bytes(layout, self.dtype()) + crate::op_stats::read_bytes(layout_t, t.dtype()) + crate::op_stats::read_bytes(layout_f, t.dtype()) + crate::op_stats::out_bytes(layout, t.dtype()), 0);
         self.same_device(t, "where")?;
         self.same_device(f, "where")?;
         t.same_dtype(f, "where")?;
@@ -644,6 +673,7 @@ impl Storage {
         indexes_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        crate::op_stats::record("index", "gather", crate::op_stats::read_bytes(indexes_l, indexes.dtype()) + 2 * crate::op_stats::out_bytes(indexes_l, self.dtype()), 0);
         self.same_device(indexes, "index-add")?;
         match (self, indexes) {
             (Self::Cpu(s), Self::Cpu(indexes)) => {
@@ -671,6 +701,7 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<()> {
+        crate::op_stats::record("index", "scatter_set", crate::op_stats::read_bytes(indexes_l, indexes.dtype()) + 2 * crate::op_stats::read_bytes(source_l, source.dtype()), 0);
         self.same_device(indexes, "scatter-set")?;
         self.same_device(source, "scatter-set")?;
         match (self, indexes, source) {
@@ -697,6 +728,7 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<()> {
+        crate::op_stats::record("index", "scatter_add", crate::op_stats::read_bytes(indexes_l, indexes.dtype()) + 3 * crate::op_stats::read_bytes(source_l, source.dtype()), 0);
         self.same_device(indexes, "scatter-add")?;
         self.same_device(source, "scatter-add")?;
         match (self, indexes, source) {
@@ -723,6 +755,7 @@ impl Storage {
         source_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        crate::op_stats::record("index", "index_add", crate::op_stats::read_bytes(l, self.dtype()) + crate::op_stats::out_bytes(l, self.dtype()) + crate::op_stats::read_bytes(indexes_l, indexes.dtype()) + 2 * crate::op_stats::read_bytes(source_l, source.dtype()), 0);
         self.same_device(indexes, "index-add")?;
         self.same_device(source, "index-add")?;
         match (self, indexes, source) {
@@ -749,6 +782,7 @@ impl Storage {
         rhs_l: &Layout,
         d: usize,
     ) -> Result<Self> {
+        crate::op_stats::record("index", "index_select", crate::op_stats::read_bytes(rhs_l, rhs.dtype()) + 2 * crate::op_stats::read_bytes(rhs_l, rhs.dtype()) / rhs.dtype().size_in_bytes() * self.dtype().size_in_bytes() * lhs_l.dims().iter().enumerate().filter(|(i, _)| *i != d).map(|(_, x)| *x).product::<usize>(), 0);
         self.same_device(rhs, "index-select")?;
         match (self, rhs) {
             (Self::Cpu(lhs), Self::Cpu(rhs)) => {
@@ -779,6 +813,7 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
+        crate::op_stats::record("matmul", self.dtype().as_str(), (bmnk.0 * (bmnk.1 * bmnk.3 + bmnk.3 * bmnk.2 + bmnk.1 * bmnk.2)) * self.dtype().size_in_bytes(), 2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3);
         self.same_device(rhs, "matmul")?;
         self.same_dtype(rhs, "matmul")?;
         match (self, rhs) {
@@ -810,6 +845,7 @@ impl Storage {
         dst_offset: usize,
         src_l: &Layout,
     ) -> Result<()> {
+        crate::op_stats::record("copy", "strided", crate::op_stats::read_bytes(src_l, self.dtype()) + crate::op_stats::out_bytes(src_l, self.dtype()), 0);
         match (self, dst) {
             (Self::Cpu(src), Self::Cpu(dst)) => src.copy_strided_src(dst, dst_offset, src_l),
             (Self::Cuda(src), Self::Cuda(dst)) => Ok(src.copy_strided_src(dst, dst_offset, src_l)?),
@@ -836,6 +872,7 @@ impl Storage {
         src_o: usize,
         dst_o: usize,
     ) -> Result<()> {
+        crate::op_stats::record("copy", "2d", 2 * d1 * d2 * self.dtype().size_in_bytes(), 0);
         match (self, dst) {
             (Self::Cpu(src), Self::Cpu(dst)) => src.copy2d(dst, d1, d2, src_s, dst_s, src_o, dst_o),
             (Self::Cuda(src), Self::Cuda(dst)) => {

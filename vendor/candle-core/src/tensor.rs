@@ -674,6 +674,7 @@ impl Tensor {
             let data = S::cpu_storage_as_slice(cpu_storage)?;
             Ok::<_, Error>(data[self.layout().start_offset()])
         };
+        crate::op_stats::record("transfer", "device-to-host", self.dtype().size_in_bytes(), 0);
         match &*self.storage() {
             Storage::Cpu(cpu_storage) => from_cpu_storage(cpu_storage),
             Storage::Cuda(storage) => from_cpu_storage(&storage.to_cpu_storage()?),
@@ -1972,6 +1973,7 @@ impl Tensor {
             };
             Ok::<Vec<_>, Error>(data)
         };
+        crate::op_stats::record("transfer", "device-to-host", self.elem_count() * self.dtype().size_in_bytes(), 0);
         match &*self.storage() {
             Storage::Cpu(storage) => from_cpu_storage(storage),
             Storage::Cuda(storage) => from_cpu_storage(&storage.to_cpu_storage()?),
@@ -2003,6 +2005,7 @@ impl Tensor {
             }
             Ok(rows)
         };
+        crate::op_stats::record("transfer", "device-to-host", self.elem_count() * self.dtype().size_in_bytes(), 0);
         match &*self.storage() {
             Storage::Cpu(storage) => from_cpu_storage(storage),
             Storage::Cuda(storage) => from_cpu_storage(&storage.to_cpu_storage()?),
@@ -2044,6 +2047,7 @@ impl Tensor {
             }
             Ok(top_rows)
         };
+        crate::op_stats::record("transfer", "device-to-host", self.elem_count() * self.dtype().size_in_bytes(), 0);
         match &*self.storage() {
             Storage::Cpu(storage) => from_cpu_storage(storage),
             Storage::Cuda(storage) => from_cpu_storage(&storage.to_cpu_storage()?),

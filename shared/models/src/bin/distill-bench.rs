@@ -63,6 +63,12 @@ struct Args {
     /// else; `false`: the full last layer, to measure what it saves).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     first_token_only: bool,
+    /// Instead of timing: count what one iteration dispatches to the backend, after one untimed
+    /// (on CUDA each operation is about one kernel launch): operations, bytes read and written,
+    /// matmul flops, by kind (`candle_core::op_stats`); `scripts/bench/op-stats.py` runs it at two
+    /// batch sizes and extrapolates to the benchmark's.
+    #[arg(long)]
+    op_stats: bool,
     /// Instead of timing: check the fused kernels against the composite ops on --device (values
     /// and gradients; AdamW updates on CUDA) and exit non-zero on a difference.
     #[arg(long)]
@@ -173,6 +179,60 @@ fn timed(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> anyho
     Ok(ts[ts.len() / 2])
 }
 
+/// One warm-up call of `f`, then the operations one more call dispatches (`candle_core::op_stats`)
+/// by phase: `f` calls `phase(name)` at the end of each. Largest traffic first, with totals.
+fn counted(mut f: impl FnMut(&mut dyn FnMut(&'static str)) -> anyhow::Result<()>) -> anyhow::Result<serde_json::Value> {
+    use candle_core::op_stats;
+    f(&mut |_| ())?;
+    op_stats::take();
+    op_stats::set_enabled(true);
+    let mut phases = Vec::new();
+    let r = f(&mut |name| phases.push((name, op_stats::take())));
+    op_stats::set_enabled(false);
+    r?;
+    let sum =
+        |ops: &[(_, op_stats::OpStat)], f: fn(&op_stats::OpStat) -> u64| ops.iter().map(|(_, s)| f(s)).sum::<u64>();
+    let mut totals = [0u64; 3];
+    let phases: Vec<serde_json::Value> = phases
+        .into_iter()
+        .map(|(phase, mut ops)| {
+            ops.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(b.1.calls.cmp(&a.1.calls)));
+            let t = [sum(&ops, |s| s.calls), sum(&ops, |s| s.bytes), sum(&ops, |s| s.flops)];
+            for (total, x) in totals.iter_mut().zip(t) {
+                *total += x;
+            }
+            let ops: Vec<serde_json::Value> = ops
+                .iter()
+                .map(|((kind, name), s)| {
+                    serde_json::json!({"kind": kind, "name": name, "calls": s.calls, "bytes": s.bytes, "flops": s.flops})
+                })
+                .collect();
+            serde_json::json!({"phase": phase, "calls": t[0], "bytes": t[1], "flops": t[2], "ops": ops})
+        })
+        .collect();
+    Ok(serde_json::json!({"calls": totals[0], "bytes": totals[1], "flops": totals[2], "phases": phases}))
+}
+
+fn counted_row(
+    mut row: serde_json::Value,
+    model: &str,
+    mode: &str,
+    batch: usize,
+    seq: usize,
+    kernels: &str,
+) -> serde_json::Value {
+    for (k, v) in [
+        ("model", model.into()),
+        ("mode", mode.into()),
+        ("batch", batch.into()),
+        ("seq", seq.into()),
+        ("kernels", kernels.into()),
+    ] {
+        row[k] = v;
+    }
+    row
+}
+
 struct Built {
     backbone: Backbone,
     varmap: VarMap,
@@ -270,17 +330,26 @@ fn main() -> anyhow::Result<()> {
         if args.modes.iter().any(|m| m == "score") {
             let b = build(name, args.model.as_deref(), score_dtype, &dev)?;
             let (ids, types, mask) = random_ids(b.vocab, args.score_batch, args.seq, &dev)?;
-            let t = timed(&dev, args.warmup, args.iters, || {
+            let score = || -> anyhow::Result<()> {
                 distill_models::layers::no_grad(|| b.backbone.forward(&ids, &types, &mask, false))?;
                 Ok(())
-            })?;
-            let n = args.score_batch as f64;
-            rows.push(
-                serde_json::json!({"model": name, "mode": format!("score-{}", args.score_dtype), "params": b.params,
-                "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
-                "first_token_only": args.first_token_only,
-                "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
-            );
+            };
+            let mode = format!("score-{}", args.score_dtype);
+            if args.op_stats {
+                let row = counted(|phase| {
+                    score()?;
+                    phase("forward");
+                    Ok(())
+                })?;
+                rows.push(counted_row(row, name, &mode, args.score_batch, args.seq, kernels));
+            } else {
+                let t = timed(&dev, args.warmup, args.iters, score)?;
+                let n = args.score_batch as f64;
+                rows.push(serde_json::json!({"model": name, "mode": mode, "params": b.params,
+                    "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
+                    "first_token_only": args.first_token_only,
+                    "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
+            }
             println!("{}", rows.last().unwrap());
         }
         if args.modes.iter().any(|m| m == "train") {
@@ -295,12 +364,32 @@ fn main() -> anyhow::Result<()> {
                 let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
                 Ok((margin - &target)?.sqr()?.mean_all()?)
             };
-            let t = timed(&dev, args.warmup, args.iters, || {
+            let step = || -> anyhow::Result<()> {
                 let mut grads = opt.grads(&loss()?.backward()?);
                 grads.clip(1.0)?;
                 opt.update(&grads, 1e-5)?;
                 Ok(())
-            })?;
+            };
+            let mode = format!("train-{}", args.train_precision);
+            if args.op_stats {
+                let row = counted(|phase| {
+                    let l = loss()?;
+                    phase("forward");
+                    let g = l.backward()?;
+                    phase("backward");
+                    let mut grads = opt.grads(&g);
+                    grads.clip(1.0)?;
+                    opt.update(&grads, 1e-5)?;
+                    phase("optimizer");
+                    Ok(())
+                })?;
+                distill_models::layers::autocast(None);
+                distill_models::layers::freeze_word_embeddings(false);
+                rows.push(counted_row(row, name, &mode, args.train_batch, args.seq, kernels));
+                println!("{}", rows.last().unwrap());
+                continue;
+            }
+            let t = timed(&dev, args.warmup, args.iters, step)?;
             // Where the step's time goes: the forward pass (keeping the graph) and forward + backward.
             let (fwd, fwd_bwd) = if args.breakdown {
                 let fwd = timed(&dev, 1, args.iters.min(5), || {
@@ -319,7 +408,7 @@ fn main() -> anyhow::Result<()> {
             distill_models::layers::freeze_word_embeddings(false);
             let n = args.train_batch as f64;
             rows.push(
-                serde_json::json!({"model": name, "mode": format!("train-{}", args.train_precision), "params": b.params, "batch": args.train_batch,
+                serde_json::json!({"model": name, "mode": mode, "params": b.params, "batch": args.train_batch,
                 "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
                 "first_token_only": args.first_token_only, "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
                 "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
@@ -327,8 +416,25 @@ fn main() -> anyhow::Result<()> {
             println!("{}", rows.last().unwrap());
         }
     }
+    if args.op_stats {
+        println!(
+            "\n{:<16} {:<15} {:>6} {:>10} {:>12} {:>10}",
+            "model", "mode", "batch", "operations", "GB moved", "matmul TF"
+        );
+        for r in &rows {
+            println!(
+                "{:<16} {:<15} {:>6} {:>10} {:>12.3} {:>10.3}",
+                r["model"].as_str().unwrap_or_default(),
+                r["mode"].as_str().unwrap_or_default(),
+                r["batch"],
+                r["calls"],
+                r["bytes"].as_f64().unwrap_or_default() / 1e9,
+                r["flops"].as_f64().unwrap_or_default() / 1e12
+            );
+        }
+    }
     println!("\n{:<16} {:<15} {:>9} {:>10} {:>8}", "model", "mode", "params(M)", "pairs/s", "TFLOP/s");
-    for r in &rows {
+    for r in rows.iter().filter(|r| r.get("pairs_per_s").is_some()) {
         println!(
             "{:<16} {:<15} {:>9.1} {:>10.0} {:>8.2}",
             r["model"].as_str().unwrap_or_default(),

@@ -1,0 +1,88 @@
+//! Counting of backend operations (a distill patch, vendor/README.md): how many operations a
+//! computation dispatches to the backend (on CUDA: kernel launches, roughly one each) and about
+//! how many bytes of device memory they read and write. Off unless [`set_enabled`]; when off each
+//! operation pays one relaxed atomic load.
+//!
+//! Bytes are counted from the layouts: every input element an operation addresses (a broadcast
+//! dimension, stride 0, counts once) plus its output; a matrix product counts its operands, its
+//! output and `2·b·m·n·k` flops. Custom ops count their inputs and their output (a custom op that
+//! launches two kernels counts as one operation).
+//!
+//! `CANDLE_OP_STATS_TRACE=kind[:name]` prints a backtrace for each counted operation of that kind
+//! (and name), to find where a computation dispatches it.
+
+use crate::{DType, Layout};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+static ON: AtomicBool = AtomicBool::new(false);
+type Key = (&'static str, &'static str);
+static STATS: Mutex<BTreeMap<Key, OpStat>> = Mutex::new(BTreeMap::new());
+
+/// Counts for one kind of operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpStat {
+    pub calls: u64,
+    pub bytes: u64,
+    pub flops: u64,
+}
+
+/// Starts (or stops) counting.
+pub fn set_enabled(on: bool) {
+    ON.store(on, Ordering::Relaxed)
+}
+
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// The counts so far, keyed by (kind, name) — kinds: unary, binary, affine, cast, reduce, cmp,
+/// where, index, matmul, copy, custom, inplace, alloc, transfer — and clears them.
+pub fn take() -> Vec<(Key, OpStat)> {
+    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    std::mem::take(&mut *stats).into_iter().collect()
+}
+
+#[inline]
+pub(crate) fn record(kind: &'static str, name: &'static str, bytes: usize, flops: usize) {
+    if !ON.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some((k, n)) = trace() {
+        if k == kind && n.as_deref().is_none_or(|n| n == name) {
+            eprintln!("op_stats: {kind} {name} ({bytes} bytes)\n{}", std::backtrace::Backtrace::force_capture());
+        }
+    }
+    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    let s = stats.entry((kind, name)).or_default();
+    s.calls += 1;
+    s.bytes += bytes as u64;
+    s.flops += flops as u64;
+}
+
+fn trace() -> Option<&'static (String, Option<String>)> {
+    static TRACE: OnceLock<Option<(String, Option<String>)>> = OnceLock::new();
+    TRACE
+        .get_or_init(|| {
+            let v = std::env::var("CANDLE_OP_STATS_TRACE").ok()?;
+            let (k, n) = match v.split_once(':') {
+                Some((k, n)) => (k.to_string(), Some(n.to_string())),
+                None => (v, None),
+            };
+            Some((k, n))
+        })
+        .as_ref()
+}
+
+/// Bytes an operation reads through `layout`: the elements it addresses (dimensions of stride 0
+/// are broadcasts and count once).
+pub(crate) fn read_bytes(layout: &Layout, dtype: DType) -> usize {
+    let elems: usize = layout.dims().iter().zip(layout.stride()).filter(|(_, s)| **s != 0).map(|(d, _)| *d).product();
+    elems * dtype.size_in_bytes()
+}
+
+/// Bytes of a contiguous result of `layout`'s shape.
+pub(crate) fn out_bytes(layout: &Layout, dtype: DType) -> usize {
+    layout.shape().elem_count() * dtype.size_in_bytes()
+}
