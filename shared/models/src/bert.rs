@@ -224,8 +224,15 @@ impl Encoder {
             // [B, heads, L, D].
             let joined = Linear::concat(&[&layer.query, &layer.key, &layer.value])?;
             if !train && crate::kernels::flash_scoring_packed_on(&x, head_dim) {
-                let ctx =
-                    flash_attention_for_scoring_packed(&joined.product(&x)?, joined.bias(), &bias, heads, scale, None)?;
+                let ctx = flash_attention_for_scoring_packed(
+                    &joined.product(&x)?,
+                    joined.bias(),
+                    &bias,
+                    heads,
+                    scale,
+                    None,
+                    None,
+                )?;
                 x = self.feed_forward(layer, &ctx, &x, train)?;
                 continue;
             }

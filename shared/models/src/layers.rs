@@ -234,7 +234,7 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
     }
-    if x.device().is_cuda() && crate::kernels::fused_dropout_for(x) {
+    if crate::kernels::fused_dropout_for(x) {
         // One kernel, the mask a function of a seed (from this thread's generator when seeded).
         return crate::kernels::dropout(x, p, dropout_seed());
     }

@@ -115,7 +115,7 @@ pub struct ModernBertCrossEncoder {
 }
 
 /// `[cos, sin]` of rotary embeddings for positions 0..len, [len, head_dim] each (f32).
-fn rotary(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rotary(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> =
         (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
     let inv = Tensor::from_vec(inv, (1, head_dim / 2), device)?;
@@ -159,17 +159,7 @@ impl ModernBertCrossEncoder {
     fn mlp_block(&self, layer: &Layer, x: &Tensor, ctx: &Tensor, train: bool) -> Result<Tensor> {
         let cfg = &self.config;
         if !train && crate::kernels::scoring_epilogues_on(ctx) {
-            // Scoring: the residual add and the MLP's norm in one kernel (wo's bias inside), the
-            // GeGLU in one.
-            let (x, normed) = layer.mlp_norm.add_norm_sum(&layer.wo.product(ctx)?, layer.wo.bias(), x)?;
-            let inner = layer.wi.forward(&normed)?;
-            let glu = match cfg.hidden_activation.as_str() {
-                "gelu" => crate::kernels::geglu_for_scoring(&inner)?,
-                act => {
-                    let n = cfg.intermediate_size;
-                    (activation(act, &inner.narrow(D::Minus1, 0, n)?)? * inner.narrow(D::Minus1, n, n)?)?
-                }
-            };
+            let (x, glu) = self.mlp_for_scoring(layer, x, ctx)?;
             return &x + layer.mlp_wo.forward(&glu)?;
         }
         let x = (x + dropout(&layer.wo.forward(ctx)?, cfg.attention_dropout, train)?)?;
@@ -180,6 +170,24 @@ impl ModernBertCrossEncoder {
         );
         let glu = (activation(&cfg.hidden_activation, &input)? * gate)?;
         &x + layer.mlp_wo.forward(&dropout(&glu, cfg.mlp_dropout, train)?)?
+    }
+
+    /// [`Self::mlp_block`] for scoring, where `kernels::scoring_epilogues_on` holds, without its
+    /// last residual add: the residual add and the MLP's norm in one kernel (wo's bias inside),
+    /// the GeGLU in one; returns (the residual stream after attention, the GeGLU's output). The
+    /// caller adds `mlp.Wo`'s product to the first with the next norm (one kernel again).
+    fn mlp_for_scoring(&self, layer: &Layer, x: &Tensor, ctx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.config;
+        let (x, normed) = layer.mlp_norm.add_norm_sum(&layer.wo.product(ctx)?, layer.wo.bias(), x)?;
+        let inner = layer.wi.forward(&normed)?;
+        let glu = match cfg.hidden_activation.as_str() {
+            "gelu" => crate::kernels::geglu_for_scoring(&inner)?,
+            act => {
+                let n = cfg.intermediate_size;
+                (activation(act, &inner.narrow(D::Minus1, 0, n)?)? * inner.narrow(D::Minus1, n, n)?)?
+            }
+        };
+        Ok((x, glu))
     }
 
     /// One score per sequence; `token_type_ids` are ignored (ModernBERT has none).
@@ -199,46 +207,99 @@ impl ModernBertCrossEncoder {
         let mut x =
             dropout(&self.emb_norm.forward(&self.embeddings.forward(input_ids)?)?, cfg.embedding_dropout, train)?;
 
-        // Additive masks [B, 1, L, L]: padding keys everywhere; beyond the window in sliding layers.
+        // Additive masks: padding keys [B, 1, 1, L] everywhere; for the composite attention of the
+        // sliding layers also the keys beyond the window, [B, 1, L, L] (made when first needed).
         let pad = attention_mask.to_dtype(DType::F32)?.affine(1e9, -1e9)?.reshape((bsz, 1, 1, len))?;
         let window = (cfg.local_attention / 2) as i64;
-        let band: Vec<f32> = (0..len * len)
-            .map(|k| if ((k / len) as i64 - (k % len) as i64).abs() <= window { 0.0 } else { -1e9 })
-            .collect();
-        let band = Tensor::from_vec(band, (1, 1, len, len), dev)?;
-        let masks = [pad.clone(), pad.broadcast_add(&band)?];
+        let local_mask = std::cell::OnceCell::new();
+        let mask = |sliding: bool| -> Result<Tensor> {
+            if !sliding {
+                return Ok(pad.clone());
+            }
+            if let Some(m) = local_mask.get() {
+                return Ok(Tensor::clone(m));
+            }
+            let band: Vec<f32> = (0..len * len)
+                .map(|k| if ((k / len) as i64 - (k % len) as i64).abs() <= window { 0.0 } else { -1e9 })
+                .collect();
+            let m = pad.broadcast_add(&Tensor::from_vec(band, (1, 1, len, len), dev)?)?;
+            Ok(local_mask.get_or_init(|| m).clone())
+        };
         let (global_theta, local_theta) = cfg.thetas();
         let ropes = [rotary(len, hd, global_theta, dev)?, rotary(len, hd, local_theta, dev)?];
         let scale = 1.0 / (hd as f64).sqrt();
+        // Scoring in bf16: attention straight from Wqkv's product, q and k rotated as they load
+        // (one kernel: no rotation passes, no head-split copies); the tables [2, L, D] per theta.
+        let packed = !train && !crate::layers::grad_enabled() && crate::kernels::flash_scoring_packed_on(&x, hd);
+        let rope_tables = if packed {
+            Some(ropes.iter().map(|(c, s)| Tensor::stack(&[c, s], 0)).collect::<Result<Vec<_>>>()?)
+        } else {
+            None
+        };
 
         // With CLS pooling only the first token's final state is read: the last layer needs every
         // token's key and value but the query, attention and MLP of the first token only.
         let first_only = cfg.classifier_pooling != "mean" && crate::layers::first_token_only_on();
         let last = self.layers.len().saturating_sub(1);
+        // Scoring: a layer's MLP output not yet added to the residual stream (`mlp.Wo`'s product,
+        // its bias, the stream): the next norm adds it (one kernel: the sum and its norm).
+        let mut pending: Option<(Tensor, Option<Tensor>, Tensor)> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             if !crate::layers::grad_enabled() {
                 x = x.detach();
             }
             let which = layer.sliding as usize;
-            let normed = match &layer.attn_norm {
-                Some(n) => n.forward(&x)?,
-                None => x.clone(),
+            let normed = match (&layer.attn_norm, pending.take()) {
+                (Some(n), Some((product, bias, stream))) => {
+                    let (sum, normed) = n.add_norm_sum(&product, bias.as_ref(), &stream)?;
+                    x = sum;
+                    normed
+                }
+                (None, Some((product, bias, stream))) => {
+                    let product = match bias {
+                        Some(b) => product.broadcast_add(&b.to_dtype(product.dtype())?)?,
+                        None => product,
+                    };
+                    x = (stream + product)?;
+                    x.clone()
+                }
+                (Some(n), None) => n.forward(&x)?,
+                (None, None) => x.clone(),
             };
+            let window = layer.sliding.then_some(window as usize);
+            if let (Some(tables), false) = (&rope_tables, first_only && i == last) {
+                let qkv = layer.wqkv.product(&normed)?;
+                let ctx = crate::kernels::flash_attention_for_scoring_packed(
+                    &qkv,
+                    layer.wqkv.bias(),
+                    &pad,
+                    heads,
+                    scale,
+                    window,
+                    Some(&tables[which]),
+                )?;
+                if crate::kernels::scoring_epilogues_on(&ctx) {
+                    let (stream, glu) = self.mlp_for_scoring(layer, &x, &ctx)?;
+                    pending = Some((layer.mlp_wo.product(&glu)?, layer.mlp_wo.bias().cloned(), stream));
+                } else {
+                    x = self.mlp_block(layer, &x, &ctx, train)?;
+                }
+                continue;
+            }
             let qkv = layer.wqkv.forward(&normed)?.reshape((bsz, len, 3, heads, hd))?;
             let (cos, sin) = &ropes[which];
             // The head split with q and k rotated (one kernel where the fused kernels run).
             let (q, k, v) = crate::kernels::rotary_qkv(&qkv, cos, sin)?;
             if first_only && i == last {
                 let q = q.narrow(2, 0, 1)?.contiguous()?;
-                let mask =
-                    if masks[which].dim(2)? == 1 { masks[which].clone() } else { masks[which].narrow(2, 0, 1)? };
+                let mask = mask(layer.sliding)?;
+                let mask = if mask.dim(2)? == 1 { mask } else { mask.narrow(2, 0, 1)? };
                 let ctx = composite_attention(&q, &k, &v, &mask, scale, compute, (cfg.attention_dropout, train))?;
                 x = self.mlp_block(layer, &x.narrow(1, 0, 1)?, &ctx, train)?;
                 break;
             }
             // Flash-style attention where it applies (training under autocast, scoring in bf16;
             // the local layers' band as its window), else the products and the masked softmax.
-            let window = layer.sliding.then_some(window as usize);
             let flash = if train || crate::layers::grad_enabled() {
                 let p = cfg.attention_dropout;
                 let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
@@ -248,11 +309,22 @@ impl ModernBertCrossEncoder {
             };
             let ctx = match flash {
                 Some(ctx) => ctx,
-                None => composite_attention(&q, &k, &v, &masks[which], scale, compute, (cfg.attention_dropout, train))?,
+                None => composite_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &mask(layer.sliding)?,
+                    scale,
+                    compute,
+                    (cfg.attention_dropout, train),
+                )?,
             };
             x = self.mlp_block(layer, &x, &ctx, train)?;
         }
-        let x = self.final_norm.forward(&x)?;
+        let x = match pending {
+            Some((product, bias, stream)) => self.final_norm.add_norm_sum(&product, bias.as_ref(), &stream)?.1,
+            None => self.final_norm.forward(&x)?,
+        };
         let pooled = if cfg.classifier_pooling == "mean" {
             let m = attention_mask.to_dtype(x.dtype())?.unsqueeze(2)?;
             x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?

@@ -17,6 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 static ON: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    static PAUSED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 type Key = (&'static str, &'static str);
 static STATS: Mutex<BTreeMap<Key, OpStat>> = Mutex::new(BTreeMap::new());
 
@@ -44,9 +47,18 @@ pub fn take() -> Vec<(Key, OpStat)> {
     std::mem::take(&mut *stats).into_iter().collect()
 }
 
+/// Runs `f` without counting on this thread: for work that another backend does not do, such as a
+/// CPU twin of a CUDA kernel reading its auxiliary tensors to the host.
+pub fn uncounted<R>(f: impl FnOnce() -> R) -> R {
+    PAUSED.with(|p| p.set(p.get() + 1));
+    let r = f();
+    PAUSED.with(|p| p.set(p.get() - 1));
+    r
+}
+
 #[inline]
 pub(crate) fn record(kind: &'static str, name: &'static str, bytes: usize, flops: usize) {
-    if !ON.load(Ordering::Relaxed) {
+    if !ON.load(Ordering::Relaxed) || PAUSED.with(|p| p.get()) > 0 {
         return;
     }
     if let Some((k, n)) = trace() {

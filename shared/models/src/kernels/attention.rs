@@ -82,7 +82,7 @@ impl CustomOp3 for FlashAttention {
             }
         };
         let (q, k, v) = (read(s1, l1)?, read(s2, l2)?, read(s3, l3)?);
-        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        let bias = f32_data(&self.bias)?;
         let out = flash_cpu(&q, &k, &v, &bias, [b, h, l, d], self.scale, self.window);
         Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
     }
@@ -172,8 +172,10 @@ pub(super) struct FlashTrain {
     pub(super) shape: launch_shape::Attention,
 }
 
+/// A tensor the CPU twin reads besides its operands (not counted by `op_stats`: the CUDA kernel
+/// reads it in place).
 fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
-    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
+    candle_core::op_stats::uncounted(|| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
 }
 
 impl CustomOp3 for FlashTrain {
@@ -414,12 +416,15 @@ pub fn flash_attention_for_scoring(
 /// softmax(q kᵀ · scale + key bias) v with q, k, v read from one linear layer's product
 /// [B, L, 3 H D] (query, key, value side by side, as BERT's joined projection) plus its bias
 /// [3 H D] f32, added in f32 and rounded to bf16 as each value is read (what a bf16 bias add before
-/// the split gives). Out [B, L, H D] bf16; no backward.
+/// the split gives). With `rope` ([2, L, D] f32: cos, sin), q and k are rotated after that, in f32
+/// from the rounded values and rounded again (what the bf16 product, then the rotation in f32
+/// back to bf16 gives: ModernBERT). Out [B, L, H D] bf16; no backward.
 pub(super) struct FlashAttentionPacked {
     pub(super) bias: Tensor,
     pub(super) heads: usize,
     pub(super) scale: f32,
     pub(super) window: Option<usize>,
+    pub(super) rope: Option<Tensor>,
 }
 
 impl FlashAttentionPacked {
@@ -454,7 +459,31 @@ impl CustomOp2 for FlashAttentionPacked {
             let (which, head, c) = (col / (h * d), col % (h * d) / d, col % d);
             split[which][((batch * h + head) * l + pos) * d + c] = half::bf16::from_f32(x + qkv_bias[col]).to_f32();
         }
-        let bias: Vec<f32> = self.bias.flatten_all()?.to_vec1()?;
+        if let Some(rope) = &self.rope {
+            if rope.dims() != [2, l, d] {
+                candle_core::bail!(
+                    "{}: a rotary table of {:?} for length {l}, head size {d}",
+                    self.name(),
+                    rope.dims()
+                );
+            }
+            let rope = f32_data(rope)?;
+            let (cos, sin) = rope.split_at(l * d);
+            for x in &mut split[..2] {
+                for (i, row) in x.chunks_mut(d).enumerate() {
+                    let pos = i % l;
+                    let (c, s) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+                    let rotated: Vec<f32> = (0..d)
+                        .map(|j| {
+                            let other = if j < d / 2 { -row[j + d / 2] } else { row[j - d / 2] };
+                            half::bf16::from_f32(row[j] * c[j] + other * s[j]).to_f32()
+                        })
+                        .collect();
+                    row.copy_from_slice(&rotated);
+                }
+            }
+        }
+        let bias = f32_data(&self.bias)?;
         let out = flash_cpu(&split[0], &split[1], &split[2], &bias, [b, h, l, d], self.scale, self.window);
         Ok((CpuStorage::BF16(out), (b, l, h * d).into()))
     }
@@ -468,7 +497,7 @@ impl CustomOp2 for FlashAttentionPacked {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.dims(l1, l2)?;
-        cuda::flash_attention_packed((s1, l1), (s2, l2), &self.bias, dims, self.scale, self.window)
+        cuda::flash_attention_packed((s1, l1), (s2, l2), &self.bias, self.rope.as_ref(), dims, self.scale, self.window)
     }
 }
 
@@ -483,8 +512,9 @@ pub fn flash_scoring_packed_on(x: &Tensor, head_dim: usize) -> bool {
 
 /// Attention for scoring straight from a joined query/key/value product `qkv` [B, L, 3 H D]
 /// (bf16, without its bias) and that bias [3 H D]: one kernel, no bias pass, no head-split
-/// copies, no [B, H, L, L] scores; key mask `bias` [B, 1, 1, L]. Out [B, L, H D] bf16. Call where
-/// [`flash_scoring_packed_on`] holds (an error otherwise).
+/// copies, no [B, H, L, L] scores; key mask `bias` [B, 1, 1, L]. `rope` [2, L, D] f32 (cos, sin):
+/// q and k rotated as they load (ModernBERT), no rotation passes. Out [B, L, H D] bf16. Call
+/// where [`flash_scoring_packed_on`] holds (an error otherwise).
 pub fn flash_attention_for_scoring_packed(
     qkv: &Tensor,
     qkv_bias: Option<&Tensor>,
@@ -492,6 +522,7 @@ pub fn flash_attention_for_scoring_packed(
     heads: usize,
     scale: f64,
     window: Option<usize>,
+    rope: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, l, n) = qkv.dims3()?;
     if !flash_scoring_packed_on(qkv, n / (3 * heads).max(1)) || bias.dims() != [b, 1, 1, l] {
@@ -505,7 +536,13 @@ pub fn flash_attention_for_scoring_packed(
         Some(t) => t.to_dtype(DType::F32)?.contiguous()?,
         None => Tensor::zeros(n, DType::F32, qkv.device())?,
     };
-    let op =
-        FlashAttentionPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, heads, scale: scale as f32, window };
+    let rope = rope.map(|r| r.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    let op = FlashAttentionPacked {
+        bias: bias.to_dtype(DType::F32)?.contiguous()?,
+        heads,
+        scale: scale as f32,
+        window,
+        rope,
+    };
     qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)
 }

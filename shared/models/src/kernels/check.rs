@@ -421,28 +421,41 @@ fn check_attention_scoring(dev: &candle_core::Device, c: &mut Checks) -> Result<
             c.fail();
         }
     }
-    // The same from one joined product [B, L, 3 H D] and its bias, read in place.
-    for (b, h, l, d) in [(2usize, 3usize, 70usize, 32usize), (2, 12, 130, 64)] {
+    // The same from one joined product [B, L, 3 H D] and its bias, read in place; and with q and
+    // k rotated as they load (ModernBERT's rotary embeddings, its local window).
+    for (b, h, l, d, rope, window) in [
+        (2usize, 3usize, 70usize, 32usize, None, None),
+        (2, 12, 130, 64, None, None),
+        (2, 3, 70, 32, Some(10_000.0), Some(16usize)),
+        (2, 12, 130, 64, Some(160_000.0), None),
+    ] {
         let qkv = randn((b, l, 3 * h * d), dev)?.to_dtype(DType::BF16)?;
         let qkv_bias = (randn(3 * h * d, dev)? * 0.5)?.to_dtype(DType::BF16)?;
-        let (bias, _) = attention_masks(dev, b, l, None)?;
+        let (bias, full) = attention_masks(dev, b, l, window)?;
         let scale = 1.0 / (d as f64).sqrt();
+        let table = rope.map(|theta| crate::modernbert::rotary(l, d, theta, dev)).transpose()?;
         let composite = {
             let split = qkv.broadcast_add(&qkv_bias)?.reshape((b, l, 3, h, d))?;
             let part =
                 |i: usize| -> Result<Tensor> { split.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous() };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let probs = masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &bias, scale)?;
+            let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
+            if let Some((cos, sin)) = &table {
+                (q, k) = (apply_rotary(&q, cos, sin)?, apply_rotary(&k, cos, sin)?);
+            }
+            let probs = masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &full, scale)?;
             probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?
         };
+        let rope = table.map(|(cos, sin)| Tensor::stack(&[cos, sin], 0)).transpose()?;
         set_fused(true);
         let flash = crate::layers::no_grad(|| {
-            flash_attention_for_scoring_packed(&qkv, Some(&qkv_bias), &bias.to_dtype(DType::BF16)?, h, scale, None)
+            let mask = bias.to_dtype(DType::BF16)?;
+            flash_attention_for_scoring_packed(&qkv, Some(&qkv_bias), &mask, h, scale, window, rope.as_ref())
         });
         set_fused_default();
         let diff = relative_bf16(&flash?, &composite)?;
+        let rotated = if rope.is_some() { ", q and k rotated" } else { "" };
         c.line(format!(
-            "flash attention for scoring from a joined product [{b}, {l}, 3 x {h} x {d}]: relative |values| {diff:.1e}"
+            "flash attention for scoring from a joined product [{b}, {l}, 3 x {h} x {d}]{rotated} window {window:?}: relative |values| {diff:.1e}"
         ));
         if diff >= 3e-2 {
             c.fail();
@@ -515,7 +528,12 @@ fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result
 /// largest composite value: the composite rounds the sums to bf16 on the way, the kernel not.
 fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     let bf16 = |shape: &[usize], scale: f64| -> Result<Tensor> { (randn(shape, dev)? * scale)?.to_dtype(DType::BF16) };
-    for (shape, with_bias) in [(vec![3usize, 5, 384], true), (vec![130, 768], false), (vec![2, 7, 1024], true)] {
+    // The widths of the models: hidden sizes for the norms; BERT-base's 3,072 feed-forward and
+    // ModernBERT-base's 2 x 1,152 GeGLU input are wider than a norm row may be (2,048), where the
+    // norms take the composite and the elementwise epilogues must still take their kernels.
+    for (shape, with_bias) in
+        [(vec![3usize, 5, 384], true), (vec![130, 768], false), (vec![2, 7, 1024], true), (vec![9, 3072], true)]
+    {
         let cols = *shape.last().unwrap_or(&1);
         let (x, residual) = (bf16(&shape, 2.0)?, bf16(&shape, 1.0)?);
         let bias = bf16(&[cols], 0.5)?;
@@ -532,12 +550,27 @@ fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<
             set_fused_default();
             y
         };
+        // Which kernels the fused run takes: a check of a composite against itself proves nothing.
+        set_fused(true);
+        let took = crate::layers::no_grad(|| {
+            [
+                super::epilogues::add_norm_applies(&x, &residual, &w),
+                super::epilogues::bias_gelu_applies(&x, &bias),
+                super::epilogues::geglu_applies(&x),
+            ]
+        });
+        set_fused_default();
         let (f, composite) = (run(true)?, run(false)?);
         let d: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| relative_bf16(a, b)).collect::<Result<_>>()?;
         c.line(format!(
             "scoring epilogues bf16 {shape:?} bias and shift {with_bias}: relative |add + norm| {:.1e}, |sum, its norm| {:.1e}, {:.1e}, |bias + gelu| {:.1e}, |geglu| {:.1e}",
             d[0], d[1], d[2], d[3], d[4]
         ));
+        let norms_fit = cols <= super::MAX_NORM_COLS;
+        if took != [norms_fit, true, true] {
+            c.line(format!("scoring epilogues bf16 {shape:?}: kernels taken (add-norm, bias-gelu, geglu) {took:?}"));
+            c.fail();
+        }
         if !(f.iter().all(|t| t.dtype() == DType::BF16) && d.iter().all(|d| *d < 3e-2)) {
             c.fail();
         }
@@ -550,18 +583,16 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     // Whole backbones under autocast, every fused kernel against none: a BERT and a ModernBERT of
     // head size 32 (two layers, random weights; ModernBERT's second layer local with a window of
     // 8), padded rows; the scores and the gradient of every parameter.
-    for (model_type, config) in [
-        (
-            "bert",
+    let config_of = |model_type: &str| match model_type {
+        "bert" => {
             serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2, "pad_token_id": 0}),
-        ),
-        (
-            "modernbert",
-            serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2, "pad_token_id": 0})
+        }
+        _ => serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 96, "pad_token_id": 0, "local_attention": 16, "global_attn_every_n_layers": 2}),
-        ),
-    ] {
+    };
+    for model_type in ["bert", "modernbert"] {
+        let config = config_of(model_type);
         let varmap = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let (backbone, _) = crate::cross_encoder::Backbone::from_config(model_type, config, vb)
@@ -631,6 +662,44 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
         ));
         if !(scores < 2e-2 && worst.0 < 5e-2) {
             c.fail();
+        }
+        // Scoring in bf16 (the weights in bf16, no graph): the fused path (BERT's and
+        // ModernBERT's attention from the joined product, ModernBERT's rotary inside it and its
+        // residual adds inside the next norm) against the composite; with the last layer for the
+        // first token only and in full (ModernBERT's last MLP then ends in the final norm).
+        // (A VarBuilder over a VarMap hands out its variables as they are: bf16 copies first.)
+        let bf16_vars = candle_nn::VarMap::new();
+        {
+            let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+            let mut copies = bf16_vars.data().lock().unwrap_or_else(|e| e.into_inner());
+            for (name, var) in data.iter() {
+                copies.insert(name.clone(), candle_core::Var::from_tensor(&var.as_tensor().to_dtype(DType::BF16)?)?);
+            }
+        }
+        let vb = candle_nn::VarBuilder::from_varmap(&bf16_vars, DType::BF16, dev);
+        let (scorer, _) = crate::cross_encoder::Backbone::from_config(model_type, config_of(model_type), vb)
+            .map_err(|e| candle_core::Error::Msg(format!("{model_type}: {e}")))?;
+        // Both against the f32 scores of the same weights: the fused path must be about as close
+        // as the composite bf16 path (on scores this small both are some bf16 steps away; a wrong
+        // rotation or a lost residual is off by the scores' size).
+        for first_only in [true, false] {
+            let score = |model: &crate::cross_encoder::Backbone, fused: bool| -> Result<Tensor> {
+                set_fused(fused);
+                crate::layers::first_token_only(first_only);
+                let s = crate::layers::no_grad(|| model.forward(&ids, &types, &mask, false));
+                crate::layers::first_token_only(true);
+                set_fused_default();
+                s
+            };
+            let reference = score(&backbone, false)?;
+            let (fused, composite) =
+                (rel(&score(&scorer, true)?, &reference)?, rel(&score(&scorer, false)?, &reference)?);
+            c.line(format!(
+                "{model_type} of head size 32 scoring in bf16, first token only {first_only}: relative |scores - f32| all fused {fused:.1e}, composite {composite:.1e}"
+            ));
+            if !(fused <= 2.0 * composite + 1e-2) {
+                c.fail();
+            }
         }
     }
     Ok(())

@@ -38,6 +38,8 @@ const KERNELS: [&str; 33] = [
     "distill_flash_attention_d64_bf16",
     "distill_flash_attention_packed_d32_bf16",
     "distill_flash_attention_packed_d64_bf16",
+    "distill_flash_attention_packed_rope_d32_bf16",
+    "distill_flash_attention_packed_rope_d64_bf16",
     "distill_flash_attention_train_d32_f32",
     "distill_flash_attention_train_d64_f32",
     "distill_flash_attention_dq_d32_f32",
@@ -541,19 +543,27 @@ pub fn flash_train_grad(
 }
 
 /// Attention for scoring from one packed product: (qkv [B, L, 3 H D] bf16, its bias [3 H D] f32),
-/// key bias [B, 1, 1, L] f32 -> [B, L, H D] bf16.
+/// key bias [B, 1, 1, L] f32, rotary embeddings for q and k `rope` [2, L, D] f32 (or none) ->
+/// [B, L, H D] bf16.
+#[allow(clippy::too_many_arguments)]
 pub fn flash_attention_packed(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     bias: &Tensor,
+    rope: Option<&Tensor>,
     [b, h, l, d]: [usize; 4],
     scale: f32,
     window: Option<usize>,
 ) -> Result<(CudaStorage, Shape)> {
     let op = "flash attention (packed)";
-    let Some(launch) = super::launch::Launch::flash_attention_packed(d, b, h, l, scale, window) else {
+    let Some(launch) = super::launch::Launch::flash_attention_packed(d, b, h, l, scale, window, rope.is_some()) else {
         candle_core::bail!("{op}: no kernel for head size {d}");
     };
-    let inputs = vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+    let rope = rope.map(|t| t.storage_and_layout());
+    let mut inputs = vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+    if let Some((storage, layout)) = &rope {
+        let Storage::Cuda(r) = &**storage else { candle_core::bail!("{op}: the rotary table is not on the GPU") };
+        inputs.push(Buf::View(view(r, layout, op)?));
+    }
     flash_scoring(&launch, inputs, bias, [b, h, l, d], op)
 }

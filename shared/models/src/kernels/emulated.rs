@@ -412,20 +412,32 @@ fn flash_attention_for_scoring_from_a_joined_product() {
         let qkv_bias = values(3 * h * d, 48, 0.5);
         let bias: Vec<f32> = (0..b * l).map(|i| if i % 7 == 3 || i >= l + 60 { -1e9 } else { 0.0 }).collect();
         let scale = 1.0 / (d as f32).sqrt();
-        let launch = Launch::flash_attention_packed(d, b, h, l, scale, None).expect("a kernel for 32 and 64");
         let out = b * l * h * d;
-        let mut bufs =
-            [Buf::Bf16(qkv), Buf::F32(qkv_bias.clone()), Buf::F32(bias.clone()), Buf::Bf16(vec![0x7fc0; out])];
-        run(&launch, &mut bufs);
-        let got = widen(&bufs[3]);
-        let op = FlashAttentionPacked { bias: tensor(&bias, &[b, 1, 1, l]), heads: h, scale, window: None };
-        let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * h * d]), &op).unwrap();
-        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        // Values up to ~2.2 (the bias shifts v): the probabilities' bf16 rounding and one bf16
-        // step of the output (1/64 at 2).
-        assert_close(&format!("flash attention from a joined product, d {d}"), &got, &want, 2.5e-2);
+        // Without and with rotary embeddings on q and k (cos, sin [2, L, D]; a window as
+        // ModernBERT's local layers have).
+        for (rope, window) in [(None, None), (Some(10_000.0), Some(16usize))] {
+            let table = rope.map(|theta| {
+                let (cos, sin) = crate::modernbert::rotary(l, d, theta, &candle_core::Device::Cpu).unwrap();
+                Tensor::stack(&[cos, sin], 0).unwrap()
+            });
+            let launch = Launch::flash_attention_packed(d, b, h, l, scale, window, rope.is_some())
+                .expect("a kernel for 32 and 64");
+            let mut bufs = vec![Buf::Bf16(qkv.clone()), Buf::F32(qkv_bias.clone())];
+            if let Some(t) = &table {
+                bufs.push(Buf::F32(t.flatten_all().unwrap().to_vec1().unwrap()));
+            }
+            bufs.extend([Buf::F32(bias.clone()), Buf::Bf16(vec![0x7fc0; out])]);
+            run(&launch, &mut bufs);
+            let got = widen(bufs.last().unwrap());
+            let op = FlashAttentionPacked { bias: tensor(&bias, &[b, 1, 1, l]), heads: h, scale, window, rope: table };
+            let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * h * d]), &op).unwrap();
+            let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // Values up to ~2.2 (the bias shifts v): the probabilities' bf16 rounding and one bf16
+            // step of the output (1/64 at 2).
+            assert_close(&format!("flash attention from a joined product, d {d} rope {rope:?}"), &got, &want, 2.5e-2);
+        }
     }
-    assert!(Launch::flash_attention_packed(48, 1, 1, 8, 1.0, None).is_none());
+    assert!(Launch::flash_attention_packed(48, 1, 1, 8, 1.0, None, false).is_none());
 }
 
 /// Largest |got - want| over the largest |want|.

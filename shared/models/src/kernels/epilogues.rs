@@ -109,14 +109,33 @@ impl CustomOp2 for BiasGelu {
 }
 
 /// Whether the scoring epilogues ([`add_norm_for_scoring`], [`bias_gelu_for_scoring`]) run for
-/// activations like `x`: no graph kept, bf16 (on CUDA; f32 too on the CPU), rows of at most
-/// 2,048, the family on for the device.
+/// activations like `x`: no graph kept, bf16 (on CUDA; f32 too on the CPU), the family on for the
+/// device (the norm epilogues also need rows of at most 2,048).
 pub fn scoring_epilogues_on(x: &Tensor) -> bool {
     let dtype_ok = x.dtype() == DType::BF16 || (x.dtype() == DType::F32 && x.device().is_cpu());
-    dtype_ok
-        && !crate::layers::grad_enabled()
-        && x.dim(D::Minus1).is_ok_and(|c| c <= MAX_NORM_COLS)
-        && unproven_on(x, Unproven::ScoringEpilogues)
+    dtype_ok && !crate::layers::grad_enabled() && unproven_on(x, Unproven::ScoringEpilogues)
+}
+
+/// [`scoring_epilogues_on`] for the norm epilogues, whose kernels hold a row in shared memory
+/// (at most `MAX_NORM_COLS` columns); the elementwise ones (bias + GELU, GeGLU) take any width.
+fn norm_epilogues_on(x: &Tensor) -> bool {
+    scoring_epilogues_on(x) && x.dim(D::Minus1).is_ok_and(|c| c <= MAX_NORM_COLS)
+}
+
+/// Whether [`add_norm_for_scoring`] and [`add_norm_sum_for_scoring`] run their kernel for these
+/// operands (else the composite).
+pub(super) fn add_norm_applies(x: &Tensor, residual: &Tensor, w: &Tensor) -> bool {
+    norm_epilogues_on(x) && residual.dtype() == x.dtype() && x.dim(D::Minus1).is_ok_and(|c| c == w.elem_count())
+}
+
+/// Whether [`bias_gelu_for_scoring`] runs its kernel for these operands.
+pub(super) fn bias_gelu_applies(x: &Tensor, bias: &Tensor) -> bool {
+    scoring_epilogues_on(x) && x.dim(D::Minus1).is_ok_and(|c| c == bias.elem_count())
+}
+
+/// Whether [`geglu_for_scoring`] runs its kernel for this input.
+pub(super) fn geglu_applies(x: &Tensor) -> bool {
+    scoring_epilogues_on(x) && x.dim(D::Minus1).is_ok_and(|c| c % 2 == 0)
 }
 
 /// A post-LN block's end for scoring, one kernel: LN(x + bias + residual) w + shift, where x is
@@ -130,11 +149,10 @@ pub fn add_norm_for_scoring(
     shift: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
-    let cols = x.dim(D::Minus1)?;
-    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+    if !add_norm_applies(x, residual, w) {
         return Ok(add_norm_composite(x, bias, residual, w, shift, eps)?.1);
     }
-    let params = norm_params(bias, w, shift, cols, x.device())?;
+    let params = norm_params(bias, w, shift, x.dim(D::Minus1)?, x.device())?;
     x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: false })
 }
 
@@ -189,11 +207,10 @@ pub fn add_norm_sum_for_scoring(
     shift: Option<&Tensor>,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let cols = x.dim(D::Minus1)?;
-    if !scoring_epilogues_on(x) || residual.dtype() != x.dtype() || w.elem_count() != cols {
+    if !add_norm_applies(x, residual, w) {
         return add_norm_composite(x, bias, residual, w, shift, eps);
     }
-    let params = norm_params(bias, w, shift, cols, x.device())?;
+    let params = norm_params(bias, w, shift, x.dim(D::Minus1)?, x.device())?;
     let out =
         x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params, &AddNorm { eps: eps as f32, sum: true })?;
     Ok((out.get(0)?, out.get(1)?))
@@ -241,8 +258,8 @@ impl CustomOp1 for Geglu {
 /// GeGLU for scoring, one kernel where [`scoring_epilogues_on`] holds (no split copies); else
 /// the halves, [`gelu_erf`] and the product.
 pub fn geglu_for_scoring(x: &Tensor) -> Result<Tensor> {
-    let cols = x.dim(D::Minus1)?;
-    if !scoring_epilogues_on(x) || cols % 2 != 0 {
+    if !geglu_applies(x) {
+        let cols = x.dim(D::Minus1)?;
         let (input, gate) = (x.narrow(D::Minus1, 0, cols / 2)?, x.narrow(D::Minus1, cols / 2, cols / 2)?);
         return gelu_erf(&input)? * gate;
     }
@@ -252,7 +269,7 @@ pub fn geglu_for_scoring(x: &Tensor) -> Result<Tensor> {
 /// The feed-forward's bias and GELU (erf form) for scoring, one kernel where
 /// [`scoring_epilogues_on`] holds; else the bias then [`gelu_erf`].
 pub fn bias_gelu_for_scoring(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !scoring_epilogues_on(x) || bias.elem_count() != x.dim(D::Minus1)? {
+    if !bias_gelu_applies(x, bias) {
         return gelu_erf(&x.broadcast_add(&bias.to_dtype(x.dtype())?)?);
     }
     x.contiguous()?.apply_op2_no_bwd(&bias.to_dtype(DType::F32)?.contiguous()?, &BiasGelu)

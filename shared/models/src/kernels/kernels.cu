@@ -469,14 +469,29 @@ __device__ __forceinline__ __nv_bfloat16 tile_bf16(TI x, const float* bias, int6
   return bias ? __float2bfloat16(to_f32(x) + bias[c]) : to_bf16(x);
 }
 
+// An element c of a query or key row as it enters shared memory, with rotary embeddings where
+// rope (cos [len, D] then sin [len, D], f32) is given: the biased value and its partner c ± D/2
+// rounded to bf16 as the product would be, rotated in f32 (x cos + rotate_half(x) sin, with
+// rotate_half(x) = [-x2, x1]) and rounded again, as the composite (the bf16 product, then the
+// rotation in f32, back to bf16) gives.
+template <int D, class TI>
+__device__ __forceinline__ __nv_bfloat16 tile_rope(const TI* row, const float* bias, int64_t c, const float* rope,
+                                                   int64_t pos, int64_t len) {
+  if (!rope) return tile_bf16(row[c], bias, c);
+  const int64_t h = D / 2, o = c < h ? c + h : c - h;
+  const float x = to_f32(tile_bf16(row[c], bias, c)), y = to_f32(tile_bf16(row[o], bias, o));
+  return __float2bfloat16(x * rope[pos * D + c] + (c < h ? -y : y) * rope[(len + pos) * D + c]);
+}
+
 // q, k, v either [B, H, L, D] each (packed = 0), or one linear layer's output [B, L, 3, H, D]
 // (packed = 1: q points at it, k and v are ignored) with its bias qkv_bias [3, H, D] (or null)
 // added as the tiles load: BERT's joined query/key/value product read in place, without the
-// bias pass and the three head-split copies.
+// bias pass and the three head-split copies. With rope (packed only; or null): q and k rotated
+// as they load (ModernBERT's Wqkv product, without the rotation's passes and the split copies).
 template <int D, class TI, class TO>
 __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
-                              const float* bias, TO* out, float* lse, int64_t heads, int64_t len, float scale,
-                              int64_t window, uint64_t seed, float p) {
+                              const float* rope, const float* bias, TO* out, float* lse, int64_t heads, int64_t len,
+                              float scale, int64_t window, uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
   __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
@@ -505,7 +520,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t r = q0 + i / D;
-    qs[i] = r < len ? tile_bf16(qb[r * rs + i % D], qbias, i % D) : zero;
+    qs[i] = r < len ? tile_rope<D>(qb + r * rs, qbias, i % D, rope, r, len) : zero;
   }
   for (int i = lane; i < QW * D; i += 32) os[warp][i] = 0.0f;
   if (lane < QW) {
@@ -520,7 +535,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+      ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
       vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
@@ -588,40 +603,58 @@ extern "C" __global__ void distill_flash_attention_d32_bf16(const __nv_bfloat16*
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_forward<32>(q, k, v, (const float*)nullptr, 0, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
-  flash_forward<64>(q, k, v, (const float*)nullptr, 0, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                    const float* bias, __nv_bfloat16* out, int64_t heads,
                                                                    int64_t len, float scale, int64_t window) {
-  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                    const float* bias, __nv_bfloat16* out, int64_t heads,
                                                                    int64_t len, float scale, int64_t window) {
-  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+}
+
+// The packed attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin).
+// (Written out: the emulator's build reads the kernel names from these definitions.)
+extern "C" __global__ void distill_flash_attention_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+                                                                        const float* qkv_bias, const float* rope,
+                                                                        const float* bias, __nv_bfloat16* out,
+                                                                        int64_t heads, int64_t len, float scale,
+                                                                        int64_t window) {
+  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
+}
+
+extern "C" __global__ void distill_flash_attention_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+                                                                        const float* qkv_bias, const float* rope,
+                                                                        const float* bias, __nv_bfloat16* out,
+                                                                        int64_t heads, int64_t len, float scale,
+                                                                        int64_t window) {
+  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
 extern "C" __global__ void distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
-  flash_forward<32>(q, k, v, (const float*)nullptr, 0, bias, out, lse, heads, len, scale, window, seed, p);
+  flash_forward<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
-  flash_forward<64>(q, k, v, (const float*)nullptr, 0, bias, out, lse, heads, len, scale, window, seed, p);
+  flash_forward<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
 // The backward of the training attention, FA2-style, P recomputed from the log-sum-exp:

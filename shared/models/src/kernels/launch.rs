@@ -182,6 +182,8 @@ impl Launch {
 impl Launch {
     /// `distill_flash_attention_packed_d{32,64}_bf16(qkv, qkv_bias, bias, out, heads, len, scale,
     /// window)`: as [`Launch::flash_attention`], q, k and v read from one [B, L, 3, H, D] product.
+    /// With `rope`: `distill_flash_attention_packed_rope_d{32,64}_bf16(qkv, qkv_bias, rope, bias,
+    /// out, ...)`, q and k rotated by the rotary embeddings `rope` [2, L, D] as they load.
     pub fn flash_attention_packed(
         d: usize,
         b: usize,
@@ -189,14 +191,20 @@ impl Launch {
         l: usize,
         scale: f32,
         window: Option<usize>,
+        rope: bool,
     ) -> Option<Self> {
         let mut launch = Self::flash_attention(d, b, h, l, scale, window)?;
-        launch.kernel = match d {
-            32 => "distill_flash_attention_packed_d32_bf16",
-            _ => "distill_flash_attention_packed_d64_bf16",
+        launch.kernel = match (d, rope) {
+            (32, false) => "distill_flash_attention_packed_d32_bf16",
+            (_, false) => "distill_flash_attention_packed_d64_bf16",
+            (32, true) => "distill_flash_attention_packed_rope_d32_bf16",
+            (_, true) => "distill_flash_attention_packed_rope_d64_bf16",
         };
-        // (qkv, qkv bias, key bias, out): one buffer fewer than q, k, v, bias, out.
-        launch.params.remove(4);
+        // (qkv, qkv bias, key bias, out): one buffer fewer than q, k, v, bias, out; with the
+        // rotary table as many.
+        if !rope {
+            launch.params.remove(4);
+        }
         Some(launch)
     }
 }
