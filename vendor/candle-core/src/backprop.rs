@@ -1,7 +1,7 @@
 //! Methods for backpropagation of gradients.
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::{Error, Result, Tensor, TensorId};
-use std::collections::{hash_map::Entry, HashMap};
+use std::collections::{hash_map::Entry, HashMap, HashSet};
 
 // arg has been reduced to node via reduce_dims, expand it back to arg.
 // This has to handle keepdims.
@@ -529,30 +529,8 @@ impl Tensor {
                         let grad = (grad / arg.sqr()?)?;
                         *sum_grad = sum_grad.sub(&grad)?
                     }
-                    &Op::Narrow(ref arg, dim, start_idx, len) => {
-                        let arg_dims = arg.dims();
-                        let left_pad = if start_idx == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = start_idx;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let right_pad = arg_dims[dim] - start_idx - len;
-                        let right_pad = if right_pad == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = right_pad;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let arg_grad = match (left_pad, right_pad) {
-                            (None, None) => grad,
-                            (Some(l), None) => Tensor::cat(&[&l, &grad], dim)?,
-                            (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
-                            (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
-                        };
-                        grads.accumulate(arg, &arg_grad)?
+                    &Op::Narrow(ref arg, dim, start_idx, _) => {
+                        grads.accumulate_narrow(arg, dim, start_idx, &grad)?
                     }
                     Op::Unary(_, UnaryOp::Floor)
                     | Op::Unary(_, UnaryOp::Round)
@@ -673,7 +651,9 @@ impl Tensor {
 
 /// A store for gradients, associating a tensor id to the corresponding gradient tensor, used for back propagation.
 #[derive(Default, Debug)]
-pub struct GradStore(HashMap<TensorId, Tensor>);
+/// (distill's patch: the second field holds the ids whose gradient the store made itself and
+/// holds alone, which `accumulate_narrow` may update in place.)
+pub struct GradStore(HashMap<TensorId, Tensor>, HashSet<TensorId>);
 
 impl GradStore {
     /// Create a new gradient store
@@ -693,21 +673,22 @@ impl GradStore {
 
     /// Remove the gradient tensor associated with the given tensor, returning it if it exists
     pub fn remove(&mut self, tensor: &Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.remove(&tensor.id())
     }
 
     /// Insert a gradient tensor associated with the given tensor, returning the previous gradient tensor if it existed
     pub fn insert(&mut self, tensor: &Tensor, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&tensor.id());
         self.0.insert(tensor.id(), grad)
     }
 
     /// Insert a gradient tensor associated with the given tensor id, returning the previous gradient tensor if it existed
     pub fn insert_id(&mut self, id: TensorId, grad: Tensor) -> Option<Tensor> {
+        self.1.remove(&id);
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient of `tensor`; the first contribution is stored as it is.
     /// (distill's patch: upstream materialises zeros and adds, a memset and a full extra pass
     /// over every gradient of the backward pass.)
@@ -716,18 +697,59 @@ impl GradStore {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
                 *sum = sum.add(grad)?;
+                self.1.insert(tensor.id());
             }
             Entry::Vacant(entry) => {
                 // Contiguous as upstream's `zeros + grad` made it (a broadcast or transposed view
                 // would reach later matmuls, which want contiguous operands on CUDA): a copy only
-                // for views, where upstream's add was one too.
+                // for views, where upstream's add was one too. (It may share its storage with
+                // another gradient: not held alone.)
                 entry.insert(grad.contiguous()?);
+                self.1.remove(&tensor.id());
             }
         }
         Ok(())
     }
 
+    /// Adds `grad`, the gradient of `tensor.narrow(dim, start, grad.dim(dim))`, into the gradient
+    /// of `tensor`. (distill's patch: upstream pads `grad` with zeros to `tensor`'s shape, a
+    /// memset and a copy of the whole, then adds the whole; a split into query, key and value
+    /// paid that three times over the joined product.) The first contribution starts from
+    /// zeros with `grad` written into its slice; later ones add into the slice in place where
+    /// the store holds the gradient alone.
+    fn accumulate_narrow(&mut self, tensor: &Tensor, dim: usize, start: usize, grad: &Tensor) -> Result<()> {
+        if grad.dims() == tensor.dims() {
+            return self.accumulate(tensor, grad);
+        }
+        let id = tensor.id();
+        let alone = self.1.contains(&id);
+        match self.0.entry(id) {
+            Entry::Vacant(entry) => {
+                let sum = Tensor::zeros(tensor.dims(), grad.dtype(), grad.device())?;
+                sum.slice_set(&grad.contiguous()?, dim, start)?;
+                entry.insert(sum);
+                self.1.insert(id);
+            }
+            Entry::Occupied(entry) => {
+                let sum = entry.into_mut();
+                if alone && sum.is_contiguous() && sum.dtype() == grad.dtype() {
+                    let slice = (sum.narrow(dim, start, grad.dim(dim)?)? + grad)?;
+                    sum.slice_set(&slice, dim, start)?;
+                } else {
+                    let padded = Tensor::zeros(tensor.dims(), grad.dtype(), grad.device())?;
+                    padded.slice_set(&grad.contiguous()?, dim, start)?;
+                    *sum = sum.add(&padded)?;
+                    self.1.insert(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
+        self.1.remove(&tensor.id());
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
@@ -742,6 +764,9 @@ impl GradStore {
     /// If an entry is already occupied, updates and ensures new tensor follows correct detach semantics.
     /// Otherwise simply inserts.
     pub fn extend(&mut self, other: Self) -> Result<()> {
+        for id in other.0.keys() {
+            self.1.remove(id);
+        }
         for (id, grad) in other.0 {
             match self.0.entry(id) {
                 Entry::Occupied(mut entry) => {
