@@ -14,7 +14,8 @@
 # Knobs: SHAPES, WARMUP, ITERS, T_* timeouts, PARITY_DTYPES ("bf16 f32"), TORCH_PARITY=1, COMPOSITE=1 (bert-base with candle's composite ops),
 # TRAIN_KERNELS / SCORE_KERNELS (default: the defaults plus every family of kernels not yet proven on a GPU that passed its check
 # in this run; fused: all; auto: the defaults), AUTO=1 (rows with the defaults too),
-# FULL_LAST_LAYER=1 (scoring rows with the full last layer, --first-token-only false), FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch).
+# FULL_LAST_LAYER=1 (scoring rows with the full last layer, --first-token-only false), FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch),
+# OP_STATS=0 (skip counting the operations and bytes of the timed runs on the GPU and the bound at the card's peaks, scripts/bench/op-stats.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench-out}"
@@ -96,6 +97,18 @@ if [ "${FP32:-0}" = 1 ]; then
   for s in "${shapes[@]}"; do
     echo "== distill-bench $s: training fp32"
     timeout "${T_TRAIN:-120}" "$BIN" --device cuda --shapes "$s" --modes train $W --json "$TMP/train_f32_$s.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -6
+  done
+fi
+if [ "${OP_STATS:-1}" = 1 ]; then
+  echo "== what the timed runs dispatch, counted on the GPU at their batch (distill-bench --op-stats), and the bound at the card's peaks"
+  timeout "${T_SCORE:-60}" "$BIN" --device cuda --op-stats --shapes "$SHAPES" --modes score --score-dtype bf16 --kernels "$SCORE_KERNELS" \
+    --json "$TMP/opstats_score.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -7
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --op-stats --shapes "$SHAPES" --modes train --train-precision bf16 --kernels "$TRAIN_KERNELS" \
+    --json "$TMP/opstats_train.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -7
+  for k in score train; do
+    [ -f "$TMP/opstats_$k.json" ] && cp "$TMP/opstats_$k.json" "$OUT/op-stats-cuda-$k.json" && rm "$TMP/opstats_$k.json" &&
+      python3 scripts/bench/op-stats.py --counted "$OUT/op-stats-cuda-$k.json" --top 8 --measured "$TMP"/${k}_bf16_*.json > "$OUT/op-stats-$k.md" &&
+      grep -v "^$" "$OUT/op-stats-$k.md" | grep -v "^| [a-z]*:[a-z]" | head -40
   done
 fi
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -15,6 +15,12 @@ and the time those take at the card's nominal peaks (memory traffic at --bandwid
 On the CPU the fused kernels run as their CPU twins with the same graph as on CUDA, except AdamW:
 on CUDA one kernel per parameter tensor updates it in place, on the CPU the composite ops run
 (the optimizer phase here overstates CUDA's).
+
+On a GPU machine (scripts/bench/gpu-bench.sh): `--counted op-stats-cuda.json` reads what
+`distill-bench --device cuda --op-stats` counted there at the benchmark's batch (no runs, no
+extrapolation), and `--measured candle_*.json` adds the timed rows of the same run: the measured
+milliseconds next to the bound, and the bound's share of them (how close the kernels come to the
+card's peaks).
 """
 import argparse
 import json
@@ -38,6 +44,8 @@ p.add_argument("--launch-us", type=float, default=4.0, help="host time per launc
 p.add_argument("--top", type=int, default=10)
 p.add_argument("--extra", default="", help="more distill-bench arguments, space separated")
 p.add_argument("--json")
+p.add_argument("--counted", help="distill-bench --op-stats JSON counted at the benchmark's batch (on the GPU)")
+p.add_argument("--measured", nargs="*", default=[], help="distill-bench timing JSONs of the same card")
 a = p.parse_args()
 
 
@@ -51,9 +59,26 @@ def run(batch):
         return json.load(open(out))["rows"]
 
 
-b1, b2 = a.small, 2 * a.small
-rows1, rows2 = run(b1), run(b2)
+def bound(ops, phase):
+    mm_bytes = sum(o["bytes"] for o in ops if o["kind"] == "matmul")
+    other = sum(o["bytes"] for o in ops if o["kind"] != "matmul")
+    flops = sum(o["flops"] for o in ops)
+    calls = sum(o["calls"] for o in ops)
+    return {"phase": phase, "calls": calls, "bytes": other + mm_bytes, "flops": flops,
+            "memory_ms": 1e3 * other / a.bandwidth, "matmul_ms": 1e3 * max(flops / (a.matmul_tflops * 1e12), mm_bytes / a.bandwidth),
+            "launch_ms": 1e-3 * calls * a.launch_us, "ops": sorted(ops, key=lambda o: -o["bytes"])}
+
+
 report = []
+if a.counted:
+    for r in json.load(open(a.counted))["rows"]:
+        row = {k: r[k] for k in ("model", "mode", "batch", "seq", "kernels")}
+        row["phases"] = [bound(p["ops"], p["phase"]) for p in r["phases"]]
+        report.append(row)
+    rows1 = rows2 = []
+else:
+    b1, b2 = a.small, 2 * a.small
+    rows1, rows2 = run(b1), run(b2)
 for r1, r2 in zip(rows1, rows2):
     target = a.score_batch if r1["mode"].startswith("score") else a.train_batch
     row = {"model": r1["model"], "mode": r1["mode"], "batch": target, "seq": a.seq, "kernels": a.kernels, "phases": []}
@@ -68,15 +93,14 @@ for r1, r2 in zip(rows1, rows2):
             ops.append({"kind": o["kind"], "name": o["name"], "calls": o2["calls"], "bytes": ext("bytes"), "flops": ext("flops")})
         for o in ops2.values():
             print(f"note: {r1['model']} {r1['mode']} {o['kind']}:{o['name']} only at batch {b2}", file=sys.stderr)
-        ops.sort(key=lambda o: -o["bytes"])
-        mm_bytes = sum(o["bytes"] for o in ops if o["kind"] == "matmul")
-        other = sum(o["bytes"] for o in ops if o["kind"] != "matmul")
-        flops = sum(o["flops"] for o in ops)
-        calls = sum(o["calls"] for o in ops)
-        row["phases"].append({"phase": p1["phase"], "calls": calls, "bytes": other + mm_bytes, "flops": flops,
-                              "memory_ms": 1e3 * other / a.bandwidth, "matmul_ms": 1e3 * max(flops / (a.matmul_tflops * 1e12), mm_bytes / a.bandwidth),
-                              "launch_ms": 1e-3 * calls * a.launch_us, "ops": ops})
+        row["phases"].append(bound(ops, p1["phase"]))
     report.append(row)
+
+measured = {}
+for path in a.measured:
+    for r in json.load(open(path)).get("rows", []):
+        if "s" in r and r.get("first_token_only", True):
+            measured[(r["model"], r["mode"], r["batch"], r.get("kernels"))] = r
 
 for row in report:
     print(f"\n## {row['model']} {row['mode']}, batch {row['batch']} x {row['seq']}, kernels {row['kernels']}")
@@ -85,6 +109,10 @@ for row in report:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for ph in row["phases"]:
         print(f"| {ph['phase']} | {ph['calls']} | {ph['bytes'] / 1e9:.2f} | {ph['flops'] / 1e12:.3f} | {ph['memory_ms']:.1f} | {ph['matmul_ms']:.1f} | {ph['launch_ms']:.1f} |")
+    m = measured.get((row["model"], row["mode"], row["batch"], row["kernels"]))
+    if m:
+        lower = sum(ph["memory_ms"] + ph["matmul_ms"] for ph in row["phases"])
+        print(f"\nmeasured: {1e3 * m['s']:.1f} ms per batch ({m.get('kernels', '')}); the bound (memory + matmul) {lower:.1f} ms is {100 * lower / (1e3 * m['s']):.0f}% of it")
     for ph in row["phases"]:
         total = sum(o["bytes"] for o in ph["ops"]) or 1
         print(f"\n{ph['phase']}: largest traffic")

@@ -305,8 +305,20 @@ pub(crate) fn post_ln_block(
     }
     let attn = dropout(&l.attn_out.forward(ctx)?, dropout_p, train)?;
     let attn = l.attn_norm.forward(&(attn + residual)?)?;
-    let inter = activation(hidden_act, &l.intermediate.forward(&attn)?)?;
-    let out = dropout(&l.output.forward(&inter)?, dropout_p, train)?;
+    let out = match (hidden_act, l.intermediate.bias()) {
+        // Training under autocast: the bias and GELU on the bf16 product in one kernel, its bf16
+        // output the next product's input as it is; that product's bias back to f32 in one.
+        ("gelu", Some(b)) if crate::kernels::bias_gelu_for_training_on(&attn, b) => {
+            let inter = crate::kernels::bias_gelu_for_training(&l.intermediate.product(&attn)?, b)?;
+            let product = l.output.product(&inter)?;
+            match l.output.bias() {
+                Some(b) => crate::kernels::bias_add(&product, b)?,
+                None => product.to_dtype(attn.dtype())?,
+            }
+        }
+        _ => l.output.forward(&activation(hidden_act, &l.intermediate.forward(&attn)?)?)?,
+    };
+    let out = dropout(&out, dropout_p, train)?;
     l.out_norm.forward(&(out + attn)?)
 }
 

@@ -372,6 +372,40 @@ fn check_bias_add(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             c.fail();
         }
     }
+    // The feed-forward's bias and GELU in training (bf16 product in, bf16 out for the next
+    // product) against the composite: the cast to f32, the bias, GELU, the cast to bf16. Values
+    // and the gradients of the product and the bias, relative to their largest (the kernel rounds
+    // x's gradient to bf16 before the bias's column sum, the composite after).
+    for (rows, cols) in [(130usize, 3072usize), (7, 300)] {
+        let x0 = (randn((rows, cols), dev)? * 2.0)?.to_dtype(DType::BF16)?;
+        let b0 = randn(cols, dev)?;
+        let upstream = (Tensor::arange(0u32, (rows * cols) as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((rows, cols))?;
+        let run = |fused: bool| -> Result<[Tensor; 3]> {
+            let (x, b) = (candle_core::Var::from_tensor(&x0)?, candle_core::Var::from_tensor(&b0)?);
+            let y = if fused {
+                bias_gelu_for_training(x.as_tensor(), b.as_tensor())?
+            } else {
+                x.as_tensor().to_dtype(DType::F32)?.broadcast_add(b.as_tensor())?.gelu_erf()?.to_dtype(DType::BF16)?
+            };
+            let grads = (y.to_dtype(DType::F32)? * &upstream)?.sum_all()?.backward()?;
+            let get = |v: &candle_core::Var| {
+                grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+            };
+            Ok([y, get(&x)?, get(&b)?])
+        };
+        let (f, composite) = (run(true)?, run(false)?);
+        let d: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| relative_bf16(a, b)).collect::<Result<_>>()?;
+        c.line(format!(
+            "bias + gelu for training bf16 [{rows}, {cols}]: relative |values| {:.1e}, |gradients of x, b| {:.1e}, {:.1e}",
+            d[0], d[1], d[2]
+        ));
+        let dtypes = [f[0].dtype(), f[1].dtype(), f[2].dtype()] == [DType::BF16, DType::BF16, DType::F32];
+        if !(dtypes && d.iter().all(|d| *d < 1e-2)) {
+            c.fail();
+        }
+    }
     Ok(())
 }
 

@@ -26,10 +26,12 @@ const KERNELS: [&str; 33] = [
     "distill_layer_norm_grad_f32",
     "distill_layer_norm_wgrad_f32",
     "distill_column_sum_f32",
+    "distill_column_sum_bf16",
     "distill_bias_add_f32",
     "distill_bias_add_bf16_f32",
     "distill_add_norm_bf16",
     "distill_bias_gelu_bf16",
+    "distill_bias_gelu_grad_bf16",
     "distill_add_norm_sum_bf16",
     "distill_geglu_bf16",
     "distill_rotary_split_f32",
@@ -361,9 +363,36 @@ pub fn layer_norm_wgrad(
 pub fn column_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = s.device().clone();
     let (rows, cols) = rows_cols(l);
-    let ins = vec![Buf::View(view(s, l, "column sum")?)];
-    let out = with_output(&dev, &Launch::column_sum(rows, cols), ins, cols, true)?;
+    let op = "column sum";
+    let (ins, launch) = if s.dtype() == candle_core::DType::BF16 {
+        (vec![Buf::Bf16(bf16_view(s, l, op)?)], Launch::column_sum_bf16(rows, cols))
+    } else {
+        (vec![Buf::View(view(s, l, op)?)], Launch::column_sum(rows, cols))
+    };
+    let out = with_output(&dev, &launch, ins, cols, true)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), cols.into()))
+}
+
+/// The training bias + GELU's backward: (g bf16, x bf16, b f32) -> dx bf16.
+pub fn bias_gelu_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l2);
+    let op = "bias gelu grad";
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
+    let bufs = [
+        Buf::Bf16(bf16_view(s1, l1, op)?),
+        Buf::Bf16(bf16_view(s2, l2, op)?),
+        Buf::View(view(s3, l3, op)?),
+        Buf::Bf16Out(&out),
+    ];
+    run(&dev, &Launch::bias_gelu_grad(rows * cols, cols), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l2.shape().clone()))
 }
 
 /// x + b over the last dimension, in f32 (x f32 or bf16).

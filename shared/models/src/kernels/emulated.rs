@@ -339,6 +339,31 @@ fn scoring_epilogues_add_norm_and_bias_gelu() {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "bias gelu [{rows}, {cols}] {i}: {g} against {w}");
         }
+
+        // Its backward in training: x's gradient from the output's (bf16), then the bias's as
+        // the column sum of a bf16 gradient.
+        let (gb, gt) = bf16_bits(&values(n, 47, 1.0), &[rows, cols]);
+        let xb = bufs[0].bits().to_vec();
+        let mut bufs = [Buf::Bf16(gb), Buf::Bf16(xb), Buf::F32(b.clone()), Buf::Bf16(vec![0x7fc0; n])];
+        run(&Launch::bias_gelu_grad(n, cols), &mut bufs);
+        let want = gt.apply_op3_no_bwd(&xt, &tensor(&b, &[cols]), &BiasGeluGrad).unwrap();
+        assert_eq!(want.dtype(), DType::BF16);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[3]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "bias gelu grad [{rows}, {cols}] {i}: {g} against {w}");
+        }
+        let dx = bufs[3].bits().to_vec();
+        let mut bufs = [Buf::Bf16(dx), Buf::F32(vec![0.0; cols])];
+        run(&Launch::column_sum_bf16(rows, cols), &mut bufs);
+        let dxt = Tensor::from_vec(
+            got.iter().map(|v| half::bf16::from_f32(*v)).collect::<Vec<_>>(),
+            (rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want: Vec<f32> = dxt.apply_op1_no_bwd(&ColumnSum).unwrap().to_vec1().unwrap();
+        assert_close("column sum of bf16", bufs[1].f32(), &want, 1e-4);
     }
 }
 

@@ -106,6 +106,86 @@ impl CustomOp2 for BiasGelu {
         }
         cuda::bias_gelu((s1, l1), (s2, l2))
     }
+
+    /// Training ([`bias_gelu_for_training`]): x's gradient from one kernel that recomputes
+    /// x + b (nothing stored but x, the product the next layer's backward keeps anyway), in x's
+    /// dtype; the bias's gradient its column sum, in f32.
+    fn bwd(&self, x: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(x.dtype())?.contiguous()?;
+        let dx = g.apply_op3_no_bwd(&x.contiguous()?, &b.contiguous()?, &BiasGeluGrad)?;
+        let db = dx.apply_op1_no_bwd(&ColumnSum)?.to_dtype(b.dtype())?;
+        Ok((Some(dx), Some(db)))
+    }
+}
+
+/// (g, x, b) -> g gelu'(x + b) over the last dimension, in x's dtype (bf16; f32 too on the CPU),
+/// b f32: the backward of [`BiasGelu`].
+pub(super) struct BiasGeluGrad;
+
+impl CustomOp3 for BiasGeluGrad {
+    fn name(&self) -> &'static str {
+        "distill-bias-gelu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l2);
+        let (g, x) = (widened(s1, l1, self.name())?, widened(s2, l2, self.name())?);
+        same_len(&g, &x, self.name())?;
+        let b = vector(s3, l3, cols, self.name())?;
+        let dx = g.iter().zip(x.iter()).enumerate().map(|(i, (g, x))| g * gelu_erf_slope(x + b[i % cols])).collect();
+        Ok((narrowed(dx, s2), l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l3.shape().elem_count() != last_dim(l2) || l1.shape() != l2.shape() {
+            candle_core::bail!("{}: g {:?}, x {:?}, a bias of {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::bias_gelu_grad((s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+/// Whether [`bias_gelu_for_training`] applies to a feed-forward input `x` (f32 activations) and
+/// its bias under the current autocast: products in bf16, f32 weights, the `bias_add` family on
+/// for the device.
+pub fn bias_gelu_for_training_on(x: &Tensor, bias: &Tensor) -> bool {
+    x.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && crate::layers::compute_dtype(DType::F32) == DType::BF16
+        && unproven_on(x, Unproven::BiasAdd)
+}
+
+/// The feed-forward's bias and GELU in training under autocast: `x` a bf16 product (the layer's
+/// output without its bias), `bias` f32 -> gelu(x + bias) in bf16, the next product's input as it
+/// is: one pass where the f32 bias add, the f32 GELU and the cast for the next product were three
+/// (and their backward three more). The backward: one kernel for x's gradient, recomputing
+/// x + bias, and a column sum for the bias's. Call where [`bias_gelu_for_training_on`] holds.
+pub fn bias_gelu_for_training(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.dtype() != DType::BF16 || bias.elem_count() != x.dim(D::Minus1)? {
+        candle_core::bail!(
+            "bias gelu for training: a bf16 product and its bias, got {:?} {:?} and {:?}",
+            x.dtype(),
+            x.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&bias.to_dtype(DType::F32)?.contiguous()?, BiasGelu)
 }
 
 /// Whether the scoring epilogues ([`add_norm_for_scoring`], [`bias_gelu_for_scoring`]) run for

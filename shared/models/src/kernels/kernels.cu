@@ -260,20 +260,31 @@ extern "C" __global__ void distill_layer_norm_wgrad_f32(const float* x, const fl
 
 // out[c] = Σ_rows g[row, c] (a bias gradient), out zeroed by the caller; threads over columns,
 // so each row is read coalesced.
-extern "C" __global__ void distill_column_sum_f32(const float* g, float* out, int64_t rows, int64_t cols) {
-  int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
-  int64_t last = first + DISTILL_ROWS_PER_BLOCK < rows ? first + DISTILL_ROWS_PER_BLOCK : rows;
-  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-    float s = 0.0f;
-    for (int64_t row = first; row < last; ++row) s += g[row * cols + c];
-    atomicAdd(&out[c], s);
-  }
-}
 
 // y = x + b[i % cols] (a bias over the last dimension), in f32; from a bf16 x (an autocast
 // matmul's output), the cast back to f32 in the same pass.
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T>
+__device__ void column_sum(const T* g, float* out, int64_t rows, int64_t cols) {
+  int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
+  int64_t last = first + DISTILL_ROWS_PER_BLOCK < rows ? first + DISTILL_ROWS_PER_BLOCK : rows;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float s = 0.0f;
+    for (int64_t row = first; row < last; ++row) s += to_f32(g[row * cols + c]);
+    atomicAdd(&out[c], s);
+  }
+}
+
+extern "C" __global__ void distill_column_sum_f32(const float* g, float* out, int64_t rows, int64_t cols) {
+  column_sum(g, out, rows, cols);
+}
+
+// The column sums of a bf16 gradient, in f32 (the bias gradient of the training bias + GELU).
+extern "C" __global__ void distill_column_sum_bf16(const __nv_bfloat16* g, float* out, int64_t rows, int64_t cols) {
+  column_sum(g, out, rows, cols);
+}
 
 template <class T>
 __device__ void bias_add(const T* x, const float* b, float* y, int64_t n, int64_t cols) {
@@ -347,6 +358,19 @@ extern "C" __global__ void distill_bias_gelu_bf16(const __nv_bfloat16* x, const 
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     float v = to_f32(x[i]) + b[i % cols];
     y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  }
+}
+
+// The backward of distill_bias_gelu_bf16 in training: dx = g gelu'(x + b), from the bf16 output
+// gradient g and the bf16 product x (the pre-activation recomputed, not stored), in f32, rounded
+// to bf16 for the product's gradient (the bias's gradient is its column sum).
+extern "C" __global__ void distill_bias_gelu_grad_bf16(const __nv_bfloat16* g, const __nv_bfloat16* x, const float* b,
+                                                       __nv_bfloat16* dx, int64_t n, int64_t cols) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    float v = to_f32(x[i]) + b[i % cols];
+    float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
+    dx[i] = __float2bfloat16(to_f32(g[i]) * (cdf + v * pdf));
   }
 }
 

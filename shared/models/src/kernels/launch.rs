@@ -110,9 +110,18 @@ impl Launch {
 
     /// `distill_column_sum_f32(g, out, rows, cols)`: a block per chunk of rows.
     pub fn column_sum(rows: usize, cols: usize) -> Self {
+        Self::column_sum_of("distill_column_sum_f32", rows, cols)
+    }
+
+    /// `distill_column_sum_bf16(g, out, rows, cols)`: as [`Launch::column_sum`] over a bf16 `g`.
+    pub fn column_sum_bf16(rows: usize, cols: usize) -> Self {
+        Self::column_sum_of("distill_column_sum_bf16", rows, cols)
+    }
+
+    fn column_sum_of(kernel: &'static str, rows: usize, cols: usize) -> Self {
         let mut params: Vec<Param> = buffers(2).collect();
         params.extend([Param::I64(rows as i64), Param::I64(cols as i64)]);
-        Launch { kernel: "distill_column_sum_f32", grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
+        Launch { kernel, grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
     }
 
     /// `distill_add_norm_bf16(x, residual, params, y, rows, cols, eps)`, one warp per row.
@@ -135,6 +144,13 @@ impl Launch {
     /// `distill_bias_gelu_bf16(x, b, y, n, cols)`.
     pub fn bias_gelu(n: usize, cols: usize) -> Self {
         let mut l = Self::elementwise("distill_bias_gelu_bf16", 3, n);
+        l.params.push(Param::I64(cols as i64));
+        l
+    }
+
+    /// `distill_bias_gelu_grad_bf16(g, x, b, dx, n, cols)`: the backward of [`Launch::bias_gelu`].
+    pub fn bias_gelu_grad(n: usize, cols: usize) -> Self {
+        let mut l = Self::elementwise("distill_bias_gelu_grad_bf16", 4, n);
         l.params.push(Param::I64(cols as i64));
         l
     }

@@ -281,6 +281,11 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2π)
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_28;
 
+/// The derivative of GELU (erf form) at x: Φ(x) + x φ(x).
+fn gelu_erf_slope(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
 struct GeluErf;
 
 impl CustomOp1 for GeluErf {
@@ -332,9 +337,7 @@ impl CustomOp2 for GeluErfGrad {
         same_len(x, g, self.name())?;
         let dx = map_rows2(x, g, x.len().clamp(1, MIN_CHUNK), |dx, x, g| {
             for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                let pdf = FRAC_1_SQRT_2PI * (-0.5 * x * x).exp();
-                *dx = g * (cdf + x * pdf);
+                *dx = g * gelu_erf_slope(x);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -1037,8 +1040,8 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
-/// g [.., cols] -> [cols], the sum over every other dimension.
-struct ColumnSum;
+/// g [.., cols] (f32 or bf16) -> [cols] f32, the sum over every other dimension.
+pub(super) struct ColumnSum;
 
 impl CustomOp1 for ColumnSum {
     fn name(&self) -> &'static str {
@@ -1046,7 +1049,7 @@ impl CustomOp1 for ColumnSum {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = slice(s, l, self.name())?;
+        let g = widened(s, l, self.name())?;
         let cols = last_dim(l);
         let mut out = vec![0f32; cols];
         for row in g.chunks(cols) {
@@ -1255,10 +1258,11 @@ pub use attention::{
 use attention::{FlashAttention, FlashAttentionPacked, FlashTrain, FlashTrainGrad};
 pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 pub use epilogues::{
-    add_norm_for_scoring, add_norm_sum_for_scoring, bias_gelu_for_scoring, geglu_for_scoring, scoring_epilogues_on,
+    add_norm_for_scoring, add_norm_sum_for_scoring, bias_gelu_for_scoring, bias_gelu_for_training,
+    bias_gelu_for_training_on, geglu_for_scoring, scoring_epilogues_on,
 };
 #[cfg(test)]
-use epilogues::{AddNorm, BiasGelu, Geglu};
+use epilogues::{AddNorm, BiasGelu, BiasGeluGrad, Geglu};
 use launch as launch_shape;
 
 #[cfg(test)]
@@ -1271,7 +1275,7 @@ mod tests {
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
         assert!(checks.bad.is_empty(), "{:?}", checks.bad);
-        assert_eq!(checks.lines.len(), 52, "{:?}", checks.lines);
+        assert_eq!(checks.lines.len(), 54, "{:?}", checks.lines);
         // One group alone runs only its checks; an unknown group is an error naming the known.
         let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
         assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
