@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 33] = [
+const KERNELS: [&str; 37] = [
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
