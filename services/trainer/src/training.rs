@@ -404,13 +404,27 @@ pub fn run(
             state.position = Position { epoch: batch.epoch, consumed: batch.consumed };
         }
         distill_models::layers::seed_dropout(None);
-        let mut grads = grads.expect("at least one micro-batch");
-        let grad_norm = grads.clip(hyper.max_grad_norm)?;
+        let grads = grads.expect("at least one micro-batch");
+        let lr = hyper.lr(step, total_steps);
+        // Clipping by global norm on the device, the update scaling inside (on CUDA no host read
+        // between the backward pass and the update); the norm read once the update is queued. A
+        // non-finite norm fails the job before anything is saved.
+        let grad_norm = match grads.clip_on_device(hyper.max_grad_norm)? {
+            Some((norm, coef)) => {
+                opt.update_scaled(&grads, lr, Some(&coef))?;
+                norm.to_vec1::<f32>()?[0] as f64
+            }
+            None => {
+                let norm = grads.global_norm()?;
+                if norm.is_finite() {
+                    opt.update(&grads, lr)?;
+                }
+                norm
+            }
+        };
         if !grad_norm.is_finite() {
             return Err(Error::Diverged(format!("the gradient norm became {grad_norm} at step {}", step + 1)));
         }
-        let lr = hyper.lr(step, total_steps);
-        opt.update(&grads, lr)?;
         state.step += 1;
         window.0 += loss_value;
         window.1 += 1;

@@ -46,6 +46,8 @@ pub struct AdamW {
     /// Updates taken so far (t in the bias corrections).
     pub step: u64,
     params: Vec<Param>,
+    /// A one on the parameters' device: the fused update's scale when nothing is clipped.
+    one: Option<Tensor>,
 }
 
 /// Gradients aligned with an optimizer's parameters (None: the parameter got none).
@@ -65,7 +67,7 @@ impl AdamW {
             let v = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             params.push(Param { name: name.clone(), decay: !no_decay(name), m, v, var });
         }
-        Ok(Self { config, step: 0, params })
+        Ok(Self { config, step: 0, params, one: None })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -79,6 +81,24 @@ impl AdamW {
 
     /// One update with learning rate `lr` (the schedule's value for this step).
     pub fn update(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.update_scaled(grads, lr, None)
+    }
+
+    /// One update with the gradients multiplied by `scale` (one f32 on the parameters' device, the
+    /// clipping coefficient of [`Grads::clip_on_device`]) first: on CUDA inside the fused update,
+    /// so that clipping needs no host read between the backward pass and the update.
+    pub fn update_scaled(&mut self, grads: &Grads, lr: f64, scale: Option<&Tensor>) -> Result<()> {
+        let Some(first) = self.params.first() else { return Ok(()) };
+        let scale = scale.map(|s| s.to_dtype(DType::F32)?.reshape(1)).transpose()?;
+        let fused_scale = match (&scale, &self.one) {
+            (Some(s), _) => s.clone(),
+            (None, Some(one)) => one.clone(),
+            (None, None) => {
+                let one = Tensor::ones(1, DType::F32, first.var.device())?;
+                self.one = Some(one.clone());
+                one
+            }
+        };
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -95,6 +115,7 @@ impl AdamW {
                     &p.m,
                     &p.v,
                     &g.contiguous()?,
+                    &fused_scale,
                     decay,
                     c.beta1,
                     c.beta2,
@@ -105,6 +126,10 @@ impl AdamW {
             {
                 continue;
             }
+            let g = match &scale {
+                Some(s) => g.broadcast_mul(s)?,
+                None => g,
+            };
             let theta = p.var.as_tensor().detach();
             let theta =
                 if p.decay && c.weight_decay > 0.0 { theta.affine(1.0 - lr * c.weight_decay, 0.0)? } else { theta };
@@ -183,6 +208,30 @@ impl Grads {
             return Ok(0.0);
         }
         Ok((Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt())
+    }
+
+    /// The global L2 norm as a tensor of one element on the gradients' device: no host read
+    /// (None without gradients).
+    pub fn global_norm_on_device(&self) -> Result<Option<Tensor>> {
+        let sums: Vec<Tensor> =
+            self.0.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<_>>()?;
+        if sums.is_empty() {
+            return Ok(None);
+        }
+        Some(Tensor::stack(&sums, 0)?.sum_all()?.sqrt()?.reshape(1)).transpose()
+    }
+
+    /// Clipping by global norm as `torch.nn.utils.clip_grad_norm_` does, without a host read:
+    /// (the norm before, the coefficient min(1, max_norm / (norm + 1e-6))), each one element on the
+    /// device, for [`AdamW::update_scaled`]; None without gradients or with `max_norm` <= 0 (no
+    /// clipping). The gradients are left as they are (the update scales them).
+    pub fn clip_on_device(&self, max_norm: f64) -> Result<Option<(Tensor, Tensor)>> {
+        if max_norm <= 0.0 {
+            return Ok(None);
+        }
+        let Some(norm) = self.global_norm_on_device()? else { return Ok(None) };
+        let coef = (norm.affine(1.0, 1e-6)?.recip()? * max_norm)?.clamp(0f32, 1f32)?;
+        Ok(Some((norm, coef)))
     }
 
     /// Clips by global norm as `torch.nn.utils.clip_grad_norm_` does; returns the norm before.

@@ -16,6 +16,17 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 
 #[test]
 fn adamw_with_clipping_and_accumulation_matches_pytorch() {
+    against_pytorch(false);
+}
+
+/// The same with the norm and the clipping coefficient computed on the device and the
+/// coefficient applied by the update (no host read between backward and update).
+#[test]
+fn adamw_with_clipping_on_the_device_matches_pytorch() {
+    against_pytorch(true);
+}
+
+fn against_pytorch(on_device: bool) {
     let fx = fixture();
     let dev = Device::Cpu;
     let varmap = VarMap::new();
@@ -54,10 +65,18 @@ fn adamw_with_clipping_and_accumulation_matches_pytorch() {
             }
         }
         let mut grads = total.unwrap();
-        let norm = grads.clip(fx["max_norm"].as_f64().unwrap()).unwrap();
+        let (max_norm, lr) = (fx["max_norm"].as_f64().unwrap(), step["lr"].as_f64().unwrap());
+        let norm = if on_device {
+            let (norm, coef) = grads.clip_on_device(max_norm).unwrap().expect("gradients to clip");
+            opt.update_scaled(&grads, lr, Some(&coef)).unwrap();
+            norm.to_vec1::<f32>().unwrap()[0] as f64
+        } else {
+            let norm = grads.clip(max_norm).unwrap();
+            opt.update(&grads, lr).unwrap();
+            norm
+        };
         let want_norm = step["norm"].as_f64().unwrap();
         assert!((norm - want_norm).abs() < 1e-4 * want_norm, "step {k}: norm {norm} vs {want_norm}");
-        opt.update(&grads, step["lr"].as_f64().unwrap()).unwrap();
         let data = varmap.data().lock().unwrap();
         for name in &names {
             let got = data[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();

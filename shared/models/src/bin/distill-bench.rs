@@ -364,10 +364,12 @@ fn main() -> anyhow::Result<()> {
                 let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
                 Ok((margin - &target)?.sqr()?.mean_all()?)
             };
+            // Clipping as the trainer does it: the norm and the coefficient on the device, the
+            // update scaling inside (no host read in the step).
             let step = || -> anyhow::Result<()> {
-                let mut grads = opt.grads(&loss()?.backward()?);
-                grads.clip(1.0)?;
-                opt.update(&grads, 1e-5)?;
+                let grads = opt.grads(&loss()?.backward()?);
+                let clip = grads.clip_on_device(1.0)?;
+                opt.update_scaled(&grads, 1e-5, clip.as_ref().map(|(_, coef)| coef))?;
                 Ok(())
             };
             let mode = format!("train-{}", args.train_precision);
@@ -377,9 +379,9 @@ fn main() -> anyhow::Result<()> {
                     phase("forward");
                     let g = l.backward()?;
                     phase("backward");
-                    let mut grads = opt.grads(&g);
-                    grads.clip(1.0)?;
-                    opt.update(&grads, 1e-5)?;
+                    let grads = opt.grads(&g);
+                    let clip = grads.clip_on_device(1.0)?;
+                    opt.update_scaled(&grads, 1e-5, clip.as_ref().map(|(_, coef)| coef))?;
                     phase("optimizer");
                     Ok(())
                 })?;

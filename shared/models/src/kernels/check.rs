@@ -757,9 +757,17 @@ fn adamw_difference(dev: &candle_core::Device) -> Result<(f32, f32)> {
         let mut opt = AdamW::new(&varmap, AdamWConfig { weight_decay: 0.1, ..Default::default() })?;
         set_fused(fused);
         let mut result = Ok(());
-        for [gw, gb] in &grads {
-            // Parameter order is by name: dense.bias, dense.weight.
-            result = result.and_then(|_| opt.update(&Grads(vec![Some(gb.clone()), Some(gw.clone())]), 1e-2));
+        for (step, [gw, gb]) in grads.iter().enumerate() {
+            // Parameter order is by name: dense.bias, dense.weight. The last steps clipped by
+            // the global norm, computed on the device (the fused update scales inside).
+            let g = Grads(vec![Some(gb.clone()), Some(gw.clone())]);
+            result = result.and_then(|_| match step {
+                0 => opt.update(&g, 1e-2),
+                _ => {
+                    let clip = g.clip_on_device(5.0 * step as f64)?;
+                    opt.update_scaled(&g, 1e-2, clip.as_ref().map(|(_, coef)| coef))
+                }
+            });
         }
         set_fused_default();
         result?;

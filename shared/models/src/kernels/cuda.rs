@@ -211,24 +211,24 @@ pub fn rows_by_id(
 }
 
 /// The AdamW kernel over one parameter, writing the parameter and both moments in place.
-pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, c: [f32; 6]) -> Result<()> {
+pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, scale: &Tensor, c: [f32; 6]) -> Result<()> {
     let n = param.elem_count();
-    if [m, v, g].iter().any(|t| t.elem_count() != n) {
-        candle_core::bail!("adamw: parameter and state of different sizes");
+    if [m, v, g].iter().any(|t| t.elem_count() != n) || scale.elem_count() != 1 {
+        candle_core::bail!("adamw: parameter and state of different sizes, or a scale of {:?}", scale.dims());
     }
     // Read guards: the kernel writes through the parameter's and the moments' pointers. No
     // other tensor shares their storage (the optimizer owns m and v; the variable's storage
     // is written only here and by Var::set), and candle runs one stream, so nothing reads them
     // while the kernel runs out of order.
-    let guards = [param, m, v, g].map(|t| t.storage_and_layout());
-    let mut bufs = Vec::with_capacity(4);
+    let guards = [param, m, v, g, scale].map(|t| t.storage_and_layout());
+    let mut bufs = Vec::with_capacity(5);
     let mut dev = None;
     for (storage, layout) in &guards {
         let Storage::Cuda(s) = &**storage else { candle_core::bail!("adamw: not a CUDA tensor") };
         bufs.push(Buf::View(view(s, layout, "adamw")?));
         dev.get_or_insert_with(|| s.device().clone());
     }
-    let dev = dev.expect("four tensors");
+    let dev = dev.expect("five tensors");
     run(&dev, &Launch::adamw(n, c), &bufs)
 }
 

@@ -199,9 +199,13 @@ fn adamw_updates_in_place_as_the_composite() {
     let (p, m, v, g) = (values(n, 11, 1.0), values(n, 12, 0.1), values(n, 13, 0.01), values(n, 14, 1.0));
     let v: Vec<f32> = v.iter().map(|x| x.abs()).collect();
     let c = [0.999f32, 0.9, 0.999, 0.5, 1e-3, 1e-8];
-    let mut bufs = [Buf::F32(p.clone()), Buf::F32(m.clone()), Buf::F32(v.clone()), Buf::F32(g.clone())];
+    // The gradient scaled by a clipping coefficient read on the device.
+    let scale = 0.25f32;
+    let mut bufs =
+        [Buf::F32(p.clone()), Buf::F32(m.clone()), Buf::F32(v.clone()), Buf::F32(g.clone()), Buf::F32(vec![scale])];
     run(&Launch::adamw(n, c), &mut bufs);
     let [decay, b1, b2, bc2, step, eps] = c;
+    let g: Vec<f32> = g.iter().map(|g| g * scale).collect();
     for i in 0..n {
         let mi = b1 * m[i] + (1.0 - b1) * g[i];
         let vi = b2 * v[i] + (1.0 - b2) * g[i] * g[i];

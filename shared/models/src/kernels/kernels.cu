@@ -197,10 +197,13 @@ extern "C" __global__ void distill_scatter_add_rows_f32(const float* g, const ui
 
 // AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
 // θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
-extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, int64_t n, float decay, float beta1,
-                                             float beta2, float bc2, float step, float eps) {
+// The gradient is scaled by *scale first (clipping by global norm, computed on the device: no host
+// read between the backward pass and the update).
+extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, const float* scale, int64_t n,
+                                             float decay, float beta1, float beta2, float bc2, float step, float eps) {
+  const float s = *scale;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float gi = g[i];
+    float gi = g[i] * s;
     float mi = beta1 * m[i] + (1.0f - beta1) * gi;
     float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
     m[i] = mi;

@@ -86,9 +86,10 @@ impl Launch {
         Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params }
     }
 
-    /// `distill_adamw_f32(p, m, v, g, n, decay, beta1, beta2, bc2, step, eps)`, in place.
+    /// `distill_adamw_f32(p, m, v, g, scale, n, decay, beta1, beta2, bc2, step, eps)`, in place;
+    /// `scale` one f32 the gradient is multiplied by (the clipping coefficient).
     pub fn adamw(n: usize, c: [f32; 6]) -> Self {
-        let mut params: Vec<Param> = buffers(4).collect();
+        let mut params: Vec<Param> = buffers(5).collect();
         params.push(Param::I64(n as i64));
         params.extend(c.map(Param::F32));
         Launch { kernel: "distill_adamw_f32", grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }

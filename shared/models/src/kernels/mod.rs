@@ -1212,8 +1212,9 @@ pub fn rotary_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, T
 // ---------------------------------------------------------------------------------------------
 // AdamW
 
-/// One AdamW update of `param` (a variable) with its moments `m`, `v` and gradient `g`, all f32,
-/// contiguous and on one CUDA device, in place, as one kernel: `θ ← θ·decay`, the moments, then
+/// One AdamW update of `param` (a variable) with its moments `m`, `v` and gradient `g` times
+/// `scale` (one f32 on the device: a clipping coefficient), all f32, contiguous and on one CUDA
+/// device, in place, as one kernel: `θ ← θ·decay`, the moments, then
 /// `θ ← θ - step · m / (sqrt(v / bc2) + eps)`. Returns false (nothing done) where the fused
 /// kernel does not apply (CPU, another dtype, kernels off), and the caller takes the composite
 /// path. `m` and `v` must own their storage (no tensor shares it).
@@ -1223,6 +1224,7 @@ pub fn adamw_step(
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
+    scale: &Tensor,
     decay: f64,
     beta1: f64,
     beta2: f64,
@@ -1230,12 +1232,12 @@ pub fn adamw_step(
     step: f64,
     eps: f64,
 ) -> Result<bool> {
-    if !param.device().is_cuda() || !fused_for(param) || [m, v, g].iter().any(|t| t.dtype() != DType::F32) {
+    if !param.device().is_cuda() || !fused_for(param) || [m, v, g, scale].iter().any(|t| t.dtype() != DType::F32) {
         return Ok(false);
     }
     #[cfg(feature = "cuda")]
     {
-        cuda::adamw(param, m, v, g, [decay, beta1, beta2, bc2, step, eps].map(|x| x as f32))?;
+        cuda::adamw(param, m, v, g, scale, [decay, beta1, beta2, bc2, step, eps].map(|x| x as f32))?;
         Ok(true)
     }
     #[cfg(not(feature = "cuda"))]
