@@ -289,12 +289,23 @@ impl DebertaV2CrossEncoder {
             None => None,
         };
         let span = cfg.span();
+        // The relative-position buckets [L, L] for c2p and p2c; broadcast over batch and heads
+        // (the gathers want them whole) only where the composite runs.
         let index = |sign: i64| -> Result<Tensor> {
             let ids: Vec<u32> =
                 relative_positions(len, cfg).iter().map(|r| (sign * r + span).clamp(0, 2 * span - 1) as u32).collect();
-            Tensor::from_vec(ids, (1, 1, len, len), dev)?.broadcast_as((bsz, heads, len, len))?.contiguous()
+            Tensor::from_vec(ids, (len, len), dev)
         };
-        let (c2p_index, p2c_index) = (index(1)?, index(-1)?);
+        let (c2p_buckets, p2c_buckets) = (index(1)?, index(-1)?);
+        let whole = std::cell::OnceCell::new();
+        let gather_indices = || -> Result<(Tensor, Tensor)> {
+            if let Some(w) = whole.get() {
+                return Ok(Clone::clone(w));
+            }
+            let full = |t: &Tensor| t.reshape((1, 1, len, len))?.broadcast_as((bsz, heads, len, len))?.contiguous();
+            let w = (full(&c2p_buckets)?, full(&p2c_buckets)?);
+            Ok(whole.get_or_init(|| w).clone())
+        };
 
         // Only the first token's final state is read (the pooler's): the last layer needs every
         // token's key and value but the query, attention and the rest for the first token only
@@ -313,6 +324,51 @@ impl DebertaV2CrossEncoder {
             let q = split(layer.query.forward(&residual)?, bsz)?;
             let k = split(layer.key.forward(&x)?, bsz)?;
             let v = split(layer.value.forward(&x)?, bsz)?;
+            // From the attention probabilities on: their product with v, the heads merged, the
+            // post-LN block.
+            let rest_of_layer = |probs: &Tensor| -> Result<Tensor> {
+                let ctx = matmul_in(probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((
+                    bsz,
+                    rows,
+                    cfg.hidden_size,
+                ))?;
+                let block = crate::bert::PostLn {
+                    attn_out: &layer.attn_out,
+                    attn_norm: &layer.attn_norm,
+                    intermediate: &layer.intermediate,
+                    output: &layer.output,
+                    out_norm: &layer.out_norm,
+                };
+                crate::bert::post_ln_block(&block, &cfg.hidden_act, cfg.hidden_dropout_prob, &ctx, &residual, train)
+            };
+            // Scoring in bf16 with both relative terms: the probabilities from one kernel that
+            // gathers, adds, scales and normalises (kernels::deberta_probs_for_scoring).
+            if let (Some(rel), true, true) = (&rel, c2p && p2c, crate::kernels::deberta_probs_on(&q)) {
+                let proj = |l: &Linear| -> Result<Tensor> { split(l.forward(&rel.unsqueeze(0)?)?, 1) };
+                let (pos_key, pos_query) = (
+                    proj(layer.pos_key.as_ref().unwrap_or(&layer.key))?,
+                    proj(layer.pos_query.as_ref().unwrap_or(&layer.query))?,
+                );
+                let by_positions = |x: &Tensor, p: &Tensor| {
+                    matmul_in(x, &p.broadcast_as((bsz, heads, 2 * span as usize, hd))?.t()?.contiguous()?, compute)
+                };
+                let qk = matmul_in(&q, &k.t()?, compute)?;
+                let (c2p_att, p2c_att) = (by_positions(&q, &pos_key)?, by_positions(&k, &pos_query)?);
+                let probs = crate::kernels::deberta_probs_for_scoring(
+                    &qk,
+                    &c2p_att,
+                    &p2c_att,
+                    &c2p_buckets,
+                    &p2c_buckets,
+                    &bias,
+                    scale,
+                )?;
+                if let Some(probs) = probs {
+                    x = rest_of_layer(&probs)?;
+                    continue;
+                }
+            }
+            let (c2p_index, p2c_index) = gather_indices()?;
             let mut scores = (matmul_in(&q, &k.t()?, compute)? / scale)?;
             if let Some(rel) = &rel {
                 // [1, heads, 2 span, hd]
@@ -342,16 +398,7 @@ impl DebertaV2CrossEncoder {
                 }
             }
             let probs = dropout(&masked_softmax(&scores, &bias, 1.0)?, cfg.attention_probs_dropout_prob, train)?;
-            let ctx =
-                matmul_in(&probs, &v, compute)?.transpose(1, 2)?.contiguous()?.reshape((bsz, rows, cfg.hidden_size))?;
-            let block = crate::bert::PostLn {
-                attn_out: &layer.attn_out,
-                attn_norm: &layer.attn_norm,
-                intermediate: &layer.intermediate,
-                output: &layer.output,
-                out_norm: &layer.out_norm,
-            };
-            x = crate::bert::post_ln_block(&block, &cfg.hidden_act, cfg.hidden_dropout_prob, &ctx, &residual, train)?;
+            x = rest_of_layer(&probs)?;
         }
         let cls = dropout(&first_token(&x)?, cfg.pooler_dropout, train)?;
         let pooled = activation(&cfg.pooler_hidden_act, &self.pooler.forward(&cls)?)?;

@@ -546,3 +546,143 @@ pub fn flash_attention_for_scoring_packed(
     };
     qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)
 }
+
+/// DeBERTa's disentangled attention probabilities for scoring: (qk [B, H, Q, L] = q kᵀ, c2p
+/// [B, H, Q, P] = q and the position keys, p2c [B, H, L, P] = k and the position queries, bf16)
+/// -> softmax over j of (qk[i, j] + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) / scale +
+/// mask[b, j], bf16 [B, H, Q, L]; the bucket indices [L, L] u32 (query row i of Q reads row i of
+/// c2p_idx and column i of p2c_idx: the first rows), the key mask [B, L] f32. No backward.
+pub(super) struct DebertaProbs {
+    pub(super) c2p_idx: Tensor,
+    pub(super) p2c_idx: Tensor,
+    pub(super) mask: Tensor,
+    pub(super) scale: f32,
+}
+
+impl DebertaProbs {
+    /// [bh, heads, q_rows, len, pos] from the operands' layouts.
+    fn dims(&self, qk: &Layout, c2p: &Layout, p2c: &Layout) -> Result<[usize; 5]> {
+        match (qk.dims(), c2p.dims(), p2c.dims(), self.mask.dims()) {
+            (&[b, h, q, l], &[b2, h2, q2, p], &[b3, h3, l3, p3], &[b4, l4])
+                if (b, h, q) == (b2, h2, q2) && (b, h, l, p) == (b3, h3, l3, p3) && (b, l) == (b4, l4) && q <= l =>
+            {
+                Ok([b * h, h, q, l, p])
+            }
+            _ => candle_core::bail!(
+                "distill-deberta-probs: qk {:?}, c2p {:?}, p2c {:?}, mask {:?}",
+                qk.dims(),
+                c2p.dims(),
+                p2c.dims(),
+                self.mask.dims()
+            ),
+        }
+    }
+}
+
+impl CustomOp3 for DebertaProbs {
+    fn name(&self) -> &'static str {
+        "distill-deberta-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [bh, heads, q_rows, len, pos] = self.dims(l1, l2, l3)?;
+        let (qk, c2p, p2c) =
+            (widened(s1, l1, self.name())?, widened(s2, l2, self.name())?, widened(s3, l3, self.name())?);
+        let index =
+            |t: &Tensor| -> Result<Vec<u32>> { candle_core::op_stats::uncounted(|| t.flatten_all()?.to_vec1::<u32>()) };
+        let (ci, pi, mask) = (index(&self.c2p_idx)?, index(&self.p2c_idx)?, f32_data(&self.mask)?);
+        if ci.len() != len * len || pi.len() != len * len || ci.iter().chain(&pi).any(|&x| x as usize >= pos) {
+            candle_core::bail!(
+                "{}: indices of {} and {} for {len} keys and {pos} positions",
+                self.name(),
+                ci.len(),
+                pi.len()
+            );
+        }
+        let inv = 1.0 / self.scale;
+        let mut out = Vec::with_capacity(bh * q_rows * len);
+        for row in 0..bh * q_rows {
+            let (b_h, i) = (row / q_rows, row % q_rows);
+            let m = &mask[(b_h / heads) * len..(b_h / heads + 1) * len];
+            let s: Vec<f32> = (0..len)
+                .map(|j| {
+                    let c = c2p[row * pos + ci[i * len + j] as usize];
+                    let p = p2c[(b_h * len + j) * pos + pi[j * len + i] as usize];
+                    (qk[row * len + j] + c + p) * inv + m[j]
+                })
+                .collect();
+            let top = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let e: Vec<f32> = s.iter().map(|x| (x - top).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            out.extend(e.iter().map(|x| half::bf16::from_f32(x / sum)));
+        }
+        Ok((CpuStorage::BF16(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.dims(l1, l2, l3)?;
+        cuda::deberta_probs(
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            &self.c2p_idx,
+            &self.p2c_idx,
+            &self.mask,
+            dims,
+            1.0 / self.scale,
+        )
+    }
+}
+
+/// Whether [`deberta_probs_for_scoring`] runs for queries like `q`: no graph kept, bf16, the
+/// `attention_scoring` family on for the device.
+pub fn deberta_probs_on(q: &Tensor) -> bool {
+    q.dtype() == DType::BF16 && !crate::layers::grad_enabled() && unproven_on(q, Unproven::AttentionScoring)
+}
+
+/// DeBERTa's attention probabilities for scoring in one kernel where it applies (no graph kept,
+/// bf16 products, the `attention_scoring` family on for the device): softmax over the keys of
+/// (qk + the c2p term gathered by `c2p_idx` + the p2c term gathered by `p2c_idx`, transposed) /
+/// `scale` + the key mask, with `qk` [B, H, Q, L] = q kᵀ, `c2p` [B, H, Q, P] = q and the position
+/// keys, `p2c` [B, H, L, P] = k and the position queries, the bucket indices [L, L] u32 and the
+/// key mask `bias` [B, 1, 1, L]. None where it does not apply (the caller gathers, adds and runs
+/// the masked softmax).
+#[allow(clippy::too_many_arguments)]
+pub fn deberta_probs_for_scoring(
+    qk: &Tensor,
+    c2p: &Tensor,
+    p2c: &Tensor,
+    c2p_idx: &Tensor,
+    p2c_idx: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !deberta_probs_on(qk) || [c2p, p2c].iter().any(|t| t.dtype() != DType::BF16) || bias.rank() != 4 {
+        return Ok(None);
+    }
+    let (b, l) = (bias.dim(0)?, bias.dim(3)?);
+    let op = DebertaProbs {
+        c2p_idx: c2p_idx.to_dtype(DType::U32)?.contiguous()?,
+        p2c_idx: p2c_idx.to_dtype(DType::U32)?.contiguous()?,
+        mask: bias.to_dtype(DType::F32)?.reshape((b, l))?.contiguous()?,
+        scale: scale as f32,
+    };
+    Ok(Some(qk.contiguous()?.apply_op3_no_bwd(&c2p.contiguous()?, &p2c.contiguous()?, &op)?))
+}

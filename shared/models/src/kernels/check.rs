@@ -495,6 +495,50 @@ fn check_attention_scoring(dev: &candle_core::Device, c: &mut Checks) -> Result<
             c.fail();
         }
     }
+    check_deberta_probs(dev, c)
+}
+
+/// DeBERTa's disentangled attention probabilities for scoring (one kernel) against the composite
+/// (gathers, scaling, sums, the masked softmax), all query rows and the first alone.
+fn check_deberta_probs(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
+    let (b, h, l, span) = (2usize, 3usize, 70usize, 16i64);
+    let bucket = |sign: i64| -> Result<Tensor> {
+        let ids: Vec<u32> = (0..l * l)
+            .map(|x| (sign * ((x / l) as i64 - (x % l) as i64) + span).clamp(0, 2 * span - 1) as u32)
+            .collect();
+        Tensor::from_vec(ids, (l, l), dev)
+    };
+    let (c2p_idx, p2c_idx) = (bucket(1)?, bucket(-1)?);
+    let (bias, _) = attention_masks(dev, b, l, None)?;
+    let scale = (3.0f64 * 64.0).sqrt();
+    for q in [l, 1] {
+        let p = 2 * span as usize;
+        let bf16 = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+            (randn(shape, dev)? * 8.0)?.to_dtype(DType::BF16)
+        };
+        let (qk, c2p, p2c) = (bf16((b, h, q, l))?, bf16((b, h, q, p))?, bf16((b, h, l, p))?);
+        let composite = {
+            let whole = |t: &Tensor| t.reshape((1, 1, l, l))?.broadcast_as((b, h, l, l))?.contiguous();
+            let (ci, pi) =
+                (whole(&c2p_idx)?.narrow(2, 0, q)?.contiguous()?, whole(&p2c_idx)?.narrow(3, 0, q)?.contiguous()?);
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let scores =
+                ((f(&qk)? + f(&c2p)?.gather(&ci, D::Minus1)?)? + f(&p2c)?.gather(&pi, D::Minus1)?.transpose(2, 3)?)?;
+            masked_softmax(&(scores / scale)?, &bias, 1.0)?
+        };
+        set_fused(true);
+        let fused =
+            crate::layers::no_grad(|| deberta_probs_for_scoring(&qk, &c2p, &p2c, &c2p_idx, &p2c_idx, &bias, scale));
+        set_fused_default();
+        let fused = fused?.ok_or_else(|| candle_core::Error::Msg("the DeBERTa kernel did not apply".into()))?;
+        let diff = relative_bf16(&fused, &composite)?;
+        c.line(format!(
+            "deberta attention probabilities [{b}, {h}, {q}, {l}], {p} positions: relative |values| {diff:.1e}"
+        ));
+        if !(fused.dtype() == DType::BF16 && diff < 3e-2) {
+            c.fail();
+        }
+    }
     Ok(())
 }
 

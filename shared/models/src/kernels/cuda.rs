@@ -10,7 +10,8 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 37] = [
+const KERNELS: [&str; 38] = [
+    "distill_deberta_probs_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -595,4 +596,48 @@ pub fn flash_attention_packed(
         inputs.push(Buf::View(view(r, layout, op)?));
     }
     flash_scoring(&launch, inputs, bias, [b, h, l, d], op)
+}
+
+/// DeBERTa's disentangled attention probabilities for scoring: (qk [BH, Q, L], c2p [BH, Q, P],
+/// p2c [BH, L, P], bf16), the bucket indices [L, L] u32 each, the key mask [B, L] f32 -> [BH, Q, L]
+/// bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn deberta_probs(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    c2p_idx: &Tensor,
+    p2c_idx: &Tensor,
+    mask: &Tensor,
+    [bh, heads, q_rows, len, pos]: [usize; 5],
+    inv_scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "deberta probs";
+    let guards = [c2p_idx, p2c_idx, mask].map(|t| t.storage_and_layout());
+    let mut aux = Vec::with_capacity(3);
+    for (i, (storage, layout)) in guards.iter().enumerate() {
+        let Storage::Cuda(c) = &**storage else { candle_core::bail!("{op}: an index or the mask is not on the GPU") };
+        aux.push(if i < 2 {
+            match layout.contiguous_offsets() {
+                Some((a, b)) => Buf::Ids(c.as_cuda_slice::<u32>()?.slice(a..b)),
+                None => candle_core::bail!("{op}: an index is not contiguous"),
+            }
+        } else {
+            Buf::View(view(c, layout, op)?)
+        });
+    }
+    let dev = s1.device().clone();
+    // SAFETY: every element is written by the kernel (every key of every query row).
+    let out = unsafe { dev.alloc::<half::bf16>(bh * q_rows * len)? };
+    {
+        let mut bufs = vec![
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::Bf16(bf16_view(s2, l2, op)?),
+            Buf::Bf16(bf16_view(s3, l3, op)?),
+        ];
+        bufs.extend(aux);
+        bufs.push(Buf::Bf16Out(&out));
+        run(&dev, &Launch::deberta_probs(bh, heads, q_rows, len, pos, inv_scale), &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }

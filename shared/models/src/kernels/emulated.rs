@@ -562,3 +562,41 @@ fn flash_attention_for_training_and_its_backward() {
         }
     }
 }
+
+#[test]
+fn deberta_probs_gather_add_and_normalise_as_the_twin() {
+    // Two batches x 3 heads, 40 keys, 16 positions; all query rows, then the first alone (the
+    // last layer's first token): row i reads row i of the c2p buckets and column i of p2c's.
+    let (b, h, l, p) = (2usize, 3usize, 40usize, 16usize);
+    let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
+    let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
+    let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
+    let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
+    for q in [l, 1] {
+        let (qk, qk_t) = bf16_bits(&values(b * h * q * l, 61, 3.0), &[b, h, q, l]);
+        let (c2p, c2p_t) = bf16_bits(&values(b * h * q * p, 62, 3.0), &[b, h, q, p]);
+        let (p2c, p2c_t) = bf16_bits(&values(b * h * l * p, 63, 3.0), &[b, h, l, p]);
+        let scale = 5.0f32;
+        let mut bufs = [
+            Buf::Bf16(qk),
+            Buf::Bf16(c2p),
+            Buf::Bf16(p2c),
+            Buf::U32(c2p_idx.clone()),
+            Buf::U32(p2c_idx.clone()),
+            Buf::F32(mask.clone()),
+            Buf::Bf16(vec![0x7fc0; b * h * q * l]),
+        ];
+        run(&Launch::deberta_probs(b * h, h, q, l, p, 1.0 / scale), &mut bufs);
+        let op = DebertaProbs { c2p_idx: idx(&c2p_idx), p2c_idx: idx(&p2c_idx), mask: tensor(&mask, &[b, l]), scale };
+        let want = qk_t.apply_op3_no_bwd(&c2p_t, &p2c_t, &op).unwrap();
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[6]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 4e-3 * w.abs().max(1e-2), "deberta probs q {q} at {i}: {g} against {w}");
+        }
+        // Each row sums to one.
+        for row in got.chunks(l) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 2e-2, "a row sums to {}", row.iter().sum::<f32>());
+        }
+    }
+}

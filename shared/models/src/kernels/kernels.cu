@@ -90,6 +90,49 @@ extern "C" __global__ void distill_masked_softmax_f32(const float* x, const floa
   for (int64_t i = lane; i < cols; i += 32) yr[i] *= inv;
 }
 
+// DeBERTa's disentangled attention probabilities for scoring, one warp per query row: softmax
+// over the keys j of (qk[i, j] + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) · inv_scale +
+// mask[b, j], in f32 from bf16 products, bf16 out. qk [BH, Q, L] (q kᵀ), c2p [BH, Q, P] (q and the
+// position keys), p2c [BH, L, P] (k and the position queries), the relative-position buckets
+// c2p_idx and p2c_idx [L, L] (query row i of Q: the first Q rows), mask [B, L]. Where the
+// composite gathered, scaled and added three [BH, Q, L] score tensors, cast them and ran the
+// masked softmax, this reads each product once (three times from cache) and writes bf16.
+__device__ __forceinline__ float deberta_score(const __nv_bfloat16* qk, const __nv_bfloat16* c2p,
+                                               const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
+                                               const uint32_t* p2c_idx, const float* mask, int64_t i, int64_t j,
+                                               int64_t len, int64_t pos, float inv_scale) {
+  float s = __bfloat162float(qk[j]) + __bfloat162float(c2p[c2p_idx[i * len + j]]) +
+            __bfloat162float(p2c[j * pos + p2c_idx[j * len + i]]);
+  return s * inv_scale + mask[j];
+}
+
+extern "C" __global__ void distill_deberta_probs_bf16(const __nv_bfloat16* qk, const __nv_bfloat16* c2p,
+                                                      const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
+                                                      const uint32_t* p2c_idx, const float* mask, __nv_bfloat16* out,
+                                                      int64_t heads, int64_t q_rows, int64_t len, int64_t pos,
+                                                      int64_t rows, float inv_scale) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
+  const __nv_bfloat16* qr = qk + row * len;
+  const __nv_bfloat16* cr = c2p + row * pos;
+  const __nv_bfloat16* pb = p2c + bh * len * pos;
+  const float* mr = mask + b * len;
+  float m = -INFINITY;
+  for (int64_t j = lane; j < len; j += 32)
+    m = fmaxf(m, deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale));
+  m = warp_max(m);
+  if (m == -INFINITY) m = 0.0f;
+  float s = 0.0f;
+  for (int64_t j = lane; j < len; j += 32)
+    s += expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m);
+  const float inv = 1.0f / warp_sum(s);
+  for (int64_t j = lane; j < len; j += 32)
+    out[row * len + j] =
+        __float2bfloat16(expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m) * inv);
+}
+
 // dx = scale · y (g - Σ g y) per row (scale 1 for a plain softmax)
 extern "C" __global__ void distill_softmax_grad_f32(const float* y, const float* g, float* dx, int64_t rows, int64_t cols,
                                                     float scale) {

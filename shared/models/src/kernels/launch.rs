@@ -226,6 +226,18 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// `distill_deberta_probs_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, out, heads, q_rows, len,
+    /// pos, rows, inv_scale)`: one warp per query row of `bh` (batch x heads) x `q_rows`.
+    pub fn deberta_probs(bh: usize, heads: usize, q_rows: usize, len: usize, pos: usize, inv_scale: f32) -> Self {
+        let rows = bh * q_rows;
+        let mut params: Vec<Param> = buffers(7).collect();
+        params.extend([heads, q_rows, len, pos, rows].map(|v| Param::I64(v as i64)));
+        params.push(Param::F32(inv_scale));
+        Launch { kernel: "distill_deberta_probs_bf16", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+    }
+}
+
 /// The shape and settings of a training attention launch.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attention {
