@@ -2,7 +2,10 @@
 //! `modeling_bert.py`: embeddings (word + position + token type, LayerNorm, dropout), post-LN
 //! encoder layers, tanh pooler on [CLS], linear `classifier`.
 
-use crate::kernels::{flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training};
+use crate::kernels::{
+    flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training,
+    flash_attention_for_training_packed,
+};
 use crate::layers::{composite_attention, dropout, Embedding, LayerNorm, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -219,10 +222,21 @@ impl Encoder {
                 x = self.feed_forward(layer, &ctx, &first, train)?;
                 break;
             }
-            // Query, key and value as one product [B, L, 3 H]; for scoring in bf16 the attention
-            // kernel reads it as it is (the bias added as it loads), else it is split into heads
-            // [B, heads, L, D].
+            // Query, key and value as one product [B, L, 3 H]; for scoring in bf16 and for
+            // training under autocast the attention kernel reads it as it is (the bias added as
+            // it loads; in training the backward writes the product's gradient joined), else it
+            // is split into heads [B, heads, L, D].
             let joined = Linear::concat(&[&layer.query, &layer.key, &layer.value])?;
+            let grad = train || crate::layers::grad_enabled();
+            if grad && crate::kernels::flash_training_packed_on(&x, head_dim) {
+                let p = cfg.attention_probs_dropout_prob;
+                let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
+                let product = joined.product(&x)?;
+                let ctx =
+                    flash_attention_for_training_packed(&product, joined.bias(), &bias, heads, scale, None, drop)?;
+                x = self.feed_forward(layer, &ctx, &x, train)?;
+                continue;
+            }
             if !train && crate::kernels::flash_scoring_packed_on(&x, head_dim) {
                 let ctx = flash_attention_for_scoring_packed(
                     &joined.product(&x)?,
@@ -241,7 +255,7 @@ impl Encoder {
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             // Flash-style attention where it applies (training under autocast, scoring in bf16:
             // kernels::flash_attention_for_*), else the products and the masked softmax.
-            let flash = if train || crate::layers::grad_enabled() {
+            let flash = if grad {
                 let p = cfg.attention_probs_dropout_prob;
                 let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
                 flash_attention_for_training(&q, &k, &v, &bias, scale, None, drop)?
@@ -303,7 +317,9 @@ pub(crate) fn post_ln_block(
         };
         return l.out_norm.add_norm(&l.output.product(&inter)?, l.output.bias(), &attn);
     }
-    let attn = dropout(&l.attn_out.forward(ctx)?, dropout_p, train)?;
+    // (The context is bf16 from the packed training attention: the projection comes back in the
+    // residual stream's dtype.)
+    let attn = dropout(&l.attn_out.forward_as(ctx, residual.dtype())?, dropout_p, train)?;
     let attn = l.attn_norm.forward(&(attn + residual)?)?;
     let out = match (hidden_act, l.intermediate.bias()) {
         // Training under autocast: the bias and GELU on the bf16 product in one kernel, its bf16

@@ -67,7 +67,14 @@ impl Module for Linear {
     /// Under [`autocast`] the f32 master weight is cast for the product (its gradient flows back
     /// to the f32 variable through the cast).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let act = x.dtype();
+        self.forward_as(x, x.dtype())
+    }
+}
+
+impl Linear {
+    /// As [`Module::forward`], the output in `act` (a bf16 input whose output joins an f32
+    /// residual stream under autocast).
+    pub fn forward_as(&self, x: &Tensor, act: DType) -> Result<Tensor> {
         // One 2-D product over all leading dimensions (its weight gradient is one GEMM too,
         // where a batched product would write a partial gradient per batch and sum them).
         let y = self.product(x)?;

@@ -178,6 +178,39 @@ fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
     candle_core::op_stats::uncounted(|| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
 }
 
+/// The training attention on the CPU, exact f32 from q, k, v [B, H, L, D]: the context
+/// [B, L, H, D] and the rows' log-sum-exp [B, H, L].
+fn train_cpu(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], a: &launch_shape::Attention) -> (Vec<f32>, Vec<f32>) {
+    let (n, nh) = (a.b * a.h * a.l * a.d, a.b * a.h);
+    let per: Vec<(Vec<f32>, Vec<f32>)> = (0..nh)
+        .into_par_iter()
+        .map(|bh| {
+            let (p, lse) = attention_probs(q, k, bias, a, bh, None);
+            let mut o = vec![0f32; a.l * a.d];
+            for i in 0..a.l {
+                for j in 0..a.l {
+                    let w = p[i * a.l + j] * keep_scale(a.seed, a.p, bh, i, j, a.l);
+                    if w != 0.0 {
+                        let vj = &v[(bh * a.l + j) * a.d..(bh * a.l + j + 1) * a.d];
+                        o[i * a.d..(i + 1) * a.d].iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
+                    }
+                }
+            }
+            (o, lse)
+        })
+        .collect();
+    let (mut out, mut lses) = (vec![0f32; n], vec![0f32; nh * a.l]);
+    for (bh, (o, lse)) in per.into_iter().enumerate() {
+        let (batch, head) = (bh / a.h, bh % a.h);
+        for i in 0..a.l {
+            let at = ((batch * a.l + i) * a.h + head) * a.d;
+            out[at..at + a.d].copy_from_slice(&o[i * a.d..(i + 1) * a.d]);
+        }
+        lses[bh * a.l..(bh + 1) * a.l].copy_from_slice(&lse);
+    }
+    (out, lses)
+}
+
 impl CustomOp3 for FlashTrain {
     fn name(&self) -> &'static str {
         "distill-flash-attention-train"
@@ -195,35 +228,10 @@ impl CustomOp3 for FlashTrain {
         let a = self.shape;
         attention_dims(l1, l2, l3, self.name())?;
         let (q, k, v) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
-        let bias = f32_data(&self.bias)?;
-        let (n, nh) = (a.b * a.h * a.l * a.d, a.b * a.h);
-        let per: Vec<(Vec<f32>, Vec<f32>)> = (0..nh)
-            .into_par_iter()
-            .map(|bh| {
-                let (p, lse) = attention_probs(q, k, &bias, &a, bh, None);
-                let mut o = vec![0f32; a.l * a.d];
-                for i in 0..a.l {
-                    for j in 0..a.l {
-                        let w = p[i * a.l + j] * keep_scale(a.seed, a.p, bh, i, j, a.l);
-                        if w != 0.0 {
-                            let vj = &v[(bh * a.l + j) * a.d..(bh * a.l + j + 1) * a.d];
-                            o[i * a.d..(i + 1) * a.d].iter_mut().zip(vj).for_each(|(o, v)| *o += w * v);
-                        }
-                    }
-                }
-                (o, lse)
-            })
-            .collect();
-        let mut out = vec![0f32; n + nh * a.l];
-        for (bh, (o, lse)) in per.into_iter().enumerate() {
-            let (batch, head) = (bh / a.h, bh % a.h);
-            for i in 0..a.l {
-                let at = ((batch * a.l + i) * a.h + head) * a.d;
-                out[at..at + a.d].copy_from_slice(&o[i * a.d..(i + 1) * a.d]);
-            }
-            out[n + bh * a.l..n + (bh + 1) * a.l].copy_from_slice(&lse);
-        }
-        Ok((CpuStorage::F32(out), (n + nh * a.l).into()))
+        let (mut out, lse) = train_cpu(q, k, v, &f32_data(&self.bias)?, &a);
+        out.extend(lse);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), len.into()))
     }
 
     #[cfg(feature = "cuda")]
@@ -266,6 +274,61 @@ pub(super) struct FlashTrainGrad {
     pub(super) shape: launch_shape::Attention,
 }
 
+/// The training attention's backward on the CPU, exact f32: (q, k, v [B, H, L, D]), the context
+/// `o` and its gradient `dout` [B, L, H, D], the log-sum-exp [B, H, L] -> [dq, dk, dv] ([3, B, H,
+/// L, D]).
+fn train_grad_cpu(
+    [q, k, v]: [&[f32]; 3],
+    bias: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    a: &launch_shape::Attention,
+) -> Vec<f32> {
+    let (l, d, n) = (a.l, a.d, a.b * a.h * a.l * a.d);
+    let per: Vec<[Vec<f32>; 3]> = (0..a.b * a.h)
+        .into_par_iter()
+        .map(|bh| {
+            let (batch, head) = (bh / a.h, bh % a.h);
+            let (p, _) = attention_probs(q, k, bias, a, bh, Some(lse));
+            let row = |t: &[f32], i: usize| -> Vec<f32> {
+                let at = ((batch * l + i) * a.h + head) * d;
+                t[at..at + d].to_vec()
+            };
+            let (mut dq, mut dk, mut dv) = (vec![0f32; l * d], vec![0f32; l * d], vec![0f32; l * d]);
+            for i in 0..l {
+                let (doi, oi) = (row(dout, i), row(o, i));
+                let delta: f32 = doi.iter().zip(&oi).map(|(x, y)| x * y).sum();
+                for j in 0..l {
+                    let pij = p[i * l + j];
+                    if pij == 0.0 {
+                        continue;
+                    }
+                    let z = keep_scale(a.seed, a.p, bh, i, j, l);
+                    let vj = &v[(bh * l + j) * d..(bh * l + j + 1) * d];
+                    let dp = doi.iter().zip(vj).map(|(x, y)| x * y).sum::<f32>() * z;
+                    let ds = pij * (dp - delta) * a.scale;
+                    let (qi, kj) =
+                        (&q[(bh * l + i) * d..(bh * l + i + 1) * d], &k[(bh * l + j) * d..(bh * l + j + 1) * d]);
+                    for c in 0..d {
+                        dq[i * d + c] += ds * kj[c];
+                        dk[j * d + c] += ds * qi[c];
+                        dv[j * d + c] += pij * z * doi[c];
+                    }
+                }
+            }
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut out = vec![0f32; 3 * n];
+    for (bh, parts) in per.into_iter().enumerate() {
+        for (which, part) in parts.into_iter().enumerate() {
+            out[which * n + bh * l * d..which * n + (bh + 1) * l * d].copy_from_slice(&part);
+        }
+    }
+    out
+}
+
 impl CustomOp3 for FlashTrainGrad {
     fn name(&self) -> &'static str {
         "distill-flash-attention-train-grad"
@@ -284,48 +347,8 @@ impl CustomOp3 for FlashTrainGrad {
         attention_dims(l1, l2, l3, self.name())?;
         let (q, k, v) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?, slice(s3, l3, self.name())?);
         let (bias, packed, dout) = (f32_data(&self.bias)?, f32_data(&self.packed)?, f32_data(&self.dout)?);
-        let (l, d, n) = (a.l, a.d, a.b * a.h * a.l * a.d);
-        let (o, lse) = packed.split_at(n);
-        let per: Vec<[Vec<f32>; 3]> = (0..a.b * a.h)
-            .into_par_iter()
-            .map(|bh| {
-                let (batch, head) = (bh / a.h, bh % a.h);
-                let (p, _) = attention_probs(q, k, &bias, &a, bh, Some(lse));
-                let row = |t: &[f32], i: usize| -> Vec<f32> {
-                    let at = ((batch * l + i) * a.h + head) * d;
-                    t[at..at + d].to_vec()
-                };
-                let (mut dq, mut dk, mut dv) = (vec![0f32; l * d], vec![0f32; l * d], vec![0f32; l * d]);
-                for i in 0..l {
-                    let (doi, oi) = (row(&dout, i), row(o, i));
-                    let delta: f32 = doi.iter().zip(&oi).map(|(x, y)| x * y).sum();
-                    for j in 0..l {
-                        let pij = p[i * l + j];
-                        if pij == 0.0 {
-                            continue;
-                        }
-                        let z = keep_scale(a.seed, a.p, bh, i, j, l);
-                        let vj = &v[(bh * l + j) * d..(bh * l + j + 1) * d];
-                        let dp = doi.iter().zip(vj).map(|(x, y)| x * y).sum::<f32>() * z;
-                        let ds = pij * (dp - delta) * a.scale;
-                        let (qi, kj) =
-                            (&q[(bh * l + i) * d..(bh * l + i + 1) * d], &k[(bh * l + j) * d..(bh * l + j + 1) * d]);
-                        for c in 0..d {
-                            dq[i * d + c] += ds * kj[c];
-                            dk[j * d + c] += ds * qi[c];
-                            dv[j * d + c] += pij * z * doi[c];
-                        }
-                    }
-                }
-                [dq, dk, dv]
-            })
-            .collect();
-        let mut out = vec![0f32; 3 * n];
-        for (bh, parts) in per.into_iter().enumerate() {
-            for (which, part) in parts.into_iter().enumerate() {
-                out[which * n + bh * l * d..which * n + (bh + 1) * l * d].copy_from_slice(&part);
-            }
-        }
+        let (o, lse) = packed.split_at(a.b * a.h * a.l * a.d);
+        let out = train_grad_cpu([q, k, v], &bias, o, lse, &dout, &a);
         Ok((CpuStorage::F32(out), (3, a.b, a.h, a.l, a.d).into()))
     }
 
@@ -442,6 +465,19 @@ impl FlashAttentionPacked {
     }
 }
 
+/// A joined query/key/value product [B, L, 3, H, D] split into q, k, v [B, H, L, D] each, its bias
+/// [3 H D] added and each value rounded to bf16 (as the kernels read it).
+fn split_joined(qkv: &[f32], qkv_bias: &[f32], [b, h, l, d]: [usize; 4]) -> [Vec<f32>; 3] {
+    let mut split = [0; 3].map(|_| vec![0f32; b * h * l * d]);
+    for (i, x) in qkv.iter().enumerate() {
+        let (row, col) = (i / (3 * h * d), i % (3 * h * d));
+        let (batch, pos) = (row / l, row % l);
+        let (which, head, c) = (col / (h * d), col % (h * d) / d, col % d);
+        split[which][((batch * h + head) * l + pos) * d + c] = half::bf16::from_f32(x + qkv_bias[col]).to_f32();
+    }
+    split
+}
+
 impl CustomOp2 for FlashAttentionPacked {
     fn name(&self) -> &'static str {
         "distill-flash-attention-packed"
@@ -452,13 +488,7 @@ impl CustomOp2 for FlashAttentionPacked {
         let [b, h, l, d] = self.dims(l1, l2)?;
         let qkv = widened(s1, l1, self.name())?;
         let qkv_bias = vector(s2, l2, 3 * h * d, self.name())?;
-        let mut split = vec![vec![0f32; b * h * l * d]; 3];
-        for (i, x) in qkv.iter().enumerate() {
-            let (row, col) = (i / (3 * h * d), i % (3 * h * d));
-            let (batch, pos) = (row / l, row % l);
-            let (which, head, c) = (col / (h * d), col % (h * d) / d, col % d);
-            split[which][((batch * h + head) * l + pos) * d + c] = half::bf16::from_f32(x + qkv_bias[col]).to_f32();
-        }
+        let mut split = split_joined(&qkv, qkv_bias, [b, h, l, d]);
         if let Some(rope) = &self.rope {
             if rope.dims() != [2, l, d] {
                 candle_core::bail!(
@@ -545,6 +575,208 @@ pub fn flash_attention_for_scoring_packed(
         rope,
     };
     qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)
+}
+
+/// Training attention under autocast straight from a joined query/key/value product: (qkv
+/// [B, L, 3 H D] bf16, its bias [3 H D] f32) -> bf16 [B L H D + 2 B H L]: the context
+/// [B, L, H, D] in bf16 (the output projection's input as it is), then the rows' log-sum-exp
+/// [B, H, L] for the backward, as f32 bits in two bf16 slots each (low half first). The bias is
+/// added in f32 and rounded to bf16 as each value is read (a bf16 bias add before the split);
+/// attention dropout inside. No bias pass, no head-split copies; the backward writes the joined
+/// product's gradient (and the bias's, a column sum of it).
+pub(super) struct FlashTrainPacked {
+    pub(super) bias: Tensor,
+    pub(super) shape: launch_shape::Attention,
+    /// Whether the bias is the layer's (else zeros, and no gradient for it).
+    pub(super) has_bias: bool,
+}
+
+/// The [B, H, L, D] of a joined product `qkv` [B, L, 3 H D] with its bias [3 H D] for a training
+/// attention of shape `a`.
+fn joined_dims(a: &launch_shape::Attention, qkv: &Layout, qkv_bias: &Layout, op: &str) -> Result<[usize; 4]> {
+    let n = 3 * a.h * a.d;
+    if qkv.dims() != [a.b, a.l, n] || qkv_bias.shape().elem_count() != n {
+        candle_core::bail!(
+            "{op}: qkv {:?} with a bias of {:?} for [{}, {}, 3 x {} x {}]",
+            qkv.dims(),
+            qkv_bias.dims(),
+            a.b,
+            a.l,
+            a.h,
+            a.d
+        );
+    }
+    Ok([a.b, a.h, a.l, a.d])
+}
+
+/// q, k, v [B, H, L, D] of the operands (qkv, qkv_bias) of a packed training attention of shape `a`.
+fn split_operands(
+    a: &launch_shape::Attention,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    op: &str,
+) -> Result<[Vec<f32>; 3]> {
+    let dims = joined_dims(a, l1, l2, op)?;
+    Ok(split_joined(&widened(s1, l1, op)?, vector(s2, l2, 3 * a.h * a.d, op)?, dims))
+}
+
+/// The log-sum-exp rows as f32 bits in bf16 slots, two per value, low half first.
+fn lse_to_slots(lse: &[f32]) -> impl Iterator<Item = half::bf16> + '_ {
+    lse.iter().flat_map(|x| {
+        let bits = x.to_bits();
+        [half::bf16::from_bits(bits as u16), half::bf16::from_bits((bits >> 16) as u16)]
+    })
+}
+
+/// The inverse of [`lse_to_slots`].
+pub(super) fn lse_from_slots(slots: &[half::bf16]) -> Vec<f32> {
+    slots.chunks_exact(2).map(|p| f32::from_bits(p[0].to_bits() as u32 | (p[1].to_bits() as u32) << 16)).collect()
+}
+
+impl CustomOp2 for FlashTrainPacked {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention-train"
+    }
+
+    /// The reference: the bias added and rounded to bf16, the heads split, then [`train_cpu`].
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = self.shape;
+        let [q, k, v] = split_operands(&a, (s1, l1), (s2, l2), self.name())?;
+        let (o, lse) = train_cpu(&q, &k, &v, &f32_data(&self.bias)?, &a);
+        let mut out: Vec<half::bf16> = o.into_iter().map(half::bf16::from_f32).collect();
+        out.extend(lse_to_slots(&lse));
+        let len = out.len();
+        Ok((CpuStorage::BF16(out), len.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        joined_dims(&self.shape, l1, l2, self.name())?;
+        cuda::flash_train_packed((s1, l1), (s2, l2), &self.bias, self.shape)
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        qkv_bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let a = self.shape;
+        let dout = grad.narrow(0, 0, a.b * a.l * a.h * a.d)?.contiguous()?;
+        let op = FlashTrainPackedGrad { bias: self.bias.clone(), packed: res.contiguous()?, dout, shape: a };
+        let dqkv = qkv.apply_op2_no_bwd(qkv_bias, &op)?;
+        let dbias = if self.has_bias { Some(dqkv.apply_op1_no_bwd(&ColumnSum)?) } else { None };
+        Ok((Some(dqkv), dbias))
+    }
+}
+
+/// The backward of [`FlashTrainPacked`]: (qkv, qkv_bias) -> the joined product's gradient
+/// [B, L, 3 H D] bf16, from the forward's output `packed` and the context's gradient `dout`
+/// [B, L, H D] bf16.
+pub(super) struct FlashTrainPackedGrad {
+    pub(super) bias: Tensor,
+    pub(super) packed: Tensor,
+    pub(super) dout: Tensor,
+    pub(super) shape: launch_shape::Attention,
+}
+
+impl CustomOp2 for FlashTrainPackedGrad {
+    fn name(&self) -> &'static str {
+        "distill-flash-attention-train-grad"
+    }
+
+    /// The reference: [`train_grad_cpu`] on the split, its gradients joined and rounded to bf16.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let a = self.shape;
+        let [q, k, v] = split_operands(&a, (s1, l1), (s2, l2), self.name())?;
+        let n = a.b * a.h * a.l * a.d;
+        let packed: Vec<half::bf16> =
+            candle_core::op_stats::uncounted(|| self.packed.flatten_all()?.to_dtype(DType::BF16)?.to_vec1())?;
+        if packed.len() != n + 2 * a.b * a.h * a.l {
+            candle_core::bail!("{}: a forward output of {} for {:?}", self.name(), packed.len(), l1.dims());
+        }
+        let o: Vec<f32> = packed[..n].iter().map(|x| x.to_f32()).collect();
+        let lse = lse_from_slots(&packed[n..]);
+        let g = train_grad_cpu([&q, &k, &v], &f32_data(&self.bias)?, &o, &lse, &f32_data(&self.dout)?, &a);
+        let (h, l, d) = (a.h, a.l, a.d);
+        let mut out = vec![half::bf16::ZERO; 3 * n];
+        for (i, x) in g.iter().enumerate() {
+            let (which, bh, pos, c) = (i / n, i % n / (l * d), i % (l * d) / d, i % d);
+            let (batch, head) = (bh / h, bh % h);
+            out[((batch * l + pos) * 3 + which) * h * d + head * d + c] = half::bf16::from_f32(*x);
+        }
+        Ok((CpuStorage::BF16(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        joined_dims(&self.shape, l1, l2, self.name())?;
+        cuda::flash_train_packed_grad((s1, l1), (s2, l2), &self.bias, &self.packed, &self.dout, self.shape)
+    }
+}
+
+/// Whether [`flash_attention_for_training_packed`] runs for activations like `x` with heads of
+/// `head_dim`: bf16 autocast on this thread, a head size with a kernel, the family on for the
+/// device.
+pub fn flash_training_packed_on(x: &Tensor, head_dim: usize) -> bool {
+    crate::layers::compute_dtype(DType::F32) == DType::BF16
+        && FLASH_HEAD_DIMS.contains(&head_dim)
+        && unproven_on(x, Unproven::AttentionTraining)
+}
+
+/// Attention in training under autocast straight from a joined query/key/value product `qkv`
+/// [B, L, 3 H D] (bf16, without its bias) and that bias [3 H D] (f32): softmax(q kᵀ · scale + key
+/// mask) v with attention dropout (`dropout`: (p, seed), the mask [`crate::layers::dropout`]'s
+/// kernel would draw over the materialised probabilities), the bias added as the values load.
+/// Out [B, L, H D] bf16; its backward gives the product's gradient in bf16 (two kernels, the
+/// probabilities recomputed) and the bias's (a column sum). No bias pass, no head-split copies
+/// either way. Call where [`flash_training_packed_on`] holds (an error otherwise).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_for_training_packed(
+    qkv: &Tensor,
+    qkv_bias: Option<&Tensor>,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    window: Option<usize>,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let (b, l, n) = qkv.dims3()?;
+    let d = n / (3 * heads).max(1);
+    if !flash_training_packed_on(qkv, d)
+        || qkv.dtype() != DType::BF16
+        || n != 3 * heads * d
+        || bias.dims() != [b, 1, 1, l]
+    {
+        candle_core::bail!(
+            "flash attention for training (packed): does not apply to {:?} ({:?}) with a mask of {:?}",
+            qkv.dims(),
+            qkv.dtype(),
+            bias.dims()
+        );
+    }
+    let (p, seed) = dropout.filter(|(p, _)| *p > 0.0).unwrap_or((0.0, 0));
+    let shape = launch_shape::Attention { b, h: heads, l, d, scale: scale as f32, window, seed, p: p as f32 };
+    let (qkv_bias, has_bias) = match qkv_bias {
+        Some(t) => (t.to_dtype(DType::F32)?.contiguous()?, true),
+        None => (Tensor::zeros(n, DType::F32, qkv.device())?, false),
+    };
+    let op = FlashTrainPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape, has_bias };
+    let packed = qkv.contiguous()?.apply_op2(&qkv_bias, op)?;
+    packed.narrow(0, 0, b * l * heads * d)?.reshape((b, l, heads * d))
 }
 
 /// DeBERTa's disentangled attention probabilities for scoring: (qk [B, H, Q, L] = q kᵀ, c2p

@@ -598,6 +598,79 @@ fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result
             c.fail();
         }
     }
+    // The same from one joined product [B, L, 3 H D] (bf16, as a product comes) and its bias,
+    // read in place, the context bf16, the product's gradient written joined and the bias's a
+    // column sum: against the bias add, the head split and the composite.
+    for (b, h, l, d, window, p) in
+        [(2usize, 3usize, 70usize, 32usize, None, 0.1f64), (2, 4, 100, 64, Some(16usize), 0.0)]
+    {
+        let (mask, full) = attention_masks(dev, b, l, window)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let hd = h * d;
+        let product = randn((b, l, 3 * hd), dev)?;
+        let qkv_bias = (randn(3 * hd, dev)? * 0.5)?;
+        let upstream = (Tensor::arange(0u32, (b * l * hd) as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((b, l, hd))?;
+        let run = |flash: bool| -> Result<Vec<Tensor>> {
+            let (pv, bv) = (candle_core::Var::from_tensor(&product)?, candle_core::Var::from_tensor(&qkv_bias)?);
+            crate::layers::autocast(Some(DType::BF16));
+            let x = pv.as_tensor().to_dtype(DType::BF16);
+            let y = if flash {
+                set_fused(true);
+                let y = x.and_then(|x| {
+                    flash_attention_for_training_packed(
+                        &x,
+                        Some(bv.as_tensor()),
+                        &mask,
+                        h,
+                        scale,
+                        window,
+                        Some((p, 42)),
+                    )
+                });
+                set_fused_default();
+                y.and_then(|y| y.to_dtype(DType::F32))
+            } else {
+                x.and_then(|x| x.to_dtype(DType::F32)?.broadcast_add(bv.as_tensor())?.reshape((b, l, 3, h, d)))
+                    .and_then(|split| {
+                        let part = |i: usize| -> Result<Tensor> {
+                            split.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()
+                        };
+                        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                        let pr = masked_softmax(&crate::layers::matmul_in(&q, &k.t()?, DType::BF16)?, &full, scale)?;
+                        let pr = if p > 0.0 { dropout(&pr, p, 42)? } else { pr };
+                        crate::layers::matmul_in(&pr, &v, DType::BF16)?
+                            .transpose(1, 2)?
+                            .contiguous()?
+                            .reshape((b, l, hd))
+                    })
+            };
+            crate::layers::autocast(None);
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in [&pv, &bv] {
+                out.push(
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?,
+                );
+            }
+            Ok(out)
+        };
+        let (f, composite) = (run(true)?, run(false)?);
+        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+            Ok((&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
+        };
+        let d3: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| rel(a, b)).collect::<Result<_>>()?;
+        c.line(format!(
+            "flash attention for training from a joined product [{b}, {l}, 3 x {h} x {d}] window {window:?} dropout {p}: relative |values| {:.1e}, |gradients of the product, its bias| {:.1e}, {:.1e}",
+            d3[0], d3[1], d3[2]
+        ));
+        if d3.iter().any(|x| !(*x < 3e-2)) || f[1].dtype() != DType::F32 {
+            c.fail();
+        }
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 38] = [
+const KERNELS: [&str; 44] = [
     "distill_deberta_probs_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
@@ -49,6 +49,12 @@ const KERNELS: [&str; 38] = [
     "distill_flash_attention_dq_d64_f32",
     "distill_flash_attention_dkv_d32_f32",
     "distill_flash_attention_dkv_d64_f32",
+    "distill_flash_attention_train_packed_d32_bf16",
+    "distill_flash_attention_train_packed_d64_bf16",
+    "distill_flash_attention_dq_packed_d32_bf16",
+    "distill_flash_attention_dq_packed_d64_bf16",
+    "distill_flash_attention_dkv_packed_d32_bf16",
+    "distill_flash_attention_dkv_packed_d64_bf16",
 ];
 
 /// The kernels this code launches that the embedded PTX lacks: a binary built while
@@ -570,6 +576,97 @@ pub fn flash_train_grad(
         run(&dev, &dkv_launch, &bufs)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (3, a.b, a.h, a.l, a.d).into()))
+}
+
+/// Elements `range` of a contiguous bf16 tensor's storage.
+fn bf16_range<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    range: std::ops::Range<usize>,
+    op: &str,
+) -> Result<CudaView<'a, half::bf16>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if a + range.end <= b => {
+            Ok(s.as_cuda_slice::<half::bf16>()?.slice(a + range.start..a + range.end))
+        }
+        _ => candle_core::bail!("{op}: not contiguous, or shorter than {}", range.end),
+    }
+}
+
+/// The training attention's forward from a joined product: (qkv [B, L, 3 H D] bf16, its bias
+/// [3 H D] f32) -> bf16 [B L H D + 2 B H L]: the context, then the log-sum-exp as f32 bits.
+pub fn flash_train_packed(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    a: super::launch::Attention,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention (training, packed)";
+    let Some(launch) = a.forward_packed() else { candle_core::bail!("{op}: no kernel for head size {}", a.d) };
+    let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
+    let dev = s1.device().clone();
+    let (bs, bl) = bias.storage_and_layout();
+    // SAFETY: the kernel writes every output row and every log-sum-exp (its f32 at an even
+    // offset: n is a multiple of the head size).
+    let out = unsafe { dev.alloc::<half::bf16>(n + 2 * nl)? };
+    {
+        let bufs = [
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::View(view(s2, l2, op)?),
+            Buf::View(view(cuda_of(&bs, op)?, bl, op)?),
+            Buf::Bf16(out.slice(0..n)),
+            Buf::Bf16(out.slice(n..n + 2 * nl)),
+        ];
+        run(&dev, &launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (n + 2 * nl).into()))
+}
+
+/// The packed training attention's backward: (qkv, qkv_bias) -> the product's gradient
+/// [B, L, 3 H D] bf16, from the forward's output `packed` and the context's gradient `dout` (bf16).
+pub fn flash_train_packed_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    bias: &Tensor,
+    packed: &Tensor,
+    dout: &Tensor,
+    a: super::launch::Attention,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "flash attention backward (packed)";
+    let (Some(dq_launch), Some(dkv_launch)) = (a.backward_dq_packed(), a.backward_dkv_packed()) else {
+        candle_core::bail!("{op}: no kernel for head size {}", a.d)
+    };
+    let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
+    let dev = s1.device().clone();
+    let ((bs, bl), (ps, pl), (ds, dl)) =
+        (bias.storage_and_layout(), packed.storage_and_layout(), dout.storage_and_layout());
+    let (bias_s, packed_s, dout_s) = (cuda_of(&bs, op)?, cuda_of(&ps, op)?, cuda_of(&ds, op)?);
+    // SAFETY: the two kernels write every element between them (dQ; dK and dV) and every Δ.
+    let out = unsafe { dev.alloc::<half::bf16>(3 * n)? };
+    let delta = unsafe { dev.alloc::<f32>(nl)? };
+    {
+        let inputs = || -> Result<Vec<Buf>> {
+            Ok(vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(bias_s, bl, op)?)])
+        };
+        let mut bufs = inputs()?;
+        bufs.extend([
+            Buf::Bf16(bf16_range(packed_s, pl, 0..n, op)?),
+            Buf::Bf16(bf16_view(dout_s, dl, op)?),
+            Buf::Bf16(bf16_range(packed_s, pl, n..n + 2 * nl, op)?),
+            Buf::Bf16Out(&out),
+            Buf::Out(&delta),
+        ]);
+        run(&dev, &dq_launch, &bufs)?;
+        let mut bufs = inputs()?;
+        bufs.extend([
+            Buf::Bf16(bf16_view(dout_s, dl, op)?),
+            Buf::Bf16(bf16_range(packed_s, pl, n..n + 2 * nl, op)?),
+            Buf::Out(&delta),
+            Buf::Bf16Out(&out),
+        ]);
+        run(&dev, &dkv_launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }
 
 /// Attention for scoring from one packed product: (qkv [B, L, 3 H D] bf16, its bias [3 H D] f32),

@@ -564,6 +564,84 @@ fn flash_attention_for_training_and_its_backward() {
 }
 
 #[test]
+fn flash_attention_for_training_from_a_joined_product_and_its_backward() {
+    // q, k, v side by side in one bf16 [B, L, 3, H, D] product with its bias; out and the
+    // gradients bf16, the gradient written into the joined layout (dQ by one kernel, dK and dV by
+    // the other, into one buffer that starts as NaN: a part neither writes fails).
+    let (b, h, l) = (2usize, 2usize, 70usize);
+    for (d, window, p) in [(32usize, None, 0.0f32), (64, Some(5usize), 0.1), (64, None, 0.2)] {
+        let a = launch_shape::Attention { b, h, l, d, scale: 1.0 / (d as f32).sqrt(), window, seed: 11, p };
+        let (n, nl, hd) = (b * h * l * d, b * h * l, h * d);
+        let (qkv, qkv_t) = bf16_bits(&values(3 * n, 71, 1.0), &[b, l, 3 * hd]);
+        let qkv_bias = values(3 * hd, 72, 0.5);
+        let bias: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 61 { -1e9 } else { 0.0 }).collect();
+        let what = format!("d {d} window {window:?} p {p}");
+        let mask = tensor(&bias, &[b, 1, 1, l]);
+        let op = FlashTrainPacked { bias: mask.clone(), shape: a, has_bias: true };
+        let packed = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * hd]), &op).unwrap();
+        let packed_bits: Vec<u16> = packed.to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect();
+        let want_o: Vec<f32> = packed_bits[..n].iter().map(|x| half::bf16::from_bits(*x).to_f32()).collect();
+        let want_lse = super::attention::lse_from_slots(&packed.to_vec1::<half::bf16>().unwrap()[n..]);
+
+        let mut bufs = [
+            Buf::Bf16(qkv.clone()),
+            Buf::F32(qkv_bias.clone()),
+            Buf::F32(bias.clone()),
+            Buf::Bf16(vec![0x7fc0; n]),
+            Buf::F32(vec![f32::NAN; nl]),
+        ];
+        run(&a.forward_packed().unwrap(), &mut bufs);
+        let err = relative(&widen(&bufs[3]), &want_o);
+        assert!(err < 2e-2, "forward {what}: {err}");
+        for (i, (got, want)) in bufs[4].f32().iter().zip(&want_lse).enumerate() {
+            let same = if want.is_infinite() { got == want } else { (got - want).abs() < 5e-2 };
+            assert!(same, "log-sum-exp {what}: row {i}: {got} against {want}");
+        }
+
+        // The backward from the CPU forward's output.
+        let (dout, dout_t) = bf16_bits(&values(n, 73, 1.0), &[b, l, hd]);
+        let grad_op = FlashTrainPackedGrad { bias: mask, packed: packed.clone(), dout: dout_t, shape: a };
+        let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * hd]), &grad_op).unwrap();
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let lse =
+            Buf::F32(packed_bits[n..].chunks(2).map(|x| f32::from_bits(x[0] as u32 | (x[1] as u32) << 16)).collect());
+        let mut bufs = vec![
+            Buf::Bf16(qkv.clone()),
+            Buf::F32(qkv_bias.clone()),
+            Buf::F32(bias.clone()),
+            Buf::Bf16(packed_bits[..n].to_vec()),
+            Buf::Bf16(dout.clone()),
+            lse,
+            Buf::Bf16(vec![0x7fc0; 3 * n]),
+            Buf::F32(vec![f32::NAN; nl]),
+        ];
+        run(&a.backward_dq_packed().unwrap(), &mut bufs);
+        let dqkv = bufs.remove(6);
+        let delta = bufs.pop().unwrap();
+        let lse = bufs.pop().unwrap();
+        let mut bufs = vec![
+            Buf::Bf16(qkv.clone()),
+            Buf::F32(qkv_bias.clone()),
+            Buf::F32(bias.clone()),
+            Buf::Bf16(dout),
+            lse,
+            delta,
+            dqkv,
+        ];
+        run(&a.backward_dkv_packed().unwrap(), &mut bufs);
+        let got = widen(&bufs[6]);
+        // Each part (columns of q, k, v in every row) on its own.
+        let part = |x: &[f32], which: usize| -> Vec<f32> {
+            x.chunks(3 * hd).flat_map(|row| row[which * hd..(which + 1) * hd].to_vec()).collect()
+        };
+        for (which, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            let err = relative(&part(&got, which), &part(&want, which));
+            assert!(err < 3e-2, "{name} {what}: {err}");
+        }
+    }
+}
+
+#[test]
 fn deberta_probs_gather_add_and_normalise_as_the_twin() {
     // Two batches x 3 heads, 40 keys, 16 positions; all query rows, then the first alone (the
     // last layer's first token): row i reads row i of the c2p buckets and column i of p2c's.

@@ -730,14 +730,18 @@ extern "C" __global__ void distill_flash_attention_train_d64_f32(const float* q,
 // The backward of the training attention, FA2-style, P recomputed from the log-sum-exp:
 // with Z the dropout scale, dP = (dO vᵀ) Z, dS = P (dP - Δ) where Δ_i = dO_i · O_i, then
 // dQ = scale dS K, dK = scale dSᵀ Q, dV = (P Z)ᵀ dO. Two kernels: per query block, dQ (and Δ for the
-// second); per key block, dK and dV. O and dO are [B, L, H, D] (merged heads, f32); q, k, v, dq, dk,
-// dv [B, H, L, D] f32; lse, delta [B, H, L].
+// second); per key block, dK and dV. O and dO are [B, L, H, D] (merged heads); lse, delta
+// [B, H, L] f32. Either q, k, v, dq, dk, dv [B, H, L, D] f32 (packed = 0; O and dO f32), or
+// (packed = 1) q the joined product [B, L, 3, H, D] bf16 read with its bias qkv_bias [3, H, D] (or
+// null) as the forward reads it, O and dO bf16, and the gradients written into dq, the joined
+// product's gradient [B, L, 3, H, D] bf16 (each kernel its own parts: dQ, or dK and dV), the bias's
+// gradient left to a column sum of it.
 
-// Stores a warp's 16 x D accumulators (x scale) to rows row0.. of dst [len, D] through the
-// warp's 16 x 32 staging tile, skipping rows past len.
-template <int D>
+// Stores a warp's 16 x D accumulators (x scale) to rows row0.. of dst (rows `stride` apart, D
+// wide) through the warp's 16 x 32 staging tile, skipping rows past len.
+template <int D, class TG>
 __device__ void store_rows(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc, float* stage,
-                           float* dst, int64_t row0, int64_t len, float scale, int lane) {
+                           TG* dst, int64_t stride, int64_t row0, int64_t len, float scale, int lane) {
   using namespace nvcuda;
   for (int n2 = 0; n2 < D / 32; ++n2) {
     wmma::store_matrix_sync(stage, acc[2 * n2], 32, wmma::mem_row_major);
@@ -745,16 +749,33 @@ __device__ void store_rows(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16,
     __syncwarp();
     for (int i = lane; i < 16 * 32; i += 32) {
       int64_t row = row0 + i / 32;
-      if (row < len) dst[row * D + n2 * 32 + i % 32] = stage[i] * scale;
+      if (row < len) store_out(&dst[row * stride + n2 * 32 + i % 32], stage[i] * scale);
     }
     __syncwarp();
   }
 }
 
-template <int D>
-__device__ void flash_backward_dq(const float* q, const float* k, const float* v, const float* bias, const float* o,
-                                  const float* dout, const float* lse, float* dq, float* delta, int64_t heads,
-                                  int64_t len, float scale, int64_t window, uint64_t seed, float p) {
+// Where (batch, head)'s rows of q, k, v (or their gradients) start in a packed or split layout,
+// and how far apart its rows are.
+struct HeadRows {
+  int64_t q, k, v, stride;
+};
+__device__ __forceinline__ HeadRows head_rows(int64_t packed, int64_t batch, int64_t head, int64_t heads,
+                                              int64_t len, int64_t D) {
+  const int64_t hd = heads * D;
+  if (packed) {
+    const int64_t q = batch * len * 3 * hd + head * D;
+    return {q, q + hd, q + 2 * hd, 3 * hd};
+  }
+  const int64_t at = (batch * heads + head) * len * D;
+  return {at, at, at, D};
+}
+
+template <int D, class TI, class TG>
+__device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
+                                  const float* bias, const TG* o, const TG* dout, const float* lse, TG* dq,
+                                  float* delta, int64_t heads, int64_t len, float scale, int64_t window,
+                                  uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
   __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
@@ -770,10 +791,16 @@ __device__ void flash_backward_dq(const float* q, const float* k, const float* v
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
   const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const float* bb = bias + batch * len;
+  const HeadRows hr = head_rows(packed, batch, head, heads, len, D);
+  const TI *qb = q + hr.q, *kb = (packed ? q : k) + hr.k, *vb = (packed ? q : v) + hr.v;
+  const int64_t rs = hr.stride, hd = heads * D;
+  const float* qbias = qkv_bias ? qkv_bias + head * D : nullptr;
+  const float* kbias = qkv_bias ? qkv_bias + hd + head * D : nullptr;
+  const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t row = q0 + i / D;
-    qs[i] = row < len ? to_bf16(q[(bh * len + row) * D + i % D]) : zero;
+    qs[i] = row < len ? tile_bf16(qb[row * rs + i % D], qbias, i % D) : zero;
     dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
   }
   // Δ_i = dO_i · O_i in f32, two lanes per row.
@@ -783,7 +810,7 @@ __device__ void flash_backward_dq(const float* q, const float* k, const float* v
   if (qi < len)
     for (int c = half * (D / 2); c < (half + 1) * (D / 2); ++c) {
       int64_t at = ((batch * len + qi) * heads + head) * D + c;
-      dlt += dout[at] * o[at];
+      dlt += to_f32(dout[at]) * to_f32(o[at]);
     }
   dlt += __shfl_xor_sync(0xffffffffu, dlt, 1);
   if (half == 0 && qi < len) delta[bh * len + qi] = dlt;
@@ -796,8 +823,8 @@ __device__ void flash_backward_dq(const float* q, const float* k, const float* v
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? to_bf16(k[(bh * len + row) * D + i % D]) : zero;
-      vs[i] = row < len ? to_bf16(v[(bh * len + row) * D + i % D]) : zero;
+      ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+      vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
     // S = Q Kᵀ, then P from the log-sum-exp (registers).
@@ -822,13 +849,14 @@ __device__ void flash_backward_dq(const float* q, const float* k, const float* v
     mma_ab_acc<KT, D>(acc_dq, dsb[warp], ks);
     __syncthreads();
   }
-  store_rows<D>(acc_dq, sb[warp], dq + bh * len * D, q0 + warp * QW, len, scale, lane);
+  store_rows<D>(acc_dq, sb[warp], dq + hr.q, rs, q0 + warp * QW, len, scale, lane);
 }
 
-template <int D>
-__device__ void flash_backward_dkv(const float* q, const float* k, const float* v, const float* bias,
-                                   const float* dout, const float* lse, const float* delta, float* dk, float* dv,
-                                   int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed, float p) {
+template <int D, class TI, class TG>
+__device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
+                                   const float* bias, const TG* dout, const float* lse, const float* delta, TG* dk,
+                                   TG* dv, int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed,
+                                   float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, KW = DISTILL_FA_QW, QT = DISTILL_FA_KT;
   __shared__ __align__(32) __nv_bfloat16 ks[W * KW * D];
@@ -844,11 +872,17 @@ __device__ void flash_backward_dkv(const float* q, const float* k, const float* 
   const int64_t bh = blockIdx.x / kblocks, batch = bh / heads, head = bh % heads;
   const int64_t k0 = (blockIdx.x % kblocks) * (W * KW);
   const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+  const HeadRows hr = head_rows(packed, batch, head, heads, len, D);
+  const TI *qb = q + hr.q, *kb = (packed ? q : k) + hr.k, *vb = (packed ? q : v) + hr.v;
+  const int64_t rs = hr.stride, hd = heads * D;
+  const float* qbias = qkv_bias ? qkv_bias + head * D : nullptr;
+  const float* kbias = qkv_bias ? qkv_bias + hd + head * D : nullptr;
+  const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
 
   for (int i = threadIdx.x; i < W * KW * D; i += blockDim.x) {
     int64_t row = k0 + i / D;
-    ks[i] = row < len ? to_bf16(k[(bh * len + row) * D + i % D]) : zero;
-    vs[i] = row < len ? to_bf16(v[(bh * len + row) * D + i % D]) : zero;
+    ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+    vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
   }
   // Two lanes per key row (this warp's 16 keys), each over half of a query tile.
   const int r = lane / 2, half = lane % 2;
@@ -864,7 +898,7 @@ __device__ void flash_backward_dkv(const float* q, const float* k, const float* 
   for (int64_t t0 = 0; t0 < len; t0 += QT) {
     for (int i = threadIdx.x; i < QT * D; i += blockDim.x) {
       int64_t row = t0 + i / D;
-      qs[i] = row < len ? to_bf16(q[(bh * len + row) * D + i % D]) : zero;
+      qs[i] = row < len ? tile_bf16(qb[row * rs + i % D], qbias, i % D) : zero;
       dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
     }
     for (int i = threadIdx.x; i < QT; i += blockDim.x) {
@@ -898,8 +932,9 @@ __device__ void flash_backward_dkv(const float* q, const float* k, const float* 
     mma_ab_acc<QT, D>(acc_dk, pb[warp], qs);
     __syncthreads();
   }
-  store_rows<D>(acc_dk, sb[warp], dk + bh * len * D, k0 + warp * KW, len, scale, lane);
-  store_rows<D>(acc_dv, sb[warp], dv + bh * len * D, k0 + warp * KW, len, 1.0f, lane);
+  // Packed, dk and dv are both the joined gradient, with the key and value parts' offsets.
+  store_rows<D>(acc_dk, sb[warp], dk + hr.k, rs, k0 + warp * KW, len, scale, lane);
+  store_rows<D>(acc_dv, sb[warp], dv + hr.v, rs, k0 + warp * KW, len, 1.0f, lane);
 }
 
 extern "C" __global__ void distill_flash_attention_dq_d32_f32(const float* q, const float* k, const float* v,
@@ -907,7 +942,8 @@ extern "C" __global__ void distill_flash_attention_dq_d32_f32(const float* q, co
                                                               const float* lse, float* dq, float* delta, int64_t heads,
                                                               int64_t len, float scale, int64_t window, uint64_t seed,
                                                               float p) {
-  flash_backward_dq<32>(q, k, v, bias, o, dout, lse, dq, delta, heads, len, scale, window, seed, p);
+  flash_backward_dq<32>(q, k, v, (const float*)nullptr, 0, bias, o, dout, lse, dq, delta, heads, len, scale, window,
+                        seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_dq_d64_f32(const float* q, const float* k, const float* v,
@@ -915,7 +951,8 @@ extern "C" __global__ void distill_flash_attention_dq_d64_f32(const float* q, co
                                                               const float* lse, float* dq, float* delta, int64_t heads,
                                                               int64_t len, float scale, int64_t window, uint64_t seed,
                                                               float p) {
-  flash_backward_dq<64>(q, k, v, bias, o, dout, lse, dq, delta, heads, len, scale, window, seed, p);
+  flash_backward_dq<64>(q, k, v, (const float*)nullptr, 0, bias, o, dout, lse, dq, delta, heads, len, scale, window,
+                        seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_dkv_d32_f32(const float* q, const float* k, const float* v,
@@ -923,7 +960,8 @@ extern "C" __global__ void distill_flash_attention_dkv_d32_f32(const float* q, c
                                                                const float* delta, float* dk, float* dv,
                                                                int64_t heads, int64_t len, float scale,
                                                                int64_t window, uint64_t seed, float p) {
-  flash_backward_dkv<32>(q, k, v, bias, dout, lse, delta, dk, dv, heads, len, scale, window, seed, p);
+  flash_backward_dkv<32>(q, k, v, (const float*)nullptr, 0, bias, dout, lse, delta, dk, dv, heads, len, scale,
+                         window, seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, const float* k, const float* v,
@@ -931,5 +969,64 @@ extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, c
                                                                const float* delta, float* dk, float* dv,
                                                                int64_t heads, int64_t len, float scale,
                                                                int64_t window, uint64_t seed, float p) {
-  flash_backward_dkv<64>(q, k, v, bias, dout, lse, delta, dk, dv, heads, len, scale, window, seed, p);
+  flash_backward_dkv<64>(q, k, v, (const float*)nullptr, 0, bias, dout, lse, delta, dk, dv, heads, len, scale,
+                         window, seed, p);
+}
+
+// The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
+// f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
+extern "C" __global__ void distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                        const float* bias, __nv_bfloat16* out,
+                                                                        float* lse, int64_t heads, int64_t len,
+                                                                        float scale, int64_t window, uint64_t seed,
+                                                                        float p) {
+  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                     const float* bias, const __nv_bfloat16* o,
+                                                                     const __nv_bfloat16* dout, const float* lse,
+                                                                     __nv_bfloat16* dqkv, float* delta, int64_t heads,
+                                                                     int64_t len, float scale, int64_t window,
+                                                                     uint64_t seed, float p) {
+  flash_backward_dq<32>(qkv, qkv, qkv, qkv_bias, 1, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                      const float* bias, const __nv_bfloat16* dout,
+                                                                      const float* lse, const float* delta,
+                                                                      __nv_bfloat16* dqkv, int64_t heads, int64_t len,
+                                                                      float scale, int64_t window, uint64_t seed,
+                                                                      float p) {
+  flash_backward_dkv<32>(qkv, qkv, qkv, qkv_bias, 1, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
+                         p);
+}
+
+// The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
+// f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
+extern "C" __global__ void distill_flash_attention_train_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                        const float* bias, __nv_bfloat16* out,
+                                                                        float* lse, int64_t heads, int64_t len,
+                                                                        float scale, int64_t window, uint64_t seed,
+                                                                        float p) {
+  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                     const float* bias, const __nv_bfloat16* o,
+                                                                     const __nv_bfloat16* dout, const float* lse,
+                                                                     __nv_bfloat16* dqkv, float* delta, int64_t heads,
+                                                                     int64_t len, float scale, int64_t window,
+                                                                     uint64_t seed, float p) {
+  flash_backward_dq<64>(qkv, qkv, qkv, qkv_bias, 1, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+                                                                      const float* bias, const __nv_bfloat16* dout,
+                                                                      const float* lse, const float* delta,
+                                                                      __nv_bfloat16* dqkv, int64_t heads, int64_t len,
+                                                                      float scale, int64_t window, uint64_t seed,
+                                                                      float p) {
+  flash_backward_dkv<64>(qkv, qkv, qkv, qkv_bias, 1, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
+                         p);
 }

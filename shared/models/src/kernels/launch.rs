@@ -260,6 +260,12 @@ impl Attention {
             ("dq", 64) => "distill_flash_attention_dq_d64_f32",
             ("dkv", 32) => "distill_flash_attention_dkv_d32_f32",
             ("dkv", 64) => "distill_flash_attention_dkv_d64_f32",
+            ("train_packed", 32) => "distill_flash_attention_train_packed_d32_bf16",
+            ("train_packed", 64) => "distill_flash_attention_train_packed_d64_bf16",
+            ("dq_packed", 32) => "distill_flash_attention_dq_packed_d32_bf16",
+            ("dq_packed", 64) => "distill_flash_attention_dq_packed_d64_bf16",
+            ("dkv_packed", 32) => "distill_flash_attention_dkv_packed_d32_bf16",
+            ("dkv_packed", 64) => "distill_flash_attention_dkv_packed_d64_bf16",
             _ => return None,
         })
     }
@@ -285,6 +291,23 @@ impl Attention {
     /// dK and dV: `(q, k, v, bias, dout, lse, delta, dk, dv, ..)`, a block per 64 keys.
     pub fn backward_dkv(&self) -> Option<Launch> {
         self.launch("dkv", 9)
+    }
+
+    /// The forward from a joined product: `(qkv, qkv_bias, bias, out, lse, ..)` (out bf16).
+    pub fn forward_packed(&self) -> Option<Launch> {
+        self.launch("train_packed", 5)
+    }
+
+    /// dQ and Δ from a joined product: `(qkv, qkv_bias, bias, o, dout, lse, dqkv, delta, ..)`
+    /// (o, dout and dqkv bf16; dQ into dqkv's query part).
+    pub fn backward_dq_packed(&self) -> Option<Launch> {
+        self.launch("dq_packed", 8)
+    }
+
+    /// dK and dV from a joined product: `(qkv, qkv_bias, bias, dout, lse, delta, dqkv, ..)`
+    /// (into dqkv's key and value parts).
+    pub fn backward_dkv_packed(&self) -> Option<Launch> {
+        self.launch("dkv_packed", 7)
     }
 }
 

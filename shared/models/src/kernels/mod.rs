@@ -1254,10 +1254,14 @@ mod epilogues;
 mod launch;
 pub use attention::{
     deberta_probs_for_scoring, deberta_probs_on, flash_attention_for_scoring, flash_attention_for_scoring_packed,
-    flash_attention_for_training, flash_scoring_packed_on,
+    flash_attention_for_training, flash_attention_for_training_packed, flash_scoring_packed_on,
+    flash_training_packed_on,
 };
 #[cfg(test)]
-use attention::{DebertaProbs, FlashAttention, FlashAttentionPacked, FlashTrain, FlashTrainGrad};
+use attention::{
+    DebertaProbs, FlashAttention, FlashAttentionPacked, FlashTrain, FlashTrainGrad, FlashTrainPacked,
+    FlashTrainPackedGrad,
+};
 pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 pub use epilogues::{
     add_norm_for_scoring, add_norm_sum_for_scoring, bias_gelu_for_scoring, bias_gelu_for_training,
@@ -1277,7 +1281,7 @@ mod tests {
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
         assert!(checks.bad.is_empty(), "{:?}", checks.bad);
-        assert_eq!(checks.lines.len(), 56, "{:?}", checks.lines);
+        assert_eq!(checks.lines.len(), 58, "{:?}", checks.lines);
         // One group alone runs only its checks; an unknown group is an error naming the known.
         let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
         assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
