@@ -317,25 +317,20 @@ pub(crate) fn post_ln_block(
         };
         return l.out_norm.add_norm(&l.output.product(&inter)?, l.output.bias(), &attn);
     }
-    // (The context is bf16 from the packed training attention: the projection comes back in the
-    // residual stream's dtype.)
-    let attn = dropout(&l.attn_out.forward_as(ctx, residual.dtype())?, dropout_p, train)?;
-    let attn = l.attn_norm.forward(&(attn + residual)?)?;
-    let out = match (hidden_act, l.intermediate.bias()) {
+    // Each linear layer's product, then its bias, dropout, the residual and the norm (one kernel
+    // each way in training under autocast: LayerNorm::add_norm_for_training). The context is
+    // bf16 from the packed training attention.
+    let attn =
+        l.attn_norm.add_norm_for_training(&l.attn_out.product(ctx)?, l.attn_out.bias(), residual, dropout_p, train)?;
+    let inter = match (hidden_act, l.intermediate.bias()) {
         // Training under autocast: the bias and GELU on the bf16 product in one kernel, its bf16
-        // output the next product's input as it is; that product's bias back to f32 in one.
+        // output the next product's input as it is.
         ("gelu", Some(b)) if crate::kernels::bias_gelu_for_training_on(&attn, b) => {
-            let inter = crate::kernels::bias_gelu_for_training(&l.intermediate.product(&attn)?, b)?;
-            let product = l.output.product(&inter)?;
-            match l.output.bias() {
-                Some(b) => crate::kernels::bias_add(&product, b)?,
-                None => product.to_dtype(attn.dtype())?,
-            }
+            crate::kernels::bias_gelu_for_training(&l.intermediate.product(&attn)?, b)?
         }
-        _ => l.output.forward(&activation(hidden_act, &l.intermediate.forward(&attn)?)?)?,
+        _ => activation(hidden_act, &l.intermediate.forward(&attn)?)?,
     };
-    let out = dropout(&out, dropout_p, train)?;
-    l.out_norm.forward(&(out + attn)?)
+    l.out_norm.add_norm_for_training(&l.output.product(&inter)?, l.output.bias(), &attn, dropout_p, train)
 }
 
 /// The first token's hidden state, [B, H].

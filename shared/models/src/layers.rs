@@ -149,6 +149,38 @@ impl LayerNorm {
         crate::kernels::add_norm_for_scoring(x, bias, residual, &self.weight, self.bias.as_ref(), self.eps)
     }
 
+    /// The norm of `dropout(x + bias) + residual` in training under autocast (`x` a linear
+    /// layer's bf16 product without its `bias`, the residual stream f32; `dropout` (p, seed)):
+    /// one kernel each way (`kernels::add_norm_for_training`) where
+    /// `kernels::add_norm_for_training_on` holds, else the composite (the bias add back to f32,
+    /// the dropout, the add and the norm).
+    pub fn add_norm_for_training(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        residual: &Tensor,
+        dropout_p: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        if crate::kernels::add_norm_for_training_on(x, residual) {
+            let drop = (train && dropout_p > 0.0).then(dropout_seed).map(|seed| (dropout_p, seed));
+            return crate::kernels::add_norm_for_training(
+                x,
+                bias,
+                residual,
+                &self.weight,
+                self.bias.as_ref(),
+                self.eps,
+                drop,
+            );
+        }
+        let h = match bias {
+            Some(b) => crate::kernels::bias_add(x, &b.to_dtype(residual.dtype())?)?,
+            None => x.to_dtype(residual.dtype())?,
+        };
+        self.forward(&(dropout(&h, dropout_p, train)? + residual)?)
+    }
+
     /// As [`LayerNorm::add_norm`], also returning the sum (a pre-LN block's residual stream):
     /// (x + bias + residual, its norm).
     pub fn add_norm_sum(&self, x: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -172,12 +172,6 @@ pub(super) struct FlashTrain {
     pub(super) shape: launch_shape::Attention,
 }
 
-/// A tensor the CPU twin reads besides its operands (not counted by `op_stats`: the CUDA kernel
-/// reads it in place).
-fn f32_data(t: &Tensor) -> Result<Vec<f32>> {
-    candle_core::op_stats::uncounted(|| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1())
-}
-
 /// The training attention on the CPU, exact f32 from q, k, v [B, H, L, D]: the context
 /// [B, L, H, D] and the rows' log-sum-exp [B, H, L].
 fn train_cpu(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], a: &launch_shape::Attention) -> (Vec<f32>, Vec<f32>) {

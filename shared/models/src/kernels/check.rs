@@ -162,6 +162,11 @@ fn relative_bf16(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6))
 }
 
+/// [`relative_bf16`] of each fused result against its composite.
+fn relative_each(fused: &[Tensor], composite: &[Tensor]) -> Result<Vec<f32>> {
+    fused.iter().zip(composite).map(|(a, b)| relative_bf16(a, b)).collect()
+}
+
 /// Checks the fused kernels on `dev` against the composite ops they replace, the `groups` of
 /// [`CHECK_GROUPS`] named (empty: all): values and gradients on several shapes, AdamW updates on
 /// CUDA. One line per check, and those over their tolerance; a group that fails to run is a failed
@@ -326,6 +331,60 @@ fn check_layer_norm(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             if !(v < 2e-5 && g[0] < 2e-4 && g[1] < 1e-4 && g[2] < 1e-4) {
                 c.fail();
             }
+        }
+    }
+    // A post-LN block's end in training under autocast (the bf16 product, its bias, dropout, the
+    // f32 residual, the norm: one kernel each way) against the composite (the cast with the bias,
+    // the dropout kernel with the same seed, the add, the norm): values and the gradients of the
+    // product, the residual, the bias, the weight and the shift, relative to their largest.
+    for (shape, with_bias, p) in [(vec![130usize, 768usize], true, 0.1f64), (vec![3, 5, 384], false, 0.0)] {
+        let cols = *shape.last().unwrap_or(&1);
+        let x0 = (randn(shape.as_slice(), dev)? * 3.0)?.to_dtype(DType::BF16)?;
+        let r0 = randn(shape.as_slice(), dev)?;
+        let (b0, w0, s0) = ((randn(cols, dev)? * 0.5)?, randn(cols, dev)?.affine(0.5, 1.0)?, randn(cols, dev)?);
+        let n = x0.elem_count();
+        let upstream =
+            (Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)? * 0.37)?.sin()?.reshape(shape.as_slice())?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let vars: Vec<candle_core::Var> =
+                [&x0, &r0, &b0, &w0, &s0].into_iter().map(candle_core::Var::from_tensor).collect::<Result<_>>()?;
+            let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let bias = with_bias.then_some(t[2]);
+            crate::layers::autocast(Some(DType::BF16));
+            set_fused(fused);
+            let y = if fused {
+                add_norm_for_training(t[0], bias, t[1], t[3], Some(t[4]), 1e-12, Some((p, 42)))
+            } else {
+                let b = bias.map_or_else(|| Tensor::zeros(cols, DType::F32, dev), |b| Ok(b.clone()));
+                b.and_then(|b| bias_add(t[0], &b)).and_then(|h| {
+                    let h = if p > 0.0 { dropout(&h, p, 42)? } else { h };
+                    layer_norm(&(h + t[1])?, t[3], Some(t[4]), 1e-12)
+                })
+            };
+            set_fused_default();
+            crate::layers::autocast(None);
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for (i, v) in vars.iter().enumerate() {
+                match grads.get(v.as_tensor()) {
+                    Some(g) => out.push(g.to_dtype(DType::F32)?),
+                    None if i == 2 && !with_bias => out.push(Tensor::zeros(cols, DType::F32, dev)?),
+                    None => candle_core::bail!("no gradient for operand {i}"),
+                }
+            }
+            Ok(out)
+        };
+        let (f, composite) = (run(true)?, run(false)?);
+        let d: Vec<f32> = relative_each(&f, &composite)?;
+        c.line(format!(
+            "add norm for training {shape:?} bias {with_bias} dropout {p}: relative |values| {:.1e}, |gradients of the product, residual, bias, w, shift| {:.1e}, {:.1e}, {:.1e}, {:.1e}, {:.1e}",
+            d[0], d[1], d[2], d[3], d[4], d[5]
+        ));
+        // The product's gradient is bf16 on both sides (a step of 2^-8 relative where the two
+        // round differently); the rest f32, summed in other orders.
+        if !(f[0].dtype() == DType::F32 && d[0] < 1e-5 && d[1] < 1e-2 && d[2..].iter().all(|v| *v < 1e-4)) {
+            c.fail();
         }
     }
     Ok(())
@@ -586,10 +645,7 @@ fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result
             Ok(out)
         };
         let (f, composite) = (run(true)?, run(false)?);
-        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
-        };
-        let d4: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| rel(a, b)).collect::<Result<_>>()?;
+        let d4: Vec<f32> = relative_each(&f, &composite)?;
         c.line(format!(
             "flash attention for training [{b}, {h}, {l}, {d}] window {window:?} dropout {p}: relative |values| {:.1e}, |gradients of q, k, v| {:.1e}, {:.1e}, {:.1e}",
             d4[0], d4[1], d4[2], d4[3]
@@ -658,11 +714,7 @@ fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result
             Ok(out)
         };
         let (f, composite) = (run(true)?, run(false)?);
-        let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-            Ok((&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12))
-        };
-        let d3: Vec<f32> = f.iter().zip(&composite).map(|(a, b)| rel(a, b)).collect::<Result<_>>()?;
+        let d3: Vec<f32> = relative_each(&f, &composite)?;
         c.line(format!(
             "flash attention for training from a joined product [{b}, {l}, 3 x {h} x {d}] window {window:?} dropout {p}: relative |values| {:.1e}, |gradients of the product, its bias| {:.1e}, {:.1e}",
             d3[0], d3[1], d3[2]
@@ -785,7 +837,38 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             }
             Ok((scores, out))
         };
-        let ((sf, gf), (sc, gc)) = (run(true)?, run(false)?);
+        // Which training kernels the fused run takes (counted; unless a caller counts already):
+        // BERT's attention from the joined product and its block ends, each way.
+        let counting = !candle_core::op_stats::enabled();
+        if counting {
+            candle_core::op_stats::take();
+            candle_core::op_stats::set_enabled(true);
+        }
+        let fused_run = run(true);
+        let taken: Vec<&str> = if counting {
+            candle_core::op_stats::set_enabled(false);
+            candle_core::op_stats::take()
+                .into_iter()
+                .filter(|((k, _), _)| *k == "custom")
+                .map(|((_, n), _)| n)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let ((sf, gf), (sc, gc)) = (fused_run?, run(false)?);
+        let expected: &[&str] = match model_type {
+            "bert" if counting => &[
+                "distill-flash-attention-train",
+                "distill-flash-attention-train-grad",
+                "distill-add-norm-train",
+                "distill-add-norm-train-grad",
+            ],
+            _ => &[],
+        };
+        if let Some(missing) = expected.iter().find(|k| !taken.contains(k)) {
+            c.line(format!("{model_type} under autocast, all fused: {missing} not taken (took {taken:?})"));
+            c.fail();
+        }
         let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
             Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6))
         };

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 44] = [
+const KERNELS: [&str; 47] = [
     "distill_deberta_probs_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
@@ -33,6 +33,9 @@ const KERNELS: [&str; 44] = [
     "distill_add_norm_bf16",
     "distill_bias_gelu_bf16",
     "distill_bias_gelu_grad_bf16",
+    "distill_add_norm_train_f32",
+    "distill_add_norm_train_grad_f32",
+    "distill_dropout_bf16_f32",
     "distill_add_norm_sum_bf16",
     "distill_geglu_bf16",
     "distill_rotary_split_f32",
@@ -315,6 +318,73 @@ pub fn bias_gelu((s1, l1): (&CudaStorage, &Layout), (s2, l2): (&CudaStorage, &La
     run(&dev, &Launch::bias_gelu(rows * cols, cols), &bufs)?;
     drop(bufs);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// The training epilogue of a post-LN block: (x bf16, residual f32, params [3, cols] f32) ->
+/// LN(dropout(x + bias) + residual) w + shift, f32.
+pub fn add_norm_train(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    eps: f32,
+    seed: u64,
+    p: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let op = "add norm (training)";
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<f32>(rows * cols)? };
+    let bufs =
+        [Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(s3, l3, op)?), Buf::Out(&out)];
+    run(&dev, &Launch::add_norm_train(rows, cols, eps, seed, p), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// Its backward: (x, residual, params) and the output's gradient -> f32 [rows cols + 3 cols]: the
+/// residual's gradient, then the column sums of the bias, the weight and the shift.
+#[allow(clippy::too_many_arguments)]
+pub fn add_norm_train_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    grad: &Tensor,
+    eps: f32,
+    seed: u64,
+    p: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, cols) = rows_cols(l1);
+    let (n, op) = (rows * cols, "add norm backward (training)");
+    let (gs, gl) = grad.storage_and_layout();
+    // SAFETY: the kernel writes every ds; the sums it adds to are zeroed here.
+    let mut out = unsafe { dev.alloc::<f32>(n + 3 * cols)? };
+    dev.cuda_stream().memset_zeros(&mut out.slice_mut(n..n + 3 * cols)).w()?;
+    {
+        let bufs = [
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::View(view(s2, l2, op)?),
+            Buf::View(view(s3, l3, op)?),
+            Buf::View(view(cuda_of(&gs, op)?, gl, op)?),
+            Buf::View(out.slice(0..n)),
+            Buf::View(out.slice(n..n + 3 * cols)),
+        ];
+        run(&dev, &Launch::add_norm_train_grad(rows, cols, eps, seed, p), &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (n + 3 * cols).into()))
+}
+
+/// Dropout's mask on an f32 gradient, out bf16.
+pub fn dropout_bf16(s: &CudaStorage, l: &Layout, seed: u64, p: f32) -> Result<(CudaStorage, Shape)> {
+    let dev = s.device().clone();
+    let n = l.shape().elem_count();
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(n)? };
+    let bufs = [Buf::View(view(s, l, "dropout (bf16)")?), Buf::Bf16Out(&out)];
+    run(&dev, &Launch::dropout_bf16(n, seed, p), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
 }
 
 /// Layer norm with scale and shift: (x, w, b) -> y.

@@ -642,6 +642,73 @@ fn flash_attention_for_training_from_a_joined_product_and_its_backward() {
 }
 
 #[test]
+fn training_add_norm_and_its_backward() {
+    // Rows not a multiple of the warps or of a backward block's 16; 100 columns (not a multiple
+    // of 32) and BERT-base's 768; without and with dropout.
+    for (rows, cols, p) in [(37usize, 100usize, 0.0f32), (37, 768, 0.1), (5, 1024, 0.2)] {
+        let n = rows * cols;
+        let (x, x_t) = bf16_bits(&values(n, 81, 3.0), &[rows, cols]);
+        let res = values(n, 82, 1.0);
+        let params: Vec<f32> =
+            [values(cols, 83, 0.5), values(cols, 84, 0.5).iter().map(|w| w + 1.0).collect(), values(cols, 85, 0.5)]
+                .concat();
+        let (eps, seed) = (1e-12f32, 9u64);
+        let what = format!("{rows} x {cols} p {p}");
+        let (res_t, params_t) = (tensor(&res, &[rows, cols]), tensor(&params, &[3 * cols]));
+        let want: Vec<f32> = x_t
+            .apply_op3_no_bwd(&res_t, &params_t, &AddNormTrain { eps, seed, p })
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut bufs =
+            [Buf::Bf16(x.clone()), Buf::F32(res.clone()), Buf::F32(params.clone()), Buf::F32(vec![f32::NAN; n])];
+        run(&Launch::add_norm_train(rows, cols, eps, seed, p), &mut bufs);
+        assert_close(&format!("add norm for training {what}"), bufs[3].f32(), &want, 1e-4);
+
+        let g = values(n, 86, 1.0);
+        let op = AddNormTrainGrad { eps, seed, p, grad: tensor(&g, &[rows, cols]) };
+        let want: Vec<f32> = x_t.apply_op3_no_bwd(&res_t, &params_t, &op).unwrap().to_vec1().unwrap();
+        let mut bufs = [
+            Buf::Bf16(x.clone()),
+            Buf::F32(res.clone()),
+            Buf::F32(params.clone()),
+            Buf::F32(g),
+            Buf::F32(vec![f32::NAN; n]),
+            Buf::F32(vec![0.0; 3 * cols]),
+        ];
+        run(&Launch::add_norm_train_grad(rows, cols, eps, seed, p), &mut bufs);
+        let err = relative(bufs[4].f32(), &want[..n]);
+        assert!(err < 1e-4, "add norm backward, the residual's gradient {what}: {err}");
+        for (i, name) in ["bias", "weight", "shift"].into_iter().enumerate() {
+            let (got, want) = (&bufs[5].f32()[i * cols..(i + 1) * cols], &want[n + i * cols..n + (i + 1) * cols]);
+            let err = relative(got, want);
+            assert!(err < 1e-4, "add norm backward, the {name}'s gradient {what}: {err}");
+        }
+
+        // The product's gradient: the mask on ds, rounded to bf16.
+        let ds = want[..n].to_vec();
+        let want = tensor(&ds, &[rows, cols])
+            .apply_op1_no_bwd(&DropoutTo { seed, p, dtype: DType::BF16 })
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut bufs = [Buf::F32(ds), Buf::Bf16(vec![0x7fc0; n])];
+        run(&Launch::dropout_bf16(n, seed, p), &mut bufs);
+        assert_eq!(widen(&bufs[1]), want, "dropout to bf16 {what}");
+        if p > 0.0 {
+            let dropped = want.iter().filter(|v| **v == 0.0).count() as f32 / n as f32;
+            assert!((dropped - p).abs() < 0.05, "{what}: {dropped} dropped");
+        }
+    }
+}
+
+#[test]
 fn deberta_probs_gather_add_and_normalise_as_the_twin() {
     // Two batches x 3 heads, 40 keys, 16 positions; all query rows, then the first alone (the
     // last layer's first token): row i reads row i of the c2p buckets and column i of p2c's.

@@ -354,3 +354,266 @@ pub fn bias_gelu_for_scoring(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?.apply_op2_no_bwd(&bias.to_dtype(DType::F32)?.contiguous()?, &BiasGelu)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Training epilogue: a post-LN block's end under autocast
+
+/// The widest row of the training add-norm kernels (`DISTILL_TRAIN_NORM_COLS`: BERT-large's 1,024).
+const MAX_TRAIN_NORM_COLS: usize = 1024;
+
+/// Dropout's keep-scale of element `i` (the mask of [`dropout`] with `seed`): 1 without dropout.
+fn kept(seed: u64, p: f32, i: usize) -> f32 {
+    if p <= 0.0 {
+        1.0
+    } else if uniform(seed, i as u64) >= p {
+        1.0 / (1.0 - p)
+    } else {
+        0.0
+    }
+}
+
+/// (x, residual, params [3, cols]) -> LN(dropout(x + bias) + residual) w + shift per row, with
+/// params = (the linear layer's bias, the norm's weight, its shift): training under autocast, x
+/// the bf16 product (f32 too on the CPU), residual and out f32, math in f32; dropout (`p`, `seed`)
+/// with the mask [`dropout`] draws over x's [rows, cols]. The backward recomputes the pre-norm
+/// sums from x and the residual (nothing stored but the output).
+pub(super) struct AddNormTrain {
+    pub(super) eps: f32,
+    pub(super) seed: u64,
+    pub(super) p: f32,
+}
+
+impl AddNormTrain {
+    /// The pre-norm sums dropout(x + bias) + residual, f32.
+    fn sums(&self, x: &[f32], r: &[f32], bias: &[f32]) -> Vec<f32> {
+        let cols = bias.len();
+        x.par_iter()
+            .zip(r.par_iter())
+            .enumerate()
+            .map(|(i, (x, r))| (x + bias[i % cols]) * kept(self.seed, self.p, i) + r)
+            .collect()
+    }
+
+    /// The operands as f32 (x widened), checked: (x, residual, params, cols).
+    fn operands<'a>(
+        &self,
+        (s1, l1): (&'a CpuStorage, &Layout),
+        (s2, l2): (&'a CpuStorage, &Layout),
+        (s3, l3): (&'a CpuStorage, &Layout),
+        op: &str,
+    ) -> Result<(std::borrow::Cow<'a, [f32]>, &'a [f32], &'a [f32], usize)> {
+        let cols = last_dim(l1);
+        let (x, r) = (widened(s1, l1, op)?, slice(s2, l2, op)?);
+        same_len(&x, r, op)?;
+        Ok((x, r, vector(s3, l3, 3 * cols, op)?, cols))
+    }
+}
+
+impl CustomOp3 for AddNormTrain {
+    fn name(&self) -> &'static str {
+        "distill-add-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, r, p, cols) = self.operands((s1, l1), (s2, l2), (s3, l3), self.name())?;
+        let (w, shift) = (&p[cols..2 * cols], &p[2 * cols..]);
+        let y = map_rows(&self.sums(&x, r, &p[..cols]), cols, |y, v| {
+            let (mean, rstd) = moments(v, self.eps);
+            for (i, (y, v)) in y.iter_mut().zip(v).enumerate() {
+                *y = (v - mean) * rstd * w[i] + shift[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() || l3.shape().elem_count() != 3 * last_dim(l1) {
+            candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::add_norm_train((s1, l1), (s2, l2), (s3, l3), self.eps, self.seed, self.p)
+    }
+
+    /// One kernel for the residual's gradient and the three column sums (the linear bias, the
+    /// norm's weight and shift), one for the product's gradient (the mask, in x's dtype).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        params: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = residual.elem_count();
+        let op = AddNormTrainGrad { eps: self.eps, seed: self.seed, p: self.p, grad: grad.contiguous()? };
+        let out = x.contiguous()?.apply_op3_no_bwd(&residual.contiguous()?, &params.contiguous()?, &op)?;
+        let dres = out.narrow(0, 0, n)?.reshape(residual.shape())?;
+        let dparams = out.narrow(0, n, params.elem_count())?;
+        let dx = dres.apply_op1_no_bwd(&DropoutTo { seed: self.seed, p: self.p, dtype: x.dtype() })?;
+        Ok((Some(dx), Some(dres), Some(dparams)))
+    }
+}
+
+/// The backward of [`AddNormTrain`]: (x, residual, params) -> f32 [rows cols + 3 cols]: the
+/// residual's gradient ds (the norm's input gradient), then the column sums (the linear bias's
+/// Σ ds·mask, the weight's Σ g x̂, the shift's Σ g), from the output's gradient `grad`.
+pub(super) struct AddNormTrainGrad {
+    pub(super) eps: f32,
+    pub(super) seed: u64,
+    pub(super) p: f32,
+    pub(super) grad: Tensor,
+}
+
+impl CustomOp3 for AddNormTrainGrad {
+    fn name(&self) -> &'static str {
+        "distill-add-norm-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let fwd = AddNormTrain { eps: self.eps, seed: self.seed, p: self.p };
+        let (x, r, p, cols) = fwd.operands((s1, l1), (s2, l2), (s3, l3), self.name())?;
+        let g = f32_data(&self.grad)?;
+        same_len(&x, &g, self.name())?;
+        let w = &p[cols..2 * cols];
+        let sums = fwd.sums(&x, r, &p[..cols]);
+        let xhat = map_rows(&sums, cols, |y, v| {
+            let (mean, rstd) = moments(v, self.eps);
+            y.iter_mut().zip(v).for_each(|(y, v)| *y = (v - mean) * rstd);
+        });
+        let rstd: Vec<f32> = sums.par_chunks(cols).map(|v| moments(v, self.eps).1).collect();
+        let mut out = map_rows2(&xhat, &g, cols, |d, xh, g| {
+            let n = cols as f32;
+            let g_mean = g.iter().zip(w).map(|(g, w)| g * w).sum::<f32>() / n;
+            let gx_mean = g.iter().zip(w).zip(xh).map(|((g, w), x)| g * w * x).sum::<f32>() / n;
+            for (i, d) in d.iter_mut().enumerate() {
+                *d = g[i] * w[i] - g_mean - xh[i] * gx_mean;
+            }
+        });
+        out.par_chunks_mut(cols).zip(rstd.par_iter()).for_each(|(d, r)| d.iter_mut().for_each(|d| *d *= r));
+        let mut col = vec![0f32; 3 * cols];
+        for (i, ((d, xh), g)) in out.iter().zip(&xhat).zip(g.iter()).enumerate() {
+            let c = i % cols;
+            col[c] += d * kept(self.seed, self.p, i);
+            col[cols + c] += g * xh;
+            col[2 * cols + c] += g;
+        }
+        out.extend(col);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), len.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if l1.shape() != l2.shape() || l3.shape().elem_count() != 3 * last_dim(l1) {
+            candle_core::bail!("{}: {:?}, {:?}, {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::add_norm_train_grad((s1, l1), (s2, l2), (s3, l3), &self.grad, self.eps, self.seed, self.p)
+    }
+}
+
+/// Dropout's mask (`seed`, `p`) on an f32 gradient, out in `dtype` (bf16: the product's gradient).
+pub(super) struct DropoutTo {
+    pub(super) seed: u64,
+    pub(super) p: f32,
+    pub(super) dtype: DType,
+}
+
+impl CustomOp1 for DropoutTo {
+    fn name(&self) -> &'static str {
+        "distill-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let y: Vec<f32> = x.par_iter().enumerate().map(|(i, x)| x * kept(self.seed, self.p, i)).collect();
+        Ok((
+            if self.dtype == DType::BF16 { narrowed(y, &CpuStorage::BF16(vec![])) } else { CpuStorage::F32(y) },
+            l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.dtype != DType::BF16 {
+            candle_core::bail!("{}: bf16 out only on CUDA", self.name());
+        }
+        cuda::dropout_bf16(s, l, self.seed, self.p)
+    }
+}
+
+/// Whether [`add_norm_for_training`] runs its kernels for a product `x` and the `residual` stream:
+/// a graph kept, bf16 autocast (x bf16, the residual f32), rows of at most 1,024, the `layer_norm`
+/// family on for the device.
+pub fn add_norm_for_training_on(x: &Tensor, residual: &Tensor) -> bool {
+    x.dtype() == DType::BF16
+        && residual.dtype() == DType::F32
+        && x.dims() == residual.dims()
+        && x.dim(D::Minus1).is_ok_and(|c| c <= MAX_TRAIN_NORM_COLS)
+        && crate::layers::grad_enabled()
+        && crate::layers::compute_dtype(DType::F32) == DType::BF16
+        && unproven_on(residual, Unproven::LayerNorm)
+}
+
+/// A post-LN block's end in training under autocast, one kernel each way: LN(dropout(x + bias) +
+/// residual) w + shift with `x` a linear layer's bf16 product without its `bias`, the residual
+/// stream f32, out f32; `dropout` (p, seed) with [`dropout`]'s mask. Where the bias add (with
+/// the cast to f32), the dropout, the residual add and the norm were four passes forward (and
+/// the norm's input kept), and their gradients five back, the backward is one kernel for the
+/// residual's gradient and the column sums of the bias, weight and shift, and one for the
+/// product's gradient in bf16. Call where [`add_norm_for_training_on`] holds.
+#[allow(clippy::too_many_arguments)]
+pub fn add_norm_for_training(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    if !add_norm_for_training_on(x, residual) || w.elem_count() != x.dim(D::Minus1)? {
+        candle_core::bail!(
+            "add norm for training: does not apply to a product {:?} {:?} and a residual {:?} {:?}",
+            x.dtype(),
+            x.dims(),
+            residual.dtype(),
+            residual.dims()
+        );
+    }
+    let params = norm_params(bias, w, shift, x.dim(D::Minus1)?, x.device())?;
+    let (p, seed) = dropout.filter(|(p, _)| *p > 0.0).unwrap_or((0.0, 0));
+    let op = AddNormTrain { eps: eps as f32, seed, p: p as f32 };
+    x.contiguous()?.apply_op3(&residual.contiguous()?, &params, op)
+}

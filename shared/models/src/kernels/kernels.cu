@@ -420,6 +420,104 @@ extern "C" __global__ void distill_bias_gelu_grad_bf16(const __nv_bfloat16* g, c
   }
 }
 
+// A post-LN block's end in training under autocast: y = LN(dropout(x + bias) + res) w + shift per
+// row, x the bf16 product, res the f32 residual stream, params [3, cols] = (bias, w, shift), y f32.
+// Dropout keeps element i = row x cols + c when uniform(seed, i) >= p, scaling it by `scale`
+// (distill_dropout_f32's mask over the [rows, cols] tensor; p = 0 keeps all). One warp per row,
+// the row's sums in shared memory (cols <= DISTILL_TRAIN_NORM_COLS). The backward recomputes the
+// sums from x and res: nothing is stored but y.
+#define DISTILL_TRAIN_NORM_COLS 1024
+
+// The row's pre-norm sums into v (f32), their mean and 1/σ.
+__device__ __forceinline__ void train_sum_row(const __nv_bfloat16* xr, const float* rr, const float* bias, float* v,
+                                              int64_t row, int64_t cols, float eps, uint64_t seed, float p,
+                                              float scale, int lane, float* mean, float* rstd) {
+  float s = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float t = to_f32(xr[i]) + bias[i];
+    t = p > 0.0f ? (uniform(seed, (uint64_t)(row * cols + i)) >= p ? t * scale : 0.0f) : t;
+    v[i] = t + rr[i];
+    s += v[i];
+  }
+  const float mu = warp_sum(s) / (float)cols;
+  float q = 0.0f;
+  for (int64_t i = lane; i < cols; i += 32) {
+    float d = v[i] - mu;
+    q += d * d;
+  }
+  *mean = mu;
+  *rstd = 1.0f / sqrtf(warp_sum(q) / (float)cols + eps);
+}
+
+extern "C" __global__ void distill_add_norm_train_f32(const __nv_bfloat16* x, const float* res, const float* params,
+                                                      float* y, int64_t rows, int64_t cols, float eps, uint64_t seed,
+                                                      float p, float scale) {
+  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_TRAIN_NORM_COLS];
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  float* v = sums[threadIdx.x / 32];
+  float mean, rstd;
+  train_sum_row(x + row * cols, res + row * cols, params, v, row, cols, eps, seed, p, scale, lane, &mean, &rstd);
+  float* yr = y + row * cols;
+  for (int64_t i = lane; i < cols; i += 32) yr[i] = (v[i] - mean) * rstd * params[cols + i] + params[2 * cols + i];
+}
+
+// Its backward, from the output's gradient g: ds = (g w - mean(g w) - x̂ mean(g w x̂)) / σ, the
+// residual's gradient (f32, out ds [rows, cols]), and the column sums into out sums [3, cols]
+// (zeroed by the caller): the bias's Σ ds·keep·scale, the weight's Σ g x̂, the shift's Σ g. The
+// product's gradient (ds with the mask, in bf16) is distill_dropout_bf16_f32's. Blocks of
+// DISTILL_TRAIN_ROWS_PER_BLOCK rows (fewer than the weight-gradient kernels' 64: a block per 64
+// rows of a 16,384-row batch leaves the card's SMs two blocks each), one warp per row at a time,
+// the block's sums in shared memory, one atomic per column and block.
+#define DISTILL_TRAIN_ROWS_PER_BLOCK 16
+extern "C" __global__ void distill_add_norm_train_grad_f32(const __nv_bfloat16* x, const float* res,
+                                                           const float* params, const float* g, float* ds, float* sums,
+                                                           int64_t rows, int64_t cols, float eps, uint64_t seed,
+                                                           float p, float scale) {
+  __shared__ float vs[DISTILL_NORM_WARPS][DISTILL_TRAIN_NORM_COLS];
+  __shared__ float acc[3 * DISTILL_TRAIN_NORM_COLS];
+  for (int64_t i = threadIdx.x; i < 3 * cols; i += blockDim.x) acc[i] = 0.0f;
+  __syncthreads();
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  float* v = vs[threadIdx.x / 32];
+  const float* w = params + cols;
+  const int64_t first = (int64_t)blockIdx.x * DISTILL_TRAIN_ROWS_PER_BLOCK;
+  const int64_t last = first + DISTILL_TRAIN_ROWS_PER_BLOCK < rows ? first + DISTILL_TRAIN_ROWS_PER_BLOCK : rows;
+  for (int64_t row = first + threadIdx.x / 32; row < last; row += warps) {
+    float mean, rstd;
+    train_sum_row(x + row * cols, res + row * cols, params, v, row, cols, eps, seed, p, scale, lane, &mean, &rstd);
+    const float* gr = g + row * cols;
+    float gs = 0.0f, gx = 0.0f;
+    for (int64_t i = lane; i < cols; i += 32) {
+      float xh = (v[i] - mean) * rstd;
+      gs += gr[i] * w[i];
+      gx += gr[i] * w[i] * xh;
+      atomicAdd(&acc[cols + i], gr[i] * xh);
+      atomicAdd(&acc[2 * cols + i], gr[i]);
+    }
+    const float g_mean = warp_sum(gs) / (float)cols, gx_mean = warp_sum(gx) / (float)cols;
+    float* dr = ds + row * cols;
+    for (int64_t i = lane; i < cols; i += 32) {
+      float d = (gr[i] * w[i] - g_mean - (v[i] - mean) * rstd * gx_mean) * rstd;
+      dr[i] = d;
+      float kept = p > 0.0f ? (uniform(seed, (uint64_t)(row * cols + i)) >= p ? d * scale : 0.0f) : d;
+      atomicAdd(&acc[i], kept);
+    }
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < 3 * cols; i += blockDim.x) atomicAdd(&sums[i], acc[i]);
+}
+
+// Dropout's mask on an f32 gradient, rounded to bf16 (the bf16 product's gradient): y = x scale
+// where uniform(seed, i) >= p, else 0 (p = 0: the cast alone).
+extern "C" __global__ void distill_dropout_bf16_f32(const float* x, __nv_bfloat16* y, int64_t n, uint64_t seed, float p,
+                                                    float scale) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    y[i] = __float2bfloat16(p > 0.0f ? (uniform(seed, (uint64_t)i) >= p ? x[i] * scale : 0.0f) : x[i]);
+  }
+}
+
 // GeGLU for scoring (ModernBERT's MLP): x [rows, 2 inter] = (input | gate) -> gelu(input) gate
 // [rows, inter], n = rows x inter.
 extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int64_t n, int64_t inter) {

@@ -156,6 +156,31 @@ impl Launch {
         l
     }
 
+    /// `distill_add_norm_train_f32(x, residual, params, y, rows, cols, eps, seed, p, scale)`, one
+    /// warp per row (p = 0: no dropout).
+    pub fn add_norm_train(rows: usize, cols: usize, eps: f32, seed: u64, p: f32) -> Self {
+        let mut l = Self::rows("distill_add_norm_train_f32", 4, rows, cols, Some(eps));
+        l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        l
+    }
+
+    /// `distill_add_norm_train_grad_f32(x, residual, params, g, ds, sums, rows, cols, eps, seed,
+    /// p, scale)`: a block per 16 rows (`sums` zeroed first).
+    pub fn add_norm_train_grad(rows: usize, cols: usize, eps: f32, seed: u64, p: f32) -> Self {
+        let mut params: Vec<Param> = buffers(6).collect();
+        params.extend([Param::I64(rows as i64), Param::I64(cols as i64), Param::F32(eps)]);
+        params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        let grid = rows.div_ceil(TRAIN_ROWS_PER_BLOCK) as u32;
+        Launch { kernel: "distill_add_norm_train_grad_f32", grid, block: 32 * WARPS as u32, params }
+    }
+
+    /// `distill_dropout_bf16_f32(x, y, n, seed, p, 1 / (1 - p))`: dropout's mask on an f32 x, y bf16.
+    pub fn dropout_bf16(n: usize, seed: u64, p: f32) -> Self {
+        let mut l = Self::dropout(n, seed, p);
+        l.kernel = "distill_dropout_bf16_f32";
+        l
+    }
+
     /// `distill_bias_add_f32` or `distill_bias_add_bf16_f32` (x bf16): `(x, b, y, n, cols)`.
     pub fn bias_add(bf16_x: bool, n: usize, cols: usize) -> Self {
         let kernel = if bf16_x { "distill_bias_add_bf16_f32" } else { "distill_bias_add_f32" };
@@ -310,6 +335,9 @@ impl Attention {
         self.launch("dkv_packed", 7)
     }
 }
+
+/// Rows per block of the training add-norm's backward (`DISTILL_TRAIN_ROWS_PER_BLOCK`).
+const TRAIN_ROWS_PER_BLOCK: usize = 16;
 
 /// Rows per block of the column reductions (`DISTILL_ROWS_PER_BLOCK` in kernels.cu).
 const ROWS_PER_BLOCK: usize = 64;
