@@ -232,8 +232,16 @@ impl Encoder {
                 let p = cfg.attention_probs_dropout_prob;
                 let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
                 let product = joined.product(&x)?;
-                let ctx =
-                    flash_attention_for_training_packed(&product, joined.bias(), &bias, heads, scale, None, drop)?;
+                let ctx = flash_attention_for_training_packed(
+                    &product,
+                    joined.bias(),
+                    &bias,
+                    heads,
+                    scale,
+                    None,
+                    drop,
+                    None,
+                )?;
                 x = self.feed_forward(layer, &ctx, &x, train)?;
                 continue;
             }

@@ -162,7 +162,9 @@ impl ModernBertCrossEncoder {
             let (x, glu) = self.mlp_for_scoring(layer, x, ctx)?;
             return &x + layer.mlp_wo.forward(&glu)?;
         }
-        let x = (x + dropout(&layer.wo.forward(ctx)?, cfg.attention_dropout, train)?)?;
+        // (The context is bf16 from the packed training attention: the projection comes back in
+        // the residual stream's dtype.)
+        let x = (x + dropout(&layer.wo.forward_as(ctx, x.dtype())?, cfg.attention_dropout, train)?)?;
         let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
         let (input, gate) = (
             inner.narrow(D::Minus1, 0, cfg.intermediate_size)?,
@@ -231,7 +233,9 @@ impl ModernBertCrossEncoder {
         // Scoring in bf16: attention straight from Wqkv's product, q and k rotated as they load
         // (one kernel: no rotation passes, no head-split copies); the tables [2, L, D] per theta.
         let packed = !train && !crate::layers::grad_enabled() && crate::kernels::flash_scoring_packed_on(&x, hd);
-        let rope_tables = if packed {
+        // Training under autocast likewise (the rotation undone on q's and k's gradients).
+        let packed_train = (train || crate::layers::grad_enabled()) && crate::kernels::flash_training_packed_on(&x, hd);
+        let rope_tables = if packed || packed_train {
             Some(ropes.iter().map(|(c, s)| Tensor::stack(&[c, s], 0)).collect::<Result<Vec<_>>>()?)
         } else {
             None
@@ -269,6 +273,22 @@ impl ModernBertCrossEncoder {
             let window = layer.sliding.then_some(window as usize);
             if let (Some(tables), false) = (&rope_tables, first_only && i == last) {
                 let qkv = layer.wqkv.product(&normed)?;
+                if packed_train {
+                    let p = cfg.attention_dropout;
+                    let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
+                    let ctx = crate::kernels::flash_attention_for_training_packed(
+                        &qkv,
+                        layer.wqkv.bias(),
+                        &pad,
+                        heads,
+                        scale,
+                        window,
+                        drop,
+                        Some(&tables[which]),
+                    )?;
+                    x = self.mlp_block(layer, &x, &ctx, train)?;
+                    continue;
+                }
                 let ctx = crate::kernels::flash_attention_for_scoring_packed(
                     &qkv,
                     layer.wqkv.bias(),

@@ -459,6 +459,51 @@ impl FlashAttentionPacked {
     }
 }
 
+/// A rotary table [2, L, D] (cos, sin) as f32, checked against the length and head size.
+fn rope_table(rope: &Tensor, l: usize, d: usize, op: &str) -> Result<Vec<f32>> {
+    if rope.dims() != [2, l, d] {
+        candle_core::bail!("{op}: a rotary table of {:?} for length {l}, head size {d}", rope.dims());
+    }
+    f32_data(rope)
+}
+
+/// Which way [`rotate_qk`] goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Rotation {
+    /// r_c = x_c cos_c + rotate_half(x)_c sin_c (rotate_half(x) = [-x2, x1]), rounded to bf16 as
+    /// the kernels' tiles are.
+    Forward,
+    /// Its adjoint on a gradient: dx_c = dr_c cos_c + (c < D/2 ? dr_{c+D/2} sin_{c+D/2} :
+    /// -dr_{c-D/2} sin_{c-D/2}), in f32.
+    Backward,
+}
+
+/// q and k (the first two of `split`, [B, H, L, D] each) rotated by the table `rope` [2, L, D],
+/// or a rotation's gradient taken back.
+fn rotate_qk(split: &mut [Vec<f32>], rope: &[f32], l: usize, d: usize, way: Rotation) {
+    let (cos, sin) = rope.split_at(l * d);
+    let h = d / 2;
+    for x in &mut split[..2] {
+        x.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            let pos = i % l;
+            let (c, s) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
+            let out: Vec<f32> = (0..d)
+                .map(|j| match way {
+                    Rotation::Forward => {
+                        let other = if j < h { -row[j + h] } else { row[j - h] };
+                        half::bf16::from_f32(row[j] * c[j] + other * s[j]).to_f32()
+                    }
+                    Rotation::Backward => {
+                        let other = if j < h { row[j + h] * s[j + h] } else { -row[j - h] * s[j - h] };
+                        row[j] * c[j] + other
+                    }
+                })
+                .collect();
+            row.copy_from_slice(&out);
+        });
+    }
+}
+
 /// A joined query/key/value product [B, L, 3, H, D] split into q, k, v [B, H, L, D] each, its bias
 /// [3 H D] added and each value rounded to bf16 (as the kernels read it).
 fn split_joined(qkv: &[f32], qkv_bias: &[f32], [b, h, l, d]: [usize; 4]) -> [Vec<f32>; 3] {
@@ -484,28 +529,8 @@ impl CustomOp2 for FlashAttentionPacked {
         let qkv_bias = vector(s2, l2, 3 * h * d, self.name())?;
         let mut split = split_joined(&qkv, qkv_bias, [b, h, l, d]);
         if let Some(rope) = &self.rope {
-            if rope.dims() != [2, l, d] {
-                candle_core::bail!(
-                    "{}: a rotary table of {:?} for length {l}, head size {d}",
-                    self.name(),
-                    rope.dims()
-                );
-            }
-            let rope = f32_data(rope)?;
-            let (cos, sin) = rope.split_at(l * d);
-            for x in &mut split[..2] {
-                for (i, row) in x.chunks_mut(d).enumerate() {
-                    let pos = i % l;
-                    let (c, s) = (&cos[pos * d..(pos + 1) * d], &sin[pos * d..(pos + 1) * d]);
-                    let rotated: Vec<f32> = (0..d)
-                        .map(|j| {
-                            let other = if j < d / 2 { -row[j + d / 2] } else { row[j - d / 2] };
-                            half::bf16::from_f32(row[j] * c[j] + other * s[j]).to_f32()
-                        })
-                        .collect();
-                    row.copy_from_slice(&rotated);
-                }
-            }
+            let rope = rope_table(rope, l, d, self.name())?;
+            rotate_qk(&mut split, &rope, l, d, Rotation::Forward);
         }
         let bias = f32_data(&self.bias)?;
         let out = flash_cpu(&split[0], &split[1], &split[2], &bias, [b, h, l, d], self.scale, self.window);
@@ -583,6 +608,8 @@ pub(super) struct FlashTrainPacked {
     pub(super) shape: launch_shape::Attention,
     /// Whether the bias is the layer's (else zeros, and no gradient for it).
     pub(super) has_bias: bool,
+    /// Rotary embeddings for q and k [2, L, D] (cos, sin; f32), or none.
+    pub(super) rope: Option<Tensor>,
 }
 
 /// The [B, H, L, D] of a joined product `qkv` [B, L, 3 H D] with its bias [3 H D] for a training
@@ -603,15 +630,22 @@ fn joined_dims(a: &launch_shape::Attention, qkv: &Layout, qkv_bias: &Layout, op:
     Ok([a.b, a.h, a.l, a.d])
 }
 
-/// q, k, v [B, H, L, D] of the operands (qkv, qkv_bias) of a packed training attention of shape `a`.
+/// q, k, v [B, H, L, D] of the operands (qkv, qkv_bias) of a packed training attention of shape
+/// `a`, q and k rotated where `rope` is given; and the rotary table.
 fn split_operands(
     a: &launch_shape::Attention,
     (s1, l1): (&CpuStorage, &Layout),
     (s2, l2): (&CpuStorage, &Layout),
+    rope: Option<&Tensor>,
     op: &str,
-) -> Result<[Vec<f32>; 3]> {
+) -> Result<([Vec<f32>; 3], Option<Vec<f32>>)> {
     let dims = joined_dims(a, l1, l2, op)?;
-    Ok(split_joined(&widened(s1, l1, op)?, vector(s2, l2, 3 * a.h * a.d, op)?, dims))
+    let mut split = split_joined(&widened(s1, l1, op)?, vector(s2, l2, 3 * a.h * a.d, op)?, dims);
+    let rope = rope.map(|r| rope_table(r, a.l, a.d, op)).transpose()?;
+    if let Some(r) = &rope {
+        rotate_qk(&mut split, r, a.l, a.d, Rotation::Forward);
+    }
+    Ok((split, rope))
 }
 
 /// The log-sum-exp rows as f32 bits in bf16 slots, two per value, low half first.
@@ -635,7 +669,7 @@ impl CustomOp2 for FlashTrainPacked {
     /// The reference: the bias added and rounded to bf16, the heads split, then [`train_cpu`].
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let a = self.shape;
-        let [q, k, v] = split_operands(&a, (s1, l1), (s2, l2), self.name())?;
+        let ([q, k, v], _) = split_operands(&a, (s1, l1), (s2, l2), self.rope.as_ref(), self.name())?;
         let (o, lse) = train_cpu(&q, &k, &v, &f32_data(&self.bias)?, &a);
         let mut out: Vec<half::bf16> = o.into_iter().map(half::bf16::from_f32).collect();
         out.extend(lse_to_slots(&lse));
@@ -652,7 +686,7 @@ impl CustomOp2 for FlashTrainPacked {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         joined_dims(&self.shape, l1, l2, self.name())?;
-        cuda::flash_train_packed((s1, l1), (s2, l2), &self.bias, self.shape)
+        cuda::flash_train_packed((s1, l1), (s2, l2), &self.bias, self.rope.as_ref(), self.shape)
     }
 
     fn bwd(
@@ -664,7 +698,13 @@ impl CustomOp2 for FlashTrainPacked {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let a = self.shape;
         let dout = grad.narrow(0, 0, a.b * a.l * a.h * a.d)?.contiguous()?;
-        let op = FlashTrainPackedGrad { bias: self.bias.clone(), packed: res.contiguous()?, dout, shape: a };
+        let op = FlashTrainPackedGrad {
+            bias: self.bias.clone(),
+            packed: res.contiguous()?,
+            dout,
+            shape: a,
+            rope: self.rope.clone(),
+        };
         let dqkv = qkv.apply_op2_no_bwd(qkv_bias, &op)?;
         let dbias = if self.has_bias { Some(dqkv.apply_op1_no_bwd(&ColumnSum)?) } else { None };
         Ok((Some(dqkv), dbias))
@@ -679,6 +719,7 @@ pub(super) struct FlashTrainPackedGrad {
     pub(super) packed: Tensor,
     pub(super) dout: Tensor,
     pub(super) shape: launch_shape::Attention,
+    pub(super) rope: Option<Tensor>,
 }
 
 impl CustomOp2 for FlashTrainPackedGrad {
@@ -689,7 +730,7 @@ impl CustomOp2 for FlashTrainPackedGrad {
     /// The reference: [`train_grad_cpu`] on the split, its gradients joined and rounded to bf16.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let a = self.shape;
-        let [q, k, v] = split_operands(&a, (s1, l1), (s2, l2), self.name())?;
+        let ([q, k, v], rope) = split_operands(&a, (s1, l1), (s2, l2), self.rope.as_ref(), self.name())?;
         let n = a.b * a.h * a.l * a.d;
         let packed: Vec<half::bf16> =
             candle_core::op_stats::uncounted(|| self.packed.flatten_all()?.to_dtype(DType::BF16)?.to_vec1())?;
@@ -699,6 +740,14 @@ impl CustomOp2 for FlashTrainPackedGrad {
         let o: Vec<f32> = packed[..n].iter().map(|x| x.to_f32()).collect();
         let lse = lse_from_slots(&packed[n..]);
         let g = train_grad_cpu([&q, &k, &v], &f32_data(&self.bias)?, &o, &lse, &f32_data(&self.dout)?, &a);
+        let g = match &rope {
+            Some(r) => {
+                let mut parts: Vec<Vec<f32>> = g.chunks(n).map(|c| c.to_vec()).collect();
+                rotate_qk(&mut parts, r, a.l, a.d, Rotation::Backward);
+                parts.concat()
+            }
+            None => g,
+        };
         let (h, l, d) = (a.h, a.l, a.d);
         let mut out = vec![half::bf16::ZERO; 3 * n];
         for (i, x) in g.iter().enumerate() {
@@ -718,7 +767,15 @@ impl CustomOp2 for FlashTrainPackedGrad {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         joined_dims(&self.shape, l1, l2, self.name())?;
-        cuda::flash_train_packed_grad((s1, l1), (s2, l2), &self.bias, &self.packed, &self.dout, self.shape)
+        cuda::flash_train_packed_grad(
+            (s1, l1),
+            (s2, l2),
+            &self.bias,
+            self.rope.as_ref(),
+            &self.packed,
+            &self.dout,
+            self.shape,
+        )
     }
 }
 
@@ -735,9 +792,11 @@ pub fn flash_training_packed_on(x: &Tensor, head_dim: usize) -> bool {
 /// [B, L, 3 H D] (bf16, without its bias) and that bias [3 H D] (f32): softmax(q kᵀ · scale + key
 /// mask) v with attention dropout (`dropout`: (p, seed), the mask [`crate::layers::dropout`]'s
 /// kernel would draw over the materialised probabilities), the bias added as the values load.
-/// Out [B, L, H D] bf16; its backward gives the product's gradient in bf16 (two kernels, the
-/// probabilities recomputed) and the bias's (a column sum). No bias pass, no head-split copies
-/// either way. Call where [`flash_training_packed_on`] holds (an error otherwise).
+/// With `rope` ([2, L, D] f32: cos, sin), q and k are rotated as they load (ModernBERT) and the
+/// rotation is taken back on their gradients. Out [B, L, H D] bf16; its backward gives the
+/// product's gradient in bf16 (two kernels, the probabilities recomputed) and the bias's (a
+/// column sum). No bias pass, no head-split copies, no rotation passes either way. Call where
+/// [`flash_training_packed_on`] holds (an error otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_for_training_packed(
     qkv: &Tensor,
@@ -747,6 +806,7 @@ pub fn flash_attention_for_training_packed(
     scale: f64,
     window: Option<usize>,
     dropout: Option<(f64, u64)>,
+    rope: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, l, n) = qkv.dims3()?;
     let d = n / (3 * heads).max(1);
@@ -768,7 +828,8 @@ pub fn flash_attention_for_training_packed(
         Some(t) => (t.to_dtype(DType::F32)?.contiguous()?, true),
         None => (Tensor::zeros(n, DType::F32, qkv.device())?, false),
     };
-    let op = FlashTrainPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape, has_bias };
+    let rope = rope.map(|r| r.to_dtype(DType::F32)?.contiguous()).transpose()?;
+    let op = FlashTrainPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape, has_bias, rope };
     let packed = qkv.contiguous()?.apply_op2(&qkv_bias, op)?;
     packed.narrow(0, 0, b * l * heads * d)?.reshape((b, l, heads * d))
 }

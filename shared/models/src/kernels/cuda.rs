@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 47] = [
+const KERNELS: [&str; 53] = [
     "distill_deberta_probs_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
@@ -58,6 +58,12 @@ const KERNELS: [&str; 47] = [
     "distill_flash_attention_dq_packed_d64_bf16",
     "distill_flash_attention_dkv_packed_d32_bf16",
     "distill_flash_attention_dkv_packed_d64_bf16",
+    "distill_flash_attention_train_packed_rope_d32_bf16",
+    "distill_flash_attention_train_packed_rope_d64_bf16",
+    "distill_flash_attention_dq_packed_rope_d32_bf16",
+    "distill_flash_attention_dq_packed_rope_d64_bf16",
+    "distill_flash_attention_dkv_packed_rope_d32_bf16",
+    "distill_flash_attention_dkv_packed_rope_d64_bf16",
 ];
 
 /// The kernels this code launches that the embedded PTX lacks: a binary built while
@@ -669,24 +675,30 @@ pub fn flash_train_packed(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     bias: &Tensor,
+    rope: Option<&Tensor>,
     a: super::launch::Attention,
 ) -> Result<(CudaStorage, Shape)> {
     let op = "flash attention (training, packed)";
-    let Some(launch) = a.forward_packed() else { candle_core::bail!("{op}: no kernel for head size {}", a.d) };
+    let Some(launch) = a.forward_packed(rope.is_some()) else {
+        candle_core::bail!("{op}: no kernel for head size {}", a.d)
+    };
     let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
     let dev = s1.device().clone();
     let (bs, bl) = bias.storage_and_layout();
+    let rope = rope.map(|t| t.storage_and_layout());
     // SAFETY: the kernel writes every output row and every log-sum-exp (its f32 at an even
     // offset: n is a multiple of the head size).
     let out = unsafe { dev.alloc::<half::bf16>(n + 2 * nl)? };
     {
-        let bufs = [
-            Buf::Bf16(bf16_view(s1, l1, op)?),
-            Buf::View(view(s2, l2, op)?),
+        let mut bufs = vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+        if let Some((rs, rl)) = &rope {
+            bufs.push(Buf::View(view(cuda_of(rs, op)?, rl, op)?));
+        }
+        bufs.extend([
             Buf::View(view(cuda_of(&bs, op)?, bl, op)?),
             Buf::Bf16(out.slice(0..n)),
             Buf::Bf16(out.slice(n..n + 2 * nl)),
-        ];
+        ]);
         run(&dev, &launch, &bufs)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (n + 2 * nl).into()))
@@ -694,16 +706,20 @@ pub fn flash_train_packed(
 
 /// The packed training attention's backward: (qkv, qkv_bias) -> the product's gradient
 /// [B, L, 3 H D] bf16, from the forward's output `packed` and the context's gradient `dout` (bf16).
+#[allow(clippy::too_many_arguments)]
 pub fn flash_train_packed_grad(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
     bias: &Tensor,
+    rope: Option<&Tensor>,
     packed: &Tensor,
     dout: &Tensor,
     a: super::launch::Attention,
 ) -> Result<(CudaStorage, Shape)> {
     let op = "flash attention backward (packed)";
-    let (Some(dq_launch), Some(dkv_launch)) = (a.backward_dq_packed(), a.backward_dkv_packed()) else {
+    let with_rope = rope.is_some();
+    let (Some(dq_launch), Some(dkv_launch)) = (a.backward_dq_packed(with_rope), a.backward_dkv_packed(with_rope))
+    else {
         candle_core::bail!("{op}: no kernel for head size {}", a.d)
     };
     let (n, nl) = (a.b * a.h * a.l * a.d, a.b * a.h * a.l);
@@ -711,12 +727,18 @@ pub fn flash_train_packed_grad(
     let ((bs, bl), (ps, pl), (ds, dl)) =
         (bias.storage_and_layout(), packed.storage_and_layout(), dout.storage_and_layout());
     let (bias_s, packed_s, dout_s) = (cuda_of(&bs, op)?, cuda_of(&ps, op)?, cuda_of(&ds, op)?);
+    let rope = rope.map(|t| t.storage_and_layout());
     // SAFETY: the two kernels write every element between them (dQ; dK and dV) and every Δ.
     let out = unsafe { dev.alloc::<half::bf16>(3 * n)? };
     let delta = unsafe { dev.alloc::<f32>(nl)? };
     {
         let inputs = || -> Result<Vec<Buf>> {
-            Ok(vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(bias_s, bl, op)?)])
+            let mut bufs = vec![Buf::Bf16(bf16_view(s1, l1, op)?), Buf::View(view(s2, l2, op)?)];
+            if let Some((rs, rl)) = &rope {
+                bufs.push(Buf::View(view(cuda_of(rs, op)?, rl, op)?));
+            }
+            bufs.push(Buf::View(view(bias_s, bl, op)?));
+            Ok(bufs)
         };
         let mut bufs = inputs()?;
         bufs.extend([

@@ -569,67 +569,96 @@ fn flash_attention_for_training_from_a_joined_product_and_its_backward() {
     // gradients bf16, the gradient written into the joined layout (dQ by one kernel, dK and dV by
     // the other, into one buffer that starts as NaN: a part neither writes fails).
     let (b, h, l) = (2usize, 2usize, 70usize);
-    for (d, window, p) in [(32usize, None, 0.0f32), (64, Some(5usize), 0.1), (64, None, 0.2)] {
+    // Without and with rotary embeddings on q and k (ModernBERT: the rotation undone on their
+    // gradients as the tiles are stored).
+    for (d, window, p, theta) in [
+        (32usize, None, 0.0f32, None),
+        (64, Some(5usize), 0.1, None),
+        (64, None, 0.2, None),
+        (32, Some(16), 0.1, Some(10_000.0)),
+        (64, None, 0.0, Some(160_000.0)),
+    ] {
         let a = launch_shape::Attention { b, h, l, d, scale: 1.0 / (d as f32).sqrt(), window, seed: 11, p };
         let (n, nl, hd) = (b * h * l * d, b * h * l, h * d);
+        let table = theta.map(|theta| {
+            let (cos, sin) = crate::modernbert::rotary(l, d, theta, &candle_core::Device::Cpu).unwrap();
+            Tensor::stack(&[cos, sin], 0).unwrap()
+        });
+        let rope: Vec<Buf> = table.iter().map(|t| Buf::F32(t.flatten_all().unwrap().to_vec1().unwrap())).collect();
+        let with_rope = |mut bufs: Vec<Buf>, rope: &[Buf]| -> Vec<Buf> {
+            if let Some(Buf::F32(r)) = rope.first() {
+                bufs.insert(2, Buf::F32(r.clone()));
+            }
+            bufs
+        };
         let (qkv, qkv_t) = bf16_bits(&values(3 * n, 71, 1.0), &[b, l, 3 * hd]);
         let qkv_bias = values(3 * hd, 72, 0.5);
         let bias: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 61 { -1e9 } else { 0.0 }).collect();
-        let what = format!("d {d} window {window:?} p {p}");
+        let what = format!("d {d} window {window:?} p {p} rope {theta:?}");
         let mask = tensor(&bias, &[b, 1, 1, l]);
-        let op = FlashTrainPacked { bias: mask.clone(), shape: a, has_bias: true };
+        let op = FlashTrainPacked { bias: mask.clone(), shape: a, has_bias: true, rope: table.clone() };
         let packed = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * hd]), &op).unwrap();
         let packed_bits: Vec<u16> = packed.to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect();
         let want_o: Vec<f32> = packed_bits[..n].iter().map(|x| half::bf16::from_bits(*x).to_f32()).collect();
         let want_lse = super::attention::lse_from_slots(&packed.to_vec1::<half::bf16>().unwrap()[n..]);
 
-        let mut bufs = [
-            Buf::Bf16(qkv.clone()),
-            Buf::F32(qkv_bias.clone()),
-            Buf::F32(bias.clone()),
-            Buf::Bf16(vec![0x7fc0; n]),
-            Buf::F32(vec![f32::NAN; nl]),
-        ];
-        run(&a.forward_packed().unwrap(), &mut bufs);
-        let err = relative(&widen(&bufs[3]), &want_o);
+        let mut bufs = with_rope(
+            vec![
+                Buf::Bf16(qkv.clone()),
+                Buf::F32(qkv_bias.clone()),
+                Buf::F32(bias.clone()),
+                Buf::Bf16(vec![0x7fc0; n]),
+                Buf::F32(vec![f32::NAN; nl]),
+            ],
+            &rope,
+        );
+        run(&a.forward_packed(theta.is_some()).unwrap(), &mut bufs);
+        let lse_got = bufs.pop().unwrap();
+        let err = relative(&widen(&bufs.pop().unwrap()), &want_o);
         assert!(err < 2e-2, "forward {what}: {err}");
-        for (i, (got, want)) in bufs[4].f32().iter().zip(&want_lse).enumerate() {
+        for (i, (got, want)) in lse_got.f32().iter().zip(&want_lse).enumerate() {
             let same = if want.is_infinite() { got == want } else { (got - want).abs() < 5e-2 };
             assert!(same, "log-sum-exp {what}: row {i}: {got} against {want}");
         }
 
         // The backward from the CPU forward's output.
         let (dout, dout_t) = bf16_bits(&values(n, 73, 1.0), &[b, l, hd]);
-        let grad_op = FlashTrainPackedGrad { bias: mask, packed: packed.clone(), dout: dout_t, shape: a };
+        let grad_op = FlashTrainPackedGrad { bias: mask, packed: packed.clone(), dout: dout_t, shape: a, rope: table };
         let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * hd]), &grad_op).unwrap();
         let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let lse =
             Buf::F32(packed_bits[n..].chunks(2).map(|x| f32::from_bits(x[0] as u32 | (x[1] as u32) << 16)).collect());
-        let mut bufs = vec![
-            Buf::Bf16(qkv.clone()),
-            Buf::F32(qkv_bias.clone()),
-            Buf::F32(bias.clone()),
-            Buf::Bf16(packed_bits[..n].to_vec()),
-            Buf::Bf16(dout.clone()),
-            lse,
-            Buf::Bf16(vec![0x7fc0; 3 * n]),
-            Buf::F32(vec![f32::NAN; nl]),
-        ];
-        run(&a.backward_dq_packed().unwrap(), &mut bufs);
-        let dqkv = bufs.remove(6);
+        let mut bufs = with_rope(
+            vec![
+                Buf::Bf16(qkv.clone()),
+                Buf::F32(qkv_bias.clone()),
+                Buf::F32(bias.clone()),
+                Buf::Bf16(packed_bits[..n].to_vec()),
+                Buf::Bf16(dout.clone()),
+                lse,
+                Buf::Bf16(vec![0x7fc0; 3 * n]),
+                Buf::F32(vec![f32::NAN; nl]),
+            ],
+            &rope,
+        );
+        run(&a.backward_dq_packed(theta.is_some()).unwrap(), &mut bufs);
         let delta = bufs.pop().unwrap();
+        let dqkv = bufs.pop().unwrap();
         let lse = bufs.pop().unwrap();
-        let mut bufs = vec![
-            Buf::Bf16(qkv.clone()),
-            Buf::F32(qkv_bias.clone()),
-            Buf::F32(bias.clone()),
-            Buf::Bf16(dout),
-            lse,
-            delta,
-            dqkv,
-        ];
-        run(&a.backward_dkv_packed().unwrap(), &mut bufs);
-        let got = widen(&bufs[6]);
+        let mut bufs = with_rope(
+            vec![
+                Buf::Bf16(qkv.clone()),
+                Buf::F32(qkv_bias.clone()),
+                Buf::F32(bias.clone()),
+                Buf::Bf16(dout),
+                lse,
+                delta,
+                dqkv,
+            ],
+            &rope,
+        );
+        run(&a.backward_dkv_packed(theta.is_some()).unwrap(), &mut bufs);
+        let got = widen(bufs.last().unwrap());
         // Each part (columns of q, k, v in every row) on its own.
         let part = |x: &[f32], which: usize| -> Vec<f32> {
             x.chunks(3 * hd).flat_map(|row| row[which * hd..(which + 1) * hd].to_vec()).collect()

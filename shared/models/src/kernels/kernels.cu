@@ -869,9 +869,40 @@ __device__ __forceinline__ HeadRows head_rows(int64_t packed, int64_t batch, int
   return {at, at, at, D};
 }
 
-template <int D, class TI, class TG>
+// As store_rows, with rotary embeddings undone first (rope: cos [len, D] then sin [len, D]): the
+// gradient of a rotated row r (r_c = x_c cos_c + rotate_half(x)_c sin_c) with respect to x is
+// dx_c = dr_c cos_c + (c < D/2 ? dr_{c+D/2} sin_{c+D/2} : -dr_{c-D/2} sin_{c-D/2}). The warp's
+// whole 16 x D tile goes through `stage` (16 x D floats).
+template <int D, class TG>
+__device__ void store_rows_rope(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc, float* stage,
+                                TG* dst, int64_t stride, int64_t row0, int64_t len, float scale, int lane,
+                                const float* rope) {
+  using namespace nvcuda;
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(stage + n * 16, acc[n], D, wmma::mem_row_major);
+  __syncwarp();
+  constexpr int H = D / 2;
+  for (int i = lane; i < 16 * D; i += 32) {
+    const int r = i / D, c = i % D;
+    const int64_t row = row0 + r;
+    if (row >= len) continue;
+    const float* cs = rope + row * D;
+    const float* sn = rope + (len + row) * D;
+    const float dr = c < H ? stage[r * D + c + H] * sn[c + H] : -stage[r * D + c - H] * sn[c - H];
+    store_out(&dst[row * stride + c], (stage[i] * cs[c] + dr) * scale);
+  }
+  __syncwarp();
+}
+
+// The staging tile of a backward kernel: 16 x KT floats, or 16 x D where rotary embeddings are
+// undone (the whole row at once).
+template <int D, bool ROPE>
+struct Stage {
+  static constexpr int size = DISTILL_FA_QW * (ROPE && D > DISTILL_FA_KT ? D : DISTILL_FA_KT);
+};
+
+template <int D, bool ROPE = false, class TI, class TG>
 __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
-                                  const float* bias, const TG* o, const TG* dout, const float* lse, TG* dq,
+                                  const float* rope, const float* bias, const TG* o, const TG* dout, const float* lse, TG* dq,
                                   float* delta, int64_t heads, int64_t len, float scale, int64_t window,
                                   uint64_t seed, float p) {
   using namespace nvcuda;
@@ -880,7 +911,7 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   __shared__ __align__(32) __nv_bfloat16 dos[W * QW * D];
   __shared__ __align__(32) __nv_bfloat16 ks[KT * D];
   __shared__ __align__(32) __nv_bfloat16 vs[KT * D];
-  __shared__ __align__(32) float sb[W][QW * KT];
+  __shared__ __align__(32) float sb[W][Stage<D, ROPE>::size];
   __shared__ __align__(32) __nv_bfloat16 dsb[W][QW * KT];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -898,7 +929,7 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t row = q0 + i / D;
-    qs[i] = row < len ? tile_bf16(qb[row * rs + i % D], qbias, i % D) : zero;
+    qs[i] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
     dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
   }
   // Δ_i = dO_i · O_i in f32, two lanes per row.
@@ -921,7 +952,7 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+      ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
       vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
@@ -947,12 +978,15 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
     mma_ab_acc<KT, D>(acc_dq, dsb[warp], ks);
     __syncthreads();
   }
-  store_rows<D>(acc_dq, sb[warp], dq + hr.q, rs, q0 + warp * QW, len, scale, lane);
+  if (ROPE)
+    store_rows_rope<D>(acc_dq, sb[warp], dq + hr.q, rs, q0 + warp * QW, len, scale, lane, rope);
+  else
+    store_rows<D>(acc_dq, sb[warp], dq + hr.q, rs, q0 + warp * QW, len, scale, lane);
 }
 
-template <int D, class TI, class TG>
+template <int D, bool ROPE = false, class TI, class TG>
 __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const float* qkv_bias, int64_t packed,
-                                   const float* bias, const TG* dout, const float* lse, const float* delta, TG* dk,
+                                   const float* rope, const float* bias, const TG* dout, const float* lse, const float* delta, TG* dk,
                                    TG* dv, int64_t heads, int64_t len, float scale, int64_t window, uint64_t seed,
                                    float p) {
   using namespace nvcuda;
@@ -961,7 +995,7 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   __shared__ __align__(32) __nv_bfloat16 vs[W * KW * D];
   __shared__ __align__(32) __nv_bfloat16 qs[QT * D];
   __shared__ __align__(32) __nv_bfloat16 dos[QT * D];
-  __shared__ __align__(32) float sb[W][KW * QT];
+  __shared__ __align__(32) float sb[W][Stage<D, ROPE>::size];
   __shared__ __align__(32) __nv_bfloat16 pb[W][KW * QT];
   __shared__ float lse_t[QT], delta_t[QT];
 
@@ -979,7 +1013,7 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
 
   for (int i = threadIdx.x; i < W * KW * D; i += blockDim.x) {
     int64_t row = k0 + i / D;
-    ks[i] = row < len ? tile_bf16(kb[row * rs + i % D], kbias, i % D) : zero;
+    ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
     vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
   }
   // Two lanes per key row (this warp's 16 keys), each over half of a query tile.
@@ -996,7 +1030,7 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   for (int64_t t0 = 0; t0 < len; t0 += QT) {
     for (int i = threadIdx.x; i < QT * D; i += blockDim.x) {
       int64_t row = t0 + i / D;
-      qs[i] = row < len ? tile_bf16(qb[row * rs + i % D], qbias, i % D) : zero;
+      qs[i] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
       dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
     }
     for (int i = threadIdx.x; i < QT; i += blockDim.x) {
@@ -1031,7 +1065,10 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
     __syncthreads();
   }
   // Packed, dk and dv are both the joined gradient, with the key and value parts' offsets.
-  store_rows<D>(acc_dk, sb[warp], dk + hr.k, rs, k0 + warp * KW, len, scale, lane);
+  if (ROPE)
+    store_rows_rope<D>(acc_dk, sb[warp], dk + hr.k, rs, k0 + warp * KW, len, scale, lane, rope);
+  else
+    store_rows<D>(acc_dk, sb[warp], dk + hr.k, rs, k0 + warp * KW, len, scale, lane);
   store_rows<D>(acc_dv, sb[warp], dv + hr.v, rs, k0 + warp * KW, len, 1.0f, lane);
 }
 
@@ -1040,7 +1077,7 @@ extern "C" __global__ void distill_flash_attention_dq_d32_f32(const float* q, co
                                                               const float* lse, float* dq, float* delta, int64_t heads,
                                                               int64_t len, float scale, int64_t window, uint64_t seed,
                                                               float p) {
-  flash_backward_dq<32>(q, k, v, (const float*)nullptr, 0, bias, o, dout, lse, dq, delta, heads, len, scale, window,
+  flash_backward_dq<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, o, dout, lse, dq, delta, heads, len, scale, window,
                         seed, p);
 }
 
@@ -1049,7 +1086,7 @@ extern "C" __global__ void distill_flash_attention_dq_d64_f32(const float* q, co
                                                               const float* lse, float* dq, float* delta, int64_t heads,
                                                               int64_t len, float scale, int64_t window, uint64_t seed,
                                                               float p) {
-  flash_backward_dq<64>(q, k, v, (const float*)nullptr, 0, bias, o, dout, lse, dq, delta, heads, len, scale, window,
+  flash_backward_dq<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, o, dout, lse, dq, delta, heads, len, scale, window,
                         seed, p);
 }
 
@@ -1058,7 +1095,7 @@ extern "C" __global__ void distill_flash_attention_dkv_d32_f32(const float* q, c
                                                                const float* delta, float* dk, float* dv,
                                                                int64_t heads, int64_t len, float scale,
                                                                int64_t window, uint64_t seed, float p) {
-  flash_backward_dkv<32>(q, k, v, (const float*)nullptr, 0, bias, dout, lse, delta, dk, dv, heads, len, scale,
+  flash_backward_dkv<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, dout, lse, delta, dk, dv, heads, len, scale,
                          window, seed, p);
 }
 
@@ -1067,7 +1104,7 @@ extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, c
                                                                const float* delta, float* dk, float* dv,
                                                                int64_t heads, int64_t len, float scale,
                                                                int64_t window, uint64_t seed, float p) {
-  flash_backward_dkv<64>(q, k, v, (const float*)nullptr, 0, bias, dout, lse, delta, dk, dv, heads, len, scale,
+  flash_backward_dkv<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, dout, lse, delta, dk, dv, heads, len, scale,
                          window, seed, p);
 }
 
@@ -1087,7 +1124,7 @@ extern "C" __global__ void distill_flash_attention_dq_packed_d32_bf16(const __nv
                                                                      __nv_bfloat16* dqkv, float* delta, int64_t heads,
                                                                      int64_t len, float scale, int64_t window,
                                                                      uint64_t seed, float p) {
-  flash_backward_dq<32>(qkv, qkv, qkv, qkv_bias, 1, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
+  flash_backward_dq<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_dkv_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
@@ -1096,7 +1133,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d32_bf16(const __n
                                                                       __nv_bfloat16* dqkv, int64_t heads, int64_t len,
                                                                       float scale, int64_t window, uint64_t seed,
                                                                       float p) {
-  flash_backward_dkv<32>(qkv, qkv, qkv, qkv_bias, 1, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
+  flash_backward_dkv<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
                          p);
 }
 
@@ -1116,7 +1153,7 @@ extern "C" __global__ void distill_flash_attention_dq_packed_d64_bf16(const __nv
                                                                      __nv_bfloat16* dqkv, float* delta, int64_t heads,
                                                                      int64_t len, float scale, int64_t window,
                                                                      uint64_t seed, float p) {
-  flash_backward_dq<64>(qkv, qkv, qkv, qkv_bias, 1, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
+  flash_backward_dq<64>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, o, dout, lse, dqkv, delta, heads, len, scale, window, seed, p);
 }
 
 extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
@@ -1125,6 +1162,72 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __n
                                                                       __nv_bfloat16* dqkv, int64_t heads, int64_t len,
                                                                       float scale, int64_t window, uint64_t seed,
                                                                       float p) {
-  flash_backward_dkv<64>(qkv, qkv, qkv, qkv_bias, 1, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
+  flash_backward_dkv<64>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale, window, seed,
                          p);
+}
+
+// The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
+// rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
+extern "C" __global__ void distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+                                                                             const float* qkv_bias, const float* rope,
+                                                                             const float* bias, __nv_bfloat16* out,
+                                                                             float* lse, int64_t heads, int64_t len,
+                                                                             float scale, int64_t window,
+                                                                             uint64_t seed, float p) {
+  flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+                                                                          const float* qkv_bias, const float* rope,
+                                                                          const float* bias, const __nv_bfloat16* o,
+                                                                          const __nv_bfloat16* dout, const float* lse,
+                                                                          __nv_bfloat16* dqkv, float* delta,
+                                                                          int64_t heads, int64_t len, float scale,
+                                                                          int64_t window, uint64_t seed, float p) {
+  flash_backward_dq<32, true>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, o, dout, lse, dqkv, delta, heads, len, scale, window,
+                              seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+                                                                           const float* qkv_bias, const float* rope,
+                                                                           const float* bias,
+                                                                           const __nv_bfloat16* dout, const float* lse,
+                                                                           const float* delta, __nv_bfloat16* dqkv,
+                                                                           int64_t heads, int64_t len, float scale,
+                                                                           int64_t window, uint64_t seed, float p) {
+  flash_backward_dkv<32, true>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale,
+                               window, seed, p);
+}
+
+// The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
+// rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
+extern "C" __global__ void distill_flash_attention_train_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+                                                                             const float* qkv_bias, const float* rope,
+                                                                             const float* bias, __nv_bfloat16* out,
+                                                                             float* lse, int64_t heads, int64_t len,
+                                                                             float scale, int64_t window,
+                                                                             uint64_t seed, float p) {
+  flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, lse, heads, len, scale, window, seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dq_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+                                                                          const float* qkv_bias, const float* rope,
+                                                                          const float* bias, const __nv_bfloat16* o,
+                                                                          const __nv_bfloat16* dout, const float* lse,
+                                                                          __nv_bfloat16* dqkv, float* delta,
+                                                                          int64_t heads, int64_t len, float scale,
+                                                                          int64_t window, uint64_t seed, float p) {
+  flash_backward_dq<64, true>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, o, dout, lse, dqkv, delta, heads, len, scale, window,
+                              seed, p);
+}
+
+extern "C" __global__ void distill_flash_attention_dkv_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+                                                                           const float* qkv_bias, const float* rope,
+                                                                           const float* bias,
+                                                                           const __nv_bfloat16* dout, const float* lse,
+                                                                           const float* delta, __nv_bfloat16* dqkv,
+                                                                           int64_t heads, int64_t len, float scale,
+                                                                           int64_t window, uint64_t seed, float p) {
+  flash_backward_dkv<64, true>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, dout, lse, delta, dqkv, dqkv, heads, len, scale,
+                               window, seed, p);
 }

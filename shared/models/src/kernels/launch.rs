@@ -291,6 +291,12 @@ impl Attention {
             ("dq_packed", 64) => "distill_flash_attention_dq_packed_d64_bf16",
             ("dkv_packed", 32) => "distill_flash_attention_dkv_packed_d32_bf16",
             ("dkv_packed", 64) => "distill_flash_attention_dkv_packed_d64_bf16",
+            ("train_packed_rope", 32) => "distill_flash_attention_train_packed_rope_d32_bf16",
+            ("train_packed_rope", 64) => "distill_flash_attention_train_packed_rope_d64_bf16",
+            ("dq_packed_rope", 32) => "distill_flash_attention_dq_packed_rope_d32_bf16",
+            ("dq_packed_rope", 64) => "distill_flash_attention_dq_packed_rope_d64_bf16",
+            ("dkv_packed_rope", 32) => "distill_flash_attention_dkv_packed_rope_d32_bf16",
+            ("dkv_packed_rope", 64) => "distill_flash_attention_dkv_packed_rope_d64_bf16",
             _ => return None,
         })
     }
@@ -318,21 +324,34 @@ impl Attention {
         self.launch("dkv", 9)
     }
 
-    /// The forward from a joined product: `(qkv, qkv_bias, bias, out, lse, ..)` (out bf16).
-    pub fn forward_packed(&self) -> Option<Launch> {
-        self.launch("train_packed", 5)
+    /// The forward from a joined product: `(qkv, qkv_bias, bias, out, lse, ..)` (out bf16); with
+    /// `rope`, `(qkv, qkv_bias, rope, bias, out, lse, ..)`.
+    pub fn forward_packed(&self, rope: bool) -> Option<Launch> {
+        if rope {
+            self.launch("train_packed_rope", 6)
+        } else {
+            self.launch("train_packed", 5)
+        }
     }
 
-    /// dQ and Δ from a joined product: `(qkv, qkv_bias, bias, o, dout, lse, dqkv, delta, ..)`
-    /// (o, dout and dqkv bf16; dQ into dqkv's query part).
-    pub fn backward_dq_packed(&self) -> Option<Launch> {
-        self.launch("dq_packed", 8)
+    /// dQ and Δ from a joined product: `(qkv, qkv_bias, [rope,] bias, o, dout, lse, dqkv, delta,
+    /// ..)` (o, dout and dqkv bf16; dQ into dqkv's query part).
+    pub fn backward_dq_packed(&self, rope: bool) -> Option<Launch> {
+        if rope {
+            self.launch("dq_packed_rope", 9)
+        } else {
+            self.launch("dq_packed", 8)
+        }
     }
 
-    /// dK and dV from a joined product: `(qkv, qkv_bias, bias, dout, lse, delta, dqkv, ..)`
-    /// (into dqkv's key and value parts).
-    pub fn backward_dkv_packed(&self) -> Option<Launch> {
-        self.launch("dkv_packed", 7)
+    /// dK and dV from a joined product: `(qkv, qkv_bias, [rope,] bias, dout, lse, delta, dqkv,
+    /// ..)` (into dqkv's key and value parts).
+    pub fn backward_dkv_packed(&self, rope: bool) -> Option<Launch> {
+        if rope {
+            self.launch("dkv_packed_rope", 8)
+        } else {
+            self.launch("dkv_packed", 7)
+        }
     }
 }
 
