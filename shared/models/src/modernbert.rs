@@ -165,13 +165,27 @@ impl ModernBertCrossEncoder {
         // (The context is bf16 from the packed training attention: the projection comes back in
         // the residual stream's dtype.)
         let x = (x + dropout(&layer.wo.forward_as(ctx, x.dtype())?, cfg.attention_dropout, train)?)?;
-        let inner = layer.wi.forward(&layer.mlp_norm.forward(&x)?)?;
-        let (input, gate) = (
-            inner.narrow(D::Minus1, 0, cfg.intermediate_size)?,
-            inner.narrow(D::Minus1, cfg.intermediate_size, cfg.intermediate_size)?,
-        );
-        let glu = (activation(&cfg.hidden_activation, &input)? * gate)?;
-        &x + layer.mlp_wo.forward(&dropout(&glu, cfg.mlp_dropout, train)?)?
+        let normed = layer.mlp_norm.forward(&x)?;
+        // Training under autocast: GeGLU on Wi's bf16 product in one kernel each way, its bf16
+        // output Wo's input as it is.
+        let glu = match (cfg.hidden_activation.as_str(), layer.wi.bias()) {
+            ("gelu", None) => {
+                let product = layer.wi.product(&normed)?;
+                if crate::kernels::geglu_for_training_on(&product) {
+                    crate::kernels::geglu_for_training(&product)?
+                } else {
+                    self.glu(&product.to_dtype(normed.dtype())?)?
+                }
+            }
+            _ => self.glu(&layer.wi.forward(&normed)?)?,
+        };
+        &x + layer.mlp_wo.forward_as(&dropout(&glu, cfg.mlp_dropout, train)?, x.dtype())?
+    }
+
+    /// The gated activation of Wi's output `inner` [.., 2 I] = (input | gate): act(input) gate.
+    fn glu(&self, inner: &Tensor) -> Result<Tensor> {
+        let n = self.config.intermediate_size;
+        activation(&self.config.hidden_activation, &inner.narrow(D::Minus1, 0, n)?)? * inner.narrow(D::Minus1, n, n)?
     }
 
     /// [`Self::mlp_block`] for scoring, where `kernels::scoring_epilogues_on` holds, without its

@@ -465,6 +465,35 @@ fn check_bias_add(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             c.fail();
         }
     }
+    // GeGLU in training (ModernBERT's MLP: bf16 product in, bf16 out) against the composite: the
+    // cast to f32, the halves, GELU, the product. Values and the product's gradient.
+    for (rows, cols) in [(130usize, 2304usize), (7, 600)] {
+        let x0 = (randn((rows, cols), dev)? * 2.0)?.to_dtype(DType::BF16)?;
+        let upstream = (Tensor::arange(0u32, (rows * cols / 2) as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((rows, cols / 2))?;
+        let run = |fused: bool| -> Result<[Tensor; 2]> {
+            let x = candle_core::Var::from_tensor(&x0)?;
+            let y = if fused {
+                x.as_tensor().apply_op1(super::epilogues::Geglu)?
+            } else {
+                let h = x.as_tensor().to_dtype(DType::F32)?;
+                (h.narrow(1, 0, cols / 2)?.gelu_erf()? * h.narrow(1, cols / 2, cols / 2)?)?
+            };
+            let grads = (y.to_dtype(DType::F32)? * &upstream)?.sum_all()?.backward()?;
+            let dx = grads.get(x.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+            Ok([y, dx])
+        };
+        let (f, composite) = (run(true)?, run(false)?);
+        let d = relative_each(&f, &composite)?;
+        c.line(format!(
+            "geglu for training bf16 [{rows}, {cols}]: relative |values| {:.1e}, |gradient of x| {:.1e}",
+            d[0], d[1]
+        ));
+        if !([f[0].dtype(), f[1].dtype()] == [DType::BF16, DType::BF16] && d.iter().all(|d| *d < 1e-2)) {
+            c.fail();
+        }
+    }
     Ok(())
 }
 
@@ -849,7 +878,8 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             Ok((scores, out))
         };
         // Which training kernels the fused run takes (counted; unless a caller counts already):
-        // BERT's attention from the joined product and its block ends, each way.
+        // BERT's attention from the joined product and its block ends, ModernBERT's attention from
+        // Wqkv's product and its GeGLU, each way.
         let counting = !candle_core::op_stats::enabled();
         if counting {
             candle_core::op_stats::take();
@@ -873,6 +903,12 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
                 "distill-flash-attention-train-grad",
                 "distill-add-norm-train",
                 "distill-add-norm-train-grad",
+            ],
+            "modernbert" if counting => &[
+                "distill-flash-attention-train",
+                "distill-flash-attention-train-grad",
+                "distill-geglu",
+                "distill-geglu-grad",
             ],
             _ => &[],
         };

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 53] = [
+const KERNELS: [&str; 54] = [
     "distill_deberta_probs_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
@@ -38,6 +38,7 @@ const KERNELS: [&str; 53] = [
     "distill_dropout_bf16_f32",
     "distill_add_norm_sum_bf16",
     "distill_geglu_bf16",
+    "distill_geglu_grad_bf16",
     "distill_rotary_split_f32",
     "distill_rotary_merge_f32",
     "distill_flash_attention_d32_bf16",
@@ -391,6 +392,22 @@ pub fn dropout_bf16(s: &CudaStorage, l: &Layout, seed: u64, p: f32) -> Result<(C
     run(&dev, &Launch::dropout_bf16(n, seed, p), &bufs)?;
     drop(bufs);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l.shape().clone()))
+}
+
+/// GeGLU's backward: (g [rows, inter] bf16, x [rows, 2 inter] bf16) -> dx [rows, 2 inter] bf16.
+pub fn geglu_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = s1.device().clone();
+    let (rows, inter) = rows_cols(l1);
+    let op = "geglu backward";
+    // SAFETY: every element is written by the kernel (both halves of each row).
+    let out = unsafe { dev.alloc::<half::bf16>(rows * 2 * inter)? };
+    let bufs = [Buf::Bf16(bf16_view(s1, l1, op)?), Buf::Bf16(bf16_view(s2, l2, op)?), Buf::Bf16Out(&out)];
+    run(&dev, &Launch::geglu_grad(rows, inter), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), l2.shape().clone()))
 }
 
 /// Layer norm with scale and shift: (x, w, b) -> y.

@@ -333,6 +333,17 @@ fn scoring_epilogues_add_norm_and_bias_gelu() {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "geglu [{rows}, {cols}] {i}: {g} against {w}");
         }
+        // Its backward (training): both halves' gradients from x and the output's gradient.
+        let (gb, gt) = bf16_bits(&values(n / 2, 47, 1.0), &[rows, cols / 2]);
+        let mut bufs = [Buf::Bf16(gb), Buf::Bf16(xb.clone()), Buf::Bf16(vec![0x7fc0; n])];
+        run(&Launch::geglu_grad(rows, cols / 2), &mut bufs);
+        let want = gt.apply_op2_no_bwd(&xt, &GegluGrad).unwrap();
+        assert_eq!(want.dims(), [rows, cols]);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got = widen(&bufs[2]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "geglu backward [{rows}, {cols}] {i}: {g} against {w}");
+        }
 
         let b = values(cols, 46, 1.0);
         let mut bufs = [Buf::Bf16(xb), Buf::F32(b.clone()), Buf::Bf16(vec![0x7fc0; n])];

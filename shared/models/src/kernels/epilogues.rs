@@ -333,6 +333,79 @@ impl CustomOp1 for Geglu {
         }
         cuda::geglu(s, l)
     }
+
+    /// Training ([`geglu_for_training`]): one kernel, from x (the product the layer keeps
+    /// anyway) and the output's gradient, both halves' gradients in x's dtype.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.to_dtype(x.dtype())?.contiguous()?;
+        Ok(Some(g.apply_op2_no_bwd(&x.contiguous()?, &GegluGrad)?))
+    }
+}
+
+/// (g [.., inter], x [.., 2 inter]) -> dx [.., 2 inter] = (g gate gelu'(input), g gelu(input)), in
+/// x's dtype (bf16; f32 too on the CPU), math in f32: the backward of [`Geglu`].
+pub(super) struct GegluGrad;
+
+impl CustomOp2 for GegluGrad {
+    fn name(&self) -> &'static str {
+        "distill-geglu-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (inter, cols) = (last_dim(l1), last_dim(l2));
+        let (g, x) = (widened(s1, l1, self.name())?, widened(s2, l2, self.name())?);
+        if cols != 2 * inter || g.len() * 2 != x.len() {
+            candle_core::bail!("{}: a gradient of {:?} for an input of {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(cols).zip(x.par_chunks(cols).zip(g.par_chunks(inter))).for_each(|(dx, (x, g))| {
+            let (da, dg) = dx.split_at_mut(inter);
+            for c in 0..inter {
+                let (a, gate) = (x[c], x[inter + c]);
+                let cdf = 0.5 * (1.0 + erf(a * FRAC_1_SQRT_2));
+                da[c] = g[c] * gate * gelu_erf_slope(a);
+                dg[c] = g[c] * a * cdf;
+            }
+        });
+        Ok((narrowed(dx, s2), l2.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if last_dim(l2) != 2 * last_dim(l1) || l2.shape().elem_count() != 2 * l1.shape().elem_count() {
+            candle_core::bail!("{}: a gradient of {:?} for an input of {:?}", self.name(), l1.dims(), l2.dims());
+        }
+        cuda::geglu_grad((s1, l1), (s2, l2))
+    }
+}
+
+/// Whether [`geglu_for_training`] applies to a product `x` under the current autocast: x bf16
+/// with an even last dimension, a graph kept, products in bf16, the `bias_add` family on for the
+/// device.
+pub fn geglu_for_training_on(x: &Tensor) -> bool {
+    x.dtype() == DType::BF16
+        && x.dim(D::Minus1).is_ok_and(|c| c % 2 == 0)
+        && crate::layers::grad_enabled()
+        && crate::layers::compute_dtype(DType::F32) == DType::BF16
+        && unproven_on(x, Unproven::BiasAdd)
+}
+
+/// GeGLU in training under autocast (ModernBERT's MLP): `x` the bf16 product [.., 2 inter] =
+/// (input | gate) -> gelu(input) gate in bf16, the next product's input as it is: one kernel
+/// where the cast to f32, the halves' copies, GELU, the product and the cast back were five (and
+/// their backward as many); its backward one kernel from x. Call where [`geglu_for_training_on`]
+/// holds.
+pub fn geglu_for_training(x: &Tensor) -> Result<Tensor> {
+    if !geglu_for_training_on(x) {
+        candle_core::bail!("geglu for training: does not apply to {:?} {:?}", x.dtype(), x.dims());
+    }
+    x.contiguous()?.apply_op1(Geglu)
 }
 
 /// GeGLU for scoring, one kernel where [`scoring_epilogues_on`] holds (no split copies); else

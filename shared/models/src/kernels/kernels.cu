@@ -529,6 +529,23 @@ extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloa
   }
 }
 
+// GeGLU's backward in training (x the bf16 product [rows, 2 inter], g the output's bf16 gradient
+// [rows, inter], n = rows x inter): d input = g gate gelu'(input), d gate = g gelu(input), in f32,
+// rounded to bf16 into dx [rows, 2 inter].
+extern "C" __global__ void distill_geglu_grad_bf16(const __nv_bfloat16* g, const __nv_bfloat16* x, __nv_bfloat16* dx,
+                                                   int64_t n, int64_t inter) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t row = i / inter, c = i % inter;
+    float a = to_f32(x[row * 2 * inter + c]);
+    float gate = to_f32(x[row * 2 * inter + inter + c]);
+    float gi = to_f32(g[i]);
+    float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
+    float pdf = 0.39894228040143268f * expf(-0.5f * a * a);
+    dx[row * 2 * inter + c] = __float2bfloat16(gi * gate * (cdf + a * pdf));
+    dx[row * 2 * inter + inter + c] = __float2bfloat16(gi * a * cdf);
+  }
+}
+
 // Rotary embeddings fused with the head split of a packed projection (ModernBERT's Wqkv):
 // qkv [B, L, 3, H, D] -> out [3, B, H, L, D], q and k rotated (x cos + rotate_half(x) sin, with
 // rotate_half(x) = [-x2, x1]), v copied; cos and sin [L, D]. The backward is the merge the other

@@ -142,6 +142,13 @@ impl Launch {
         l
     }
 
+    /// `distill_geglu_grad_bf16(g, x, dx, rows x inter, inter)`: the backward of [`Launch::geglu`].
+    pub fn geglu_grad(rows: usize, inter: usize) -> Self {
+        let mut l = Self::elementwise("distill_geglu_grad_bf16", 3, rows * inter);
+        l.params.push(Param::I64(inter as i64));
+        l
+    }
+
     /// `distill_bias_gelu_bf16(x, b, y, n, cols)`.
     pub fn bias_gelu(n: usize, cols: usize) -> Self {
         let mut l = Self::elementwise("distill_bias_gelu_bf16", 3, n);
