@@ -341,28 +341,33 @@ impl DebertaV2CrossEncoder {
                 };
                 crate::bert::post_ln_block(&block, &cfg.hidden_act, cfg.hidden_dropout_prob, &ctx, &residual, train)
             };
-            // Scoring in bf16 with both relative terms: the probabilities from one kernel that
-            // gathers, adds, scales and normalises (kernels::deberta_probs_for_scoring).
-            if let (Some(rel), true, true) = (&rel, c2p && p2c, crate::kernels::deberta_probs_on(&q)) {
-                let proj = |l: &Linear| -> Result<Tensor> { split(l.forward(&rel.unsqueeze(0)?)?, 1) };
+            // Both relative terms, scoring in bf16 or training under autocast: the three products in
+            // bf16 and the probabilities from one kernel (it gathers, adds, scales and normalises;
+            // in training with dropout inside and a backward kernel: kernels::deberta_probs_for_*).
+            let training = crate::kernels::deberta_probs_for_training_on(&q);
+            if let (Some(rel), true, true) = (&rel, c2p && p2c, training || crate::kernels::deberta_probs_on(&q)) {
+                let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+                let proj = |l: &Linear| -> Result<Tensor> { bf16(&split(l.forward(&rel.unsqueeze(0)?)?, 1)?) };
                 let (pos_key, pos_query) = (
                     proj(layer.pos_key.as_ref().unwrap_or(&layer.key))?,
                     proj(layer.pos_query.as_ref().unwrap_or(&layer.query))?,
                 );
+                let (qb, kb) = (bf16(&q)?, bf16(&k)?);
                 let by_positions = |x: &Tensor, p: &Tensor| {
-                    matmul_in(x, &p.broadcast_as((bsz, heads, 2 * span as usize, hd))?.t()?.contiguous()?, compute)
+                    x.matmul(&p.broadcast_as((bsz, heads, 2 * span as usize, hd))?.t()?.contiguous()?)
                 };
-                let qk = matmul_in(&q, &k.t()?, compute)?;
-                let (c2p_att, p2c_att) = (by_positions(&q, &pos_key)?, by_positions(&k, &pos_query)?);
-                let probs = crate::kernels::deberta_probs_for_scoring(
-                    &qk,
-                    &c2p_att,
-                    &p2c_att,
-                    &c2p_buckets,
-                    &p2c_buckets,
-                    &bias,
-                    scale,
-                )?;
+                let qk = qb.matmul(&bf16(&k.t()?)?)?;
+                let (c2p_att, p2c_att) = (by_positions(&qb, &pos_key)?, by_positions(&kb, &pos_query)?);
+                let (cb, pb) = (&c2p_buckets, &p2c_buckets);
+                let probs = if training {
+                    let p = cfg.attention_probs_dropout_prob;
+                    let drop = (train && p > 0.0).then(|| (p, crate::layers::dropout_seed()));
+                    Some(crate::kernels::deberta_probs_for_training(
+                        &qk, &c2p_att, &p2c_att, cb, pb, &bias, scale, drop,
+                    )?)
+                } else {
+                    crate::kernels::deberta_probs_for_scoring(&qk, &c2p_att, &p2c_att, cb, pb, &bias, scale)?
+                };
                 if let Some(probs) = probs {
                     x = rest_of_layer(&probs)?;
                     continue;

@@ -839,6 +839,7 @@ pub fn flash_attention_for_training_packed(
 /// -> softmax over j of (qk[i, j] + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) / scale +
 /// mask[b, j], bf16 [B, H, Q, L]; the bucket indices [L, L] u32 (query row i of Q reads row i of
 /// c2p_idx and column i of p2c_idx: the first rows), the key mask [B, L] f32. No backward.
+#[derive(Clone)]
 pub(super) struct DebertaProbs {
     pub(super) c2p_idx: Tensor,
     pub(super) p2c_idx: Tensor,
@@ -973,3 +974,302 @@ pub fn deberta_probs_for_scoring(
     };
     Ok(Some(qk.contiguous()?.apply_op3_no_bwd(&c2p.contiguous()?, &p2c.contiguous()?, &op)?))
 }
+
+/// An offset in bf16 slots rounded up to even, where f32 bits may follow (4-byte aligned).
+fn even(n: usize) -> usize {
+    n + n % 2
+}
+
+/// f32 values as bits in bf16 slots, two per value, low half first (the kernels write f32 into a
+/// bf16 buffer's tail this way; see [`lse_to_slots`]).
+fn f32_from_slots(slots: &[half::bf16]) -> Vec<f32> {
+    lse_from_slots(slots)
+}
+
+/// DeBERTa's raw attention scores on the CPU, exact f32: row r = (bh, i) of `s` [rows, len] =
+/// (qk + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) / scale + mask[b, j] (the kernels'
+/// `deberta_score`).
+#[allow(clippy::too_many_arguments)]
+fn deberta_scores_cpu(
+    qk: &[f32],
+    c2p: &[f32],
+    p2c: &[f32],
+    ci: &[u32],
+    pi: &[u32],
+    mask: &[f32],
+    [bh, heads, q_rows, len, pos]: [usize; 5],
+    inv: f32,
+) -> Vec<f32> {
+    let mut s = vec![0f32; bh * q_rows * len];
+    s.par_chunks_mut(len).enumerate().for_each(|(row, s)| {
+        let (b_h, i) = (row / q_rows, row % q_rows);
+        let m = &mask[(b_h / heads) * len..(b_h / heads + 1) * len];
+        for (j, s) in s.iter_mut().enumerate() {
+            let c = c2p[row * pos + ci[i * len + j] as usize];
+            let p = p2c[(b_h * len + j) * pos + pi[j * len + i] as usize];
+            *s = (qk[row * len + j] + c + p) * inv + m[j];
+        }
+    });
+    s
+}
+
+impl DebertaProbs {
+    /// The operands widened and the bucket indices and mask read and checked: (qk, c2p, p2c,
+    /// c2p_idx, p2c_idx, mask, dims).
+    #[allow(clippy::type_complexity)]
+    fn operands(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+        op: &str,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>, Vec<u32>, Vec<f32>, [usize; 5])> {
+        let dims = self.dims(l1, l2, l3)?;
+        let [_, _, _, len, pos] = dims;
+        let index =
+            |t: &Tensor| -> Result<Vec<u32>> { candle_core::op_stats::uncounted(|| t.flatten_all()?.to_vec1::<u32>()) };
+        let (ci, pi, mask) = (index(&self.c2p_idx)?, index(&self.p2c_idx)?, f32_data(&self.mask)?);
+        if ci.len() != len * len || pi.len() != len * len || ci.iter().chain(&pi).any(|&x| x as usize >= pos) {
+            candle_core::bail!("{op}: indices of {} and {} for {len} keys and {pos} positions", ci.len(), pi.len());
+        }
+        let w = |s, l| -> Result<Vec<f32>> { Ok(widened(s, l, op)?.into_owned()) };
+        Ok((w(s1, l1)?, w(s2, l2)?, w(s3, l3)?, ci, pi, mask, dims))
+    }
+}
+
+/// DeBERTa's attention probabilities in training under autocast: (qk, c2p, p2c bf16, as
+/// [`DebertaProbs`]) -> bf16 [rows len (even) + 2 rows]: the probabilities with attention dropout
+/// (`p`, `seed`: the mask [`crate::layers::dropout`]'s kernel draws over the [B, H, Q, L]
+/// probabilities), then the rows' log-sum-exp as f32 bits. Its backward gives the three terms'
+/// gradients in bf16 (one kernel, the probabilities recomputed from the log-sum-exp; the c2p
+/// buckets summed per row, the p2c buckets by atomics) — no [B, H, L, L] gathers, scatters,
+/// scaling, f32 softmax or casts.
+pub(super) struct DebertaProbsTrain {
+    pub(super) probs: DebertaProbs,
+    pub(super) seed: u64,
+    pub(super) p: f32,
+}
+
+impl DebertaProbsTrain {
+    fn keep(&self, i: usize) -> f32 {
+        kept(self.seed, self.p, i)
+    }
+}
+
+impl CustomOp3 for DebertaProbsTrain {
+    fn name(&self) -> &'static str {
+        "distill-deberta-probs-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qk, c2p, p2c, ci, pi, mask, dims) = self.probs.operands((s1, l1), (s2, l2), (s3, l3), self.name())?;
+        let [bh, _, q_rows, len, _] = dims;
+        let rows = bh * q_rows;
+        let s = deberta_scores_cpu(&qk, &c2p, &p2c, &ci, &pi, &mask, dims, 1.0 / self.probs.scale);
+        let lse: Vec<f32> = s
+            .chunks(len)
+            .map(|r| {
+                let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                m + r.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+            })
+            .collect();
+        let mut out: Vec<half::bf16> =
+            s.iter().enumerate().map(|(k, x)| half::bf16::from_f32((x - lse[k / len]).exp() * self.keep(k))).collect();
+        out.resize(even(rows * len), half::bf16::ZERO);
+        out.extend(lse_to_slots(&lse));
+        let n = out.len();
+        Ok((CpuStorage::BF16(out), n.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.probs.dims(l1, l2, l3)?;
+        cuda::deberta_probs_train((s1, l1), (s2, l2), (s3, l3), self, dims)
+    }
+
+    fn bwd(
+        &self,
+        qk: &Tensor,
+        c2p: &Tensor,
+        p2c: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n_qk, n_c2p, n_p2c) = (qk.elem_count(), c2p.elem_count(), p2c.elem_count());
+        let op = DebertaProbsTrainGrad {
+            fwd: DebertaProbsTrain { probs: self.probs.clone(), seed: self.seed, p: self.p },
+            packed: res.contiguous()?,
+            dout: grad.narrow(0, 0, n_qk)?.contiguous()?,
+        };
+        let g = qk.contiguous()?.apply_op3_no_bwd(&c2p.contiguous()?, &p2c.contiguous()?, &op)?;
+        let dqk = g.narrow(0, 0, n_qk)?.reshape(qk.shape())?;
+        let dc2p = g.narrow(0, n_qk, n_c2p)?.reshape(c2p.shape())?;
+        let tail = g.narrow(0, even(n_qk + n_c2p), 2 * n_p2c)?;
+        let dp2c = tail.apply_op1_no_bwd(&RoundSlots { offset: 0, n: n_p2c })?.reshape(p2c.shape())?;
+        Ok((Some(dqk), Some(dc2p), Some(dp2c)))
+    }
+}
+
+/// The backward of [`DebertaProbsTrain`]: (qk, c2p, p2c) -> bf16 [dqk | dc2p | (even) dp2c as f32
+/// bits], from the forward's output `packed` and the dropped probabilities' gradient `dout`.
+pub(super) struct DebertaProbsTrainGrad {
+    pub(super) fwd: DebertaProbsTrain,
+    pub(super) packed: Tensor,
+    pub(super) dout: Tensor,
+}
+
+impl CustomOp3 for DebertaProbsTrainGrad {
+    fn name(&self) -> &'static str {
+        "distill-deberta-probs-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (qk, c2p, p2c, ci, pi, mask, dims) = self.fwd.probs.operands((s1, l1), (s2, l2), (s3, l3), self.name())?;
+        let [bh, _, q_rows, len, pos] = dims;
+        let rows = bh * q_rows;
+        let inv = 1.0 / self.fwd.probs.scale;
+        let s = deberta_scores_cpu(&qk, &c2p, &p2c, &ci, &pi, &mask, dims, inv);
+        let packed: Vec<half::bf16> =
+            candle_core::op_stats::uncounted(|| self.packed.flatten_all()?.to_dtype(DType::BF16)?.to_vec1())?;
+        if packed.len() != even(rows * len) + 2 * rows {
+            candle_core::bail!("{}: a forward output of {} for {dims:?}", self.name(), packed.len());
+        }
+        let lse = f32_from_slots(&packed[even(rows * len)..]);
+        let dout = f32_data(&self.dout)?;
+        let mut dqk = vec![0f32; rows * len];
+        let mut dc2p = vec![0f32; rows * pos];
+        let mut dp2c = vec![0f32; bh * len * pos];
+        for row in 0..rows {
+            let (b_h, i) = (row / q_rows, row % q_rows);
+            let pr: Vec<f32> = (0..len).map(|j| (s[row * len + j] - lse[row]).exp()).collect();
+            let dp: Vec<f32> = (0..len).map(|j| dout[row * len + j] * self.fwd.keep(row * len + j)).collect();
+            let delta: f32 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for j in 0..len {
+                let ds = pr[j] * (dp[j] - delta) * inv;
+                dqk[row * len + j] = ds;
+                dc2p[row * pos + ci[i * len + j] as usize] += ds;
+                dp2c[(b_h * len + j) * pos + pi[j * len + i] as usize] += ds;
+            }
+        }
+        let mut out: Vec<half::bf16> = dqk.into_iter().chain(dc2p).map(half::bf16::from_f32).collect();
+        out.resize(even(out.len()), half::bf16::ZERO);
+        out.extend(lse_to_slots(&dp2c));
+        let n = out.len();
+        Ok((CpuStorage::BF16(out), n.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.fwd.probs.dims(l1, l2, l3)?;
+        cuda::deberta_probs_train_grad((s1, l1), (s2, l2), (s3, l3), self, dims)
+    }
+}
+
+/// f32 values held as bits in a bf16 buffer (`n` of them from slot `offset`), rounded to bf16.
+pub(super) struct RoundSlots {
+    pub(super) offset: usize,
+    pub(super) n: usize,
+}
+
+impl CustomOp1 for RoundSlots {
+    fn name(&self) -> &'static str {
+        "distill-round-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = s.as_slice::<half::bf16>()?;
+        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{}: not contiguous", self.name()) };
+        if a + self.offset + 2 * self.n > b {
+            candle_core::bail!("{}: {} values from {} in {}", self.name(), self.n, self.offset, b - a);
+        }
+        let slots = &data[a + self.offset..a + self.offset + 2 * self.n];
+        Ok((CpuStorage::BF16(f32_from_slots(slots).into_iter().map(half::bf16::from_f32).collect()), self.n.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::round_slots(s, l, self.offset, self.n)
+    }
+}
+
+/// Whether [`deberta_probs_for_training`] runs for queries like `q`: bf16 autocast on this
+/// thread, a graph kept, the `attention_training` family on for the device.
+pub fn deberta_probs_for_training_on(q: &Tensor) -> bool {
+    crate::layers::compute_dtype(DType::F32) == DType::BF16
+        && crate::layers::grad_enabled()
+        && unproven_on(q, Unproven::AttentionTraining)
+}
+
+/// DeBERTa's attention probabilities in training under autocast, one kernel each way: as
+/// [`deberta_probs_for_scoring`] (qk, c2p, p2c bf16; the same scores) with attention dropout
+/// (`dropout`: (p, seed)), out bf16 [B, H, Q, L] (the product with v's input as it is); the
+/// backward gives the gradients of qk, c2p and p2c in bf16. Positions up to 1,024. Call where
+/// [`deberta_probs_for_training_on`] holds (an error otherwise).
+#[allow(clippy::too_many_arguments)]
+pub fn deberta_probs_for_training(
+    qk: &Tensor,
+    c2p: &Tensor,
+    p2c: &Tensor,
+    c2p_idx: &Tensor,
+    p2c_idx: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let bf16 = [qk, c2p, p2c].iter().all(|t| t.dtype() == DType::BF16);
+    if !deberta_probs_for_training_on(qk) || !bf16 || bias.rank() != 4 || c2p.dim(D::Minus1)? > MAX_DEBERTA_POS {
+        candle_core::bail!(
+            "deberta probs for training: does not apply to qk {:?} {:?}, c2p {:?}, a mask {:?}",
+            qk.dtype(),
+            qk.dims(),
+            c2p.dims(),
+            bias.dims()
+        );
+    }
+    let (b, l) = (bias.dim(0)?, bias.dim(3)?);
+    let probs = DebertaProbs {
+        c2p_idx: c2p_idx.to_dtype(DType::U32)?.contiguous()?,
+        p2c_idx: p2c_idx.to_dtype(DType::U32)?.contiguous()?,
+        mask: bias.to_dtype(DType::F32)?.reshape((b, l))?.contiguous()?,
+        scale: scale as f32,
+    };
+    let (p, seed) = dropout.filter(|(p, _)| *p > 0.0).unwrap_or((0.0, 0));
+    let op = DebertaProbsTrain { probs, seed, p: p as f32 };
+    let out = qk.contiguous()?.apply_op3(&c2p.contiguous()?, &p2c.contiguous()?, op)?;
+    out.narrow(0, 0, qk.elem_count())?.reshape(qk.shape())
+}
+
+/// The most position buckets of [`deberta_probs_for_training`]'s backward (`DISTILL_DEBERTA_MAX_POS`).
+const MAX_DEBERTA_POS: usize = 1024;

@@ -630,6 +630,72 @@ fn check_deberta_probs(dev: &candle_core::Device, c: &mut Checks) -> Result<()> 
     Ok(())
 }
 
+/// DeBERTa's attention probabilities in training (one kernel each way, dropout inside) against
+/// the composite (gathers, scaling, sums, the masked softmax, the dropout kernel with the same
+/// seed): values and the gradients of the three terms; all query rows and the first alone.
+fn check_deberta_probs_training(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
+    let (b, h, l, span) = (2usize, 3usize, 70usize, 16i64);
+    let bucket = |sign: i64| -> Result<Tensor> {
+        let ids: Vec<u32> = (0..l * l)
+            .map(|x| (sign * ((x / l) as i64 - (x % l) as i64) + span).clamp(0, 2 * span - 1) as u32)
+            .collect();
+        Tensor::from_vec(ids, (l, l), dev)
+    };
+    let (c2p_idx, p2c_idx) = (bucket(1)?, bucket(-1)?);
+    let (bias, _) = attention_masks(dev, b, l, None)?;
+    let (scale, p, pos) = ((3.0f64 * 64.0).sqrt(), 0.1f64, 2 * span as usize);
+    for q in [l, 1] {
+        let inputs = [(b, h, q, l), (b, h, q, pos), (b, h, l, pos)]
+            .into_iter()
+            .map(|s| randn(s, dev)? * 8.0)
+            .collect::<Result<Vec<Tensor>>>()?;
+        let upstream = (Tensor::arange(0u32, (b * h * q * l) as u32, dev)?.to_dtype(DType::F32)? * 0.37)?
+            .sin()?
+            .reshape((b, h, q, l))?;
+        let run = |fused: bool| -> Result<Vec<Tensor>> {
+            let vars: Vec<candle_core::Var> =
+                inputs.iter().map(candle_core::Var::from_tensor).collect::<Result<_>>()?;
+            let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            crate::layers::autocast(Some(DType::BF16));
+            set_fused(fused);
+            let y = if fused {
+                let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+                let (qk, c2p, p2c) = (bf(t[0])?, bf(t[1])?, bf(t[2])?);
+                deberta_probs_for_training(&qk, &c2p, &p2c, &c2p_idx, &p2c_idx, &bias, scale, Some((p, 42)))
+                    .and_then(|y| y.to_dtype(DType::F32))
+            } else {
+                let whole = |x: &Tensor| x.reshape((1, 1, l, l))?.broadcast_as((b, h, l, l))?.contiguous();
+                let (ci, pi) =
+                    (whole(&c2p_idx)?.narrow(2, 0, q)?.contiguous()?, whole(&p2c_idx)?.narrow(3, 0, q)?.contiguous()?);
+                let scores =
+                    ((t[0] + t[1].gather(&ci, D::Minus1)?)? + t[2].gather(&pi, D::Minus1)?.transpose(2, 3)?)?;
+                masked_softmax(&(scores / scale)?, &bias, 1.0).and_then(|pr| dropout(&pr, p, 42))
+            };
+            set_fused_default();
+            crate::layers::autocast(None);
+            let y = y?;
+            let grads = (&y * &upstream)?.sum_all()?.backward()?;
+            let mut out = vec![y];
+            for v in &vars {
+                out.push(
+                    grads.get(v.as_tensor()).cloned().ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?,
+                );
+            }
+            Ok(out)
+        };
+        let (f, composite) = (run(true)?, run(false)?);
+        let d = relative_each(&f, &composite)?;
+        c.line(format!(
+            "deberta attention probabilities for training [{b}, {h}, {q}, {l}], {pos} positions, dropout {p}: relative |values| {:.1e}, |gradients of qk, c2p, p2c| {:.1e}, {:.1e}, {:.1e}",
+            d[0], d[1], d[2], d[3]
+        ));
+        if !d.iter().all(|d| *d < 3e-2) {
+            c.fail();
+        }
+    }
+    Ok(())
+}
+
 /// Flash-style attention for training (dropout inside) against the composite.
 fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     // Attention in training under autocast: the flash kernels (dropout inside) against the
@@ -763,7 +829,7 @@ fn check_attention_training(dev: &candle_core::Device, c: &mut Checks) -> Result
             c.fail();
         }
     }
-    Ok(())
+    check_deberta_probs_training(dev, c)
 }
 
 /// The scoring epilogues in bf16 (no graph) against the composite: bias, residual and layer
@@ -823,18 +889,24 @@ fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<
 
 /// Whole backbones under autocast, every fused kernel against none.
 fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
-    // Whole backbones under autocast, every fused kernel against none: a BERT and a ModernBERT of
-    // head size 32 (two layers, random weights; ModernBERT's second layer local with a window of
-    // 8), padded rows; the scores and the gradient of every parameter.
+    // Whole backbones under autocast, every fused kernel against none: a BERT, a ModernBERT and a
+    // DeBERTa-v3 of head size 32 (two layers, random weights; ModernBERT's second layer local with
+    // a window of 8; DeBERTa with 16 position buckets), padded rows; the scores and the gradient
+    // of every parameter.
     let config_of = |model_type: &str| match model_type {
         "bert" => {
             serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 2, "pad_token_id": 0})
         }
+        "deberta-v2" => serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64, "type_vocab_size": 0,
+                "pad_token_id": 0, "relative_attention": true, "position_buckets": 16, "max_relative_positions": -1,
+                "pos_att_type": ["p2c", "c2p"], "share_att_key": true, "position_biased_input": false,
+                "norm_rel_ebd": "layer_norm", "pooler_hidden_size": 64, "layer_norm_eps": 1e-7}),
         _ => serde_json::json!({"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 96, "pad_token_id": 0, "local_attention": 16, "global_attn_every_n_layers": 2}),
     };
-    for model_type in ["bert", "modernbert"] {
+    for model_type in ["bert", "modernbert", "deberta-v2"] {
         let config = config_of(model_type);
         let varmap = candle_nn::VarMap::new();
         let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, dev);
@@ -901,6 +973,12 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
             "bert" if counting => &[
                 "distill-flash-attention-train",
                 "distill-flash-attention-train-grad",
+                "distill-add-norm-train",
+                "distill-add-norm-train-grad",
+            ],
+            "deberta-v2" if counting => &[
+                "distill-deberta-probs-train",
+                "distill-deberta-probs-train-grad",
                 "distill-add-norm-train",
                 "distill-add-norm-train-grad",
             ],

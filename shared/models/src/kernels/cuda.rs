@@ -10,8 +10,11 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 54] = [
+const KERNELS: [&str; 57] = [
     "distill_deberta_probs_bf16",
+    "distill_deberta_probs_train_bf16",
+    "distill_deberta_probs_train_grad_bf16",
+    "distill_round_bf16_f32",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -820,18 +823,7 @@ pub fn deberta_probs(
 ) -> Result<(CudaStorage, Shape)> {
     let op = "deberta probs";
     let guards = [c2p_idx, p2c_idx, mask].map(|t| t.storage_and_layout());
-    let mut aux = Vec::with_capacity(3);
-    for (i, (storage, layout)) in guards.iter().enumerate() {
-        let Storage::Cuda(c) = &**storage else { candle_core::bail!("{op}: an index or the mask is not on the GPU") };
-        aux.push(if i < 2 {
-            match layout.contiguous_offsets() {
-                Some((a, b)) => Buf::Ids(c.as_cuda_slice::<u32>()?.slice(a..b)),
-                None => candle_core::bail!("{op}: an index is not contiguous"),
-            }
-        } else {
-            Buf::View(view(c, layout, op)?)
-        });
-    }
+    let aux = deberta_aux(&guards, op)?;
     let dev = s1.device().clone();
     // SAFETY: every element is written by the kernel (every key of every query row).
     let out = unsafe { dev.alloc::<half::bf16>(bh * q_rows * len)? };
@@ -846,4 +838,110 @@ pub fn deberta_probs(
         run(&dev, &Launch::deberta_probs(bh, heads, q_rows, len, pos, inv_scale), &bufs)?;
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+}
+
+/// The bucket indices (u32) and the mask (f32) of a DeBERTa op as launch buffers, with the guards
+/// that keep them borrowed.
+fn deberta_aux<'a, G: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(G, &'a Layout); 3],
+    op: &str,
+) -> Result<Vec<Buf<'a>>> {
+    let mut aux = Vec::with_capacity(3);
+    for (i, (storage, layout)) in guards.iter().enumerate() {
+        let Storage::Cuda(c) = &**storage else { candle_core::bail!("{op}: an index or the mask is not on the GPU") };
+        aux.push(if i < 2 {
+            match layout.contiguous_offsets() {
+                Some((a, b)) => Buf::Ids(c.as_cuda_slice::<u32>()?.slice(a..b)),
+                None => candle_core::bail!("{op}: an index is not contiguous"),
+            }
+        } else {
+            Buf::View(view(c, layout, op)?)
+        });
+    }
+    Ok(aux)
+}
+
+/// DeBERTa's probabilities in training: (qk, c2p, p2c bf16) -> bf16 [rows len (even) + 2 rows]
+/// (the dropped probabilities, then the log-sum-exp as f32 bits).
+pub fn deberta_probs_train(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    op_: &super::attention::DebertaProbsTrain,
+    [bh, heads, q_rows, len, pos]: [usize; 5],
+) -> Result<(CudaStorage, Shape)> {
+    let op = "deberta probs (training)";
+    let d = &op_.probs;
+    let guards = [&d.c2p_idx, &d.p2c_idx, &d.mask].map(|t| t.storage_and_layout());
+    let aux = deberta_aux(&guards, op)?;
+    let (rows, dev) = (bh * q_rows, s1.device().clone());
+    let at = (rows * len).div_ceil(2) * 2;
+    // SAFETY: every probability and every log-sum-exp is written by the kernel (the pad slot is
+    // never read).
+    let out = unsafe { dev.alloc::<half::bf16>(at + 2 * rows)? };
+    {
+        let mut bufs = vec![
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::Bf16(bf16_view(s2, l2, op)?),
+            Buf::Bf16(bf16_view(s3, l3, op)?),
+        ];
+        bufs.extend(aux);
+        bufs.extend([Buf::Bf16(out.slice(0..rows * len)), Buf::Bf16(out.slice(at..at + 2 * rows))]);
+        let launch = Launch::deberta_probs_train(bh, heads, q_rows, len, pos, 1.0 / d.scale, op_.seed, op_.p);
+        run(&dev, &launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (at + 2 * rows).into()))
+}
+
+/// Its backward: (qk, c2p, p2c) -> bf16 [dqk | dc2p | (even) dp2c as f32 bits].
+pub fn deberta_probs_train_grad(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    op_: &super::attention::DebertaProbsTrainGrad,
+    [bh, heads, q_rows, len, pos]: [usize; 5],
+) -> Result<(CudaStorage, Shape)> {
+    let op = "deberta probs backward (training)";
+    let (f, d) = (&op_.fwd, &op_.fwd.probs);
+    let guards = [&d.c2p_idx, &d.p2c_idx, &d.mask].map(|t| t.storage_and_layout());
+    let aux = deberta_aux(&guards, op)?;
+    let ((ps, pl), (gs, gl)) = (op_.packed.storage_and_layout(), op_.dout.storage_and_layout());
+    let (packed_s, dout_s) = (cuda_of(&ps, op)?, cuda_of(&gs, op)?);
+    let (rows, dev) = (bh * q_rows, s1.device().clone());
+    let lse_at = (rows * len).div_ceil(2) * 2;
+    let (n_qk, n_c2p, n_p2c) = (rows * len, rows * pos, bh * len * pos);
+    let at = (n_qk + n_c2p).div_ceil(2) * 2;
+    // SAFETY: the kernel writes every dqk and dc2p element; the dp2c accumulator is zeroed here.
+    let mut out = unsafe { dev.alloc::<half::bf16>(at + 2 * n_p2c)? };
+    dev.cuda_stream().memset_zeros(&mut out.slice_mut(at..at + 2 * n_p2c)).w()?;
+    {
+        let mut bufs = vec![
+            Buf::Bf16(bf16_view(s1, l1, op)?),
+            Buf::Bf16(bf16_view(s2, l2, op)?),
+            Buf::Bf16(bf16_view(s3, l3, op)?),
+        ];
+        bufs.extend(aux);
+        bufs.extend([
+            Buf::Bf16(bf16_range(packed_s, pl, lse_at..lse_at + 2 * rows, op)?),
+            Buf::Bf16(bf16_view(dout_s, gl, op)?),
+            Buf::Bf16(out.slice(0..n_qk)),
+            Buf::Bf16(out.slice(n_qk..n_qk + n_c2p)),
+            Buf::Bf16(out.slice(at..at + 2 * n_p2c)),
+        ]);
+        let launch = Launch::deberta_probs_train_grad(bh, heads, q_rows, len, pos, 1.0 / d.scale, f.seed, f.p);
+        run(&dev, &launch, &bufs)?;
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (at + 2 * n_p2c).into()))
+}
+
+/// f32 values held as bits in a bf16 tensor's storage (`n` from slot `offset`) rounded to bf16.
+pub fn round_slots(s: &CudaStorage, l: &Layout, offset: usize, n: usize) -> Result<(CudaStorage, Shape)> {
+    let op = "round to bf16";
+    let dev = s.device().clone();
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(n)? };
+    let bufs = [Buf::Bf16(bf16_range(s, l, offset..offset + 2 * n, op)?), Buf::Bf16Out(&out)];
+    run(&dev, &Launch::round_bf16(n), &bufs)?;
+    drop(bufs);
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), n.into()))
 }

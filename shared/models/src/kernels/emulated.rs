@@ -785,3 +785,87 @@ fn deberta_probs_gather_add_and_normalise_as_the_twin() {
         }
     }
 }
+
+#[test]
+fn deberta_probs_for_training_and_the_backward() {
+    // All query rows and the first alone; with dropout and without. The backward's dp2c buckets
+    // collect from other rows (atomics), its dc2p from its own (shared memory).
+    let (b, h, l, p) = (2usize, 3usize, 40usize, 16usize);
+    let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
+    let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
+    let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
+    let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| -> Vec<u16> { t.to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect() };
+    let as_f32 =
+        |v: &[u16]| -> Vec<f32> { v.chunks(2).map(|x| f32::from_bits(x[0] as u32 | (x[1] as u32) << 16)).collect() };
+    let widened = |v: &[u16]| -> Vec<f32> { v.iter().map(|x| half::bf16::from_bits(*x).to_f32()).collect() };
+    for (q, drop) in [(l, 0.0f32), (l, 0.1), (1, 0.1)] {
+        let rows = b * h * q;
+        let (qk, qk_t) = bf16_bits(&values(rows * l, 91, 3.0), &[b, h, q, l]);
+        let (c2p, c2p_t) = bf16_bits(&values(rows * p, 92, 3.0), &[b, h, q, p]);
+        let (p2c, p2c_t) = bf16_bits(&values(b * h * l * p, 93, 3.0), &[b, h, l, p]);
+        let scale = 5.0f32;
+        let what = format!("q {q} dropout {drop}");
+        let probs =
+            DebertaProbs { c2p_idx: idx(&c2p_idx), p2c_idx: idx(&p2c_idx), mask: tensor(&mask, &[b, l]), scale };
+        let op = DebertaProbsTrain { probs, seed: 5, p: drop };
+        let packed = qk_t.apply_op3_no_bwd(&c2p_t, &p2c_t, &op).unwrap();
+        let packed_bits = bits(&packed);
+        let lse_at = rows * l + (rows * l) % 2;
+        let mut bufs = [
+            Buf::Bf16(qk.clone()),
+            Buf::Bf16(c2p.clone()),
+            Buf::Bf16(p2c.clone()),
+            Buf::U32(c2p_idx.clone()),
+            Buf::U32(p2c_idx.clone()),
+            Buf::F32(mask.clone()),
+            Buf::Bf16(vec![0x7fc0; rows * l]),
+            Buf::F32(vec![f32::NAN; rows]),
+        ];
+        run(&Launch::deberta_probs_train(b * h, h, q, l, p, 1.0 / scale, 5, drop), &mut bufs);
+        let want = widened(&packed_bits[..rows * l]);
+        for (i, (g, w)) in widen(&bufs[6]).iter().zip(&want).enumerate() {
+            // (One bf16 step: exp(s - lse) rounds where the scoring kernel divides by the sum.)
+            assert!(
+                (g - w).abs() <= 8e-3 * w.abs().max(1e-2),
+                "deberta probs (training) {what} at {i}: {g} against {w}"
+            );
+        }
+        let lse = as_f32(&packed_bits[lse_at..]);
+        assert_close(&format!("deberta log-sum-exp {what}"), bufs[7].f32(), &lse, 1e-4);
+
+        // The backward from the twin's forward.
+        let (dout, dout_t) = bf16_bits(&values(rows * l, 94, 1.0), &[rows * l]);
+        let grad = DebertaProbsTrainGrad { fwd: op, packed: packed.clone(), dout: dout_t };
+        let want = bits(&qk_t.apply_op3_no_bwd(&c2p_t, &p2c_t, &grad).unwrap());
+        let at = rows * (l + p) + (rows * (l + p)) % 2;
+        let mut bufs = [
+            Buf::Bf16(qk),
+            Buf::Bf16(c2p),
+            Buf::Bf16(p2c),
+            Buf::U32(c2p_idx.clone()),
+            Buf::U32(p2c_idx.clone()),
+            Buf::F32(mask.clone()),
+            Buf::F32(lse),
+            Buf::Bf16(dout),
+            Buf::Bf16(vec![0x7fc0; rows * l]),
+            Buf::Bf16(vec![0x7fc0; rows * p]),
+            Buf::F32(vec![0.0; b * h * l * p]),
+        ];
+        run(&Launch::deberta_probs_train_grad(b * h, h, q, l, p, 1.0 / scale, 5, drop), &mut bufs);
+        let parts = [
+            ("dqk", widen(&bufs[8]), widened(&want[..rows * l])),
+            ("dc2p", widen(&bufs[9]), widened(&want[rows * l..rows * (l + p)])),
+            ("dp2c", bufs[10].f32().to_vec(), as_f32(&want[at..])),
+        ];
+        for (name, got, want) in parts {
+            let err = relative(&got, &want);
+            assert!(err < 1e-2, "deberta backward {name} {what}: {err}");
+        }
+        // The rounding of the accumulated dp2c to bf16.
+        let mut bufs = [Buf::F32(as_f32(&want[at..])), Buf::Bf16(vec![0x7fc0; b * h * l * p])];
+        run(&Launch::round_bf16(b * h * l * p), &mut bufs);
+        let want_round: Vec<f32> = as_f32(&want[at..]).iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect();
+        assert_eq!(widen(&bufs[1]), want_round, "round to bf16 {what}");
+    }
+}

@@ -434,17 +434,6 @@ pub fn bias_gelu_for_scoring(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// The widest row of the training add-norm kernels (`DISTILL_TRAIN_NORM_COLS`: BERT-large's 1,024).
 const MAX_TRAIN_NORM_COLS: usize = 1024;
 
-/// Dropout's keep-scale of element `i` (the mask of [`dropout`] with `seed`): 1 without dropout.
-fn kept(seed: u64, p: f32, i: usize) -> f32 {
-    if p <= 0.0 {
-        1.0
-    } else if uniform(seed, i as u64) >= p {
-        1.0 / (1.0 - p)
-    } else {
-        0.0
-    }
-}
-
 /// (x, residual, params [3, cols]) -> LN(dropout(x + bias) + residual) w + shift per row, with
 /// params = (the linear layer's bias, the norm's weight, its shift): training under autocast, x
 /// the bf16 product (f32 too on the CPU), residual and out f32, math in f32; dropout (`p`, `seed`)

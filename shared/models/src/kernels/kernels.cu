@@ -529,6 +529,93 @@ extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloa
   }
 }
 
+// DeBERTa's attention probabilities in training (as distill_deberta_probs_bf16, the same scores):
+// out [rows, len] bf16 = the probabilities with attention dropout (element row x len + j kept
+// when uniform(seed, that index) >= p, scaled by keep_scale; distill_dropout_f32's mask over the
+// [B, H, Q, L] probabilities), and the rows' log-sum-exp lse [rows] f32 for the backward.
+__device__ __forceinline__ float keep_at(uint64_t seed, float p, float keep_scale, int64_t i) {
+  return p > 0.0f ? (uniform(seed, (uint64_t)i) >= p ? keep_scale : 0.0f) : 1.0f;
+}
+
+extern "C" __global__ void distill_deberta_probs_train_bf16(const __nv_bfloat16* qk, const __nv_bfloat16* c2p,
+                                                            const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
+                                                            const uint32_t* p2c_idx, const float* mask,
+                                                            __nv_bfloat16* out, float* lse, int64_t heads,
+                                                            int64_t q_rows, int64_t len, int64_t pos, int64_t rows,
+                                                            float inv_scale, uint64_t seed, float p,
+                                                            float keep_scale) {
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
+  const __nv_bfloat16* qr = qk + row * len;
+  const __nv_bfloat16* cr = c2p + row * pos;
+  const __nv_bfloat16* pb = p2c + bh * len * pos;
+  const float* mr = mask + b * len;
+  float m = -INFINITY;
+  for (int64_t j = lane; j < len; j += 32)
+    m = fmaxf(m, deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale));
+  m = warp_max(m);
+  float s = 0.0f;
+  for (int64_t j = lane; j < len; j += 32)
+    s += expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m);
+  s = warp_sum(s);
+  const float l = m + logf(s);
+  for (int64_t j = lane; j < len; j += 32) {
+    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
+    out[row * len + j] = __float2bfloat16(pr * keep_at(seed, p, keep_scale, row * len + j));
+  }
+  if (lane == 0) lse[row] = l;
+}
+
+// Its backward from dout (the dropped probabilities' gradient, bf16): with P recomputed from the
+// log-sum-exp, dP = dout · keep, Δ = Σ_j P dP, dS = P (dP - Δ) / scale, the gradient of each of
+// the three terms: dqk [rows, len] = dS (bf16), dc2p [rows, pos] (bf16) = dS summed into the bucket
+// c2p_idx[i, j] of each key (the warp's row, in shared memory), and dp2c [BH, len, pos] (f32,
+// zeroed by the caller) += dS at (j, p2c_idx[j, i]) (other rows: atomics). pos <= 1,024.
+#define DISTILL_DEBERTA_MAX_POS 1024
+extern "C" __global__ void distill_deberta_probs_train_grad_bf16(
+    const __nv_bfloat16* qk, const __nv_bfloat16* c2p, const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
+    const uint32_t* p2c_idx, const float* mask, const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dqk,
+    __nv_bfloat16* dc2p, float* dp2c, int64_t heads, int64_t q_rows, int64_t len, int64_t pos, int64_t rows,
+    float inv_scale, uint64_t seed, float p, float keep_scale) {
+  __shared__ float acc[DISTILL_NORM_WARPS][DISTILL_DEBERTA_MAX_POS];
+  int64_t row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  float* a = acc[threadIdx.x / 32];
+  for (int64_t c = lane; c < pos; c += 32) a[c] = 0.0f;
+  __syncwarp();
+  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
+  const __nv_bfloat16* qr = qk + row * len;
+  const __nv_bfloat16* cr = c2p + row * pos;
+  const __nv_bfloat16* pb = p2c + bh * len * pos;
+  const float* mr = mask + b * len;
+  const float l = lse[row];
+  float d = 0.0f;
+  for (int64_t j = lane; j < len; j += 32) {
+    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
+    d += pr * __bfloat162float(dout[row * len + j]) * keep_at(seed, p, keep_scale, row * len + j);
+  }
+  d = warp_sum(d);
+  for (int64_t j = lane; j < len; j += 32) {
+    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
+    const float dp = __bfloat162float(dout[row * len + j]) * keep_at(seed, p, keep_scale, row * len + j);
+    const float ds = pr * (dp - d) * inv_scale;
+    dqk[row * len + j] = __float2bfloat16(ds);
+    atomicAdd(&a[c2p_idx[i * len + j]], ds);
+    atomicAdd(&dp2c[(bh * len + j) * pos + p2c_idx[j * len + i]], ds);
+  }
+  __syncwarp();
+  for (int64_t c = lane; c < pos; c += 32) dc2p[row * pos + c] = __float2bfloat16(a[c]);
+}
+
+// y = x rounded to bf16 (an f32 accumulator the previous kernel left, to a bf16 gradient).
+extern "C" __global__ void distill_round_bf16_f32(const float* x, __nv_bfloat16* y, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
+}
+
 // GeGLU's backward in training (x the bf16 product [rows, 2 inter], g the output's bf16 gradient
 // [rows, inter], n = rows x inter): d input = g gate gelu'(input), d gate = g gelu(input), in f32,
 // rounded to bf16 into dx [rows, 2 inter].

@@ -270,6 +270,56 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// `distill_deberta_probs_train_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, out, lse, heads,
+    /// q_rows, len, pos, rows, inv_scale, seed, p, keep_scale)`: one warp per query row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deberta_probs_train(
+        bh: usize,
+        heads: usize,
+        q_rows: usize,
+        len: usize,
+        pos: usize,
+        inv_scale: f32,
+        seed: u64,
+        p: f32,
+    ) -> Self {
+        let mut l = Self::deberta_probs(bh, heads, q_rows, len, pos, inv_scale);
+        l.kernel = "distill_deberta_probs_train_bf16";
+        l.params.insert(7, Param::Buf(7));
+        l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        l
+    }
+
+    /// `distill_deberta_probs_train_grad_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, lse, dout,
+    /// dqk, dc2p, dp2c, heads, q_rows, len, pos, rows, inv_scale, seed, p, keep_scale)` (dp2c
+    /// zeroed first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn deberta_probs_train_grad(
+        bh: usize,
+        heads: usize,
+        q_rows: usize,
+        len: usize,
+        pos: usize,
+        inv_scale: f32,
+        seed: u64,
+        p: f32,
+    ) -> Self {
+        let mut l = Self::deberta_probs(bh, heads, q_rows, len, pos, inv_scale);
+        l.kernel = "distill_deberta_probs_train_grad_bf16";
+        for i in 7..11 {
+            l.params.insert(i, Param::Buf(i));
+        }
+        l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        l
+    }
+
+    /// `distill_round_bf16_f32(x, y, n)`.
+    pub fn round_bf16(n: usize) -> Self {
+        Self::elementwise("distill_round_bf16_f32", 2, n)
+    }
+}
+
 /// The shape and settings of a training attention launch.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attention {
