@@ -213,6 +213,18 @@ impl Grads {
     /// The global L2 norm as a tensor of one element on the gradients' device: no host read
     /// (None without gradients).
     pub fn global_norm_on_device(&self) -> Result<Option<Tensor>> {
+        // One accumulator and one kernel per gradient where the fused kernels run (CUDA).
+        let grads: Vec<&Tensor> = self.0.iter().flatten().collect();
+        if let Some(first) = grads.first() {
+            let acc = Tensor::zeros(1, DType::F32, first.device())?;
+            let mut fused = true;
+            for g in &grads {
+                fused = fused && crate::kernels::sum_squares_into(&acc, g)?;
+            }
+            if fused {
+                return Ok(Some(acc.sqrt()?));
+            }
+        }
         let sums: Vec<Tensor> =
             self.0.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<Result<_>>()?;
         if sums.is_empty() {

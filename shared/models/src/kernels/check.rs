@@ -293,11 +293,24 @@ fn check_core(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
         if !(p < 1e-6 && s < 1e-6) {
             c.fail();
         }
-    }
-    if dev.is_cuda() {
-        let (p, s) = adamw_difference(dev)?;
-        c.line(format!("adamw, 3 steps: |parameters| {p:.1e}, |moments| {s:.1e}"));
-        if !(p < 1e-6 && s < 1e-6) {
+        // The global gradient norm from one accumulator (a kernel per gradient) against the
+        // composite (squares, sums, their stack).
+        let grads = crate::optim::Grads(
+            [vec![70usize], vec![33, 70], vec![1000, 300]]
+                .into_iter()
+                .map(|s| Ok(Some(randn(s.as_slice(), dev)?)))
+                .collect::<Result<_>>()?,
+        );
+        let norm = |fused: bool| -> Result<f32> {
+            set_fused(fused);
+            let n = grads.global_norm_on_device();
+            set_fused_default();
+            n?.ok_or_else(|| candle_core::Error::Msg("no norm".into()))?.to_vec1::<f32>().map(|v| v[0])
+        };
+        let (f, composite) = (norm(true)?, norm(false)?);
+        let d = (f - composite).abs() / composite;
+        c.line(format!("global gradient norm, 3 gradients: relative {d:.1e}"));
+        if !(d < 1e-5) {
             c.fail();
         }
     }

@@ -10,7 +10,7 @@ use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 57] = [
+const KERNELS: [&str; 58] = [
     "distill_deberta_probs_bf16",
     "distill_deberta_probs_train_bf16",
     "distill_deberta_probs_train_grad_bf16",
@@ -26,6 +26,7 @@ const KERNELS: [&str; 57] = [
     "distill_gather_rows_f32",
     "distill_scatter_add_rows_f32",
     "distill_adamw_f32",
+    "distill_sum_squares_f32",
     "distill_layer_norm_f32",
     "distill_layer_norm_grad_f32",
     "distill_layer_norm_wgrad_f32",
@@ -250,6 +251,23 @@ pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, scale: &Tensor,
     }
     let dev = dev.expect("five tensors");
     run(&dev, &Launch::adamw(n, c), &bufs)
+}
+
+/// acc (one f32) += Σ g², in place.
+pub fn sum_squares(acc: &Tensor, g: &Tensor) -> Result<()> {
+    if acc.elem_count() != 1 {
+        candle_core::bail!("sum of squares: an accumulator of {:?}", acc.dims());
+    }
+    let guards = [g, acc].map(|t| t.storage_and_layout());
+    let mut bufs = Vec::with_capacity(2);
+    let mut dev = None;
+    for (storage, layout) in &guards {
+        let Storage::Cuda(s) = &**storage else { candle_core::bail!("sum of squares: not a CUDA tensor") };
+        bufs.push(Buf::View(view(s, layout, "sum of squares")?));
+        dev.get_or_insert_with(|| s.device().clone());
+    }
+    let dev = dev.expect("two tensors");
+    run(&dev, &Launch::sum_squares(g.elem_count()), &bufs)
 }
 
 /// Runs `launch` on `ins` plus a new output of `len` elements (zeroed first when `zeroed`, for

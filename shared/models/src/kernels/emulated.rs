@@ -216,6 +216,26 @@ fn adamw_updates_in_place_as_the_composite() {
 }
 
 #[test]
+fn sum_squares_accumulate_over_gradients() {
+    // Gradients of several sizes into one accumulator: a part-full block, many blocks, and more
+    // elements than the capped grid covers at once (the grid-stride loop).
+    let sizes = [70usize, 1000, 300_000];
+    let mut acc = Buf::F32(vec![0.0]);
+    let mut want = 0f64;
+    for (i, &n) in sizes.iter().enumerate() {
+        let g = values(n, 20 + i as u32, 1.0);
+        want += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+        let mut bufs = [Buf::F32(g), acc];
+        run(&Launch::sum_squares(n), &mut bufs);
+        let [_, a] = bufs;
+        acc = a;
+    }
+    assert!(Launch::sum_squares(300_000).grid <= 1024);
+    let got = acc.f32()[0] as f64;
+    assert!((got - want).abs() / want < 1e-5, "sum of squares {got} against {want}");
+}
+
+#[test]
 fn layer_norm_with_weights_and_their_gradients() {
     // 150 rows: three blocks of the column sums, the last one part full.
     for (rows, cols, has_bias) in [(150usize, 48usize, true), (5, 384, false)] {

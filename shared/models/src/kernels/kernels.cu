@@ -238,6 +238,24 @@ extern "C" __global__ void distill_scatter_add_rows_f32(const float* g, const ui
   }
 }
 
+// acc[0] += Σ x² (one gradient's share of the global norm; acc zeroed by the caller, shared by
+// all the gradients): a block's sum by warp shuffles, one atomic per block.
+extern "C" __global__ void distill_sum_squares_f32(const float* x, float* acc, int64_t n) {
+  __shared__ float part[32];
+  float s = 0.0f;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    s += x[i] * x[i];
+  s = warp_sum(s);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) part[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
+    s = warp_sum(s);
+    if (lane == 0) atomicAdd(acc, s);
+  }
+}
+
 // AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
 // θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
 // The gradient is scaled by *scale first (clipping by global norm, computed on the device: no host

@@ -86,6 +86,13 @@ impl Launch {
         Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params }
     }
 
+    /// `distill_sum_squares_f32(x, acc, n)`: at most 1,024 blocks (one atomic on `acc` each).
+    pub fn sum_squares(n: usize) -> Self {
+        let mut l = Self::elementwise("distill_sum_squares_f32", 2, n);
+        l.grid = l.grid.min(1024);
+        l
+    }
+
     /// `distill_adamw_f32(p, m, v, g, scale, n, decay, beta1, beta2, bc2, step, eps)`, in place;
     /// `scale` one f32 the gradient is multiplied by (the clipping coefficient).
     pub fn adamw(n: usize, c: [f32; 6]) -> Self {

@@ -1261,6 +1261,25 @@ pub fn adamw_step(
     Ok(false)
 }
 
+/// `acc` (one f32 on the device, zeroed by the caller) += Σ g², in place, one kernel: the global
+/// gradient norm without a sum and a square per gradient and their stack (on CUDA three launches
+/// per parameter tensor, and as many copies). Returns false (nothing done) where it does not
+/// apply (CPU, another dtype, kernels off): the caller takes the composite. `acc` must own its
+/// storage.
+#[allow(unused_variables)]
+pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<bool> {
+    if !g.device().is_cuda() || !fused_for(g) || acc.dtype() != DType::F32 || !g.is_contiguous() {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::sum_squares(acc, g)?;
+        Ok(true)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(false)
+}
+
 mod attention;
 mod check;
 #[cfg(feature = "cuda")]
