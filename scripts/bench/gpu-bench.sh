@@ -38,7 +38,7 @@ echo "== fused kernels (kernels.cu) against the composite ops on the GPU: values
 # verdict. The families of kernels not yet proven on a GPU that pass are the ones the timed runs
 # below turn on (KERNELS_OK), unless SCORE_KERNELS / TRAIN_KERNELS say otherwise.
 KERNELS_OK=""
-for g in core embedding layer_norm bias_add rotary attention_scoring attention_training scoring_epilogues backbones; do
+for g in core embedding layer_norm bias_add rotary attention_scoring attention_training scoring_epilogues backbones optimizer; do
   if timeout 60 "$BIN" --device cuda --check-kernels --check-only "$g" 2>&1 | grep -v "^ *[0-9]*:\|^ *at "; then
     echo "-- $g: pass"
     case "$g" in core|backbones) ;; *) KERNELS_OK="${KERNELS_OK:+$KERNELS_OK,}$g" ;; esac

@@ -68,10 +68,12 @@ pub enum Unproven {
     /// Scoring in bf16: a post-LN block's bias, residual and layer norm in one kernel; the
     /// feed-forward's bias and GELU in one.
     ScoringEpilogues,
+    /// The global gradient norm from one accumulator (a kernel per gradient).
+    Optimizer,
 }
 
 impl Unproven {
-    pub const ALL: [Unproven; 7] = [
+    pub const ALL: [Unproven; 8] = [
         Unproven::Embedding,
         Unproven::LayerNorm,
         Unproven::BiasAdd,
@@ -79,6 +81,7 @@ impl Unproven {
         Unproven::AttentionScoring,
         Unproven::AttentionTraining,
         Unproven::ScoringEpilogues,
+        Unproven::Optimizer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Unproven {
             Unproven::AttentionScoring => "attention_scoring",
             Unproven::AttentionTraining => "attention_training",
             Unproven::ScoringEpilogues => "scoring_epilogues",
+            Unproven::Optimizer => "optimizer",
         }
     }
 
@@ -1268,7 +1272,11 @@ pub fn adamw_step(
 /// storage.
 #[allow(unused_variables)]
 pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<bool> {
-    if !g.device().is_cuda() || !fused_for(g) || acc.dtype() != DType::F32 || !g.is_contiguous() {
+    if !g.device().is_cuda()
+        || !fused_unproven_for(g, Unproven::Optimizer)
+        || acc.dtype() != DType::F32
+        || !g.is_contiguous()
+    {
         return Ok(false);
     }
     #[cfg(feature = "cuda")]
