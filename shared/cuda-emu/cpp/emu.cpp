@@ -62,6 +62,7 @@ constexpr char code() {
   else if constexpr (std::is_same_v<T, int64_t>) return 'L';
   else if constexpr (std::is_same_v<T, uint64_t>) return 'U';
   else if constexpr (std::is_same_v<T, int32_t>) return 'I';
+  else if constexpr (std::is_same_v<T, DistillTensorList>) return 'T';
   else return '?';
 }
 

@@ -18,6 +18,8 @@ pub enum Arg {
     U64(u64),
     Float(f32),
     I32(i32),
+    /// A struct passed by value (kernels.cu's `DistillTensorList`), as 8-byte words.
+    Struct(Vec<u64>),
 }
 
 impl Arg {
@@ -30,6 +32,7 @@ impl Arg {
             Arg::U64(_) => 'U',
             Arg::Float(_) => 'F',
             Arg::I32(_) => 'I',
+            Arg::Struct(_) => 'T',
         }
     }
 
@@ -42,6 +45,7 @@ impl Arg {
             Arg::U64(v) => v as *mut u64 as *mut c_void,
             Arg::Float(v) => v as *mut f32 as *mut c_void,
             Arg::I32(v) => v as *mut i32 as *mut c_void,
+            Arg::Struct(words) => words.as_mut_ptr() as *mut c_void,
         }
     }
 }

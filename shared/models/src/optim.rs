@@ -104,10 +104,25 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
+        let decay = |p: &Param| if p.decay && c.weight_decay > 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+        // On CUDA: every parameter in one launch per 64 (kernels::adamw_list) where that applies.
+        let listed: Vec<(&Param, Tensor)> = self
+            .params
+            .iter()
+            .zip(&grads.0)
+            .filter_map(|(p, g)| g.as_ref().map(|g| (p, g)))
+            .map(|(p, g)| Ok((p, g.to_dtype(DType::F32)?.detach().contiguous()?)))
+            .collect::<Result<_>>()?;
+        let items: Vec<_> = listed.iter().map(|(p, g)| (p.var.as_tensor(), &p.m, &p.v, g, decay(p))).collect();
+        if crate::kernels::adamw_list(&items, &fused_scale, [c.beta1, c.beta2, bc2, lr / bc1, c.eps])? {
+            return Ok(());
+        }
+        drop(items);
+        drop(listed);
         for (p, g) in self.params.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
             let g = g.to_dtype(DType::F32)?.detach();
-            let decay = if p.decay && c.weight_decay > 0.0 { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let decay = decay(p);
             // On CUDA: one fused kernel, in place (kernels::adamw_step); the composite below is its reference.
             if p.var.dtype() == DType::F32
                 && crate::kernels::adamw_step(
@@ -213,15 +228,11 @@ impl Grads {
     /// The global L2 norm as a tensor of one element on the gradients' device: no host read
     /// (None without gradients).
     pub fn global_norm_on_device(&self) -> Result<Option<Tensor>> {
-        // One accumulator and one kernel per gradient where the fused kernels run (CUDA).
+        // One accumulator and one launch per 64 gradients where the fused kernels run (CUDA).
         let grads: Vec<&Tensor> = self.0.iter().flatten().collect();
         if let Some(first) = grads.first() {
             let acc = Tensor::zeros(1, DType::F32, first.device())?;
-            let mut fused = true;
-            for g in &grads {
-                fused = fused && crate::kernels::sum_squares_into(&acc, g)?;
-            }
-            if fused {
+            if crate::kernels::sum_squares_list_into(&acc, &grads)? {
                 return Ok(Some(acc.sqrt()?));
             }
         }

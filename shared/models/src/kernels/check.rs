@@ -291,7 +291,8 @@ fn check_core(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
         }
     }
     if dev.is_cuda() {
-        let (p, s) = adamw_difference(dev)?;
+        // The kernel per parameter tensor (the lists are the optimizer family's).
+        let (p, s) = adamw_difference(dev, &[&[70], &[33, 70]], &|| set_unproven(&[]))?;
         c.line(format!("adamw, 3 steps: |parameters| {p:.1e}, |moments| {s:.1e}"));
         if !(p < 1e-6 && s < 1e-6) {
             c.fail();
@@ -300,8 +301,8 @@ fn check_core(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     Ok(())
 }
 
-/// The global gradient norm from one accumulator (a kernel per gradient) against the composite
-/// (squares, sums, their stack); CUDA only (the CPU keeps the composite).
+/// The optimizer over lists of tensors against the composite: the global gradient norm (squares,
+/// sums, their stack) and AdamW; CUDA only (the CPU keeps the composite).
 fn check_optimizer(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     if dev.is_cuda() {
         let grads = crate::optim::Grads(
@@ -320,6 +321,18 @@ fn check_optimizer(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
         let d = (f - composite).abs() / composite;
         c.line(format!("global gradient norm, 3 gradients: relative {d:.1e}"));
         if !(d < 1e-5) {
+            c.fail();
+        }
+        // AdamW over 150 parameters in lists (three launches, the last part full): sizes from
+        // one element to more than a grid of blocks covers, every other one without decay.
+        let shapes: Vec<Vec<usize>> =
+            (0..150).map(|i| if i % 50 == 7 { vec![2100, 9000] } else { vec![1 + (i * 37) % 700] }).collect();
+        let shapes: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+        let (p, s) = adamw_difference(dev, &shapes, &|| set_fused(true))?;
+        c.line(format!(
+            "adamw over lists of 64 tensors, 150 parameters, 3 steps: |parameters| {p:.1e}, |moments| {s:.1e}"
+        ));
+        if !(p < 1e-6 && s < 1e-6) {
             c.fail();
         }
     }
@@ -1096,28 +1109,35 @@ fn check_backbones(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
     Ok(())
 }
 
-/// Largest absolute differences of parameters and moments after three AdamW steps fused and
-/// composite, from the same start and gradients (weight decay on one parameter, off on the other).
-fn adamw_difference(dev: &candle_core::Device) -> Result<(f32, f32)> {
+/// Largest absolute differences of parameters and moments after three AdamW steps fused (the
+/// kernels `fused` turns on) and composite, from the same start and gradients: parameters of
+/// `shapes`, named so that every other one is a bias (weight decay off) and the rest weights.
+fn adamw_difference(dev: &candle_core::Device, shapes: &[&[usize]], fused: &dyn Fn()) -> Result<(f32, f32)> {
     use crate::optim::{AdamW, AdamWConfig, Grads};
-    let w0 = randn((33, 70), dev)?;
-    let b0 = randn(70, dev)?;
-    let grads: Vec<[Tensor; 2]> =
-        (0..3).map(|_| Ok([randn((33, 70), dev)?, randn(70, dev)?])).collect::<Result<_>>()?;
-    let run = |fused: bool| -> Result<Vec<Tensor>> {
+    let names: Vec<String> =
+        (0..shapes.len()).map(|i| format!("layer{i:03}.{}", if i % 2 == 0 { "bias" } else { "weight" })).collect();
+    let start: Vec<Tensor> = shapes.iter().map(|s| randn(*s, dev)).collect::<Result<_>>()?;
+    let grads: Vec<Vec<Tensor>> =
+        (0..3).map(|_| shapes.iter().map(|s| randn(*s, dev)).collect::<Result<_>>()).collect::<Result<_>>()?;
+    let run = |on: bool| -> Result<Vec<Tensor>> {
         let varmap = candle_nn::VarMap::new();
         {
             let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-            data.insert("dense.weight".into(), candle_core::Var::from_tensor(&w0.copy()?)?);
-            data.insert("dense.bias".into(), candle_core::Var::from_tensor(&b0.copy()?)?);
+            for (name, t) in names.iter().zip(&start) {
+                data.insert(name.clone(), candle_core::Var::from_tensor(&t.copy()?)?);
+            }
         }
         let mut opt = AdamW::new(&varmap, AdamWConfig { weight_decay: 0.1, ..Default::default() })?;
-        set_fused(fused);
+        if on {
+            fused()
+        } else {
+            set_fused(false)
+        }
         let mut result = Ok(());
-        for (step, [gw, gb]) in grads.iter().enumerate() {
-            // Parameter order is by name: dense.bias, dense.weight. The last steps clipped by
-            // the global norm, computed on the device (the fused update scales inside).
-            let g = Grads(vec![Some(gb.clone()), Some(gw.clone())]);
+        for (step, g) in grads.iter().enumerate() {
+            // Parameters in name order, as the names are made. The last steps clipped by the
+            // global norm, computed on the device (the fused update scales inside).
+            let g = Grads(g.iter().map(|t| Some(t.clone())).collect());
             result = result.and_then(|_| match step {
                 0 => opt.update(&g, 1e-2),
                 _ => {
@@ -1129,7 +1149,7 @@ fn adamw_difference(dev: &candle_core::Device) -> Result<(f32, f32)> {
         set_fused_default();
         result?;
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = vec![data["dense.bias"].as_tensor().clone(), data["dense.weight"].as_tensor().clone()];
+        let mut out: Vec<Tensor> = names.iter().map(|n| data[n].as_tensor().clone()).collect();
         let mut state: Vec<_> = opt.state().into_iter().collect();
         state.sort_by(|a, b| a.0.cmp(&b.0));
         out.extend(state.into_iter().map(|(_, t)| t));
@@ -1139,7 +1159,7 @@ fn adamw_difference(dev: &candle_core::Device) -> Result<(f32, f32)> {
     let mut worst = [0f32; 2];
     for (i, (a, b)) in fused.iter().zip(&composite).enumerate() {
         let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let slot = &mut worst[usize::from(i >= 2)];
+        let slot = &mut worst[usize::from(i >= names.len())];
         *slot = slot.max(d);
     }
     Ok((worst[0], worst[1]))

@@ -1,16 +1,18 @@
 //! Launching the kernels of `kernels.cu` on candle's CUDA storage: every launch is a
 //! [`Launch`] description (launch.rs, the same the CPU-emulated tests run) and [`run`] turns it
 //! into one cudarc launch.
-use super::launch::{Launch, Param};
+use super::launch::{Launch, Param, TensorList, LIST_LEN};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 58] = [
+const KERNELS: [&str; 59] = [
     "distill_deberta_probs_bf16",
     "distill_deberta_probs_train_bf16",
     "distill_deberta_probs_train_grad_bf16",
@@ -26,7 +28,8 @@ const KERNELS: [&str; 58] = [
     "distill_gather_rows_f32",
     "distill_scatter_add_rows_f32",
     "distill_adamw_f32",
-    "distill_sum_squares_f32",
+    "distill_adamw_list_f32",
+    "distill_sum_squares_list_f32",
     "distill_layer_norm_f32",
     "distill_layer_norm_grad_f32",
     "distill_layer_norm_wgrad_f32",
@@ -93,6 +96,32 @@ fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
         return Ok(());
     }
     let func = dev.get_or_load_custom_func(launch.kernel, MODULE, PTX)?;
+    // The list arguments (by value), with their tensors' device pointers; the guards live until
+    // the launch is queued.
+    let stream = dev.cuda_stream();
+    let mut guards = Vec::new();
+    let mut lists = Vec::new();
+    for p in &launch.params {
+        if let Param::List(l) = p {
+            let mut missing = None;
+            let list = l.fill(|i| match bufs.get(i) {
+                Some(Buf::View(v)) => {
+                    let (ptr, guard) = v.device_ptr(&stream);
+                    guards.push(guard);
+                    ptr
+                }
+                _ => {
+                    missing = Some(i);
+                    0
+                }
+            });
+            if let Some(i) = missing {
+                candle_core::bail!("{}: buffer {i} of the list is not an f32 tensor", launch.kernel);
+            }
+            lists.push(list);
+        }
+    }
+    let mut lists = lists.iter();
     let mut b = func.builder();
     for p in &launch.params {
         match p {
@@ -107,14 +136,20 @@ fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
             Param::I64(v) => b.arg(v),
             Param::U64(v) => b.arg(v),
             Param::F32(v) => b.arg(v),
+            Param::List(_) => b.arg(lists.next().expect("one list filled per list parameter")),
         };
     }
     let cfg = LaunchConfig { grid_dim: (launch.grid, 1, 1), block_dim: (launch.block, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the descriptions in launch.rs follow the kernels' signatures (checked against
     // kernels.cu by the emulated tests) and the callers size every buffer for the launch.
     unsafe { b.launch(cfg) }.w()?;
+    drop(guards);
     Ok(())
 }
+
+// SAFETY: repr(C), plain integers and floats: kernels.cu's DistillTensorList (its size asserted
+// on both sides), which the kernel reads as passed.
+unsafe impl DeviceRepr for TensorList {}
 
 fn view<'a>(s: &'a CudaStorage, l: &Layout, op: &str) -> Result<CudaView<'a, f32>> {
     let slice = s.as_cuda_slice::<f32>()?;
@@ -242,32 +277,64 @@ pub fn adamw(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, scale: &Tensor,
     // is written only here and by Var::set), and candle runs one stream, so nothing reads them
     // while the kernel runs out of order.
     let guards = [param, m, v, g, scale].map(|t| t.storage_and_layout());
-    let mut bufs = Vec::with_capacity(5);
-    let mut dev = None;
-    for (storage, layout) in &guards {
-        let Storage::Cuda(s) = &**storage else { candle_core::bail!("adamw: not a CUDA tensor") };
-        bufs.push(Buf::View(view(s, layout, "adamw")?));
-        dev.get_or_insert_with(|| s.device().clone());
-    }
-    let dev = dev.expect("five tensors");
+    let (bufs, dev) = views(&guards, "adamw")?;
     run(&dev, &Launch::adamw(n, c), &bufs)
 }
 
-/// acc (one f32) += Σ g², in place.
-pub fn sum_squares(acc: &Tensor, g: &Tensor) -> Result<()> {
+/// One AdamW update of each tensor (parameter, m, v, gradient, weight decay factor) in place,
+/// [`LIST_LEN`] tensors per launch; `scale` one f32 the gradients are multiplied by. `c` = [beta1,
+/// beta2, bc2, step, eps].
+pub fn adamw_list(items: &[(&Tensor, &Tensor, &Tensor, &Tensor, f32)], scale: &Tensor, c: [f32; 5]) -> Result<()> {
+    if scale.elem_count() != 1 {
+        candle_core::bail!("adamw: a scale of {:?}", scale.dims());
+    }
+    for chunk in items.chunks(LIST_LEN) {
+        let mut n = Vec::with_capacity(chunk.len());
+        let mut tensors = Vec::with_capacity(4 * chunk.len() + 1);
+        for &(p, m, v, g, _) in chunk {
+            if [m, v, g].iter().any(|t| t.elem_count() != p.elem_count()) {
+                candle_core::bail!("adamw: parameter and state of different sizes ({:?})", p.dims());
+            }
+            n.push(p.elem_count());
+            tensors.extend([p, m, v, g]);
+        }
+        tensors.push(scale);
+        let decay: Vec<f32> = chunk.iter().map(|i| i.4).collect();
+        // Read guards, as `adamw`: the kernel writes through the parameters' and moments' pointers.
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let (bufs, dev) = views(&guards, "adamw")?;
+        run(&dev, &Launch::adamw_list(&n, &decay, c), &bufs)?;
+    }
+    Ok(())
+}
+
+/// acc (one f32) += Σ g² over all of `grads`, in place, [`LIST_LEN`] gradients per launch.
+pub fn sum_squares_list(acc: &Tensor, grads: &[&Tensor]) -> Result<()> {
     if acc.elem_count() != 1 {
         candle_core::bail!("sum of squares: an accumulator of {:?}", acc.dims());
     }
-    let guards = [g, acc].map(|t| t.storage_and_layout());
-    let mut bufs = Vec::with_capacity(2);
+    for chunk in grads.chunks(LIST_LEN) {
+        let n: Vec<usize> = chunk.iter().map(|g| g.elem_count()).collect();
+        let guards: Vec<_> = chunk.iter().copied().chain([acc]).map(|t| t.storage_and_layout()).collect();
+        let (bufs, dev) = views(&guards, "sum of squares")?;
+        run(&dev, &Launch::sum_squares_list(&n), &bufs)?;
+    }
+    Ok(())
+}
+
+/// f32 views of the tensors behind `guards` (contiguous, on one CUDA device) and that device.
+fn views<'a, S: std::ops::Deref<Target = Storage>>(
+    guards: &'a [(S, &'a Layout)],
+    op: &str,
+) -> Result<(Vec<Buf<'a>>, CudaDevice)> {
+    let mut bufs = Vec::with_capacity(guards.len());
     let mut dev = None;
-    for (storage, layout) in &guards {
-        let Storage::Cuda(s) = &**storage else { candle_core::bail!("sum of squares: not a CUDA tensor") };
-        bufs.push(Buf::View(view(s, layout, "sum of squares")?));
+    for (storage, layout) in guards {
+        let Storage::Cuda(s) = &**storage else { candle_core::bail!("{op}: not a CUDA tensor") };
+        bufs.push(Buf::View(view(s, layout, op)?));
         dev.get_or_insert_with(|| s.device().clone());
     }
-    let dev = dev.expect("two tensors");
-    run(&dev, &Launch::sum_squares(g.elem_count()), &bufs)
+    Ok((bufs, dev.ok_or_else(|| candle_core::Error::Msg(format!("{op}: no tensors")))?))
 }
 
 /// Runs `launch` on `ins` plus a new output of `len` elements (zeroed first when `zeroed`, for

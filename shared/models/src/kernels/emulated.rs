@@ -40,15 +40,24 @@ fn run(launch: &Launch, bufs: &mut [Buf]) {
     let args = launch
         .params
         .iter()
-        .map(|p| match *p {
-            Param::Buf(i) => match &mut bufs[i] {
+        .map(|p| match p {
+            Param::Buf(i) => match &mut bufs[*i] {
                 Buf::F32(v) => Arg::F32(v.as_mut_ptr()),
                 Buf::U32(v) => Arg::U32(v.as_mut_ptr()),
                 Buf::Bf16(v) => Arg::Bf16(v.as_mut_ptr()),
             },
-            Param::I64(v) => Arg::I64(v),
-            Param::U64(v) => Arg::U64(v),
-            Param::F32(v) => Arg::Float(v),
+            Param::I64(v) => Arg::I64(*v),
+            Param::U64(v) => Arg::U64(*v),
+            Param::F32(v) => Arg::Float(*v),
+            Param::List(l) => {
+                let list = l.fill(|i| match &mut bufs[i] {
+                    Buf::F32(v) => v.as_mut_ptr() as u64,
+                    _ => panic!("a list of f32 tensors"),
+                });
+                // SAFETY: TensorList is repr(C), 2,824 bytes: 353 words.
+                let words: [u64; 353] = unsafe { std::mem::transmute(list) };
+                Arg::Struct(words.to_vec())
+            }
         })
         .collect();
     // SAFETY: the tests size every buffer for the launch (the same sizes cuda.rs allocates).
@@ -216,23 +225,55 @@ fn adamw_updates_in_place_as_the_composite() {
 }
 
 #[test]
-fn sum_squares_accumulate_over_gradients() {
-    // Gradients of several sizes into one accumulator: a part-full block, many blocks, and more
-    // elements than the capped grid covers at once (the grid-stride loop).
-    let sizes = [70usize, 1000, 300_000];
-    let mut acc = Buf::F32(vec![0.0]);
-    let mut want = 0f64;
-    for (i, &n) in sizes.iter().enumerate() {
-        let g = values(n, 20 + i as u32, 1.0);
-        want += g.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
-        let mut bufs = [Buf::F32(g), acc];
-        run(&Launch::sum_squares(n), &mut bufs);
-        let [_, a] = bufs;
-        acc = a;
+fn adamw_list_updates_every_tensor_in_place() {
+    // Three tensors, each its own decay; a grid smaller than the largest needs (the stride loop)
+    // and the small tensors' blocks going round the grid.
+    let sizes = [700usize, 5, 2000];
+    let decay = [0.999f32, 1.0, 0.99];
+    let c = [0.9f32, 0.999, 0.5, 1e-3, 1e-8];
+    let scale = 0.25f32;
+    let mut bufs = Vec::new();
+    let mut start = Vec::new();
+    for (t, &n) in sizes.iter().enumerate() {
+        let s = 10 * t as u32;
+        let v: Vec<f32> = values(n, s + 3, 0.01).iter().map(|x| x.abs()).collect();
+        start.push([values(n, s + 1, 1.0), values(n, s + 2, 0.1), v, values(n, s + 4, 1.0)]);
+        bufs.extend(start[t].iter().map(|x| Buf::F32(x.clone())));
     }
-    assert!(Launch::sum_squares(300_000).grid <= 1024);
-    let got = acc.f32()[0] as f64;
+    bufs.push(Buf::F32(vec![scale]));
+    let mut launch = Launch::adamw_list(&sizes, &decay, c);
+    launch.grid = 3;
+    run(&launch, &mut bufs);
+    let [b1, b2, bc2, step, eps] = c;
+    for (t, [p, m, v, g]) in start.iter().enumerate() {
+        for i in 0..sizes[t] {
+            let gi = g[i] * scale;
+            let mi = b1 * m[i] + (1.0 - b1) * gi;
+            let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let pi = p[i] * decay[t] - step * (mi / ((vi / bc2).sqrt() + eps));
+            let got = [bufs[4 * t].f32()[i], bufs[4 * t + 1].f32()[i], bufs[4 * t + 2].f32()[i]];
+            assert!((got[1] - mi).abs() < 1e-6 && (got[2] - vi).abs() < 1e-6, "moments of tensor {t} at {i}");
+            assert!((got[0] - pi).abs() < 1e-6, "tensor {t} at {i}: {} against {pi}", got[0]);
+        }
+        assert_eq!(bufs[4 * t + 3].f32(), g.as_slice(), "gradient {t} left as it was");
+    }
+}
+
+#[test]
+fn sum_squares_list_over_gradients() {
+    // Several gradients into one accumulator, with a capped grid (the stride loop) and sizes
+    // from part of one block to many.
+    let sizes = [70usize, 1000, 3, 30_000];
+    let mut bufs: Vec<Buf> = sizes.iter().enumerate().map(|(i, &n)| Buf::F32(values(n, 40 + i as u32, 1.0))).collect();
+    let want: f64 = bufs.iter().map(|b| b.f32().iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>()).sum();
+    bufs.push(Buf::F32(vec![0.5]));
+    let mut launch = Launch::sum_squares_list(&sizes);
+    assert_eq!(launch.grid, 118);
+    launch.grid = 5;
+    run(&launch, &mut bufs);
+    let got = bufs[sizes.len()].f32()[0] as f64 - 0.5;
     assert!((got - want).abs() / want < 1e-5, "sum of squares {got} against {want}");
+    assert!(Launch::sum_squares_list(&[300_000_000]).grid <= 1024);
 }
 
 #[test]

@@ -238,13 +238,84 @@ extern "C" __global__ void distill_scatter_add_rows_f32(const float* g, const ui
   }
 }
 
-// acc[0] += Σ x² (one gradient's share of the global norm; acc zeroed by the caller, shared by
-// all the gradients): a block's sum by warp shuffles, one atomic per block.
-extern "C" __global__ void distill_sum_squares_f32(const float* x, float* acc, int64_t n) {
+// AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
+// θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
+// The gradient is scaled by *scale first (clipping by global norm, computed on the device: no host
+// read between the backward pass and the update).
+__device__ __forceinline__ void adamw_at(float* p, float* m, float* v, const float* g, int64_t i, float s, float decay,
+                                         float beta1, float beta2, float bc2, float step, float eps) {
+  float gi = g[i] * s;
+  float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+  float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+  m[i] = mi;
+  v[i] = vi;
+  p[i] = p[i] * decay - step * (mi / (sqrtf(vi / bc2) + eps));
+}
+
+extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, const float* scale, int64_t n,
+                                             float decay, float beta1, float beta2, float bc2, float step, float eps) {
+  const float s = *scale;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    adamw_at(p, m, v, g, i, s, decay, beta1, beta2, bc2, step, eps);
+  }
+}
+
+// Up to DISTILL_LIST_LEN tensors for one launch of the multi-tensor kernels (as PyTorch's fused
+// optimizers): their device pointers and sizes passed by value in the kernel's parameters (2,824
+// bytes of the 4 KB a launch may pass), so that one launch covers a list of parameter tensors
+// without a table copied to the device first. The layout of launch.rs's TensorList.
+#define DISTILL_LIST_LEN 64
+struct DistillTensorList {
+  float* p[DISTILL_LIST_LEN];
+  float* m[DISTILL_LIST_LEN];
+  float* v[DISTILL_LIST_LEN];
+  const float* g[DISTILL_LIST_LEN];
+  int64_t n[DISTILL_LIST_LEN];
+  float decay[DISTILL_LIST_LEN];
+  int64_t count;
+};
+static_assert(sizeof(DistillTensorList) == 2824, "the layout of launch.rs's TensorList");
+
+// Where block `blockIdx.x` starts in tensor t of a list: the blocks a tensor needs (n / block
+// size) go round the grid from where the previous tensor's ended, so that a list of small
+// tensors spreads over the blocks instead of all landing on the first.
+__device__ __forceinline__ int64_t list_first(int64_t shift) {
+  return ((blockIdx.x + gridDim.x - shift % gridDim.x) % gridDim.x) * (int64_t)blockDim.x + threadIdx.x;
+}
+
+// distill_adamw_f32 over every tensor of a list in one launch (each its own weight decay).
+extern "C" __global__ void distill_adamw_list_f32(DistillTensorList l, const float* scale, float beta1, float beta2,
+                                                  float bc2, float step, float eps) {
+  const float s = *scale;
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  int64_t shift = 0;
+  for (int64_t t = 0; t < l.count; ++t) {
+    float* p = l.p[t];
+    float* m = l.m[t];
+    float* v = l.v[t];
+    const float* g = l.g[t];
+    const int64_t n = l.n[t];
+    const float decay = l.decay[t];
+    for (int64_t i = list_first(shift); i < n; i += stride) {
+      adamw_at(p, m, v, g, i, s, decay, beta1, beta2, bc2, step, eps);
+    }
+    shift += (n + blockDim.x - 1) / blockDim.x;
+  }
+}
+
+// acc[0] += Σ g² over every gradient of a list (l.g, l.n; the rest unused) in one launch: a
+// block's sum by warp shuffles, one atomic per block.
+extern "C" __global__ void distill_sum_squares_list_f32(DistillTensorList l, float* acc) {
   __shared__ float part[32];
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   float s = 0.0f;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    s += x[i] * x[i];
+  int64_t shift = 0;
+  for (int64_t t = 0; t < l.count; ++t) {
+    const float* g = l.g[t];
+    const int64_t n = l.n[t];
+    for (int64_t i = list_first(shift); i < n; i += stride) s += g[i] * g[i];
+    shift += (n + blockDim.x - 1) / blockDim.x;
+  }
   s = warp_sum(s);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) part[warp] = s;
@@ -253,23 +324,6 @@ extern "C" __global__ void distill_sum_squares_f32(const float* x, float* acc, i
     s = lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f;
     s = warp_sum(s);
     if (lane == 0) atomicAdd(acc, s);
-  }
-}
-
-// AdamW in place, as optim.rs's composite: θ ← θ·decay; m ← β1 m + (1-β1) g; v ← β2 v + (1-β2) g²;
-// θ ← θ - (lr / bc1) m / (sqrt(v / bc2) + eps).
-// The gradient is scaled by *scale first (clipping by global norm, computed on the device: no host
-// read between the backward pass and the update).
-extern "C" __global__ void distill_adamw_f32(float* p, float* m, float* v, const float* g, const float* scale, int64_t n,
-                                             float decay, float beta1, float beta2, float bc2, float step, float eps) {
-  const float s = *scale;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float gi = g[i] * s;
-    float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-    float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] * decay - step * (mi / (sqrtf(vi / bc2) + eps));
   }
 }
 

@@ -6,13 +6,71 @@
 #![cfg_attr(not(any(feature = "cuda", test)), allow(dead_code))]
 
 /// One kernel argument.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Param {
     /// The caller's buffer number `i` (a device pointer).
     Buf(usize),
     I64(i64),
     U64(u64),
     F32(f32),
+    /// A `DistillTensorList` by value: the runner fills in the pointers of the list's tensors from
+    /// the caller's buffers.
+    List(Box<ListParam>),
+}
+
+/// Tensors per launch of the multi-tensor kernels (`DISTILL_LIST_LEN`).
+pub(crate) const LIST_LEN: usize = 64;
+
+/// kernels.cu's `DistillTensorList`, passed by value: up to [`LIST_LEN`] tensors' device pointers
+/// (parameter, moments, gradient), sizes and weight decays.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TensorList {
+    pub p: [u64; LIST_LEN],
+    pub m: [u64; LIST_LEN],
+    pub v: [u64; LIST_LEN],
+    pub g: [u64; LIST_LEN],
+    pub n: [i64; LIST_LEN],
+    pub decay: [f32; LIST_LEN],
+    pub count: i64,
+}
+
+// The C struct's size (kernels.cu asserts the same), well inside the 4 KB of a launch's parameters.
+const _: () = assert!(std::mem::size_of::<TensorList>() == 2824);
+
+/// A list argument's tensors: `n` and `decay` per tensor; their pointers are the caller's buffers
+/// `per * t ..` (per = 4: parameter, m, v, gradient; per = 1: the gradient alone).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ListParam {
+    pub per: usize,
+    pub n: Vec<i64>,
+    pub decay: Vec<f32>,
+}
+
+impl ListParam {
+    /// The list with tensor t's pointers from `ptr(buffer number)`.
+    pub fn fill(&self, mut ptr: impl FnMut(usize) -> u64) -> TensorList {
+        let mut l = TensorList {
+            p: [0; LIST_LEN],
+            m: [0; LIST_LEN],
+            v: [0; LIST_LEN],
+            g: [0; LIST_LEN],
+            n: [0; LIST_LEN],
+            decay: [0.0; LIST_LEN],
+            count: self.n.len() as i64,
+        };
+        for (t, (&n, &decay)) in self.n.iter().zip(&self.decay).enumerate() {
+            if self.per == 4 {
+                l.p[t] = ptr(4 * t);
+                l.m[t] = ptr(4 * t + 1);
+                l.v[t] = ptr(4 * t + 2);
+            }
+            l.g[t] = ptr(self.per * t + self.per - 1);
+            l.n[t] = n;
+            l.decay[t] = decay;
+        }
+        l
+    }
 }
 
 /// One kernel launch over a 1-D grid of 1-D blocks.
@@ -86,13 +144,6 @@ impl Launch {
         Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params }
     }
 
-    /// `distill_sum_squares_f32(x, acc, n)`: at most 1,024 blocks (one atomic on `acc` each).
-    pub fn sum_squares(n: usize) -> Self {
-        let mut l = Self::elementwise("distill_sum_squares_f32", 2, n);
-        l.grid = l.grid.min(1024);
-        l
-    }
-
     /// `distill_adamw_f32(p, m, v, g, scale, n, decay, beta1, beta2, bc2, step, eps)`, in place;
     /// `scale` one f32 the gradient is multiplied by (the clipping coefficient).
     pub fn adamw(n: usize, c: [f32; 6]) -> Self {
@@ -100,6 +151,28 @@ impl Launch {
         params.push(Param::I64(n as i64));
         params.extend(c.map(Param::F32));
         Launch { kernel: "distill_adamw_f32", grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `distill_adamw_list_f32(list, scale, beta1, beta2, bc2, step, eps)` over up to [`LIST_LEN`]
+    /// tensors of `n[t]` elements, each with its weight decay factor: buffers p, m, v, g per tensor,
+    /// then `scale`. `c` = [beta1, beta2, bc2, step, eps].
+    pub fn adamw_list(n: &[usize], decay: &[f32], c: [f32; 5]) -> Self {
+        assert!(n.len() <= LIST_LEN && n.len() == decay.len(), "adamw list of {} tensors", n.len());
+        let list = ListParam { per: 4, n: n.iter().map(|&x| x as i64).collect(), decay: decay.to_vec() };
+        let mut params = vec![Param::List(Box::new(list)), Param::Buf(4 * n.len())];
+        params.extend(c.map(Param::F32));
+        let grid = elementwise_grid(n.iter().copied().max().unwrap_or(0));
+        Launch { kernel: "distill_adamw_list_f32", grid, block: ELEMENTWISE_BLOCK, params }
+    }
+
+    /// `distill_sum_squares_list_f32(list, acc)` over up to [`LIST_LEN`] gradients of `n[t]`
+    /// elements: buffers g per tensor, then `acc`; at most 1,024 blocks (one atomic each).
+    pub fn sum_squares_list(n: &[usize]) -> Self {
+        assert!(n.len() <= LIST_LEN, "sum of squares list of {} tensors", n.len());
+        let list = ListParam { per: 1, n: n.iter().map(|&x| x as i64).collect(), decay: vec![0.0; n.len()] };
+        let params = vec![Param::List(Box::new(list)), Param::Buf(n.len())];
+        let grid = elementwise_grid(n.iter().copied().max().unwrap_or(0)).min(1024);
+        Launch { kernel: "distill_sum_squares_list_f32", grid, block: ELEMENTWISE_BLOCK, params }
     }
 
     /// `distill_layer_norm_f32(x, w, b, y, rows, cols, eps, has_bias)`, one warp per row.

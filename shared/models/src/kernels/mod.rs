@@ -68,7 +68,8 @@ pub enum Unproven {
     /// Scoring in bf16: a post-LN block's bias, residual and layer norm in one kernel; the
     /// feed-forward's bias and GELU in one.
     ScoringEpilogues,
-    /// The global gradient norm from one accumulator (a kernel per gradient).
+    /// The optimizer over lists of tensors: the global gradient norm and the AdamW update, one
+    /// launch per 64 parameter tensors.
     Optimizer,
 }
 
@@ -1265,23 +1266,55 @@ pub fn adamw_step(
     Ok(false)
 }
 
-/// `acc` (one f32 on the device, zeroed by the caller) += Σ g², in place, one kernel: the global
-/// gradient norm without a sum and a square per gradient and their stack (on CUDA three launches
-/// per parameter tensor, and as many copies). Returns false (nothing done) where it does not
-/// apply (CPU, another dtype, kernels off): the caller takes the composite. `acc` must own its
-/// storage.
+/// [`adamw_step`] for a list of parameters at once: one launch per 64 tensors on CUDA (their
+/// pointers passed in the launch's parameters, as PyTorch's fused AdamW), where the per-tensor
+/// kernel takes one launch each. `items` = (parameter, m, v, gradient, weight decay factor), all
+/// f32, contiguous, on one CUDA device. Returns false (nothing done) where it does not apply
+/// (CPU, another dtype, the `optimizer` family off): the caller updates them one at a time.
 #[allow(unused_variables)]
-pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<bool> {
-    if !g.device().is_cuda()
-        || !fused_unproven_for(g, Unproven::Optimizer)
-        || acc.dtype() != DType::F32
-        || !g.is_contiguous()
+pub fn adamw_list(
+    items: &[(&Tensor, &Tensor, &Tensor, &Tensor, f64)],
+    scale: &Tensor,
+    [beta1, beta2, bc2, step, eps]: [f64; 5],
+) -> Result<bool> {
+    let Some(first) = items.first() else { return Ok(true) };
+    if !first.0.device().is_cuda()
+        || !fused_unproven_for(first.0, Unproven::Optimizer)
+        || scale.dtype() != DType::F32
+        || items
+            .iter()
+            .any(|(p, m, v, g, _)| [p, m, v, g].iter().any(|t| t.dtype() != DType::F32 || !t.is_contiguous()))
     {
         return Ok(false);
     }
     #[cfg(feature = "cuda")]
     {
-        cuda::sum_squares(acc, g)?;
+        let items: Vec<_> = items.iter().map(|&(p, m, v, g, d)| (p, m, v, g, d as f32)).collect();
+        cuda::adamw_list(&items, scale, [beta1, beta2, bc2, step, eps].map(|x| x as f32))?;
+        Ok(true)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(false)
+}
+
+/// `acc` (one f32 on the device, zeroed by the caller) += Σ g² over all of `grads`, in place: the
+/// global gradient norm in one launch per 64 gradients on CUDA (the composite takes a square, a
+/// sum and a copy per gradient and their stack). Returns false (nothing done) where it does not
+/// apply (CPU, another dtype, the `optimizer` family off): the caller takes the composite. `acc`
+/// must own its storage.
+#[allow(unused_variables)]
+pub fn sum_squares_list_into(acc: &Tensor, grads: &[&Tensor]) -> Result<bool> {
+    let Some(first) = grads.first() else { return Ok(true) };
+    if !first.device().is_cuda()
+        || !fused_unproven_for(first, Unproven::Optimizer)
+        || acc.dtype() != DType::F32
+        || grads.iter().any(|g| g.dtype() != DType::F32 || !g.is_contiguous())
+    {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::sum_squares_list(acc, grads)?;
         Ok(true)
     }
     #[cfg(not(feature = "cuda"))]
