@@ -38,7 +38,7 @@ echo "== fused kernels (kernels.cu) against the composite ops on the GPU: values
 # verdict. The families of kernels not yet proven on a GPU that pass are the ones the timed runs
 # below turn on (KERNELS_OK), unless SCORE_KERNELS / TRAIN_KERNELS say otherwise.
 KERNELS_OK=""
-for g in core embedding layer_norm bias_add rotary attention_scoring attention_training scoring_epilogues backbones optimizer; do
+for g in core embedding layer_norm bias_add rotary attention_scoring attention_training scoring_epilogues matmul_epilogues backbones optimizer; do
   if timeout 60 "$BIN" --device cuda --check-kernels --check-only "$g" 2>&1 | grep -v "^ *[0-9]*:\|^ *at "; then
     echo "-- $g: pass"
     case "$g" in core|backbones) ;; *) KERNELS_OK="${KERNELS_OK:+$KERNELS_OK,}$g" ;; esac
@@ -52,13 +52,18 @@ echo "$KERNELS_OK" > "$OUT/kernels-ok.txt"
 SCORE_KERNELS="${SCORE_KERNELS:-$KERNELS_OK}"
 TRAIN_KERNELS="${TRAIN_KERNELS:-$KERNELS_OK}"
 
-echo "== bf16 and f32 scores on the GPU against transformers fp32 (parity fixtures)"
+echo "== bf16 and f32 scores on the GPU against transformers fp32 (parity fixtures; kernels: the defaults, then $SCORE_KERNELS)"
 for dt in ${PARITY_DTYPES:-bf16 f32}; do
-  timeout 60 "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
+  for k in auto "$SCORE_KERNELS"; do
+    if [ "$k" = auto ] || [ "$SCORE_KERNELS" != auto ]; then
+      echo "-- $dt, kernels $k"
+      timeout 60 "$BIN" --device cuda --parity "$F/bert,$F/electra,$F/roberta,$F/xlm-roberta,$F/deberta,$F/modernbert" --score-dtype $dt --kernels "$k" 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
+    fi
+  done
 done
 if [ -d "$BENCH_DIR/minilm-bf16" ]; then
-  echo "== real weights: all-MiniLM-L6-v2 (+ the fixture's head), bf16 on the GPU against transformers fp32"
-  timeout 60 "$BIN" --device cuda --parity "$F/minilm" --parity-base "$BENCH_DIR/minilm-bf16" --score-dtype bf16 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
+  echo "== real weights: all-MiniLM-L6-v2 (+ the fixture's head), bf16 on the GPU against transformers fp32 (kernels $SCORE_KERNELS)"
+  timeout 60 "$BIN" --device cuda --parity "$F/minilm" --parity-base "$BENCH_DIR/minilm-bf16" --score-dtype bf16 --kernels "$SCORE_KERNELS" 2>&1 | grep -v "^ *[0-9]*:\|^ *at "
 fi
 if [ "${TORCH_PARITY:-1}" = 1 ]; then
   echo "== transformers' own bf16 on the same fixtures"

@@ -320,7 +320,13 @@ pub(crate) fn post_ln_block(
     if !train && crate::kernels::scoring_epilogues_on(ctx) {
         let attn = l.attn_norm.add_norm(&l.attn_out.product(ctx)?, l.attn_out.bias(), residual)?;
         let inter = match (hidden_act, l.intermediate.bias()) {
-            ("gelu", Some(b)) => crate::kernels::bias_gelu_for_scoring(&l.intermediate.product(&attn)?, b)?,
+            // The product, bias and GELU as one cuBLASLt call where that runs, else the product
+            // then one kernel for the bias and GELU.
+            ("gelu", Some(b)) => match crate::kernels::matmul_bias_gelu_for_scoring(&attn, l.intermediate.weight(), b)?
+            {
+                Some(inter) => inter,
+                None => crate::kernels::bias_gelu_for_scoring(&l.intermediate.product(&attn)?, b)?,
+            },
             _ => activation(hidden_act, &l.intermediate.forward(&attn)?)?,
         };
         return l.out_norm.add_norm(&l.output.product(&inter)?, l.output.bias(), &attn);

@@ -56,6 +56,12 @@ pub fn uncounted<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Counts one operation that another crate dispatches itself (a custom op whose work is a
+/// matrix product: kind "matmul", with its flops), usually inside [`uncounted`] around the op.
+pub fn record_op(kind: &'static str, name: &'static str, bytes: usize, flops: usize) {
+    record(kind, name, bytes, flops)
+}
+
 #[inline]
 pub(crate) fn record(kind: &'static str, name: &'static str, bytes: usize, flops: usize) {
     if !ON.load(Ordering::Relaxed) || PAUSED.with(|p| p.get()) > 0 {

@@ -74,7 +74,7 @@ struct Args {
     #[arg(long)]
     check_kernels: bool,
     /// With --check-kernels: only these groups (core, embedding, layer_norm, bias_add, rotary,
-    /// attention_scoring, attention_training, scoring_epilogues, backbones, optimizer).
+    /// attention_scoring, attention_training, scoring_epilogues, matmul_epilogues, backbones, optimizer).
     #[arg(long, value_delimiter = ',')]
     check_only: Vec<String>,
     /// Instead of timing: score the pairs of these parity fixtures (model directories holding a

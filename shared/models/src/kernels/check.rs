@@ -126,7 +126,7 @@ fn attention_masks(dev: &candle_core::Device, b: usize, l: usize, window: Option
 /// the normalisation, the masked softmax, dropout, and AdamW on CUDA), one per [`Unproven`]
 /// family, `backbones` (whole BERT, ModernBERT and DeBERTa under autocast, every kernel on) and
 /// `optimizer` (a family checked on CUDA only).
-pub const CHECK_GROUPS: [&str; 10] = [
+pub const CHECK_GROUPS: [&str; 11] = [
     "core",
     "embedding",
     "layer_norm",
@@ -135,6 +135,7 @@ pub const CHECK_GROUPS: [&str; 10] = [
     "attention_scoring",
     "attention_training",
     "scoring_epilogues",
+    "matmul_epilogues",
     "backbones",
     "optimizer",
 ];
@@ -188,7 +189,7 @@ pub fn check_against_composite(dev: &candle_core::Device, groups: &[&str]) -> Re
         }
     }
     let mut c = Checks { lines: Vec::new(), bad: Vec::new() };
-    let runs: [(&str, &dyn Fn(&candle_core::Device, &mut Checks) -> Result<()>); 10] = [
+    let runs: [(&str, &dyn Fn(&candle_core::Device, &mut Checks) -> Result<()>); 11] = [
         ("core", &check_core),
         ("embedding", &check_embedding),
         ("layer_norm", &check_layer_norm),
@@ -197,6 +198,7 @@ pub fn check_against_composite(dev: &candle_core::Device, groups: &[&str]) -> Re
         ("attention_scoring", &check_attention_scoring),
         ("attention_training", &check_attention_training),
         ("scoring_epilogues", &check_scoring_epilogues),
+        ("matmul_epilogues", &check_matmul_epilogues),
         ("backbones", &check_backbones),
         ("optimizer", &check_optimizer),
     ];
@@ -916,6 +918,53 @@ fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<
             c.fail();
         }
         if !(f.iter().all(|t| t.dtype() == DType::BF16) && d.iter().all(|d| *d < 3e-2)) {
+            c.fail();
+        }
+    }
+    Ok(())
+}
+
+/// The feed-forward's product, bias and GELU as one cuBLASLt call (bf16, no graph) against the
+/// composite (the bf16 product, then bias and GELU's erf form in f32, rounded) and both against
+/// the f32 computation: widths of BERT-base, MiniLM and an odd one.
+fn check_matmul_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
+    for (x_shape, n) in [(vec![130usize, 768], 3072usize), (vec![3, 5, 384], 1536), (vec![7, 96], 40)] {
+        let k = *x_shape.last().unwrap_or(&1);
+        let x = randn(x_shape.as_slice(), dev)?.to_dtype(DType::BF16)?;
+        let w = (randn((n, k), dev)? * (1.0 / (k as f64).sqrt()))?.to_dtype(DType::BF16)?;
+        let b = (randn(n, dev)? * 0.5)?.to_dtype(DType::BF16)?;
+        set_fused(true);
+        let took = crate::layers::no_grad(|| super::epilogues::matmul_bias_gelu_applies(&x, &w, &b));
+        let fused = crate::layers::no_grad(|| matmul_bias_gelu_for_scoring(&x, &w, &b));
+        set_fused_default();
+        let Some(fused) = fused? else {
+            c.line(format!("matmul + bias + gelu {x_shape:?} x [{n}, {k}]: not taken (applies {took})"));
+            c.fail();
+            continue;
+        };
+        let composite = crate::layers::no_grad(|| -> Result<Tensor> {
+            let product = x.broadcast_matmul(&w.t()?)?;
+            bias_gelu_for_scoring(&product, &b)
+        })?;
+        let f32_ref = x
+            .to_dtype(DType::F32)?
+            .broadcast_matmul(&w.to_dtype(DType::F32)?.t()?)?
+            .broadcast_add(&b.to_dtype(DType::F32)?)?
+            .gelu_erf()?;
+        let (d, df, dc) = (
+            relative_bf16(&fused, &composite)?,
+            relative_bf16(&fused, &f32_ref)?,
+            relative_bf16(&composite, &f32_ref)?,
+        );
+        c.line(format!(
+            "matmul + bias + gelu bf16 {x_shape:?} x [{n}, {k}]: relative |against the composite| {d:.1e}, |against f32| {df:.1e} (the composite's {dc:.1e})"
+        ));
+        if !(took
+            && fused.dtype() == DType::BF16
+            && fused.dims() == composite.dims()
+            && d < 2e-2
+            && df <= 2.0 * dc + 2e-3)
+        {
             c.fail();
         }
     }

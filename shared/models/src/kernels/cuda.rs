@@ -3,11 +3,13 @@
 //! into one cudarc launch.
 use super::launch::{Launch, Param, TensorList, LIST_LEN};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
@@ -335,6 +337,62 @@ fn views<'a, S: std::ops::Deref<Target = Storage>>(
         dev.get_or_insert_with(|| s.device().clone());
     }
     Ok((bufs, dev.ok_or_else(|| candle_core::Error::Msg(format!("{op}: no tensors")))?))
+}
+
+/// The cuBLASLt handle of `dev` (one per device, on candle's stream, with cudarc's workspace).
+fn blas_lt(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: Mutex<Vec<(DeviceId, Arc<CudaBlasLT>)>> = Mutex::new(Vec::new());
+    let mut handles = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, lt)) = handles.iter().find(|(id, _)| *id == dev.id()) {
+        return Ok(lt.clone());
+    }
+    let lt = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(|e| candle_core::Error::Cuda(Box::new(e)))?);
+    handles.push((dev.id(), lt.clone()));
+    Ok(lt)
+}
+
+/// gelu(x wᵀ + b), bf16, as one cuBLASLt product with its GELU_BIAS epilogue: x [rows, k], w [n, k]
+/// and b [n] contiguous bf16; out [rows, n] (launch.rs's `lt_product` maps the row-major layer
+/// onto cuBLAS's column-major product).
+pub fn matmul_bias_gelu(
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Result<CudaStorage> {
+    const OP: &str = "matmul + bias + gelu";
+    let dev = s1.device().clone();
+    let (x, w, b) = (bf16_view(s1, l1, OP)?, bf16_view(s2, l2, OP)?, bf16_view(s3, l3, OP)?);
+    // SAFETY: every element is written by the product.
+    let mut out = unsafe { dev.alloc::<half::bf16>(rows * n)? };
+    if rows > 0 && n > 0 {
+        let p = super::launch::lt_product(rows, k, n);
+        let cfg = MatmulConfig {
+            transa: p.transa,
+            transb: p.transb,
+            transc: false,
+            m: p.m,
+            n: p.n,
+            k: p.k,
+            alpha: 1.0,
+            lda: p.lda,
+            ldb: p.ldb,
+            beta: 0.0,
+            ldc: p.ldc,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the views hold k x n, k x rows and n elements (product_shape checked the
+        // shapes), out rows x n: what the configuration reads and writes.
+        unsafe { blas_lt(&dev)?.matmul(cfg, &w, &x, &mut out, Some(&b), Some(&Activation::Gelu)) }
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
 /// Runs `launch` on `ins` plus a new output of `len` elements (zeroed first when `zeroed`, for

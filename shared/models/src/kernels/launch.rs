@@ -73,6 +73,37 @@ impl ListParam {
     }
 }
 
+/// A cuBLAS(Lt) product for y = x Wᵀ + bias with x [rows, k] and W [n, k] row-major (a linear
+/// layer's input and weight) and y [rows, n] row-major. cuBLAS reads memory column-major and
+/// computes C = op(A) op(B) (m x n, plus a bias of m per row of C): C = y read column-major
+/// ([n x rows], ld n), A = W read as [k x n] (ld k) transposed, B = x read as [k x rows] (ld k) as
+/// it is; the bias is one per output feature. `m`, `n`, `k` as cuBLAS names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct LtProduct {
+    pub transa: bool,
+    pub transb: bool,
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+    pub lda: i64,
+    pub ldb: i64,
+    pub ldc: i64,
+}
+
+/// [`LtProduct`] of a linear layer: `rows` inputs of `k` features, `n` outputs.
+pub(crate) fn lt_product(rows: usize, k: usize, n: usize) -> LtProduct {
+    LtProduct {
+        transa: true,
+        transb: false,
+        m: n as u64,
+        n: rows as u64,
+        k: k as u64,
+        lda: k as i64,
+        ldb: k as i64,
+        ldc: n as i64,
+    }
+}
+
 /// One kernel launch over a 1-D grid of 1-D blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Launch {
@@ -500,4 +531,46 @@ const ROWS_PER_BLOCK: usize = 64;
 
 fn chunks_grid(rows: usize) -> u32 {
     rows.div_ceil(ROWS_PER_BLOCK) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// C = op(A) op(B) + bias as cuBLAS defines it on column-major memory (the matrix sizes of
+    /// A and B as cudarc's cublasLt layouts give them: k x m when A is transposed, m x k when not).
+    fn cublas_reference(p: LtProduct, a: &[f32], b: &[f32], bias: &[f32]) -> Vec<f32> {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let (lda, ldb, ldc) = (p.lda as usize, p.ldb as usize, p.ldc as usize);
+        let (a_rows, a_cols) = if p.transa { (k, m) } else { (m, k) };
+        let (b_rows, b_cols) = if p.transb { (n, k) } else { (k, n) };
+        assert!(lda >= a_rows && ldb >= b_rows && ldc >= m);
+        assert!(a.len() >= lda * (a_cols - 1) + a_rows && b.len() >= ldb * (b_cols - 1) + b_rows);
+        let op_a = |i: usize, q: usize| if p.transa { a[q + i * lda] } else { a[i + q * lda] };
+        let op_b = |q: usize, j: usize| if p.transb { b[j + q * ldb] } else { b[q + j * ldb] };
+        let mut c = vec![f32::NAN; ldc * n];
+        for j in 0..n {
+            for i in 0..m {
+                c[i + j * ldc] = (0..k).map(|q| op_a(i, q) * op_b(q, j)).sum::<f32>() + bias[i];
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn the_cublaslt_product_of_a_linear_layer_is_x_times_w_transposed_plus_bias() {
+        let (rows, k, n) = (5usize, 7usize, 3usize);
+        let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.91).cos()).collect();
+        let bias = [0.5f32, -1.0, 2.0];
+        let c = cublas_reference(lt_product(rows, k, n), &w, &x, &bias);
+        for r in 0..rows {
+            for o in 0..n {
+                let want = (0..k).map(|q| x[r * k + q] * w[o * k + q]).sum::<f32>() + bias[o];
+                let got = c[r * n + o];
+                assert!((got - want).abs() < 1e-5, "y[{r}][{o}]: {got} against {want}");
+            }
+        }
+        assert_eq!(c.len(), rows * n, "C is y, row-major, nothing beside it");
+    }
 }

@@ -68,13 +68,16 @@ pub enum Unproven {
     /// Scoring in bf16: a post-LN block's bias, residual and layer norm in one kernel; the
     /// feed-forward's bias and GELU in one.
     ScoringEpilogues,
+    /// Scoring in bf16 on CUDA: the feed-forward's product, bias and GELU as one cuBLASLt call
+    /// (its GELU epilogue).
+    MatmulEpilogues,
     /// The optimizer over lists of tensors: the global gradient norm and the AdamW update, one
     /// launch per 64 parameter tensors.
     Optimizer,
 }
 
 impl Unproven {
-    pub const ALL: [Unproven; 8] = [
+    pub const ALL: [Unproven; 9] = [
         Unproven::Embedding,
         Unproven::LayerNorm,
         Unproven::BiasAdd,
@@ -82,6 +85,7 @@ impl Unproven {
         Unproven::AttentionScoring,
         Unproven::AttentionTraining,
         Unproven::ScoringEpilogues,
+        Unproven::MatmulEpilogues,
         Unproven::Optimizer,
     ];
 
@@ -94,6 +98,7 @@ impl Unproven {
             Unproven::AttentionScoring => "attention_scoring",
             Unproven::AttentionTraining => "attention_training",
             Unproven::ScoringEpilogues => "scoring_epilogues",
+            Unproven::MatmulEpilogues => "matmul_epilogues",
             Unproven::Optimizer => "optimizer",
         }
     }
@@ -1343,7 +1348,7 @@ pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 pub use epilogues::{
     add_norm_for_scoring, add_norm_for_training, add_norm_for_training_on, add_norm_sum_for_scoring,
     bias_gelu_for_scoring, bias_gelu_for_training, bias_gelu_for_training_on, geglu_for_scoring, geglu_for_training,
-    geglu_for_training_on, scoring_epilogues_on,
+    geglu_for_training_on, matmul_bias_gelu_for_scoring, scoring_epilogues_on,
 };
 #[cfg(test)]
 use epilogues::{AddNorm, AddNormTrain, AddNormTrainGrad, BiasGelu, BiasGeluGrad, DropoutTo, Geglu, GegluGrad};
@@ -1359,7 +1364,7 @@ mod tests {
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
         assert!(checks.bad.is_empty(), "{:?}", checks.bad);
-        assert_eq!(checks.lines.len(), 69, "{:?}", checks.lines);
+        assert_eq!(checks.lines.len(), 72, "{:?}", checks.lines);
         // One group alone runs only its checks; an unknown group is an error naming the known.
         let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
         assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
