@@ -771,6 +771,36 @@ __device__ __forceinline__ float keep(uint64_t seed, float p, int64_t bh, int64_
   return uniform(seed, (uint64_t)((bh * len + qi) * len + kj)) >= p ? 1.0f / (1.0f - p) : 0.0f;
 }
 
+// bf16 tensor-core operands from shared memory (every tile the flash kernels multiply is
+// __shared__): wmma.load with the .shared state space, which ptxas turns into one ldmatrix (LDSM)
+// per tile. The C++ API's bf16 loads carry no state space and become eight generic 32-bit loads
+// per tile, plus transposes for a row-major B. The emulator (no __CUDA_ARCH__) takes the API.
+#ifdef __CUDA_ARCH__
+#define DISTILL_LOAD_SHARED(ptx)                                                                           \
+  int* r = reinterpret_cast<int*>(&f);                                                                   \
+  asm volatile(ptx " {%0, %1, %2, %3}, [%4], %5;"                                                         \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                          \
+               : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(ldm)                                    \
+               : "memory");
+#else
+#define DISTILL_LOAD_SHARED(ptx) nvcuda::wmma::load_matrix_sync(f, p, ldm);
+#endif
+__device__ __forceinline__ void load_shared(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  DISTILL_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16")
+}
+__device__ __forceinline__ void load_shared(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  DISTILL_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16")
+}
+__device__ __forceinline__ void load_shared(
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>& f,
+    const __nv_bfloat16* p, unsigned ldm) {
+  DISTILL_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16")
+}
+
 // out [16 x N] (f32, leading dimension ldo) = A [16 x D] · Bᵀ, with A and B [N x D] row-major bf16
 // (leading dimension D; Bᵀ read column-major from B): one warp, wmma tiles.
 template <int D, int N>
@@ -782,8 +812,8 @@ __device__ void mma_abt(float* out, int ldo, const __nv_bfloat16* a, const __nv_
     for (int kk = 0; kk < D / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a + kk * 16, D);
-      wmma::load_matrix_sync(fb, b + n * 16 * D + kk * 16, D);
+      load_shared(fa, a + kk * 16, D);
+      load_shared(fb, b + n * 16 * D + kk * 16, D);
       wmma::mma_sync(acc, fa, fb, acc);
     }
     wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
@@ -800,8 +830,8 @@ __device__ void mma_ab_acc(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16,
     for (int kk = 0; kk < K / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, a + kk * 16, K);
-      wmma::load_matrix_sync(fb, b + kk * 16 * D + n * 16, D);
+      load_shared(fa, a + kk * 16, K);
+      load_shared(fb, b + kk * 16 * D + n * 16, D);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
 }
