@@ -12,6 +12,11 @@ fn main() {
     let mut table = String::new();
     for line in source.lines() {
         if let Some(rest) = line.trim_start().strip_prefix("extern \"C\" __global__ void ") {
+            // An optional `__launch_bounds__(threads, blocks) ` before the name.
+            let rest = match rest.strip_prefix("__launch_bounds__(") {
+                Some(b) => b.split_once(") ").map(|(_, r)| r).unwrap_or(b),
+                None => rest,
+            };
             let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             table.push_str(&format!("ENTRY({name})\n"));
         }

@@ -18,6 +18,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __restrict__
+#define __launch_bounds__(...)
 // Blocks run one at a time and launches are serialised, so one static per kernel is one block's.
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))

@@ -746,6 +746,10 @@ extern "C" __global__ void distill_rotary_merge_f32(const float* g, const float*
 // log-sum-exp `lse` [B, H, L] for the backward. A block of 4 warps takes 64 queries of one
 // (batch, head), each warp 16; keys go through in tiles of 32 (K and V tiles in shared memory,
 // shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query blocks + query block.
+// The kernels that run it cap their registers (__launch_bounds__: 128 threads, so many blocks per
+// multiprocessor): 4 blocks of 128 registers a thread for head size 64 scoring, 5 of 96 for 32,
+// without spills (uncapped, ptxas took 130-176 and left room for 2-3 blocks); the training
+// forward of head size 64 keeps 3 (capped at 4 it spills).
 #define DISTILL_FA_WARPS 4
 #define DISTILL_FA_QW 16
 #define DISTILL_FA_KT 32
@@ -802,8 +806,8 @@ __device__ __forceinline__ void load_shared(
 }
 
 // out [16 x N] (f32, leading dimension ldo) = A [16 x D] · Bᵀ, with A and B [N x D] row-major bf16
-// (leading dimension D; Bᵀ read column-major from B): one warp, wmma tiles.
-template <int D, int N>
+// (leading dimensions LDA, LDB; Bᵀ read column-major from B): one warp, wmma tiles.
+template <int D, int N, int LDA = D, int LDB = D>
 __device__ void mma_abt(float* out, int ldo, const __nv_bfloat16* a, const __nv_bfloat16* b) {
   using namespace nvcuda;
   for (int n = 0; n < N / 16; ++n) {
@@ -812,17 +816,17 @@ __device__ void mma_abt(float* out, int ldo, const __nv_bfloat16* a, const __nv_
     for (int kk = 0; kk < D / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
-      load_shared(fa, a + kk * 16, D);
-      load_shared(fb, b + n * 16 * D + kk * 16, D);
+      load_shared(fa, a + kk * 16, LDA);
+      load_shared(fb, b + n * 16 * LDB + kk * 16, LDB);
       wmma::mma_sync(acc, fa, fb, acc);
     }
     wmma::store_matrix_sync(out + n * 16, acc, ldo, wmma::mem_row_major);
   }
 }
 
-// acc[n] += A [16 x K] · B [K x D] (columns 16 n ..), A row-major bf16 (leading dimension K), B
-// row-major bf16 (leading dimension D): one warp, wmma tiles.
-template <int K, int D>
+// acc[n] += A [16 x K] · B [K x D] (columns 16 n ..), A and B row-major bf16 (leading dimensions
+// LDA, LDB): one warp, wmma tiles.
+template <int K, int D, int LDA = K, int LDB = D>
 __device__ void mma_ab_acc(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>* acc,
                            const __nv_bfloat16* a, const __nv_bfloat16* b) {
   using namespace nvcuda;
@@ -830,8 +834,8 @@ __device__ void mma_ab_acc(nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16,
     for (int kk = 0; kk < K / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
-      load_shared(fa, a + kk * 16, K);
-      load_shared(fb, b + kk * 16 * D + n * 16, D);
+      load_shared(fa, a + kk * 16, LDA);
+      load_shared(fb, b + kk * 16 * LDB + n * 16, LDB);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
 }
@@ -868,15 +872,21 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
                               float scale, int64_t window, uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
-  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
-  __shared__ __align__(32) __nv_bfloat16 ks[KT * D];
-  __shared__ __align__(32) __nv_bfloat16 vs[KT * D];
-  __shared__ __align__(32) float ss[W][QW * KT];
-  __shared__ __align__(32) __nv_bfloat16 ps[W][QW * KT];
-  __shared__ __align__(32) float os[W][QW * D];
-  __shared__ float ms[W][QW], ls[W][QW];
+  // Rows in shared memory padded by 8 elements, so that the rows an ldmatrix or an accumulator
+  // store reads or writes together fall in different banks (unpadded, rows 128 or 64 bytes apart
+  // share theirs): LQ for the bf16 tiles, LS for a warp's f32 scores (its bf16 probabilities P
+  // reuse that space, rows LS bf16 apart: the scores are in registers by then; so does the output
+  // on its way out).
+  constexpr int LQ = D + 8, LS = KT + 8;
+  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * LQ];
+  __shared__ __align__(32) __nv_bfloat16 ks[KT * LQ];
+  __shared__ __align__(32) __nv_bfloat16 vs[KT * LQ];
+  __shared__ __align__(32) float ss[W][QW * LS];
+  __shared__ __align__(32) float row_of[16 * 16];
+  __shared__ float ms[W][QW], ls[W][QW], as[W][QW];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __nv_bfloat16* ps = reinterpret_cast<__nv_bfloat16*>(ss[warp]);
   const int64_t qblocks = (len + W * QW - 1) / (W * QW);
   const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
@@ -894,78 +904,97 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t r = q0 + i / D;
-    qs[i] = r < len ? tile_rope<D>(qb + r * rs, qbias, i % D, rope, r, len) : zero;
+    qs[i / D * LQ + i % D] = r < len ? tile_rope<D>(qb + r * rs, qbias, i % D, rope, r, len) : zero;
   }
-  for (int i = lane; i < QW * D; i += 32) os[warp][i] = 0.0f;
+  for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) row_of[i] = (float)(i / 16);
   if (lane < QW) {
     ms[warp][lane] = -INFINITY;
     ls[warp][lane] = 0.0f;
   }
   __syncthreads();
 
-  // Two lanes per query row, each over half of a key tile and half of the head's values.
+  // The output O stays in the warp's accumulators from tile to tile. wmma leaves which element
+  // of a 16 x 16 tile a lane's fragment element holds unspecified, but the same for every
+  // fragment of a type: a fragment loaded from a tile of row numbers tells each element's row,
+  // for the rescaling by exp(old max - new max) and the final 1 / sum, per row.
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> rows, acc[D / 16];
+  wmma::load_matrix_sync(rows, row_of, 16, wmma::mem_row_major);
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+
+  // Two lanes per query row, each over half of a key tile. Lane (r, half) takes its half's
+  // columns in the order c ^ r: in step, the 16 rows' equal columns would share one bank of
+  // shared memory (16 ways); swizzled they fall in 32 different banks.
   const int r = lane / 2, half = lane % 2;
   const int64_t qi = q0 + warp * QW + r;
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-      vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
+      ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
+      vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
 
     // S = Q Kᵀ for this warp's 16 queries and the tile's 32 keys.
-    mma_abt<D, KT>(ss[warp], KT, qs + warp * QW * D, ks);
+    mma_abt<D, KT, LQ, LQ>(ss[warp], LS, qs + warp * QW * LQ, ks);
     __syncwarp();
 
     // Online softmax: the row's new max, P = exp(s - max) (bf16, dropped out, for the next
-    // product), the running sum (of the kept and the dropped) and the output rescaled by
-    // exp(old max - new max).
+    // product), the running sum (of the kept and the dropped) and the factor exp(old max - new
+    // max) for the output so far.
     float sv[KT / 2];
     float mx = -INFINITY;
     for (int c = 0; c < KT / 2; ++c) {
-      int64_t kj = k0 + half * (KT / 2) + c;
-      sv[c] = attends(qi, kj, len, window, bb) ? ss[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] : -INFINITY;
+      const int col = half * (KT / 2) + (c ^ r);
+      int64_t kj = k0 + col;
+      sv[c] = attends(qi, kj, len, window, bb) ? ss[warp][r * LS + col] * scale + bb[kj] : -INFINITY;
       mx = fmaxf(mx, sv[c]);
     }
+    // Every lane's scores are in registers past this shuffle: P may overwrite them.
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     const float m_old = ms[warp][r];
     const float m_new = fmaxf(m_old, mx);
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;
     float sum = 0.0f;
     for (int c = 0; c < KT / 2; ++c) {
-      int64_t kj = k0 + half * (KT / 2) + c;
+      const int col = half * (KT / 2) + (c ^ r);
+      int64_t kj = k0 + col;
       float e = sv[c] == -INFINITY ? 0.0f : expf(sv[c] - m_use);
-      ps[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(e == 0.0f ? 0.0f : e * keep(seed, p, bh, qi, kj, len));
+      ps[r * LS + col] = __float2bfloat16(e == 0.0f ? 0.0f : e * keep(seed, p, bh, qi, kj, len));
       sum += e;
     }
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
-    for (int j = half * (D / 2); j < (half + 1) * (D / 2); ++j) os[warp][r * D + j] *= alpha;
-    __syncwarp();
     if (half == 0) {
       ms[warp][r] = m_new;
       ls[warp][r] = ls[warp][r] * alpha + sum;
+      as[warp][r] = alpha;
     }
+    __syncwarp();
 
-    // O += P V (O rescaled above, so it goes through shared memory)
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[D / 16];
-      for (int n = 0; n < D / 16; ++n) wmma::load_matrix_sync(acc[n], os[warp] + n * 16, D, wmma::mem_row_major);
-      mma_ab_acc<KT, D>(acc, ps[warp], vs);
-      for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(os[warp] + n * 16, acc[n], D, wmma::mem_row_major);
+    // O = O · alpha (per row) + P V
+    for (int e = 0; e < rows.num_elements; ++e) {
+      const float f = as[warp][(int)rows.x[e]];
+      for (int n = 0; n < D / 16; ++n) acc[n].x[e] *= f;
     }
-    // The tile's K and V are overwritten next; the output tiles are read next.
+    mma_ab_acc<KT, D, LS, LQ>(acc, ps, vs);
+    // The tile's K and V are overwritten next.
     __syncthreads();
   }
 
-  for (int i = lane; i < QW * D; i += 32) {
-    int row = i / D;
-    int64_t qrow = q0 + warp * QW + row;
-    if (qrow < len) {
-      float l = ls[warp][row];
-      store_out(&out[((batch * len + qrow) * heads + head) * D + i % D], l > 0.0f ? os[warp][i] / l : 0.0f);
+  // O / sum, out through the warp's score space a 16 x 16 tile at a time.
+  for (int e = 0; e < rows.num_elements; ++e) {
+    const float l = ls[warp][(int)rows.x[e]];
+    for (int n = 0; n < D / 16; ++n) acc[n].x[e] = l > 0.0f ? acc[n].x[e] / l : 0.0f;
+  }
+  float* stage = ss[warp];
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::store_matrix_sync(stage, acc[n], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < 16 * 16; i += 32) {
+      int64_t qrow = q0 + warp * QW + i / 16;
+      if (qrow < len) store_out(&out[((batch * len + qrow) * heads + head) * D + n * 16 + i % 16], stage[i]);
     }
+    __syncwarp();
   }
   if (lse && lane < QW && q0 + warp * QW + lane < len) {
     float m = ms[warp][lane], l = ls[warp][lane];
@@ -973,27 +1002,27 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   }
 }
 
-extern "C" __global__ void distill_flash_attention_d32_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_d32_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
   flash_forward<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_d64_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
   flash_forward<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                    const float* bias, __nv_bfloat16* out, int64_t heads,
                                                                    int64_t len, float scale, int64_t window) {
   flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void distill_flash_attention_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                    const float* bias, __nv_bfloat16* out, int64_t heads,
                                                                    int64_t len, float scale, int64_t window) {
   flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
@@ -1001,7 +1030,7 @@ extern "C" __global__ void distill_flash_attention_packed_d64_bf16(const __nv_bf
 
 // The packed attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin).
 // (Written out: the emulator's build reads the kernel names from these definitions.)
-extern "C" __global__ void distill_flash_attention_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
                                                                         const float* qkv_bias, const float* rope,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         int64_t heads, int64_t len, float scale,
@@ -1009,7 +1038,7 @@ extern "C" __global__ void distill_flash_attention_packed_rope_d32_bf16(const __
   flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void distill_flash_attention_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
                                                                         const float* qkv_bias, const float* rope,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         int64_t heads, int64_t len, float scale,
@@ -1017,14 +1046,14 @@ extern "C" __global__ void distill_flash_attention_packed_rope_d64_bf16(const __
   flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
   flash_forward<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
-extern "C" __global__ void distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
+extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
@@ -1316,7 +1345,7 @@ extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, c
 
 // The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
 // f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
-extern "C" __global__ void distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         float* lse, int64_t heads, int64_t len,
                                                                         float scale, int64_t window, uint64_t seed,
@@ -1345,7 +1374,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d32_bf16(const __n
 
 // The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
 // f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
-extern "C" __global__ void distill_flash_attention_train_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         float* lse, int64_t heads, int64_t len,
                                                                         float scale, int64_t window, uint64_t seed,
@@ -1374,7 +1403,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __n
 
 // The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
 // rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
-extern "C" __global__ void distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
                                                                              const float* qkv_bias, const float* rope,
                                                                              const float* bias, __nv_bfloat16* out,
                                                                              float* lse, int64_t heads, int64_t len,
@@ -1407,7 +1436,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_rope_d32_bf16(cons
 
 // The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
 // rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
-extern "C" __global__ void distill_flash_attention_train_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
                                                                              const float* qkv_bias, const float* rope,
                                                                              const float* bias, __nv_bfloat16* out,
                                                                              float* lse, int64_t heads, int64_t len,
