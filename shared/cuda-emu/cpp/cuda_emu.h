@@ -23,6 +23,14 @@
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
+struct __align__(16) float4 {
+  float x, y, z, w;
+};
+struct __align__(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
@@ -99,6 +107,7 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 
 namespace emu {
 // Runs `body` as a grid of 1-D blocks.

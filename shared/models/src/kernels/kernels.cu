@@ -747,9 +747,8 @@ extern "C" __global__ void distill_rotary_merge_f32(const float* g, const float*
 // (batch, head), each warp 16; keys go through in tiles of 32 (K and V tiles in shared memory,
 // shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query blocks + query block.
 // The kernels that run it cap their registers (__launch_bounds__: 128 threads, so many blocks per
-// multiprocessor): 4 blocks of 128 registers a thread for head size 64 scoring, 5 of 96 for 32,
-// without spills (uncapped, ptxas took 130-176 and left room for 2-3 blocks); the training
-// forward of head size 64 keeps 3 (capped at 4 it spills).
+// multiprocessor), without spills: 4 blocks of at most 128 registers a thread for head size 64,
+// 6 of 85 for 32 (shared memory would allow 7 and 10).
 #define DISTILL_FA_WARPS 4
 #define DISTILL_FA_QW 16
 #define DISTILL_FA_KT 32
@@ -861,6 +860,31 @@ __device__ __forceinline__ __nv_bfloat16 tile_rope(const TI* row, const float* b
   return __float2bfloat16(x * rope[pos * D + c] + (c < h ? -y : y) * rope[(len + pos) * D + c]);
 }
 
+// A lane's 16 scores of a warp's score tile in shared memory (rows `ld` floats apart, 16-byte
+// aligned), by four 16-byte loads: with ld = 36 the quarter warp's loads (4 rows, both halves)
+// fall in different banks, where the 16 rows' equal columns read one at a time share one bank.
+__device__ __forceinline__ void load16(float* v, const float* row) {
+  const float4* p = reinterpret_cast<const float4*>(row);
+  for (int i = 0; i < 4; ++i) {
+    const float4 t = p[i];
+    v[4 * i] = t.x;
+    v[4 * i + 1] = t.y;
+    v[4 * i + 2] = t.z;
+    v[4 * i + 3] = t.w;
+  }
+}
+
+// 16 values to a bf16 row in shared memory (16-byte aligned), by two 16-byte stores.
+__device__ __forceinline__ void store16_bf16(__nv_bfloat16* row, const float* v) {
+  unsigned w[8];
+  for (int i = 0; i < 8; ++i)
+    w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16);
+  uint4* p = reinterpret_cast<uint4*>(row);
+  p[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  p[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
 // q, k, v either [B, H, L, D] each (packed = 0), or one linear layer's output [B, L, 3, H, D]
 // (packed = 1: q points at it, k and v are ignored) with its bias qkv_bias [3, H, D] (or null)
 // added as the tiles load: BERT's joined query/key/value product read in place, without the
@@ -872,12 +896,13 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
                               float scale, int64_t window, uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
-  // Rows in shared memory padded by 8 elements, so that the rows an ldmatrix or an accumulator
-  // store reads or writes together fall in different banks (unpadded, rows 128 or 64 bytes apart
-  // share theirs): LQ for the bf16 tiles, LS for a warp's f32 scores (its bf16 probabilities P
-  // reuse that space, rows LS bf16 apart: the scores are in registers by then; so does the output
-  // on its way out).
-  constexpr int LQ = D + 8, LS = KT + 8;
+  static_assert(KT == 32, "a lane holds 16 scores: half a key tile");
+  // Rows in shared memory padded, so that the rows an ldmatrix, an accumulator store or a lane's
+  // 16-byte loads touch together fall in different banks (unpadded, rows 128 or 64 bytes apart
+  // share theirs): LQ for the bf16 tiles, LS for a warp's f32 scores; its bf16 probabilities P
+  // reuse that space, rows LP bf16 apart (the scores are in registers by then), and so does the
+  // output on its way out.
+  constexpr int LQ = D + 8, LS = KT + 4, LP = KT + 8;
   __shared__ __align__(32) __nv_bfloat16 qs[W * QW * LQ];
   __shared__ __align__(32) __nv_bfloat16 ks[KT * LQ];
   __shared__ __align__(32) __nv_bfloat16 vs[KT * LQ];
@@ -921,9 +946,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   wmma::load_matrix_sync(rows, row_of, 16, wmma::mem_row_major);
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
 
-  // Two lanes per query row, each over half of a key tile. Lane (r, half) takes its half's
-  // columns in the order c ^ r: in step, the 16 rows' equal columns would share one bank of
-  // shared memory (16 ways); swizzled they fall in 32 different banks.
+  // Two lanes per query row, each over half of a key tile.
   const int r = lane / 2, half = lane % 2;
   const int64_t qi = q0 + warp * QW + r;
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
@@ -942,11 +965,11 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
     // product), the running sum (of the kept and the dropped) and the factor exp(old max - new
     // max) for the output so far.
     float sv[KT / 2];
+    load16(sv, ss[warp] + r * LS + half * (KT / 2));
     float mx = -INFINITY;
     for (int c = 0; c < KT / 2; ++c) {
-      const int col = half * (KT / 2) + (c ^ r);
-      int64_t kj = k0 + col;
-      sv[c] = attends(qi, kj, len, window, bb) ? ss[warp][r * LS + col] * scale + bb[kj] : -INFINITY;
+      int64_t kj = k0 + half * (KT / 2) + c;
+      sv[c] = attends(qi, kj, len, window, bb) ? sv[c] * scale + bb[kj] : -INFINITY;
       mx = fmaxf(mx, sv[c]);
     }
     // Every lane's scores are in registers past this shuffle: P may overwrite them.
@@ -956,12 +979,12 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;
     float sum = 0.0f;
     for (int c = 0; c < KT / 2; ++c) {
-      const int col = half * (KT / 2) + (c ^ r);
-      int64_t kj = k0 + col;
+      int64_t kj = k0 + half * (KT / 2) + c;
       float e = sv[c] == -INFINITY ? 0.0f : expf(sv[c] - m_use);
-      ps[r * LS + col] = __float2bfloat16(e == 0.0f ? 0.0f : e * keep(seed, p, bh, qi, kj, len));
       sum += e;
+      sv[c] = e == 0.0f ? 0.0f : e * keep(seed, p, bh, qi, kj, len);
     }
+    store16_bf16(ps + r * LP + half * (KT / 2), sv);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     const float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_use);
     if (half == 0) {
@@ -976,7 +999,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
       const float f = as[warp][(int)rows.x[e]];
       for (int n = 0; n < D / 16; ++n) acc[n].x[e] *= f;
     }
-    mma_ab_acc<KT, D, LS, LQ>(acc, ps, vs);
+    mma_ab_acc<KT, D, LP, LQ>(acc, ps, vs);
     // The tile's K and V are overwritten next.
     __syncthreads();
   }
@@ -1002,7 +1025,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_d32_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_d32_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                             const __nv_bfloat16* v, const float* bias,
                                                             __nv_bfloat16* out, int64_t heads, int64_t len,
                                                             float scale, int64_t window) {
@@ -1016,7 +1039,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_d64
   flash_forward<64>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                    const float* bias, __nv_bfloat16* out, int64_t heads,
                                                                    int64_t len, float scale, int64_t window) {
   flash_forward<32>(qkv, qkv, qkv, qkv_bias, 1, (const float*)nullptr, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
@@ -1030,7 +1053,7 @@ extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_pac
 
 // The packed attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin).
 // (Written out: the emulator's build reads the kernel names from these definitions.)
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
                                                                         const float* qkv_bias, const float* rope,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         int64_t heads, int64_t len, float scale,
@@ -1046,14 +1069,14 @@ extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_pac
   flash_forward<64>(qkv, qkv, qkv, qkv_bias, 1, rope, bias, out, (float*)nullptr, heads, len, scale, window, 0, 0.0f);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_train_d32_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
   flash_forward<32>(q, k, v, (const float*)nullptr, 0, (const float*)nullptr, bias, out, lse, heads, len, scale, window, seed, p);
 }
 
-extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_train_d64_f32(const float* q, const float* k, const float* v,
                                                                  const float* bias, float* out, float* lse,
                                                                  int64_t heads, int64_t len, float scale,
                                                                  int64_t window, uint64_t seed, float p) {
@@ -1128,11 +1151,19 @@ __device__ void store_rows_rope(nvcuda::wmma::fragment<nvcuda::wmma::accumulator
   __syncwarp();
 }
 
-// The staging tile of a backward kernel: 16 x KT floats, or 16 x D where rotary embeddings are
-// undone (the whole row at once).
+// The score tile of a backward kernel, rows LS = KT + 4 floats apart (a lane's 16-byte loads of
+// its half row in different banks from its quarter warp's: load16), which also stages the
+// gradients on their way out: 16 x 32 floats, or 16 x D where rotary embeddings are undone (the
+// whole row at once).
 template <int D, bool ROPE>
 struct Stage {
-  static constexpr int size = DISTILL_FA_QW * (ROPE && D > DISTILL_FA_KT ? D : DISTILL_FA_KT);
+  static constexpr int LS = DISTILL_FA_KT + 4;
+  static constexpr int size = DISTILL_FA_QW * (ROPE && D > LS ? D : LS);
+  // bf16 tiles: rows padded by 8 (ldmatrix rows in different banks) where shared memory allows
+  // (the dK/dV kernel of head size 64 with rotary embeddings would pass 48 KB).
+  static constexpr int LQ = ROPE && D == 64 ? D : D + 8;
+  // A warp's bf16 dS or P tile, rows LP apart (16-byte aligned, ldmatrix rows in different banks).
+  static constexpr int LP = DISTILL_FA_KT + 8;
 };
 
 template <int D, bool ROPE = false, class TI, class TG>
@@ -1142,12 +1173,13 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
                                   uint64_t seed, float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, QW = DISTILL_FA_QW, KT = DISTILL_FA_KT;
-  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * D];
-  __shared__ __align__(32) __nv_bfloat16 dos[W * QW * D];
-  __shared__ __align__(32) __nv_bfloat16 ks[KT * D];
-  __shared__ __align__(32) __nv_bfloat16 vs[KT * D];
+  constexpr int LS = Stage<D, ROPE>::LS, LQ = Stage<D, ROPE>::LQ, LP = Stage<D, ROPE>::LP;
+  __shared__ __align__(32) __nv_bfloat16 qs[W * QW * LQ];
+  __shared__ __align__(32) __nv_bfloat16 dos[W * QW * LQ];
+  __shared__ __align__(32) __nv_bfloat16 ks[KT * LQ];
+  __shared__ __align__(32) __nv_bfloat16 vs[KT * LQ];
   __shared__ __align__(32) float sb[W][Stage<D, ROPE>::size];
-  __shared__ __align__(32) __nv_bfloat16 dsb[W][QW * KT];
+  __shared__ __align__(32) __nv_bfloat16 dsb[W][QW * LP];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t qblocks = (len + W * QW - 1) / (W * QW);
@@ -1164,8 +1196,8 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
 
   for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
     int64_t row = q0 + i / D;
-    qs[i] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
-    dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
+    qs[i / D * LQ + i % D] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
+    dos[i / D * LQ + i % D] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
   }
   // Δ_i = dO_i · O_i in f32, two lanes per row.
   const int r = lane / 2, half = lane % 2;
@@ -1187,30 +1219,32 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
     for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
       int64_t row = k0 + i / D;
-      ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-      vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
+      ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
+      vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
     }
     __syncthreads();
     // S = Q Kᵀ, then P from the log-sum-exp (registers).
-    mma_abt<D, KT>(sb[warp], KT, qs + warp * QW * D, ks);
+    mma_abt<D, KT, LQ, LQ>(sb[warp], LS, qs + warp * QW * LQ, ks);
     __syncwarp();
-    float pv[KT / 2];
+    float pv[KT / 2], ds[KT / 2];
+    load16(pv, sb[warp] + r * LS + half * (KT / 2));
     for (int c = 0; c < KT / 2; ++c) {
       int64_t kj = k0 + half * (KT / 2) + c;
-      pv[c] = attends(qi, kj, len, window, bb) ? expf(sb[warp][r * KT + half * (KT / 2) + c] * scale + bb[kj] - lse_i) : 0.0f;
+      pv[c] = attends(qi, kj, len, window, bb) ? expf(pv[c] * scale + bb[kj] - lse_i) : 0.0f;
     }
     __syncwarp();
     // dO Vᵀ
-    mma_abt<D, KT>(sb[warp], KT, dos + warp * QW * D, vs);
+    mma_abt<D, KT, LQ, LQ>(sb[warp], LS, dos + warp * QW * LQ, vs);
     __syncwarp();
+    load16(ds, sb[warp] + r * LS + half * (KT / 2));
     for (int c = 0; c < KT / 2; ++c) {
       int64_t kj = k0 + half * (KT / 2) + c;
-      float dp = sb[warp][r * KT + half * (KT / 2) + c] * keep(seed, p, bh, qi, kj, len);
-      dsb[warp][r * KT + half * (KT / 2) + c] = __float2bfloat16(pv[c] * (dp - dlt));
+      ds[c] = pv[c] * (ds[c] * keep(seed, p, bh, qi, kj, len) - dlt);
     }
+    store16_bf16(dsb[warp] + r * LP + half * (KT / 2), ds);
     __syncwarp();
     // dQ += dS K
-    mma_ab_acc<KT, D>(acc_dq, dsb[warp], ks);
+    mma_ab_acc<KT, D, LP, LQ>(acc_dq, dsb[warp], ks);
     __syncthreads();
   }
   if (ROPE)
@@ -1226,12 +1260,13 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
                                    float p) {
   using namespace nvcuda;
   constexpr int W = DISTILL_FA_WARPS, KW = DISTILL_FA_QW, QT = DISTILL_FA_KT;
-  __shared__ __align__(32) __nv_bfloat16 ks[W * KW * D];
-  __shared__ __align__(32) __nv_bfloat16 vs[W * KW * D];
-  __shared__ __align__(32) __nv_bfloat16 qs[QT * D];
-  __shared__ __align__(32) __nv_bfloat16 dos[QT * D];
+  constexpr int LS = Stage<D, ROPE>::LS, LQ = Stage<D, ROPE>::LQ, LP = Stage<D, ROPE>::LP;
+  __shared__ __align__(32) __nv_bfloat16 ks[W * KW * LQ];
+  __shared__ __align__(32) __nv_bfloat16 vs[W * KW * LQ];
+  __shared__ __align__(32) __nv_bfloat16 qs[QT * LQ];
+  __shared__ __align__(32) __nv_bfloat16 dos[QT * LQ];
   __shared__ __align__(32) float sb[W][Stage<D, ROPE>::size];
-  __shared__ __align__(32) __nv_bfloat16 pb[W][KW * QT];
+  __shared__ __align__(32) __nv_bfloat16 pb[W][KW * LP];
   __shared__ float lse_t[QT], delta_t[QT];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1248,8 +1283,8 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
 
   for (int i = threadIdx.x; i < W * KW * D; i += blockDim.x) {
     int64_t row = k0 + i / D;
-    ks[i] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-    vs[i] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
+    ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
+    vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
   }
   // Two lanes per key row (this warp's 16 keys), each over half of a query tile.
   const int r = lane / 2, half = lane % 2;
@@ -1265,8 +1300,8 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   for (int64_t t0 = 0; t0 < len; t0 += QT) {
     for (int i = threadIdx.x; i < QT * D; i += blockDim.x) {
       int64_t row = t0 + i / D;
-      qs[i] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
-      dos[i] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
+      qs[i / D * LQ + i % D] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
+      dos[i / D * LQ + i % D] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
     }
     for (int i = threadIdx.x; i < QT; i += blockDim.x) {
       lse_t[i] = t0 + i < len ? lse[bh * len + t0 + i] : INFINITY;
@@ -1274,29 +1309,30 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
     }
     __syncthreads();
     // Sᵀ = K Qᵀ for this warp's 16 keys and the tile's 32 queries.
-    mma_abt<D, QT>(sb[warp], QT, ks + warp * KW * D, qs);
+    mma_abt<D, QT, LQ, LQ>(sb[warp], LS, ks + warp * KW * LQ, qs);
     __syncwarp();
-    float pv[QT / 2], zv[QT / 2];
+    float pv[QT / 2], zv[QT / 2], t[QT / 2];
+    load16(pv, sb[warp] + r * LS + half * (QT / 2));
     for (int c = 0; c < QT / 2; ++c) {
       int cc = half * (QT / 2) + c;
       int64_t qi = t0 + cc;
-      pv[c] = attends(qi, kj, len, window, bias + batch * len) ? expf(sb[warp][r * QT + cc] * scale + bias_j - lse_t[cc]) : 0.0f;
+      pv[c] = attends(qi, kj, len, window, bias + batch * len) ? expf(pv[c] * scale + bias_j - lse_t[cc]) : 0.0f;
       zv[c] = qi < len && kj < len ? keep(seed, p, bh, qi, kj, len) : 0.0f;
-      pb[warp][r * QT + cc] = __float2bfloat16(pv[c] * zv[c]);
+      t[c] = pv[c] * zv[c];
     }
+    store16_bf16(pb[warp] + r * LP + half * (QT / 2), t);
     __syncwarp();
     // dV += (P Z)ᵀ dO
-    mma_ab_acc<QT, D>(acc_dv, pb[warp], dos);
+    mma_ab_acc<QT, D, LP, LQ>(acc_dv, pb[warp], dos);
     // dPᵀ = V dOᵀ
-    mma_abt<D, QT>(sb[warp], QT, vs + warp * KW * D, dos);
+    mma_abt<D, QT, LQ, LQ>(sb[warp], LS, vs + warp * KW * LQ, dos);
     __syncwarp();
-    for (int c = 0; c < QT / 2; ++c) {
-      int cc = half * (QT / 2) + c;
-      pb[warp][r * QT + cc] = __float2bfloat16(pv[c] * (sb[warp][r * QT + cc] * zv[c] - delta_t[cc]));
-    }
+    load16(t, sb[warp] + r * LS + half * (QT / 2));
+    for (int c = 0; c < QT / 2; ++c) t[c] = pv[c] * (t[c] * zv[c] - delta_t[half * (QT / 2) + c]);
+    store16_bf16(pb[warp] + r * LP + half * (QT / 2), t);
     __syncwarp();
     // dK += dSᵀ Q
-    mma_ab_acc<QT, D>(acc_dk, pb[warp], qs);
+    mma_ab_acc<QT, D, LP, LQ>(acc_dk, pb[warp], qs);
     __syncthreads();
   }
   // Packed, dk and dv are both the joined gradient, with the key and value parts' offsets.
@@ -1345,7 +1381,7 @@ extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, c
 
 // The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
 // f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         float* lse, int64_t heads, int64_t len,
                                                                         float scale, int64_t window, uint64_t seed,
@@ -1374,7 +1410,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d32_bf16(const __n
 
 // The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
 // f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
-extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_train_packed_d64_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         float* lse, int64_t heads, int64_t len,
                                                                         float scale, int64_t window, uint64_t seed,
@@ -1403,7 +1439,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __n
 
 // The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
 // rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
-extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
                                                                              const float* qkv_bias, const float* rope,
                                                                              const float* bias, __nv_bfloat16* out,
                                                                              float* lse, int64_t heads, int64_t len,
@@ -1436,7 +1472,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_rope_d32_bf16(cons
 
 // The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
 // rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
-extern "C" __global__ void __launch_bounds__(128, 3) distill_flash_attention_train_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 4) distill_flash_attention_train_packed_rope_d64_bf16(const __nv_bfloat16* qkv,
                                                                              const float* qkv_bias, const float* rope,
                                                                              const float* bias, __nv_bfloat16* out,
                                                                              float* lse, int64_t heads, int64_t len,
