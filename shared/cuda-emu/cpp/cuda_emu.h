@@ -108,6 +108,7 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   return __nv_bfloat16{(uint16_t)(u >> 16)};
 }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 
 namespace emu {
 // Runs `body` as a grid of 1-D blocks.

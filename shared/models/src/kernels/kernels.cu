@@ -874,15 +874,74 @@ __device__ __forceinline__ void load16(float* v, const float* row) {
   }
 }
 
-// 16 values to a bf16 row in shared memory (16-byte aligned), by two 16-byte stores.
-__device__ __forceinline__ void store16_bf16(__nv_bfloat16* row, const float* v) {
-  unsigned w[8];
-  for (int i = 0; i < 8; ++i)
+// 8 values rounded to bf16, to 16-byte aligned memory by one 16-byte store (the first in the low
+// half of each word).
+__device__ __forceinline__ void store8_bf16(__nv_bfloat16* dst, const float* v) {
+  unsigned w[4];
+  for (int i = 0; i < 4; ++i)
     w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
            ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16);
-  uint4* p = reinterpret_cast<uint4*>(row);
-  p[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  p[1] = make_uint4(w[4], w[5], w[6], w[7]);
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 16 values to a bf16 row in shared memory (16-byte aligned), by two 16-byte stores.
+__device__ __forceinline__ void store16_bf16(__nv_bfloat16* row, const float* v) {
+  store8_bf16(row, v);
+  store8_bf16(row + 8, v + 8);
+}
+
+// 8 bf16 from 16-byte aligned memory, widened (the first in the low half of each word, as memory
+// holds them), each with its column's bias added and rounded to bf16 again where there is one.
+__device__ __forceinline__ void load8(float* x, const __nv_bfloat16* src, const float* bias) {
+  const uint4 w = *reinterpret_cast<const uint4*>(src);
+  const unsigned u[4] = {w.x, w.y, w.z, w.w};
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] & 0xffffu)));
+    x[2 * i + 1] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] >> 16)));
+  }
+  if (bias)
+    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(__float2bfloat16(x[i] + bias[i]));
+}
+
+// Rows row0 .. row0 + nrows of a (batch, head)'s q, k or v (`base`, rows rs elements apart, D
+// wide) into a bf16 tile (rows LQ apart), each element as tile_rope gives it (its column's bias,
+// rotated where rope is given; rope null for v), zeros past len. bf16 rows that start 16-byte
+// aligned go 8 elements a load (a quarter of the instructions of one a load); others one a load.
+template <int D, int LQ, class TI>
+__device__ void load_rows(__nv_bfloat16* tile, int nrows, const TI* base, int64_t rs, int64_t row0, int64_t len,
+                          const float* bias, const float* rope) {
+  if constexpr (sizeof(TI) == 2) {
+    if ((uintptr_t)base % 16 == 0 && rs % 8 == 0) {
+      constexpr int h = D / 2;
+      for (int i = threadIdx.x; i < nrows * (D / 8); i += blockDim.x) {
+        const int rr = i / (D / 8), c0 = i % (D / 8) * 8;
+        const int64_t row = row0 + rr;
+        float x[8];
+        if (row < len) {
+          const TI* src = base + row * rs;
+          load8(x, src + c0, bias ? bias + c0 : nullptr);
+          if (rope) {
+            const int o = c0 < h ? c0 + h : c0 - h;
+            float y[8];
+            load8(y, src + o, bias ? bias + o : nullptr);
+            for (int j = 0; j < 8; ++j) {
+              const int c = c0 + j;
+              x[j] = x[j] * rope[row * D + c] + (c < h ? -y[j] : y[j]) * rope[(len + row) * D + c];
+            }
+          }
+        } else {
+          for (int j = 0; j < 8; ++j) x[j] = 0.0f;
+        }
+        store8_bf16(tile + rr * LQ + c0, x);
+      }
+      return;
+    }
+  }
+  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
+  for (int i = threadIdx.x; i < nrows * D; i += blockDim.x) {
+    const int64_t row = row0 + i / D;
+    tile[i / D * LQ + i % D] = row < len ? tile_rope<D>(base + row * rs, bias, i % D, rope, row, len) : zero;
+  }
 }
 
 // q, k, v either [B, H, L, D] each (packed = 0), or one linear layer's output [B, L, 3, H, D]
@@ -915,7 +974,6 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   const int64_t qblocks = (len + W * QW - 1) / (W * QW);
   const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const int64_t hd = heads * D;
   // Each (batch, head)'s rows: where they start, how far apart; the bias of its columns.
   const int64_t rs = packed ? 3 * hd : D;
@@ -927,10 +985,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
   const float* bb = bias + batch * len;
 
-  for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
-    int64_t r = q0 + i / D;
-    qs[i / D * LQ + i % D] = r < len ? tile_rope<D>(qb + r * rs, qbias, i % D, rope, r, len) : zero;
-  }
+  load_rows<D, LQ>(qs, W * QW, qb, rs, q0, len, qbias, rope);
   for (int i = threadIdx.x; i < 16 * 16; i += blockDim.x) row_of[i] = (float)(i / 16);
   if (lane < QW) {
     ms[warp][lane] = -INFINITY;
@@ -950,11 +1005,8 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   const int r = lane / 2, half = lane % 2;
   const int64_t qi = q0 + warp * QW + r;
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
-    for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
-      int64_t row = k0 + i / D;
-      ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-      vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
-    }
+    load_rows<D, LQ>(ks, KT, kb, rs, k0, len, kbias, rope);
+    load_rows<D, LQ>(vs, KT, vb, rs, k0, len, vbias, (const float*)nullptr);
     __syncthreads();
 
     // S = Q Kᵀ for this warp's 16 queries and the tile's 32 keys.
@@ -1185,7 +1237,6 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   const int64_t qblocks = (len + W * QW - 1) / (W * QW);
   const int64_t bh = blockIdx.x / qblocks, batch = bh / heads, head = bh % heads;
   const int64_t q0 = (blockIdx.x % qblocks) * (W * QW);
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const float* bb = bias + batch * len;
   const HeadRows hr = head_rows(packed, batch, head, heads, len, D);
   const TI *qb = q + hr.q, *kb = (packed ? q : k) + hr.k, *vb = (packed ? q : v) + hr.v;
@@ -1194,11 +1245,9 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   const float* kbias = qkv_bias ? qkv_bias + hd + head * D : nullptr;
   const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
 
-  for (int i = threadIdx.x; i < W * QW * D; i += blockDim.x) {
-    int64_t row = q0 + i / D;
-    qs[i / D * LQ + i % D] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
-    dos[i / D * LQ + i % D] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
-  }
+  load_rows<D, LQ>(qs, W * QW, qb, rs, q0, len, qbias, rope);
+  load_rows<D, LQ>(dos, W * QW, dout + (batch * len * heads + head) * D, heads * D, q0, len, (const float*)nullptr,
+                   (const float*)nullptr);
   // Δ_i = dO_i · O_i in f32, two lanes per row.
   const int r = lane / 2, half = lane % 2;
   const int64_t qi = q0 + warp * QW + r;
@@ -1217,11 +1266,8 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
-    for (int i = threadIdx.x; i < KT * D; i += blockDim.x) {
-      int64_t row = k0 + i / D;
-      ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-      vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
-    }
+    load_rows<D, LQ>(ks, KT, kb, rs, k0, len, kbias, rope);
+    load_rows<D, LQ>(vs, KT, vb, rs, k0, len, vbias, (const float*)nullptr);
     __syncthreads();
     // S = Q Kᵀ, then P from the log-sum-exp (registers).
     mma_abt<D, KT, LQ, LQ>(sb[warp], LS, qs + warp * QW * LQ, ks);
@@ -1273,7 +1319,6 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   const int64_t kblocks = (len + W * KW - 1) / (W * KW);
   const int64_t bh = blockIdx.x / kblocks, batch = bh / heads, head = bh % heads;
   const int64_t k0 = (blockIdx.x % kblocks) * (W * KW);
-  const __nv_bfloat16 zero = __float2bfloat16(0.0f);
   const HeadRows hr = head_rows(packed, batch, head, heads, len, D);
   const TI *qb = q + hr.q, *kb = (packed ? q : k) + hr.k, *vb = (packed ? q : v) + hr.v;
   const int64_t rs = hr.stride, hd = heads * D;
@@ -1281,11 +1326,8 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   const float* kbias = qkv_bias ? qkv_bias + hd + head * D : nullptr;
   const float* vbias = qkv_bias ? qkv_bias + 2 * hd + head * D : nullptr;
 
-  for (int i = threadIdx.x; i < W * KW * D; i += blockDim.x) {
-    int64_t row = k0 + i / D;
-    ks[i / D * LQ + i % D] = row < len ? tile_rope<D>(kb + row * rs, kbias, i % D, rope, row, len) : zero;
-    vs[i / D * LQ + i % D] = row < len ? tile_bf16(vb[row * rs + i % D], vbias, i % D) : zero;
-  }
+  load_rows<D, LQ>(ks, W * KW, kb, rs, k0, len, kbias, rope);
+  load_rows<D, LQ>(vs, W * KW, vb, rs, k0, len, vbias, (const float*)nullptr);
   // Two lanes per key row (this warp's 16 keys), each over half of a query tile.
   const int r = lane / 2, half = lane % 2;
   const int64_t kj = k0 + warp * KW + r;
@@ -1298,11 +1340,9 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   __syncthreads();
 
   for (int64_t t0 = 0; t0 < len; t0 += QT) {
-    for (int i = threadIdx.x; i < QT * D; i += blockDim.x) {
-      int64_t row = t0 + i / D;
-      qs[i / D * LQ + i % D] = row < len ? tile_rope<D>(qb + row * rs, qbias, i % D, rope, row, len) : zero;
-      dos[i / D * LQ + i % D] = row < len ? to_bf16(dout[((batch * len + row) * heads + head) * D + i % D]) : zero;
-    }
+    load_rows<D, LQ>(qs, QT, qb, rs, t0, len, qbias, rope);
+    load_rows<D, LQ>(dos, QT, dout + (batch * len * heads + head) * D, heads * D, t0, len, (const float*)nullptr,
+                     (const float*)nullptr);
     for (int i = threadIdx.x; i < QT; i += blockDim.x) {
       lse_t[i] = t0 + i < len ? lse[bh * len + t0 + i] : INFINITY;
       delta_t[i] = t0 + i < len ? delta[bh * len + t0 + i] : 0.0f;
