@@ -306,7 +306,8 @@ fn layer_norm_with_weights_and_their_gradients() {
 
 #[test]
 fn bias_add_and_its_column_sum() {
-    for (rows, cols) in [(130usize, 300usize), (3, 7)] {
+    // 64 columns: bf16 x 8 elements a load; 300 and 7 one at a time.
+    for (rows, cols) in [(130usize, 300usize), (3, 7), (5, 64)] {
         let n = rows * cols;
         let (x, b) = (values(n, 19, 1.0), values(cols, 20, 1.0));
         let mut bufs = [Buf::F32(x.clone()), Buf::F32(b.clone()), Buf::F32(vec![f32::NAN; n])];
@@ -352,8 +353,9 @@ fn widen(bits: &Buf) -> Vec<f32> {
 
 #[test]
 fn scoring_epilogues_add_norm_and_bias_gelu() {
-    // Rows not a multiple of the warps per block; 1,000 columns (not a multiple of 32).
-    for (rows, cols) in [(7usize, 384usize), (5, 1000), (2, 32)] {
+    // Rows not a multiple of the warps per block; 1,000 columns (not a multiple of 32); 36 columns
+    // (the elementwise kernels one element at a time: not a multiple of 8, nor half of it).
+    for (rows, cols) in [(7usize, 384usize), (5, 1000), (2, 32), (3, 36)] {
         let n = rows * cols;
         let (xb, xt) = bf16_bits(&values(n, 41, 3.0), &[rows, cols]);
         let (rb, rt) = bf16_bits(&values(n, 42, 1.0), &[rows, cols]);

@@ -384,6 +384,59 @@ extern "C" __global__ void distill_layer_norm_wgrad_f32(const float* x, const fl
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// A lane's 16 scores of a warp's score tile in shared memory (rows `ld` floats apart, 16-byte
+// aligned), by four 16-byte loads: with ld = 36 the quarter warp's loads (4 rows, both halves)
+// fall in different banks, where the 16 rows' equal columns read one at a time share one bank.
+__device__ __forceinline__ void load16(float* v, const float* row) {
+  const float4* p = reinterpret_cast<const float4*>(row);
+  for (int i = 0; i < 4; ++i) {
+    const float4 t = p[i];
+    v[4 * i] = t.x;
+    v[4 * i + 1] = t.y;
+    v[4 * i + 2] = t.z;
+    v[4 * i + 3] = t.w;
+  }
+}
+
+// 8 values rounded to bf16, to 16-byte aligned memory by one 16-byte store (the first in the low
+// half of each word).
+__device__ __forceinline__ void store8_bf16(__nv_bfloat16* dst, const float* v) {
+  unsigned w[4];
+  for (int i = 0; i < 4; ++i)
+    w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16);
+  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// 16 values to a bf16 row in shared memory (16-byte aligned), by two 16-byte stores.
+__device__ __forceinline__ void store16_bf16(__nv_bfloat16* row, const float* v) {
+  store8_bf16(row, v);
+  store8_bf16(row + 8, v + 8);
+}
+
+// 8 bf16 from 16-byte aligned memory, widened (the first in the low half of each word, as memory
+// holds them), each with its column's bias added and rounded to bf16 again where there is one.
+__device__ __forceinline__ void load8(float* x, const __nv_bfloat16* src, const float* bias) {
+  const uint4 w = *reinterpret_cast<const uint4*>(src);
+  const unsigned u[4] = {w.x, w.y, w.z, w.w};
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] & 0xffffu)));
+    x[2 * i + 1] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] >> 16)));
+  }
+  if (bias)
+    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(__float2bfloat16(x[i] + bias[i]));
+}
+
+
+// Whether 8-element vectors can serve an elementwise kernel: rows of `cols` (a multiple of 8, so a
+// vector stays in one row) and every pointer 16-byte aligned.
+__device__ __forceinline__ bool vec8(int64_t cols, const void* a, const void* b, const void* c = nullptr,
+                                     const void* d = nullptr) {
+  const uintptr_t any = (uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d;
+  return cols % 8 == 0 && any % 16 == 0;
+}
+
+
 template <class T>
 __device__ void column_sum(const T* g, float* out, int64_t rows, int64_t cols) {
   int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
@@ -406,9 +459,23 @@ extern "C" __global__ void distill_column_sum_bf16(const __nv_bfloat16* g, float
 
 template <class T>
 __device__ void bias_add(const T* x, const float* b, float* y, int64_t n, int64_t cols) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    y[i] = to_f32(x[i]) + b[i % cols];
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  if constexpr (sizeof(T) == 2) {
+    // bf16 x: 8 elements a load, two 16-byte stores, one index division per 8.
+    if (vec8(cols, x, y)) {
+      for (int64_t v = first; v < n / 8; v += stride) {
+        const int64_t c0 = v * 8 % cols;
+        float t[8];
+        load8(t, x + v * 8, (const float*)nullptr);
+        for (int j = 0; j < 8; ++j) t[j] += b[c0 + j];
+        float4* out = reinterpret_cast<float4*>(y + v * 8);
+        out[0] = float4{t[0], t[1], t[2], t[3]};
+        out[1] = float4{t[4], t[5], t[6], t[7]};
+      }
+      return;
+    }
   }
+  for (int64_t i = first; i < n; i += stride) y[i] = to_f32(x[i]) + b[i % cols];
 }
 
 extern "C" __global__ void distill_bias_add_f32(const float* x, const float* b, float* y, int64_t n, int64_t cols) {
@@ -471,25 +538,50 @@ extern "C" __global__ void distill_add_norm_sum_bf16(const __nv_bfloat16* x, con
                sums[threadIdx.x / 32], cols, eps, threadIdx.x % 32);
 }
 
+__device__ __forceinline__ float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+// The elementwise bf16 kernels below go 8 elements a 16-byte load and store, with one index
+// division per 8 (a 64-bit division or modulo is a few dozen instructions: per element it made
+// them instruction-bound), where vec8 holds; else one element at a time.
 extern "C" __global__ void distill_bias_gelu_bf16(const __nv_bfloat16* x, const float* b, __nv_bfloat16* y, int64_t n,
                                                   int64_t cols) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float v = to_f32(x[i]) + b[i % cols];
-    y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  if (vec8(cols, x, y)) {
+    for (int64_t v = first; v < n / 8; v += stride) {
+      const int64_t c0 = v * 8 % cols;
+      float t[8];
+      load8(t, x + v * 8, (const float*)nullptr);
+      for (int j = 0; j < 8; ++j) t[j] = gelu_erf(t[j] + b[c0 + j]);
+      store8_bf16(y + v * 8, t);
+    }
+    return;
   }
+  for (int64_t i = first; i < n; i += stride) y[i] = __float2bfloat16(gelu_erf(to_f32(x[i]) + b[i % cols]));
 }
 
 // The backward of distill_bias_gelu_bf16 in training: dx = g gelu'(x + b), from the bf16 output
 // gradient g and the bf16 product x (the pre-activation recomputed, not stored), in f32, rounded
 // to bf16 for the product's gradient (the bias's gradient is its column sum).
+// gelu'(v) (erf form).
+__device__ __forceinline__ float gelu_erf_grad(float v) {
+  return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * 0.39894228040143268f * expf(-0.5f * v * v);
+}
+
 extern "C" __global__ void distill_bias_gelu_grad_bf16(const __nv_bfloat16* g, const __nv_bfloat16* x, const float* b,
                                                        __nv_bfloat16* dx, int64_t n, int64_t cols) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float v = to_f32(x[i]) + b[i % cols];
-    float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-    float pdf = 0.39894228040143268f * expf(-0.5f * v * v);
-    dx[i] = __float2bfloat16(to_f32(g[i]) * (cdf + v * pdf));
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  if (vec8(cols, g, x, dx)) {
+    for (int64_t v = first; v < n / 8; v += stride) {
+      const int64_t c0 = v * 8 % cols;
+      float t[8], gv[8];
+      load8(t, x + v * 8, (const float*)nullptr);
+      load8(gv, g + v * 8, (const float*)nullptr);
+      for (int j = 0; j < 8; ++j) t[j] = gv[j] * gelu_erf_grad(t[j] + b[c0 + j]);
+      store8_bf16(dx + v * 8, t);
+    }
+    return;
   }
+  for (int64_t i = first; i < n; i += stride) dx[i] = __float2bfloat16(to_f32(g[i]) * gelu_erf_grad(to_f32(x[i]) + b[i % cols]));
 }
 
 // A post-LN block's end in training under autocast: y = LN(dropout(x + bias) + res) w + shift per
@@ -593,11 +685,23 @@ extern "C" __global__ void distill_dropout_bf16_f32(const float* x, __nv_bfloat1
 // GeGLU for scoring (ModernBERT's MLP): x [rows, 2 inter] = (input | gate) -> gelu(input) gate
 // [rows, inter], n = rows x inter.
 extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, int64_t n, int64_t inter) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  if (vec8(inter, x, y)) {
+    for (int64_t v = first; v < n / 8; v += stride) {
+      const int64_t row = v * 8 / inter, c0 = v * 8 - row * inter;
+      float a[8], g[8];
+      load8(a, x + row * 2 * inter + c0, (const float*)nullptr);
+      load8(g, x + row * 2 * inter + inter + c0, (const float*)nullptr);
+      for (int j = 0; j < 8; ++j) a[j] = gelu_erf(a[j]) * g[j];
+      store8_bf16(y + v * 8, a);
+    }
+    return;
+  }
+  for (int64_t i = first; i < n; i += stride) {
     int64_t row = i / inter, c = i % inter;
     float a = to_f32(x[row * 2 * inter + c]);
     float g = to_f32(x[row * 2 * inter + inter + c]);
-    y[i] = __float2bfloat16(0.5f * a * (1.0f + erff(a * 0.70710678118654752f)) * g);
+    y[i] = __float2bfloat16(gelu_erf(a) * g);
   }
 }
 
@@ -693,15 +797,30 @@ extern "C" __global__ void distill_round_bf16_f32(const float* x, __nv_bfloat16*
 // rounded to bf16 into dx [rows, 2 inter].
 extern "C" __global__ void distill_geglu_grad_bf16(const __nv_bfloat16* g, const __nv_bfloat16* x, __nv_bfloat16* dx,
                                                    int64_t n, int64_t inter) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+  if (vec8(inter, g, x, dx)) {
+    for (int64_t v = first; v < n / 8; v += stride) {
+      const int64_t row = v * 8 / inter, c0 = v * 8 - row * inter;
+      float a[8], gate[8], gi[8], da[8], dg[8];
+      load8(a, x + row * 2 * inter + c0, (const float*)nullptr);
+      load8(gate, x + row * 2 * inter + inter + c0, (const float*)nullptr);
+      load8(gi, g + v * 8, (const float*)nullptr);
+      for (int j = 0; j < 8; ++j) {
+        da[j] = gi[j] * gate[j] * gelu_erf_grad(a[j]);
+        dg[j] = gi[j] * gelu_erf(a[j]);
+      }
+      store8_bf16(dx + row * 2 * inter + c0, da);
+      store8_bf16(dx + row * 2 * inter + inter + c0, dg);
+    }
+    return;
+  }
+  for (int64_t i = first; i < n; i += stride) {
     int64_t row = i / inter, c = i % inter;
     float a = to_f32(x[row * 2 * inter + c]);
     float gate = to_f32(x[row * 2 * inter + inter + c]);
     float gi = to_f32(g[i]);
-    float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
-    float pdf = 0.39894228040143268f * expf(-0.5f * a * a);
-    dx[row * 2 * inter + c] = __float2bfloat16(gi * gate * (cdf + a * pdf));
-    dx[row * 2 * inter + inter + c] = __float2bfloat16(gi * a * cdf);
+    dx[row * 2 * inter + c] = __float2bfloat16(gi * gate * gelu_erf_grad(a));
+    dx[row * 2 * inter + inter + c] = __float2bfloat16(gi * gelu_erf(a));
   }
 }
 
@@ -858,49 +977,6 @@ __device__ __forceinline__ __nv_bfloat16 tile_rope(const TI* row, const float* b
   const int64_t h = D / 2, o = c < h ? c + h : c - h;
   const float x = to_f32(tile_bf16(row[c], bias, c)), y = to_f32(tile_bf16(row[o], bias, o));
   return __float2bfloat16(x * rope[pos * D + c] + (c < h ? -y : y) * rope[(len + pos) * D + c]);
-}
-
-// A lane's 16 scores of a warp's score tile in shared memory (rows `ld` floats apart, 16-byte
-// aligned), by four 16-byte loads: with ld = 36 the quarter warp's loads (4 rows, both halves)
-// fall in different banks, where the 16 rows' equal columns read one at a time share one bank.
-__device__ __forceinline__ void load16(float* v, const float* row) {
-  const float4* p = reinterpret_cast<const float4*>(row);
-  for (int i = 0; i < 4; ++i) {
-    const float4 t = p[i];
-    v[4 * i] = t.x;
-    v[4 * i + 1] = t.y;
-    v[4 * i + 2] = t.z;
-    v[4 * i + 3] = t.w;
-  }
-}
-
-// 8 values rounded to bf16, to 16-byte aligned memory by one 16-byte store (the first in the low
-// half of each word).
-__device__ __forceinline__ void store8_bf16(__nv_bfloat16* dst, const float* v) {
-  unsigned w[4];
-  for (int i = 0; i < 4; ++i)
-    w[i] = (unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i])) |
-           ((unsigned)__bfloat16_as_ushort(__float2bfloat16(v[2 * i + 1])) << 16);
-  *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// 16 values to a bf16 row in shared memory (16-byte aligned), by two 16-byte stores.
-__device__ __forceinline__ void store16_bf16(__nv_bfloat16* row, const float* v) {
-  store8_bf16(row, v);
-  store8_bf16(row + 8, v + 8);
-}
-
-// 8 bf16 from 16-byte aligned memory, widened (the first in the low half of each word, as memory
-// holds them), each with its column's bias added and rounded to bf16 again where there is one.
-__device__ __forceinline__ void load8(float* x, const __nv_bfloat16* src, const float* bias) {
-  const uint4 w = *reinterpret_cast<const uint4*>(src);
-  const unsigned u[4] = {w.x, w.y, w.z, w.w};
-  for (int i = 0; i < 4; ++i) {
-    x[2 * i] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] & 0xffffu)));
-    x[2 * i + 1] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(u[i] >> 16)));
-  }
-  if (bias)
-    for (int i = 0; i < 8; ++i) x[i] = __bfloat162float(__float2bfloat16(x[i] + bias[i]));
 }
 
 // Rows row0 .. row0 + nrows of a (batch, head)'s q, k or v (`base`, rows rs elements apart, D
