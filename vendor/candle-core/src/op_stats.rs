@@ -62,6 +62,16 @@ pub fn record_op(kind: &'static str, name: &'static str, bytes: usize, flops: us
     record(kind, name, bytes, flops)
 }
 
+/// Adds the flops of tensor-core work a custom op does (an attention kernel's products) to its
+/// counts (kind "custom", the op's name), without counting another operation.
+pub fn record_flops(kind: &'static str, name: &'static str, flops: usize) {
+    if !ON.load(Ordering::Relaxed) || PAUSED.with(|p| p.get()) > 0 {
+        return;
+    }
+    let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+    stats.entry((kind, name)).or_default().flops += flops as u64;
+}
+
 #[inline]
 pub(crate) fn record(kind: &'static str, name: &'static str, bytes: usize, flops: usize) {
     if !ON.load(Ordering::Relaxed) || PAUSED.with(|p| p.get()) > 0 {

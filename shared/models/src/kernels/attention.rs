@@ -255,6 +255,8 @@ impl CustomOp3 for FlashTrain {
         let dout = grad.narrow(0, 0, n)?.contiguous()?;
         let op = FlashTrainGrad { bias: self.bias.clone(), packed: res.contiguous()?, dout, shape: a };
         let g = q.apply_op3_no_bwd(k, v, &op)?;
+        // dQ's kernel: S, dP, dS K; dK/dV's: Sᵀ, Pᵀ dO, dPᵀ, dSᵀ Q.
+        count_products(op.name(), a.b * a.h, a.l, a.d, 7);
         Ok((Some(g.get(0)?), Some(g.get(1)?), Some(g.get(2)?)))
     }
 }
@@ -392,8 +394,17 @@ pub fn flash_attention_for_training(
     let (p, seed) = dropout.filter(|(p, _)| *p > 0.0).unwrap_or((0.0, 0));
     let shape = launch_shape::Attention { b, h, l, d, scale: scale as f32, window, seed, p: p as f32 };
     let op = FlashTrain { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape };
+    let name = op.name();
     let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    count_products(name, b * h, l, d, 2);
     Ok(Some(packed.narrow(0, 0, b * l * h * d)?.reshape((b, l, h * d))?))
+}
+
+/// Counts the matrix products of a flash-attention op named `name` (`products` of [L x D] by
+/// [D x L] for each of `bh` batch x heads; every key tile is computed, windows included) with its
+/// operation, so that op-stats' bound has their flops.
+fn count_products(name: &'static str, bh: usize, l: usize, d: usize, products: usize) {
+    candle_core::op_stats::record_flops("custom", name, 2 * products * bh * l * l * d);
 }
 
 /// A key bias at or below this masks the key out of the flash kernels' softmax entirely
@@ -427,7 +438,10 @@ pub fn flash_attention_for_scoring(
         return Ok(None);
     }
     let op = FlashAttention { bias: bias.to_dtype(DType::F32)?.contiguous()?, scale: scale as f32, window };
-    Ok(Some(q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?))
+    let out = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
+    let (b, h, l, d) = q.dims4()?;
+    count_products(op.name(), b * h, l, d, 2);
+    Ok(Some(out))
 }
 
 /// softmax(q kᵀ · scale + key bias) v with q, k, v read from one linear layer's product
@@ -593,7 +607,9 @@ pub fn flash_attention_for_scoring_packed(
         window,
         rope,
     };
-    qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)
+    let out = qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)?;
+    count_products(op.name(), b * heads, l, n / (3 * heads), 2);
+    Ok(out)
 }
 
 /// Training attention under autocast straight from a joined query/key/value product: (qkv
@@ -706,6 +722,7 @@ impl CustomOp2 for FlashTrainPacked {
             rope: self.rope.clone(),
         };
         let dqkv = qkv.apply_op2_no_bwd(qkv_bias, &op)?;
+        count_products(op.name(), a.b * a.h, a.l, a.d, 7);
         let dbias = if self.has_bias { Some(dqkv.apply_op1_no_bwd(&ColumnSum)?) } else { None };
         Ok((Some(dqkv), dbias))
     }
@@ -830,7 +847,9 @@ pub fn flash_attention_for_training_packed(
     };
     let rope = rope.map(|r| r.to_dtype(DType::F32)?.contiguous()).transpose()?;
     let op = FlashTrainPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape, has_bias, rope };
+    let name = op.name();
     let packed = qkv.contiguous()?.apply_op2(&qkv_bias, op)?;
+    count_products(name, b * heads, l, d, 2);
     packed.narrow(0, 0, b * l * heads * d)?.reshape((b, l, heads * d))
 }
 
