@@ -256,7 +256,7 @@ impl CustomOp3 for FlashTrain {
         let op = FlashTrainGrad { bias: self.bias.clone(), packed: res.contiguous()?, dout, shape: a };
         let g = q.apply_op3_no_bwd(k, v, &op)?;
         // dQ's kernel: S, dP, dS K; dK/dV's: Sᵀ, Pᵀ dO, dPᵀ, dSᵀ Q.
-        count_products(op.name(), a.b * a.h, a.l, a.d, 7);
+        count_products(op.name(), a.b * a.h, a.l, a.d, 7, a.window);
         Ok((Some(g.get(0)?), Some(g.get(1)?), Some(g.get(2)?)))
     }
 }
@@ -396,15 +396,17 @@ pub fn flash_attention_for_training(
     let op = FlashTrain { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape };
     let name = op.name();
     let packed = q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-    count_products(name, b * h, l, d, 2);
+    count_products(name, b * h, l, d, 2, window);
     Ok(Some(packed.narrow(0, 0, b * l * h * d)?.reshape((b, l, h * d))?))
 }
 
-/// Counts the matrix products of a flash-attention op named `name` (`products` of [L x D] by
-/// [D x L] for each of `bh` batch x heads; every key tile is computed, windows included) with its
-/// operation, so that op-stats' bound has their flops.
-fn count_products(name: &'static str, bh: usize, l: usize, d: usize, products: usize) {
-    candle_core::op_stats::record_flops("custom", name, 2 * products * bh * l * l * d);
+/// Counts the matrix products of a flash-attention op named `name` (`products` per pair of a
+/// block of 64 queries and a tile of 32 keys that the kernels compute, each [64 x D] by [D x 32],
+/// for each of `bh` batch x heads; with a window only the pairs within it) with its operation, so
+/// that op-stats' bound has their flops.
+fn count_products(name: &'static str, bh: usize, l: usize, d: usize, products: usize, window: Option<usize>) {
+    let pairs = launch_shape::attention_tile_pairs(l, window);
+    candle_core::op_stats::record_flops("custom", name, 2 * products * bh * pairs * 64 * 32 * d);
 }
 
 /// A key bias at or below this masks the key out of the flash kernels' softmax entirely
@@ -440,7 +442,7 @@ pub fn flash_attention_for_scoring(
     let op = FlashAttention { bias: bias.to_dtype(DType::F32)?.contiguous()?, scale: scale as f32, window };
     let out = q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)?;
     let (b, h, l, d) = q.dims4()?;
-    count_products(op.name(), b * h, l, d, 2);
+    count_products(op.name(), b * h, l, d, 2, window);
     Ok(Some(out))
 }
 
@@ -608,7 +610,7 @@ pub fn flash_attention_for_scoring_packed(
         rope,
     };
     let out = qkv.contiguous()?.apply_op2_no_bwd(&qkv_bias, &op)?;
-    count_products(op.name(), b * heads, l, n / (3 * heads), 2);
+    count_products(op.name(), b * heads, l, n / (3 * heads), 2, window);
     Ok(out)
 }
 
@@ -722,7 +724,7 @@ impl CustomOp2 for FlashTrainPacked {
             rope: self.rope.clone(),
         };
         let dqkv = qkv.apply_op2_no_bwd(qkv_bias, &op)?;
-        count_products(op.name(), a.b * a.h, a.l, a.d, 7);
+        count_products(op.name(), a.b * a.h, a.l, a.d, 7, a.window);
         let dbias = if self.has_bias { Some(dqkv.apply_op1_no_bwd(&ColumnSum)?) } else { None };
         Ok((Some(dqkv), dbias))
     }
@@ -849,7 +851,7 @@ pub fn flash_attention_for_training_packed(
     let op = FlashTrainPacked { bias: bias.to_dtype(DType::F32)?.contiguous()?, shape, has_bias, rope };
     let name = op.name();
     let packed = qkv.contiguous()?.apply_op2(&qkv_bias, op)?;
-    count_products(name, b * heads, l, d, 2);
+    count_products(name, b * heads, l, d, 2, window);
     packed.narrow(0, 0, b * l * heads * d)?.reshape((b, l, heads * d))
 }
 

@@ -929,6 +929,14 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __fl
 // give exp(s - lse) of tens in the backward.
 #define DISTILL_MASKED (-1.0e4f)
 
+// Whether any of rows a0 .. a0 + na may attend any of b0 .. b0 + nb (window >= 0: within that
+// distance; -1: all): a block skips the tiles wholly outside its window (ModernBERT's local layers,
+// a window of 64 each side: at 256 tokens a block of 64 queries needs 6 of the 8 key tiles).
+// The same for the whole block, so its barriers stay uniform.
+__device__ __forceinline__ bool tile_in_window(int64_t a0, int64_t na, int64_t b0, int64_t nb, int64_t window) {
+  return window < 0 || (b0 <= a0 + na - 1 + window && b0 + nb - 1 >= a0 - window);
+}
+
 // Whether query qi may attend key kj (inside the sequence and the window, not masked).
 __device__ __forceinline__ bool attends(int64_t qi, int64_t kj, int64_t len, int64_t window, const float* bias) {
   return qi < len && kj < len && (window < 0 || (qi - kj <= window && kj - qi <= window)) && bias[kj] > DISTILL_MASKED;
@@ -1128,6 +1136,7 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
   const int r = lane / 2, half = lane % 2;
   const int64_t qi = q0 + warp * QW + r;
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
+    if (!tile_in_window(q0, W * QW, k0, KT, window)) continue;
     load_rows<D, LQ>(ks, KT, kb, rs, k0, len, kbias, rope);
     load_rows<D, LQ>(vs, KT, vb, rs, k0, len, vbias, (const float*)nullptr);
     __syncthreads();
@@ -1389,6 +1398,7 @@ __device__ void flash_backward_dq(const TI* q, const TI* k, const TI* v, const f
   __syncthreads();
 
   for (int64_t k0 = 0; k0 < len; k0 += KT) {
+    if (!tile_in_window(q0, W * QW, k0, KT, window)) continue;
     load_rows<D, LQ>(ks, KT, kb, rs, k0, len, kbias, rope);
     load_rows<D, LQ>(vs, KT, vb, rs, k0, len, vbias, (const float*)nullptr);
     __syncthreads();
@@ -1463,6 +1473,7 @@ __device__ void flash_backward_dkv(const TI* q, const TI* k, const TI* v, const 
   __syncthreads();
 
   for (int64_t t0 = 0; t0 < len; t0 += QT) {
+    if (!tile_in_window(k0, W * KW, t0, QT, window)) continue;
     load_rows<D, LQ>(qs, QT, qb, rs, t0, len, qbias, rope);
     load_rows<D, LQ>(dos, QT, dout + (batch * len * heads + head) * D, heads * D, t0, len, (const float*)nullptr,
                      (const float*)nullptr);

@@ -104,6 +104,14 @@ pub(crate) fn lt_product(rows: usize, k: usize, n: usize) -> LtProduct {
     }
 }
 
+/// The (block of 64 rows, tile of 32 columns) pairs a flash-attention kernel computes over `l`
+/// tokens: all, or with a window only those within it (kernels.cu's `tile_in_window`).
+pub(crate) fn attention_tile_pairs(l: usize, window: Option<usize>) -> usize {
+    let (blocks, tiles) = (l.div_ceil(64), l.div_ceil(32));
+    let Some(w) = window else { return blocks * tiles };
+    (0..blocks).map(|q| (0..tiles).filter(|t| 32 * t <= 64 * q + 63 + w && 32 * t + 31 + w >= 64 * q).count()).sum()
+}
+
 /// One kernel launch over a 1-D grid of 1-D blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Launch {
@@ -555,6 +563,16 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn attention_tile_pairs_within_a_window() {
+        // 256 tokens: 4 blocks x 8 tiles; ModernBERT's window of 64 each side keeps 4, 6, 6, 4.
+        assert_eq!(attention_tile_pairs(256, None), 32);
+        assert_eq!(attention_tile_pairs(256, Some(64)), 20);
+        // 70 tokens, a window of 5: the second block (64..69) skips the first tile.
+        assert_eq!(attention_tile_pairs(70, Some(5)), 5);
+        assert_eq!(attention_tile_pairs(70, Some(1000)), 6);
     }
 
     #[test]
