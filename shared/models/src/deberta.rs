@@ -345,7 +345,9 @@ impl DebertaV2CrossEncoder {
             // bf16 and the probabilities from one kernel (it gathers, adds, scales and normalises;
             // in training with dropout inside and a backward kernel: kernels::deberta_probs_for_*).
             let training = crate::kernels::deberta_probs_for_training_on(&q);
-            if let (Some(rel), true, true) = (&rel, c2p && p2c, training || crate::kernels::deberta_probs_on(&q)) {
+            let fit = crate::kernels::deberta_probs_fit(len, 2 * span as usize);
+            if let (Some(rel), true, true) = (&rel, c2p && p2c && fit, training || crate::kernels::deberta_probs_on(&q))
+            {
                 let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
                 let proj = |l: &Linear| -> Result<Tensor> { bf16(&split(l.forward(&rel.unsqueeze(0)?)?, 1)?) };
                 let (pos_key, pos_query) = (

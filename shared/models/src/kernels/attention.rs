@@ -2,6 +2,7 @@
 //! autocast (with its backward and attention dropout), the ops and their exact CPU twins.
 
 use super::*;
+use launch::MAX_DEBERTA_LEN;
 
 /// softmax(q kᵀ · scale + key bias) v over (q, k, v) [B, H, L, D] bf16, out [B, L, H D] bf16 (heads
 /// merged). The key bias [B, 1, 1, L] (f32) and the window are the op's own; no backward.
@@ -983,7 +984,11 @@ pub fn deberta_probs_for_scoring(
     bias: &Tensor,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    if !deberta_probs_on(qk) || [c2p, p2c].iter().any(|t| t.dtype() != DType::BF16) || bias.rank() != 4 {
+    if !deberta_probs_on(qk)
+        || [c2p, p2c].iter().any(|t| t.dtype() != DType::BF16)
+        || bias.rank() != 4
+        || bias.dim(3)? > MAX_DEBERTA_LEN
+    {
         return Ok(None);
     }
     let (b, l) = (bias.dim(0)?, bias.dim(3)?);
@@ -1256,7 +1261,7 @@ pub fn deberta_probs_for_training_on(q: &Tensor) -> bool {
 /// DeBERTa's attention probabilities in training under autocast, one kernel each way: as
 /// [`deberta_probs_for_scoring`] (qk, c2p, p2c bf16; the same scores) with attention dropout
 /// (`dropout`: (p, seed)), out bf16 [B, H, Q, L] (the product with v's input as it is); the
-/// backward gives the gradients of qk, c2p and p2c in bf16. Positions up to 1,024. Call where
+/// backward gives the gradients of qk, c2p and p2c in bf16. Where [`deberta_probs_fit`] holds. Call where
 /// [`deberta_probs_for_training_on`] holds (an error otherwise).
 #[allow(clippy::too_many_arguments)]
 pub fn deberta_probs_for_training(
@@ -1270,7 +1275,11 @@ pub fn deberta_probs_for_training(
     dropout: Option<(f64, u64)>,
 ) -> Result<Tensor> {
     let bf16 = [qk, c2p, p2c].iter().all(|t| t.dtype() == DType::BF16);
-    if !deberta_probs_for_training_on(qk) || !bf16 || bias.rank() != 4 || c2p.dim(D::Minus1)? > MAX_DEBERTA_POS {
+    if !deberta_probs_for_training_on(qk)
+        || !bf16
+        || bias.rank() != 4
+        || !deberta_probs_fit(bias.dim(3)?, c2p.dim(D::Minus1)?)
+    {
         candle_core::bail!(
             "deberta probs for training: does not apply to qk {:?} {:?}, c2p {:?}, a mask {:?}",
             qk.dtype(),
@@ -1294,3 +1303,9 @@ pub fn deberta_probs_for_training(
 
 /// The most position buckets of [`deberta_probs_for_training`]'s backward (`DISTILL_DEBERTA_MAX_POS`).
 const MAX_DEBERTA_POS: usize = 1024;
+
+/// Whether the DeBERTa probabilities kernels take `len` keys and `pos` position buckets (up to
+/// [`MAX_DEBERTA_LEN`] keys, staged in a block's shared memory; up to 1,024 buckets).
+pub fn deberta_probs_fit(len: usize, pos: usize) -> bool {
+    len <= MAX_DEBERTA_LEN && pos <= MAX_DEBERTA_POS
+}

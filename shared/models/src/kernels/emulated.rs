@@ -813,14 +813,15 @@ fn training_add_norm_and_its_backward() {
 
 #[test]
 fn deberta_probs_gather_add_and_normalise_as_the_twin() {
-    // Two batches x 3 heads, 40 keys, 16 positions; all query rows, then the first alone (the
-    // last layer's first token): row i reads row i of the c2p buckets and column i of p2c's.
-    let (b, h, l, p) = (2usize, 3usize, 40usize, 16usize);
-    let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
-    let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
-    let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
-    let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
-    for q in [l, 1] {
+    // Two batches x 3 heads, 40 keys, 16 positions; all query rows (blocks of 16, 16 and 8), then
+    // the first alone (the last layer's first token): row i reads row i of the c2p buckets and
+    // column i of p2c's. Then 600 keys: 13 rows a block fit the staging buffer (13, 13, 4 of 30).
+    for (b, h, l, p, q) in [(2usize, 3usize, 40usize, 16usize, 40usize), (2, 3, 40, 16, 1), (1, 1, 600, 16, 30)] {
+        assert_eq!(super::launch::deberta_block_rows(q, l), [16, 1, 13][(q == 1) as usize + 2 * (l == 600) as usize]);
+        let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
+        let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
+        let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
+        let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
         let (qk, qk_t) = bf16_bits(&values(b * h * q * l, 61, 3.0), &[b, h, q, l]);
         let (c2p, c2p_t) = bf16_bits(&values(b * h * q * p, 62, 3.0), &[b, h, q, p]);
         let (p2c, p2c_t) = bf16_bits(&values(b * h * l * p, 63, 3.0), &[b, h, l, p]);
@@ -851,24 +852,25 @@ fn deberta_probs_gather_add_and_normalise_as_the_twin() {
 
 #[test]
 fn deberta_probs_for_training_and_the_backward() {
-    // All query rows and the first alone; with dropout and without. The backward's dp2c buckets
-    // collect from other rows (atomics), its dc2p from its own (shared memory).
-    let (b, h, l, p) = (2usize, 3usize, 40usize, 16usize);
-    let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
-    let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
-    let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
-    let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
+    // All query rows (blocks of 16, 16 and 8) and the first alone; with dropout and without; and
+    // 600 keys (blocks of 13 rows). The backward's dp2c buckets collect from other rows (in the
+    // block from the staged dS, other blocks' by atomics), its dc2p from its own (shared memory).
+    let (b, h, p) = (2usize, 3usize, 16usize);
     let bits = |t: &Tensor| -> Vec<u16> { t.to_vec1::<half::bf16>().unwrap().iter().map(|x| x.to_bits()).collect() };
     let as_f32 =
         |v: &[u16]| -> Vec<f32> { v.chunks(2).map(|x| f32::from_bits(x[0] as u32 | (x[1] as u32) << 16)).collect() };
     let widened = |v: &[u16]| -> Vec<f32> { v.iter().map(|x| half::bf16::from_bits(*x).to_f32()).collect() };
-    for (q, drop) in [(l, 0.0f32), (l, 0.1), (1, 0.1)] {
+    for (l, q, drop) in [(40usize, 40usize, 0.0f32), (40, 40, 0.1), (40, 1, 0.1), (600, 30, 0.1)] {
+        let c2p_idx: Vec<u32> = (0..l * l).map(|x| ((x / l) as i64 - (x % l) as i64 + 8).clamp(0, 15) as u32).collect();
+        let p2c_idx: Vec<u32> = (0..l * l).map(|x| ((x % l) as i64 - (x / l) as i64 + 8).clamp(0, 15) as u32).collect();
+        let mask: Vec<f32> = (0..b * l).map(|i| if i % 9 == 4 || i >= l + 30 { -1e9 } else { 0.0 }).collect();
+        let idx = |v: &[u32]| Tensor::from_vec(v.to_vec(), (l, l), &Device::Cpu).unwrap();
         let rows = b * h * q;
         let (qk, qk_t) = bf16_bits(&values(rows * l, 91, 3.0), &[b, h, q, l]);
         let (c2p, c2p_t) = bf16_bits(&values(rows * p, 92, 3.0), &[b, h, q, p]);
         let (p2c, p2c_t) = bf16_bits(&values(b * h * l * p, 93, 3.0), &[b, h, l, p]);
         let scale = 5.0f32;
-        let what = format!("q {q} dropout {drop}");
+        let what = format!("len {l} q {q} dropout {drop}");
         let probs =
             DebertaProbs { c2p_idx: idx(&c2p_idx), p2c_idx: idx(&p2c_idx), mask: tensor(&mask, &[b, l]), scale };
         let op = DebertaProbsTrain { probs, seed: 5, p: drop };

@@ -90,47 +90,83 @@ extern "C" __global__ void distill_masked_softmax_f32(const float* x, const floa
   for (int64_t i = lane; i < cols; i += 32) yr[i] *= inv;
 }
 
-// DeBERTa's disentangled attention probabilities for scoring, one warp per query row: softmax
-// over the keys j of (qk[i, j] + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) · inv_scale +
-// mask[b, j], in f32 from bf16 products, bf16 out. qk [BH, Q, L] (q kᵀ), c2p [BH, Q, P] (q and the
-// position keys), p2c [BH, L, P] (k and the position queries), the relative-position buckets
-// c2p_idx and p2c_idx [L, L] (query row i of Q: the first Q rows), mask [B, L]. Where the
-// composite gathered, scaled and added three [BH, Q, L] score tensors, cast them and ran the
-// masked softmax, this reads each product once (three times from cache) and writes bf16.
-__device__ __forceinline__ float deberta_score(const __nv_bfloat16* qk, const __nv_bfloat16* c2p,
-                                               const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
-                                               const uint32_t* p2c_idx, const float* mask, int64_t i, int64_t j,
-                                               int64_t len, int64_t pos, float inv_scale) {
-  float s = __bfloat162float(qk[j]) + __bfloat162float(c2p[c2p_idx[i * len + j]]) +
-            __bfloat162float(p2c[j * pos + p2c_idx[j * len + i]]);
-  return s * inv_scale + mask[j];
+// DeBERTa's disentangled attention probabilities for scoring: softmax over the keys j of
+// (qk[i, j] + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) · inv_scale + mask[b, j], in f32
+// from bf16 products, bf16 out. qk [BH, Q, L] (q kᵀ), c2p [BH, Q, P] (q and the position keys),
+// p2c [BH, L, P] (k and the position queries), the relative-position buckets c2p_idx and p2c_idx
+// [L, L] (query row i of Q: the first Q rows), mask [B, L]. Where the composite gathered, scaled
+// and added three [BH, Q, L] score tensors, cast them and ran the masked softmax, this reads each
+// product once and writes bf16.
+//
+// A block takes `block_rows` consecutive query rows of one batch x head (Q split in
+// ceil(Q / block_rows) blocks each). The p2c term is the transposed gather: one query row reads
+// p2c at (j, p2c_idx[j, i]) over the keys j, a row stride apart (a 32-byte sector for 2 bytes).
+// So the block first stages that term for all its rows in shared memory with consecutive threads
+// on consecutive query rows of one key, whose buckets are adjacent (one sector serves ~16 rows,
+// and the p2c_idx column reads become row reads); then a warp per row adds the rest, row-wise.
+// block_rows x (len + 2) <= DISTILL_DEBERTA_STAGE; the row stride len + 2 keeps the staging
+// writes of 16 rows x 2 keys per warp on distinct banks.
+#define DISTILL_DEBERTA_STAGE 8192
+
+__device__ __forceinline__ void deberta_stage_p2c(float* ss, const __nv_bfloat16* p2c, const uint32_t* p2c_idx,
+                                                  int i0, int nr, int len, int64_t pos) {
+  const int ls = len + 2;
+  for (int t = threadIdx.x; t < nr * len; t += blockDim.x) {
+    const int r = t % nr, j = t / nr;
+    ss[r * ls + j] = __bfloat162float(p2c[j * pos + p2c_idx[(int64_t)j * len + i0 + r]]);
+  }
+}
+
+// The block's batch x head, its first query row and its rows.
+struct DebertaBlock {
+  int64_t bh;
+  int i0, nr;
+};
+
+__device__ __forceinline__ DebertaBlock deberta_block(int64_t q_rows, int64_t block_rows) {
+  const int64_t per_bh = (q_rows + block_rows - 1) / block_rows;
+  DebertaBlock k;
+  k.bh = blockIdx.x / per_bh;
+  k.i0 = (int)((blockIdx.x % per_bh) * block_rows);
+  k.nr = (int)(q_rows - k.i0 < block_rows ? q_rows - k.i0 : block_rows);
+  return k;
+}
+
+// The scores of query row i (its staged p2c terms in sr, replaced by the scores) and this lane's
+// largest.
+__device__ __forceinline__ float deberta_row_scores(float* sr, const __nv_bfloat16* qr, const __nv_bfloat16* cr,
+                                                    const uint32_t* ci, const float* mr, int len, float inv_scale) {
+  float m = -INFINITY;
+  for (int j = threadIdx.x % 32; j < len; j += 32) {
+    const float s = (__bfloat162float(qr[j]) + __bfloat162float(cr[ci[j]]) + sr[j]) * inv_scale + mr[j];
+    sr[j] = s;
+    m = fmaxf(m, s);
+  }
+  return m;
 }
 
 extern "C" __global__ void distill_deberta_probs_bf16(const __nv_bfloat16* qk, const __nv_bfloat16* c2p,
                                                       const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
                                                       const uint32_t* p2c_idx, const float* mask, __nv_bfloat16* out,
                                                       int64_t heads, int64_t q_rows, int64_t len, int64_t pos,
-                                                      int64_t rows, float inv_scale) {
-  int64_t row = warp_row(rows);
-  if (row < 0) return;
+                                                      int64_t block_rows, float inv_scale) {
+  __shared__ float ss[DISTILL_DEBERTA_STAGE];
+  const DebertaBlock k = deberta_block(q_rows, block_rows);
+  deberta_stage_p2c(ss, p2c + k.bh * len * pos, p2c_idx, k.i0, k.nr, (int)len, pos);
+  __syncthreads();
   const int lane = threadIdx.x % 32;
-  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
-  const __nv_bfloat16* qr = qk + row * len;
-  const __nv_bfloat16* cr = c2p + row * pos;
-  const __nv_bfloat16* pb = p2c + bh * len * pos;
-  const float* mr = mask + b * len;
-  float m = -INFINITY;
-  for (int64_t j = lane; j < len; j += 32)
-    m = fmaxf(m, deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale));
-  m = warp_max(m);
-  if (m == -INFINITY) m = 0.0f;
-  float s = 0.0f;
-  for (int64_t j = lane; j < len; j += 32)
-    s += expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m);
-  const float inv = 1.0f / warp_sum(s);
-  for (int64_t j = lane; j < len; j += 32)
-    out[row * len + j] =
-        __float2bfloat16(expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m) * inv);
+  const float* mr = mask + (k.bh / heads) * len;
+  for (int r = threadIdx.x / 32; r < k.nr; r += blockDim.x / 32) {
+    const int64_t i = k.i0 + r, row = k.bh * q_rows + i;
+    float* sr = ss + r * (len + 2);
+    float m = warp_max(deberta_row_scores(sr, qk + row * len, c2p + row * pos, c2p_idx + i * len, mr, (int)len,
+                                          inv_scale));
+    if (m == -INFINITY) m = 0.0f;
+    float s = 0.0f;
+    for (int j = lane; j < len; j += 32) s += expf(sr[j] - m);
+    const float inv = 1.0f / warp_sum(s);
+    for (int j = lane; j < len; j += 32) out[row * len + j] = __float2bfloat16(expf(sr[j] - m) * inv);
+  }
 }
 
 // dx = scale · y (g - Σ g y) per row (scale 1 for a plain softmax)
@@ -752,10 +788,11 @@ extern "C" __global__ void distill_geglu_bf16(const __nv_bfloat16* x, __nv_bfloa
   }
 }
 
-// DeBERTa's attention probabilities in training (as distill_deberta_probs_bf16, the same scores):
-// out [rows, len] bf16 = the probabilities with attention dropout (element row x len + j kept
-// when uniform(seed, that index) >= p, scaled by keep_scale; distill_dropout_f32's mask over the
-// [B, H, Q, L] probabilities), and the rows' log-sum-exp lse [rows] f32 for the backward.
+// DeBERTa's attention probabilities in training (as distill_deberta_probs_bf16, the same scores
+// and blocks): out [rows, len] bf16 = the probabilities with attention dropout (element
+// row x len + j kept when uniform(seed, that index) >= p, scaled by keep_scale;
+// distill_dropout_f32's mask over the [B, H, Q, L] probabilities), and the rows' log-sum-exp
+// lse [rows] f32 for the backward.
 __device__ __forceinline__ float keep_at(uint64_t seed, float p, float keep_scale, int64_t i) {
   return p > 0.0f ? (uniform(seed, (uint64_t)i) >= p ? keep_scale : 0.0f) : 1.0f;
 }
@@ -764,73 +801,83 @@ extern "C" __global__ void distill_deberta_probs_train_bf16(const __nv_bfloat16*
                                                             const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
                                                             const uint32_t* p2c_idx, const float* mask,
                                                             __nv_bfloat16* out, float* lse, int64_t heads,
-                                                            int64_t q_rows, int64_t len, int64_t pos, int64_t rows,
-                                                            float inv_scale, uint64_t seed, float p,
+                                                            int64_t q_rows, int64_t len, int64_t pos,
+                                                            int64_t block_rows, float inv_scale, uint64_t seed, float p,
                                                             float keep_scale) {
-  int64_t row = warp_row(rows);
-  if (row < 0) return;
+  __shared__ float ss[DISTILL_DEBERTA_STAGE];
+  const DebertaBlock k = deberta_block(q_rows, block_rows);
+  deberta_stage_p2c(ss, p2c + k.bh * len * pos, p2c_idx, k.i0, k.nr, (int)len, pos);
+  __syncthreads();
   const int lane = threadIdx.x % 32;
-  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
-  const __nv_bfloat16* qr = qk + row * len;
-  const __nv_bfloat16* cr = c2p + row * pos;
-  const __nv_bfloat16* pb = p2c + bh * len * pos;
-  const float* mr = mask + b * len;
-  float m = -INFINITY;
-  for (int64_t j = lane; j < len; j += 32)
-    m = fmaxf(m, deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale));
-  m = warp_max(m);
-  float s = 0.0f;
-  for (int64_t j = lane; j < len; j += 32)
-    s += expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - m);
-  s = warp_sum(s);
-  const float l = m + logf(s);
-  for (int64_t j = lane; j < len; j += 32) {
-    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
-    out[row * len + j] = __float2bfloat16(pr * keep_at(seed, p, keep_scale, row * len + j));
+  const float* mr = mask + (k.bh / heads) * len;
+  for (int r = threadIdx.x / 32; r < k.nr; r += blockDim.x / 32) {
+    const int64_t i = k.i0 + r, row = k.bh * q_rows + i;
+    float* sr = ss + r * (len + 2);
+    const float m = warp_max(deberta_row_scores(sr, qk + row * len, c2p + row * pos, c2p_idx + i * len, mr,
+                                                (int)len, inv_scale));
+    float s = 0.0f;
+    for (int j = lane; j < len; j += 32) s += expf(sr[j] - m);
+    const float l = m + logf(warp_sum(s));
+    for (int j = lane; j < len; j += 32)
+      out[row * len + j] = __float2bfloat16(expf(sr[j] - l) * keep_at(seed, p, keep_scale, row * len + j));
+    if (lane == 0) lse[row] = l;
   }
-  if (lane == 0) lse[row] = l;
 }
 
 // Its backward from dout (the dropped probabilities' gradient, bf16): with P recomputed from the
 // log-sum-exp, dP = dout · keep, Δ = Σ_j P dP, dS = P (dP - Δ) / scale, the gradient of each of
 // the three terms: dqk [rows, len] = dS (bf16), dc2p [rows, pos] (bf16) = dS summed into the bucket
 // c2p_idx[i, j] of each key (the warp's row, in shared memory), and dp2c [BH, len, pos] (f32,
-// zeroed by the caller) += dS at (j, p2c_idx[j, i]) (other rows: atomics). pos <= 1,024.
+// zeroed by the caller) += dS at (j, p2c_idx[j, i]): the block's dS are kept in the staging rows
+// and added by consecutive threads on consecutive query rows of one key (adjacent buckets; other
+// blocks' rows: atomics). pos <= 1,024.
 #define DISTILL_DEBERTA_MAX_POS 1024
 extern "C" __global__ void distill_deberta_probs_train_grad_bf16(
     const __nv_bfloat16* qk, const __nv_bfloat16* c2p, const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
     const uint32_t* p2c_idx, const float* mask, const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dqk,
-    __nv_bfloat16* dc2p, float* dp2c, int64_t heads, int64_t q_rows, int64_t len, int64_t pos, int64_t rows,
+    __nv_bfloat16* dc2p, float* dp2c, int64_t heads, int64_t q_rows, int64_t len, int64_t pos, int64_t block_rows,
     float inv_scale, uint64_t seed, float p, float keep_scale) {
+  __shared__ float ss[DISTILL_DEBERTA_STAGE];
   __shared__ float acc[DISTILL_NORM_WARPS][DISTILL_DEBERTA_MAX_POS];
-  int64_t row = warp_row(rows);
-  if (row < 0) return;
+  const DebertaBlock k = deberta_block(q_rows, block_rows);
+  deberta_stage_p2c(ss, p2c + k.bh * len * pos, p2c_idx, k.i0, k.nr, (int)len, pos);
+  __syncthreads();
   const int lane = threadIdx.x % 32;
   float* a = acc[threadIdx.x / 32];
-  for (int64_t c = lane; c < pos; c += 32) a[c] = 0.0f;
-  __syncwarp();
-  const int64_t bh = row / q_rows, i = row % q_rows, b = bh / heads;
-  const __nv_bfloat16* qr = qk + row * len;
-  const __nv_bfloat16* cr = c2p + row * pos;
-  const __nv_bfloat16* pb = p2c + bh * len * pos;
-  const float* mr = mask + b * len;
-  const float l = lse[row];
-  float d = 0.0f;
-  for (int64_t j = lane; j < len; j += 32) {
-    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
-    d += pr * __bfloat162float(dout[row * len + j]) * keep_at(seed, p, keep_scale, row * len + j);
+  const float* mr = mask + (k.bh / heads) * len;
+  for (int r = threadIdx.x / 32; r < k.nr; r += blockDim.x / 32) {
+    const int64_t i = k.i0 + r, row = k.bh * q_rows + i;
+    float* sr = ss + r * (len + 2);
+    for (int c = lane; c < pos; c += 32) a[c] = 0.0f;
+    __syncwarp();
+    const uint32_t* ci = c2p_idx + i * len;
+    deberta_row_scores(sr, qk + row * len, c2p + row * pos, ci, mr, (int)len, inv_scale);
+    const float l = lse[row];
+    const __nv_bfloat16* gr = dout + row * len;
+    float d = 0.0f;
+    for (int j = lane; j < len; j += 32) {
+      const float pr = expf(sr[j] - l);
+      sr[j] = pr;
+      d += pr * __bfloat162float(gr[j]) * keep_at(seed, p, keep_scale, row * len + j);
+    }
+    d = warp_sum(d);
+    for (int j = lane; j < len; j += 32) {
+      const float dp = __bfloat162float(gr[j]) * keep_at(seed, p, keep_scale, row * len + j);
+      const float ds = sr[j] * (dp - d) * inv_scale;
+      dqk[row * len + j] = __float2bfloat16(ds);
+      atomicAdd(&a[ci[j]], ds);
+      sr[j] = ds;
+    }
+    __syncwarp();
+    for (int c = lane; c < pos; c += 32) dc2p[row * pos + c] = __float2bfloat16(a[c]);
+    __syncwarp();
   }
-  d = warp_sum(d);
-  for (int64_t j = lane; j < len; j += 32) {
-    const float pr = expf(deberta_score(qr, cr, pb, c2p_idx, p2c_idx, mr, i, j, len, pos, inv_scale) - l);
-    const float dp = __bfloat162float(dout[row * len + j]) * keep_at(seed, p, keep_scale, row * len + j);
-    const float ds = pr * (dp - d) * inv_scale;
-    dqk[row * len + j] = __float2bfloat16(ds);
-    atomicAdd(&a[c2p_idx[i * len + j]], ds);
-    atomicAdd(&dp2c[(bh * len + j) * pos + p2c_idx[j * len + i]], ds);
+  __syncthreads();
+  float* dp = dp2c + k.bh * len * pos;
+  for (int t = threadIdx.x; t < k.nr * len; t += blockDim.x) {
+    const int r = t % k.nr, j = t / k.nr;
+    atomicAdd(&dp[j * pos + p2c_idx[(int64_t)j * len + k.i0 + r]], ss[r * (len + 2) + j]);
   }
-  __syncwarp();
-  for (int64_t c = lane; c < pos; c += 32) dc2p[row * pos + c] = __float2bfloat16(a[c]);
 }
 
 // y = x rounded to bf16 (an f32 accumulator the previous kernel left, to a bf16 gradient).

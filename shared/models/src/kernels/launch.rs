@@ -379,19 +379,33 @@ impl Launch {
 
 impl Launch {
     /// `distill_deberta_probs_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, out, heads, q_rows, len,
-    /// pos, rows, inv_scale)`: one warp per query row of `bh` (batch x heads) x `q_rows`.
+    /// pos, block_rows, inv_scale)`: a block per [`deberta_block_rows`] query rows of one of `bh`
+    /// (batch x heads), a warp per row. `len` at most [`MAX_DEBERTA_LEN`].
     pub fn deberta_probs(bh: usize, heads: usize, q_rows: usize, len: usize, pos: usize, inv_scale: f32) -> Self {
-        let rows = bh * q_rows;
+        let block_rows = deberta_block_rows(q_rows, len);
         let mut params: Vec<Param> = buffers(7).collect();
-        params.extend([heads, q_rows, len, pos, rows].map(|v| Param::I64(v as i64)));
+        params.extend([heads, q_rows, len, pos, block_rows].map(|v| Param::I64(v as i64)));
         params.push(Param::F32(inv_scale));
-        Launch { kernel: "distill_deberta_probs_bf16", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+        let grid = (bh * q_rows.div_ceil(block_rows)) as u32;
+        Launch { kernel: "distill_deberta_probs_bf16", grid, block: 32 * WARPS as u32, params }
     }
+}
+
+/// Floats a DeBERTa probabilities block stages (`DISTILL_DEBERTA_STAGE`): its rows x (len + 2).
+const DEBERTA_STAGE: usize = 8192;
+/// The longest key row of the DeBERTa probabilities kernels (one query row in a block).
+pub const MAX_DEBERTA_LEN: usize = DEBERTA_STAGE - 2;
+
+/// The query rows of a DeBERTa probabilities block: up to 16 (the rows one 32-byte sector of a
+/// key's p2c buckets serves), as many as the staging buffer holds at this length, no more than
+/// there are.
+pub fn deberta_block_rows(q_rows: usize, len: usize) -> usize {
+    (DEBERTA_STAGE / (len + 2)).clamp(1, 16).min(q_rows.max(1))
 }
 
 impl Launch {
     /// `distill_deberta_probs_train_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, out, lse, heads,
-    /// q_rows, len, pos, rows, inv_scale, seed, p, keep_scale)`: one warp per query row.
+    /// q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)`: blocks as [`Self::deberta_probs`].
     #[allow(clippy::too_many_arguments)]
     pub fn deberta_probs_train(
         bh: usize,
@@ -411,7 +425,7 @@ impl Launch {
     }
 
     /// `distill_deberta_probs_train_grad_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, lse, dout,
-    /// dqk, dc2p, dp2c, heads, q_rows, len, pos, rows, inv_scale, seed, p, keep_scale)` (dp2c
+    /// dqk, dc2p, dp2c, heads, q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)` (dp2c
     /// zeroed first).
     #[allow(clippy::too_many_arguments)]
     pub fn deberta_probs_train_grad(

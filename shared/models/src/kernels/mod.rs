@@ -1335,8 +1335,8 @@ mod emulated;
 mod epilogues;
 mod launch;
 pub use attention::{
-    deberta_probs_for_scoring, deberta_probs_for_training, deberta_probs_for_training_on, deberta_probs_on,
-    flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training,
+    deberta_probs_fit, deberta_probs_for_scoring, deberta_probs_for_training, deberta_probs_for_training_on,
+    deberta_probs_on, flash_attention_for_scoring, flash_attention_for_scoring_packed, flash_attention_for_training,
     flash_attention_for_training_packed, flash_scoring_packed_on, flash_training_packed_on,
 };
 #[cfg(test)]
