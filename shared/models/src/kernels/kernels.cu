@@ -671,43 +671,90 @@ extern "C" __global__ void distill_bias_gelu_grad_bf16(const __nv_bfloat16* g, c
 // row, x the bf16 product, res the f32 residual stream, params [3, cols] = (bias, w, shift), y f32.
 // Dropout keeps element i = row x cols + c when uniform(seed, i) >= p, scaling it by `scale`
 // (distill_dropout_f32's mask over the [rows, cols] tensor; p = 0 keeps all). One warp per row,
-// the row's sums in shared memory (cols <= DISTILL_TRAIN_NORM_COLS). The backward recomputes the
-// sums from x and res: nothing is stored but y.
+// the row in registers (column lane + 32 k in v[k]; cols <= DISTILL_TRAIN_NORM_COLS). The loops
+// go 8 slots k at a time, each chunk's loads first (predicated, so they are all in flight at once;
+// a load under `if` waits for the one before), and stop after the row's last chunk (a branch the
+// whole warp takes). The backward recomputes the sums from x and res: nothing is stored but y.
 #define DISTILL_TRAIN_NORM_COLS 1024
+#define DISTILL_TRAIN_NORM_K (DISTILL_TRAIN_NORM_COLS / 32)
+#define DISTILL_TRAIN_NORM_CHUNK 8
+#ifdef __CUDACC__
+#define DISTILL_UNROLL _Pragma("unroll")
+#else
+#define DISTILL_UNROLL
+#endif
 
-// The row's pre-norm sums into v (f32), their mean and 1/σ.
-__device__ __forceinline__ void train_sum_row(const __nv_bfloat16* xr, const float* rr, const float* bias, float* v,
-                                              int64_t row, int64_t cols, float eps, uint64_t seed, float p,
-                                              float scale, int lane, float* mean, float* rstd) {
+// The row's pre-norm sums into v (f32), their mean and 1/σ; returns the lane's dropout keep bits
+// (bit k: column lane + 32 k kept), drawn once here for the backward's second use.
+__device__ __forceinline__ uint32_t train_sum_row(const __nv_bfloat16* xr, const float* rr, const float* bias,
+                                                  float (&v)[DISTILL_TRAIN_NORM_K], int64_t row, int cols, float eps,
+                                                  uint64_t seed, float p, float scale, float* mean, float* rstd) {
+  const int lane = threadIdx.x % 32;
+  uint32_t keep = 0;
   float s = 0.0f;
-  for (int64_t i = lane; i < cols; i += 32) {
-    float t = to_f32(xr[i]) + bias[i];
-    t = p > 0.0f ? (uniform(seed, (uint64_t)(row * cols + i)) >= p ? t * scale : 0.0f) : t;
-    v[i] = t + rr[i];
-    s += v[i];
+  DISTILL_UNROLL
+  for (int k0 = 0; k0 < DISTILL_TRAIN_NORM_K; k0 += DISTILL_TRAIN_NORM_CHUNK) {
+    if (32 * k0 >= cols) break;
+    float xs[DISTILL_TRAIN_NORM_CHUNK], rs[DISTILL_TRAIN_NORM_CHUNK], bs[DISTILL_TRAIN_NORM_CHUNK];
+    DISTILL_UNROLL
+    for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+      const int i = lane + 32 * (k0 + u);
+      xs[u] = i < cols ? to_f32(xr[i]) : 0.0f;
+      rs[u] = i < cols ? rr[i] : 0.0f;
+      bs[u] = i < cols ? bias[i] : 0.0f;
+    }
+    DISTILL_UNROLL
+    for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+      const int i = lane + 32 * (k0 + u);
+      float t = xs[u] + bs[u];
+      if (p > 0.0f) {
+        const bool kept = uniform(seed, (uint64_t)(row * cols + i)) >= p;
+        keep |= (uint32_t)kept << (k0 + u);
+        t = kept ? t * scale : 0.0f;
+      }
+      v[k0 + u] = i < cols ? t + rs[u] : 0.0f;
+      s += v[k0 + u];
+    }
   }
   const float mu = warp_sum(s) / (float)cols;
   float q = 0.0f;
-  for (int64_t i = lane; i < cols; i += 32) {
-    float d = v[i] - mu;
-    q += d * d;
+  DISTILL_UNROLL
+  for (int k = 0; k < DISTILL_TRAIN_NORM_K; ++k) {
+    if (32 * k >= cols) break;
+    const float d = v[k] - mu;
+    if (lane + 32 * k < cols) q += d * d;
   }
   *mean = mu;
   *rstd = 1.0f / sqrtf(warp_sum(q) / (float)cols + eps);
+  return keep;
 }
 
 extern "C" __global__ void distill_add_norm_train_f32(const __nv_bfloat16* x, const float* res, const float* params,
                                                       float* y, int64_t rows, int64_t cols, float eps, uint64_t seed,
                                                       float p, float scale) {
-  __shared__ float sums[DISTILL_NORM_WARPS][DISTILL_TRAIN_NORM_COLS];
   int64_t row = warp_row(rows);
   if (row < 0) return;
-  const int lane = threadIdx.x % 32;
-  float* v = sums[threadIdx.x / 32];
-  float mean, rstd;
-  train_sum_row(x + row * cols, res + row * cols, params, v, row, cols, eps, seed, p, scale, lane, &mean, &rstd);
+  const int lane = threadIdx.x % 32, n = (int)cols;
+  float v[DISTILL_TRAIN_NORM_K], mean, rstd;
+  train_sum_row(x + row * cols, res + row * cols, params, v, row, n, eps, seed, p, scale, &mean, &rstd);
   float* yr = y + row * cols;
-  for (int64_t i = lane; i < cols; i += 32) yr[i] = (v[i] - mean) * rstd * params[cols + i] + params[2 * cols + i];
+  const float *w = params + cols, *shift = params + 2 * cols;
+  DISTILL_UNROLL
+  for (int k0 = 0; k0 < DISTILL_TRAIN_NORM_K; k0 += DISTILL_TRAIN_NORM_CHUNK) {
+    if (32 * k0 >= n) break;
+    float ws[DISTILL_TRAIN_NORM_CHUNK], hs[DISTILL_TRAIN_NORM_CHUNK];
+    DISTILL_UNROLL
+    for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+      const int i = lane + 32 * (k0 + u);
+      ws[u] = i < n ? w[i] : 0.0f;
+      hs[u] = i < n ? shift[i] : 0.0f;
+    }
+    DISTILL_UNROLL
+    for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+      const int i = lane + 32 * (k0 + u);
+      if (i < n) yr[i] = (v[k0 + u] - mean) * rstd * ws[u] + hs[u];
+    }
+  }
 }
 
 // Its backward, from the output's gradient g: ds = (g w - mean(g w) - x̂ mean(g w x̂)) / σ, the
@@ -715,45 +762,71 @@ extern "C" __global__ void distill_add_norm_train_f32(const __nv_bfloat16* x, co
 // (zeroed by the caller): the bias's Σ ds·keep·scale, the weight's Σ g x̂, the shift's Σ g. The
 // product's gradient (ds with the mask, in bf16) is distill_dropout_bf16_f32's. Blocks of
 // DISTILL_TRAIN_ROWS_PER_BLOCK rows (fewer than the weight-gradient kernels' 64: a block per 64
-// rows of a 16,384-row batch leaves the card's SMs two blocks each), one warp per row at a time,
-// the block's sums in shared memory, one atomic per column and block.
+// rows of a 16,384-row batch leaves the card's SMs two blocks each), one warp per row at a time
+// (the row, g w and x̂ in registers). Each warp sums its rows' columns in its own slice of shared
+// memory (each lane its own columns: plain adds, where shared atomics on floats compile to
+// compare-and-swap loops), then one atomic per column and block.
 #define DISTILL_TRAIN_ROWS_PER_BLOCK 16
 extern "C" __global__ void distill_add_norm_train_grad_f32(const __nv_bfloat16* x, const float* res,
                                                            const float* params, const float* g, float* ds, float* sums,
                                                            int64_t rows, int64_t cols, float eps, uint64_t seed,
                                                            float p, float scale) {
-  __shared__ float vs[DISTILL_NORM_WARPS][DISTILL_TRAIN_NORM_COLS];
-  __shared__ float acc[3 * DISTILL_TRAIN_NORM_COLS];
-  for (int64_t i = threadIdx.x; i < 3 * cols; i += blockDim.x) acc[i] = 0.0f;
-  __syncthreads();
-  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
-  float* v = vs[threadIdx.x / 32];
+  __shared__ float acc[DISTILL_NORM_WARPS][3][DISTILL_TRAIN_NORM_COLS];
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32, n = (int)cols;
+  float(*a)[DISTILL_TRAIN_NORM_COLS] = acc[threadIdx.x / 32];
+  for (int i = lane; i < n; i += 32) a[0][i] = a[1][i] = a[2][i] = 0.0f;
   const float* w = params + cols;
   const int64_t first = (int64_t)blockIdx.x * DISTILL_TRAIN_ROWS_PER_BLOCK;
   const int64_t last = first + DISTILL_TRAIN_ROWS_PER_BLOCK < rows ? first + DISTILL_TRAIN_ROWS_PER_BLOCK : rows;
   for (int64_t row = first + threadIdx.x / 32; row < last; row += warps) {
-    float mean, rstd;
-    train_sum_row(x + row * cols, res + row * cols, params, v, row, cols, eps, seed, p, scale, lane, &mean, &rstd);
+    float v[DISTILL_TRAIN_NORM_K], gw[DISTILL_TRAIN_NORM_K], mean, rstd;
+    const uint32_t keep = train_sum_row(x + row * cols, res + row * cols, params, v, row, n, eps, seed, p, scale,
+                                        &mean, &rstd);
     const float* gr = g + row * cols;
     float gs = 0.0f, gx = 0.0f;
-    for (int64_t i = lane; i < cols; i += 32) {
-      float xh = (v[i] - mean) * rstd;
-      gs += gr[i] * w[i];
-      gx += gr[i] * w[i] * xh;
-      atomicAdd(&acc[cols + i], gr[i] * xh);
-      atomicAdd(&acc[2 * cols + i], gr[i]);
+    DISTILL_UNROLL
+    for (int k0 = 0; k0 < DISTILL_TRAIN_NORM_K; k0 += DISTILL_TRAIN_NORM_CHUNK) {
+      if (32 * k0 >= n) break;
+      float gv[DISTILL_TRAIN_NORM_CHUNK], ws[DISTILL_TRAIN_NORM_CHUNK];
+      DISTILL_UNROLL
+      for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+        const int i = lane + 32 * (k0 + u);
+        gv[u] = i < n ? gr[i] : 0.0f;
+        ws[u] = i < n ? w[i] : 0.0f;
+      }
+      DISTILL_UNROLL
+      for (int u = 0; u < DISTILL_TRAIN_NORM_CHUNK; ++u) {
+        const int i = lane + 32 * (k0 + u), k = k0 + u;
+        v[k] = (v[k] - mean) * rstd;
+        gw[k] = gv[u] * ws[u];
+        gs += gw[k];
+        gx += gw[k] * v[k];
+        if (i < n) {
+          a[1][i] += gv[u] * v[k];
+          a[2][i] += gv[u];
+        }
+      }
     }
     const float g_mean = warp_sum(gs) / (float)cols, gx_mean = warp_sum(gx) / (float)cols;
     float* dr = ds + row * cols;
-    for (int64_t i = lane; i < cols; i += 32) {
-      float d = (gr[i] * w[i] - g_mean - (v[i] - mean) * rstd * gx_mean) * rstd;
-      dr[i] = d;
-      float kept = p > 0.0f ? (uniform(seed, (uint64_t)(row * cols + i)) >= p ? d * scale : 0.0f) : d;
-      atomicAdd(&acc[i], kept);
+    DISTILL_UNROLL
+    for (int k = 0; k < DISTILL_TRAIN_NORM_K; ++k) {
+      if (32 * k >= n) break;
+      const int i = lane + 32 * k;
+      const float d = (gw[k] - g_mean - v[k] * gx_mean) * rstd;
+      if (i < n) {
+        dr[i] = d;
+        a[0][i] += p > 0.0f ? ((keep >> k) & 1u ? d * scale : 0.0f) : d;
+      }
     }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < 3 * cols; i += blockDim.x) atomicAdd(&sums[i], acc[i]);
+  for (int i = threadIdx.x; i < 3 * n; i += blockDim.x) {
+    const int c = i / n, col = i - c * n;
+    float t = 0.0f;
+    for (int wp = 0; wp < warps; ++wp) t += acc[wp][c][col];
+    atomicAdd(&sums[i], t);
+  }
 }
 
 // Dropout's mask on an f32 gradient, rounded to bf16 (the bf16 product's gradient): y = x scale
