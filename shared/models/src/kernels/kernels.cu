@@ -388,28 +388,35 @@ extern "C" __global__ void distill_layer_norm_grad_f32(const float* x, const flo
 // Warps per block of the row kernels (`WARPS` in launch.rs).
 #define DISTILL_NORM_WARPS 4
 
-// dw[c] = Σ_rows g x̂ and db[c] = Σ_rows g (out = [dw | db], 2 x cols), one warp per row.
+// dw[c] = Σ_rows g x̂ and db[c] = Σ_rows g (out = [dw | db], 2 x cols): a warp per row takes the
+// block's rows' moments into shared memory, then a thread per column sums down the rows (each row
+// read coalesced, the sums in registers: no shared atomics, which on floats compile to
+// compare-and-swap loops), one atomic per column and block.
 extern "C" __global__ void distill_layer_norm_wgrad_f32(const float* x, const float* g, float* out, int64_t rows,
                                                         int64_t cols, float eps) {
-  __shared__ float sums[2 * DISTILL_MAX_COLS];
-  for (int64_t i = threadIdx.x; i < 2 * cols; i += blockDim.x) sums[i] = 0.0f;
-  __syncthreads();
-  int warps = blockDim.x / 32;
-  int lane = threadIdx.x % 32;
-  int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
-  int64_t last = first + DISTILL_ROWS_PER_BLOCK < rows ? first + DISTILL_ROWS_PER_BLOCK : rows;
+  __shared__ float mean_s[DISTILL_ROWS_PER_BLOCK], rstd_s[DISTILL_ROWS_PER_BLOCK];
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  const int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
+  const int64_t last = first + DISTILL_ROWS_PER_BLOCK < rows ? first + DISTILL_ROWS_PER_BLOCK : rows;
   for (int64_t row = first + threadIdx.x / 32; row < last; row += warps) {
-    const float* xr = x + row * cols;
-    const float* gr = g + row * cols;
     float mean, rstd;
-    moments(xr, cols, eps, lane, &mean, &rstd);
-    for (int64_t i = lane; i < cols; i += 32) {
-      atomicAdd(&sums[i], gr[i] * (xr[i] - mean) * rstd);
-      atomicAdd(&sums[cols + i], gr[i]);
+    moments(x + row * cols, cols, eps, lane, &mean, &rstd);
+    if (lane == 0) {
+      mean_s[row - first] = mean;
+      rstd_s[row - first] = rstd;
     }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < 2 * cols; i += blockDim.x) atomicAdd(&out[i], sums[i]);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+    float dw = 0.0f, db = 0.0f;
+    for (int64_t row = first; row < last; ++row) {
+      const float gv = g[row * cols + c];
+      dw += gv * (x[row * cols + c] - mean_s[row - first]) * rstd_s[row - first];
+      db += gv;
+    }
+    atomicAdd(&out[c], dw);
+    atomicAdd(&out[cols + c], db);
+  }
 }
 
 // out[c] = Σ_rows g[row, c] (a bias gradient), out zeroed by the caller; threads over columns,
@@ -1308,10 +1315,11 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
     __syncthreads();
   }
 
-  // O / sum, out through the warp's score space a 16 x 16 tile at a time.
+  // O / sum (one division per fragment element, D / 16 products), out through the warp's score
+  // space a 16 x 16 tile at a time.
   for (int e = 0; e < rows.num_elements; ++e) {
-    const float l = ls[warp][(int)rows.x[e]];
-    for (int n = 0; n < D / 16; ++n) acc[n].x[e] = l > 0.0f ? acc[n].x[e] / l : 0.0f;
+    const float l = ls[warp][(int)rows.x[e]], inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int n = 0; n < D / 16; ++n) acc[n].x[e] *= inv;
   }
   float* stage = ss[warp];
   for (int n = 0; n < D / 16; ++n) {
