@@ -1146,14 +1146,14 @@ impl CustomOp3 for DebertaProbsTrain {
         let g = qk.contiguous()?.apply_op3_no_bwd(&c2p.contiguous()?, &p2c.contiguous()?, &op)?;
         let dqk = g.narrow(0, 0, n_qk)?.reshape(qk.shape())?;
         let dc2p = g.narrow(0, n_qk, n_c2p)?.reshape(c2p.shape())?;
-        let tail = g.narrow(0, even(n_qk + n_c2p), 2 * n_p2c)?;
-        let dp2c = tail.apply_op1_no_bwd(&RoundSlots { offset: 0, n: n_p2c })?.reshape(p2c.shape())?;
+        let dp2c = g.narrow(0, n_qk + n_c2p, n_p2c)?.reshape(p2c.shape())?;
         Ok((Some(dqk), Some(dc2p), Some(dp2c)))
     }
 }
 
-/// The backward of [`DebertaProbsTrain`]: (qk, c2p, p2c) -> bf16 [dqk | dc2p | (even) dp2c as f32
-/// bits], from the forward's output `packed` and the dropped probabilities' gradient `dout`.
+/// The backward of [`DebertaProbsTrain`]: (qk, c2p, p2c) -> bf16 [dqk | dc2p | dp2c], from the
+/// forward's output `packed` and the dropped probabilities' gradient `dout`. dp2c sums dqk as
+/// rounded to bf16 (as the kernel reads it back), in f32, then rounds.
 pub(super) struct DebertaProbsTrainGrad {
     pub(super) fwd: DebertaProbsTrain,
     pub(super) packed: Tensor,
@@ -1198,12 +1198,10 @@ impl CustomOp3 for DebertaProbsTrainGrad {
                 let ds = pr[j] * (dp[j] - delta) * inv;
                 dqk[row * len + j] = ds;
                 dc2p[row * pos + ci[i * len + j] as usize] += ds;
-                dp2c[(b_h * len + j) * pos + pi[j * len + i] as usize] += ds;
+                dp2c[(b_h * len + j) * pos + pi[j * len + i] as usize] += half::bf16::from_f32(ds).to_f32();
             }
         }
-        let mut out: Vec<half::bf16> = dqk.into_iter().chain(dc2p).map(half::bf16::from_f32).collect();
-        out.resize(even(out.len()), half::bf16::ZERO);
-        out.extend(lse_to_slots(&dp2c));
+        let out: Vec<half::bf16> = dqk.into_iter().chain(dc2p).chain(dp2c).map(half::bf16::from_f32).collect();
         let n = out.len();
         Ok((CpuStorage::BF16(out), n.into()))
     }
@@ -1220,33 +1218,6 @@ impl CustomOp3 for DebertaProbsTrainGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.fwd.probs.dims(l1, l2, l3)?;
         cuda::deberta_probs_train_grad((s1, l1), (s2, l2), (s3, l3), self, dims)
-    }
-}
-
-/// f32 values held as bits in a bf16 buffer (`n` of them from slot `offset`), rounded to bf16.
-pub(super) struct RoundSlots {
-    pub(super) offset: usize,
-    pub(super) n: usize,
-}
-
-impl CustomOp1 for RoundSlots {
-    fn name(&self) -> &'static str {
-        "distill-round-bf16"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = s.as_slice::<half::bf16>()?;
-        let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{}: not contiguous", self.name()) };
-        if a + self.offset + 2 * self.n > b {
-            candle_core::bail!("{}: {} values from {} in {}", self.name(), self.n, self.offset, b - a);
-        }
-        let slots = &data[a + self.offset..a + self.offset + 2 * self.n];
-        Ok((CpuStorage::BF16(f32_from_slots(slots).into_iter().map(half::bf16::from_f32).collect()), self.n.into()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::round_slots(s, l, self.offset, self.n)
     }
 }
 

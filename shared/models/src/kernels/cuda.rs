@@ -18,7 +18,7 @@ const KERNELS: [&str; 59] = [
     "distill_deberta_probs_bf16",
     "distill_deberta_probs_train_bf16",
     "distill_deberta_probs_train_grad_bf16",
-    "distill_round_bf16_f32",
+    "distill_deberta_p2c_grad_bf16",
     "distill_gelu_erf_f32",
     "distill_gelu_erf_grad_f32",
     "distill_softmax_f32",
@@ -1036,7 +1036,8 @@ pub fn deberta_probs_train(
     Ok((CudaStorage::wrap_cuda_slice(out, dev), (at + 2 * rows).into()))
 }
 
-/// Its backward: (qk, c2p, p2c) -> bf16 [dqk | dc2p | (even) dp2c as f32 bits].
+/// Its backward: (qk, c2p, p2c) -> bf16 [dqk | dc2p | dp2c], two kernels (the second sums dqk
+/// down the query rows into p2c's buckets).
 pub fn deberta_probs_train_grad(
     (s1, l1): (&CudaStorage, &Layout),
     (s2, l2): (&CudaStorage, &Layout),
@@ -1048,15 +1049,14 @@ pub fn deberta_probs_train_grad(
     let (f, d) = (&op_.fwd, &op_.fwd.probs);
     let guards = [&d.c2p_idx, &d.p2c_idx, &d.mask].map(|t| t.storage_and_layout());
     let aux = deberta_aux(&guards, op)?;
+    let p2c_idx = deberta_aux(&guards, op)?.swap_remove(1);
     let ((ps, pl), (gs, gl)) = (op_.packed.storage_and_layout(), op_.dout.storage_and_layout());
     let (packed_s, dout_s) = (cuda_of(&ps, op)?, cuda_of(&gs, op)?);
     let (rows, dev) = (bh * q_rows, s1.device().clone());
     let lse_at = (rows * len).div_ceil(2) * 2;
     let (n_qk, n_c2p, n_p2c) = (rows * len, rows * pos, bh * len * pos);
-    let at = (n_qk + n_c2p).div_ceil(2) * 2;
-    // SAFETY: the kernel writes every dqk and dc2p element; the dp2c accumulator is zeroed here.
-    let mut out = unsafe { dev.alloc::<half::bf16>(at + 2 * n_p2c)? };
-    dev.cuda_stream().memset_zeros(&mut out.slice_mut(at..at + 2 * n_p2c)).w()?;
+    // SAFETY: the first kernel writes every dqk and dc2p element, the second every dp2c element.
+    let out = unsafe { dev.alloc::<half::bf16>(n_qk + n_c2p + n_p2c)? };
     {
         let mut bufs = vec![
             Buf::Bf16(bf16_view(s1, l1, op)?),
@@ -1069,22 +1069,11 @@ pub fn deberta_probs_train_grad(
             Buf::Bf16(bf16_view(dout_s, gl, op)?),
             Buf::Bf16(out.slice(0..n_qk)),
             Buf::Bf16(out.slice(n_qk..n_qk + n_c2p)),
-            Buf::Bf16(out.slice(at..at + 2 * n_p2c)),
         ]);
         let launch = Launch::deberta_probs_train_grad(bh, heads, q_rows, len, pos, 1.0 / d.scale, f.seed, f.p);
         run(&dev, &launch, &bufs)?;
+        let bufs = [Buf::Bf16(out.slice(0..n_qk)), p2c_idx, Buf::Bf16(out.slice(n_qk + n_c2p..))];
+        run(&dev, &Launch::deberta_p2c_grad(bh, q_rows, len, pos), &bufs)?;
     }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), (at + 2 * n_p2c).into()))
-}
-
-/// f32 values held as bits in a bf16 tensor's storage (`n` from slot `offset`) rounded to bf16.
-pub fn round_slots(s: &CudaStorage, l: &Layout, offset: usize, n: usize) -> Result<(CudaStorage, Shape)> {
-    let op = "round to bf16";
-    let dev = s.device().clone();
-    // SAFETY: every element is written by the kernel.
-    let out = unsafe { dev.alloc::<half::bf16>(n)? };
-    let bufs = [Buf::Bf16(bf16_range(s, l, offset..offset + 2 * n, op)?), Buf::Bf16Out(&out)];
-    run(&dev, &Launch::round_bf16(n), &bufs)?;
-    drop(bufs);
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), n.into()))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), (n_qk + n_c2p + n_p2c).into()))
 }

@@ -905,17 +905,15 @@ extern "C" __global__ void distill_deberta_probs_train_bf16(const __nv_bfloat16*
 }
 
 // Its backward from dout (the dropped probabilities' gradient, bf16): with P recomputed from the
-// log-sum-exp, dP = dout · keep, Δ = Σ_j P dP, dS = P (dP - Δ) / scale, the gradient of each of
-// the three terms: dqk [rows, len] = dS (bf16), dc2p [rows, pos] (bf16) = dS summed into the bucket
-// c2p_idx[i, j] of each key (the warp's row, in shared memory), and dp2c [BH, len, pos] (f32,
-// zeroed by the caller) += dS at (j, p2c_idx[j, i]): the block's dS are kept in the staging rows
-// and added by consecutive threads on consecutive query rows of one key (adjacent buckets; other
-// blocks' rows: atomics). pos <= 1,024.
+// log-sum-exp, dP = dout · keep, Δ = Σ_j P dP, dS = P (dP - Δ) / scale, the gradient of two of the
+// three terms: dqk [rows, len] = dS (bf16) and dc2p [rows, pos] (bf16) = dS summed into the bucket
+// c2p_idx[i, j] of each key (the warp's row, in shared memory). The third, p2c's, sums dS down the
+// query rows: distill_deberta_p2c_grad_bf16 from dqk. pos <= 1,024.
 #define DISTILL_DEBERTA_MAX_POS 1024
 extern "C" __global__ void distill_deberta_probs_train_grad_bf16(
     const __nv_bfloat16* qk, const __nv_bfloat16* c2p, const __nv_bfloat16* p2c, const uint32_t* c2p_idx,
     const uint32_t* p2c_idx, const float* mask, const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dqk,
-    __nv_bfloat16* dc2p, float* dp2c, int64_t heads, int64_t q_rows, int64_t len, int64_t pos, int64_t block_rows,
+    __nv_bfloat16* dc2p, int64_t heads, int64_t q_rows, int64_t len, int64_t pos, int64_t block_rows,
     float inv_scale, uint64_t seed, float p, float keep_scale) {
   __shared__ float ss[DISTILL_DEBERTA_STAGE];
   __shared__ float acc[DISTILL_NORM_WARPS][DISTILL_DEBERTA_MAX_POS];
@@ -946,24 +944,41 @@ extern "C" __global__ void distill_deberta_probs_train_grad_bf16(
       const float ds = sr[j] * (dp - d) * inv_scale;
       dqk[row * len + j] = __float2bfloat16(ds);
       atomicAdd(&a[ci[j]], ds);
-      sr[j] = ds;
     }
     __syncwarp();
     for (int c = lane; c < pos; c += 32) dc2p[row * pos + c] = __float2bfloat16(a[c]);
     __syncwarp();
   }
-  __syncthreads();
-  float* dp = dp2c + k.bh * len * pos;
-  for (int t = threadIdx.x; t < k.nr * len; t += blockDim.x) {
-    const int r = t % k.nr, j = t / k.nr;
-    atomicAdd(&dp[j * pos + p2c_idx[(int64_t)j * len + k.i0 + r]], ss[r * (len + 2) + j]);
-  }
 }
 
-// y = x rounded to bf16 (an f32 accumulator the previous kernel left, to a bf16 gradient).
-extern "C" __global__ void distill_round_bf16_f32(const float* x, __nv_bfloat16* y, int64_t n) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    y[i] = __float2bfloat16(x[i]);
+// The p2c term's gradient dp2c [BH, len, pos] (bf16) = dS summed down the query rows into each
+// key's buckets: dp2c[j, b] = Σ_i dS[i, j] over the rows i with p2c_idx[j, i] = b, from dS = dqk
+// [BH, Q, len] as rounded to bf16 (as a bf16 autocast graph's gather backward adds it). A block
+// takes key_block keys of one batch x head (key_block x pos <= DISTILL_DEBERTA_STAGE floats in
+// shared memory), its threads key_block keys wide (dS read key_block x 2 bytes a row) and
+// 128 / key_block rows deep; then writes the keys' rows of dp2c whole (contiguous). Where the
+// backward used to add each dS into an f32 [BH, len, pos] with a global atomic (zeroed first,
+// rounded to bf16 after: three passes over twice the output).
+extern "C" __global__ void distill_deberta_p2c_grad_bf16(const __nv_bfloat16* dqk, const uint32_t* p2c_idx,
+                                                         __nv_bfloat16* dp2c, int64_t q_rows, int64_t len, int64_t pos,
+                                                         int64_t key_block) {
+  __shared__ float acc[DISTILL_DEBERTA_STAGE];
+  const int64_t per_bh = (len + key_block - 1) / key_block;
+  const int64_t bh = blockIdx.x / per_bh, j0 = (blockIdx.x % per_bh) * key_block;
+  const int nk = (int)(len - j0 < key_block ? len - j0 : key_block), kb = (int)key_block, n = nk * (int)pos;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) acc[t] = 0.0f;
+  __syncthreads();
+  const int jl = threadIdx.x % kb;
+  if (jl < nk) {
+    const int64_t j = j0 + jl;
+    const __nv_bfloat16* g = dqk + bh * q_rows * len + j;
+    const uint32_t* idx = p2c_idx + j * len;
+    for (int64_t i = threadIdx.x / kb; i < q_rows; i += blockDim.x / kb)
+      atomicAdd(&acc[jl * pos + idx[i]], __bfloat162float(g[i * len]));
+  }
+  __syncthreads();
+  __nv_bfloat16* out = dp2c + (bh * len + j0) * pos;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) out[t] = __float2bfloat16(acc[t]);
 }
 
 // GeGLU's backward in training (x the bf16 product [rows, 2 inter], g the output's bf16 gradient

@@ -425,8 +425,7 @@ impl Launch {
     }
 
     /// `distill_deberta_probs_train_grad_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, lse, dout,
-    /// dqk, dc2p, dp2c, heads, q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)` (dp2c
-    /// zeroed first).
+    /// dqk, dc2p, heads, q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)`.
     #[allow(clippy::too_many_arguments)]
     pub fn deberta_probs_train_grad(
         bh: usize,
@@ -440,17 +439,29 @@ impl Launch {
     ) -> Self {
         let mut l = Self::deberta_probs(bh, heads, q_rows, len, pos, inv_scale);
         l.kernel = "distill_deberta_probs_train_grad_bf16";
-        for i in 7..11 {
+        for i in 7..10 {
             l.params.insert(i, Param::Buf(i));
         }
         l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
         l
     }
 
-    /// `distill_round_bf16_f32(x, y, n)`.
-    pub fn round_bf16(n: usize) -> Self {
-        Self::elementwise("distill_round_bf16_f32", 2, n)
+    /// `distill_deberta_p2c_grad_bf16(dqk, p2c_idx, dp2c, q_rows, len, pos, key_block)`: a block
+    /// per [`deberta_key_block`] keys of one of `bh`; `pos` at most 1,024.
+    pub fn deberta_p2c_grad(bh: usize, q_rows: usize, len: usize, pos: usize) -> Self {
+        let key_block = deberta_key_block(pos);
+        let mut params: Vec<Param> = buffers(3).collect();
+        params.extend([q_rows, len, pos, key_block].map(|v| Param::I64(v as i64)));
+        let grid = (bh * len.div_ceil(key_block)) as u32;
+        Launch { kernel: "distill_deberta_p2c_grad_bf16", grid, block: 32 * WARPS as u32, params }
     }
+}
+
+/// The keys of a [`Launch::deberta_p2c_grad`] block: 16, or the largest power of two (dividing
+/// the block's 128 threads) whose buckets fit the staging buffer.
+pub fn deberta_key_block(pos: usize) -> usize {
+    let fit = (DEBERTA_STAGE / pos.max(1)).clamp(1, 16);
+    1 << fit.ilog2()
 }
 
 /// The shape and settings of a training attention launch.
