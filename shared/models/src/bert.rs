@@ -183,9 +183,9 @@ impl Encoder {
                 ((real.cumsum(1)? * &real)? + pad as f64)?.to_dtype(DType::U32)?
             }
         };
-        let x = (self.word.forward(input_ids)? + self.position.forward(&positions.contiguous()?)?)?;
-        let x = (x + self.token_type.forward(token_type_ids)?)?;
-        let mut x = dropout(&self.emb_norm.forward(&x)?, cfg.hidden_dropout_prob, train)?;
+        let positions = positions.contiguous()?;
+        let rows = [(&self.word, input_ids), (&self.position, &positions), (&self.token_type, token_type_ids)];
+        let mut x = dropout(&self.emb_norm.embed(&rows)?, cfg.hidden_dropout_prob, train)?;
         if let Some(project) = &self.project {
             x = project.forward(&x)?;
         }

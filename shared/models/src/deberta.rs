@@ -257,19 +257,24 @@ impl DebertaV2CrossEncoder {
         let hd = cfg.hidden_size / heads;
         let compute = crate::layers::compute_dtype(self.word.dtype());
 
-        let mut x = self.word.forward(input_ids)?;
-        if let Some(p) = &self.position {
-            let pos = Tensor::arange(0u32, len as u32, dev)?.unsqueeze(0)?.broadcast_as((bsz, len))?.contiguous()?;
-            x = (x + p.forward(&pos)?)?;
+        let pos = match &self.position {
+            Some(_) => {
+                Some(Tensor::arange(0u32, len as u32, dev)?.unsqueeze(0)?.broadcast_as((bsz, len))?.contiguous()?)
+            }
+            None => None,
+        };
+        let mut rows = vec![(&self.word, input_ids)];
+        if let (Some(p), Some(pos)) = (&self.position, &pos) {
+            rows.push((p, pos));
         }
         if let Some(t) = &self.token_type {
-            x = (x + t.forward(token_type_ids)?)?;
+            rows.push((t, token_type_ids));
         }
-        if let Some(proj) = &self.embed_proj {
-            x = proj.forward(&x)?;
-        }
+        let normed = match &self.embed_proj {
+            Some(proj) => self.emb_norm.forward(&proj.forward(&crate::layers::sum_embeddings(&rows)?)?)?,
+            None => self.emb_norm.embed(&rows)?,
+        };
         let mask_f = attention_mask.to_dtype(DType::F32)?;
-        let normed = self.emb_norm.forward(&x)?;
         let x = normed.broadcast_mul(&mask_f.to_dtype(normed.dtype())?.unsqueeze(2)?)?;
         let mut x = dropout(&x, cfg.hidden_dropout_prob, train)?;
 

@@ -148,6 +148,19 @@ impl Module for LayerNorm {
 }
 
 impl LayerNorm {
+    /// The norm of a sum of embedding rows (`rows`: each table with its ids, one shape): for
+    /// scoring one kernel (`kernels::embed_norm_for_scoring`) where `kernels::embed_norm_applies`
+    /// holds, else the rows gathered and added in the tables' dtype ([`sum_embeddings`]), then
+    /// this norm.
+    pub fn embed(&self, rows: &[(&Embedding, &Tensor)]) -> Result<Tensor> {
+        let tables: Vec<&Tensor> = rows.iter().map(|(e, _)| e.table()).collect();
+        let ids: Vec<&Tensor> = rows.iter().map(|(_, i)| *i).collect();
+        if crate::kernels::embed_norm_applies(&tables, &ids) && self.weight.dtype() == tables[0].dtype() {
+            return crate::kernels::embed_norm_for_scoring(&tables, &ids, &self.weight, self.bias.as_ref(), self.eps);
+        }
+        self.forward(&sum_embeddings(rows)?)
+    }
+
     /// The norm of `x + bias + residual` for scoring (`x` a linear layer's product without its
     /// `bias`): one kernel where `kernels::scoring_epilogues_on` holds, else the composite.
     pub fn add_norm(&self, x: &Tensor, bias: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
@@ -314,6 +327,16 @@ thread_local! {
 /// vocabulary-sized gradient. A trainer sets it on its training thread.
 pub fn freeze_word_embeddings(on: bool) {
     WORDS_FROZEN.with(|f| f.set(on));
+}
+
+/// The sum of embedding rows, each table gathered by its ids, added in order in the tables' dtype.
+pub fn sum_embeddings(rows: &[(&Embedding, &Tensor)]) -> Result<Tensor> {
+    let Some(((first, ids), rest)) = rows.split_first() else { candle_core::bail!("no embedding tables") };
+    let mut x = first.forward(ids)?;
+    for (e, ids) in rest {
+        x = (x + e.forward(ids)?)?;
+    }
+    Ok(x)
 }
 
 impl Embedding {

@@ -220,8 +220,7 @@ impl ModernBertCrossEncoder {
         let heads = cfg.num_attention_heads;
         let hd = cfg.hidden_size / heads;
         let compute = crate::layers::compute_dtype(self.embeddings.dtype());
-        let mut x =
-            dropout(&self.emb_norm.forward(&self.embeddings.forward(input_ids)?)?, cfg.embedding_dropout, train)?;
+        let mut x = dropout(&self.emb_norm.embed(&[(&self.embeddings, input_ids)])?, cfg.embedding_dropout, train)?;
 
         // Additive masks: padding keys [B, 1, 1, L] everywhere; for the composite attention of the
         // sliding layers also the keys beyond the window, [B, 1, L, L] (made when first needed).

@@ -921,6 +921,59 @@ fn check_scoring_epilogues(dev: &candle_core::Device, c: &mut Checks) -> Result<
             c.fail();
         }
     }
+    check_embed_norm(dev, c)
+}
+
+/// Scoring's embeddings and their norm in one kernel against the composite (each table gathered,
+/// added in bf16, the norm in f32): BERT-base's three tables (with an id past the word table:
+/// zeros) and ModernBERT's one with a norm without shift.
+fn check_embed_norm(dev: &candle_core::Device, c: &mut Checks) -> Result<()> {
+    for (sizes, cols, shift) in [(vec![1000usize, 512, 2], 768usize, true), (vec![500], 384, false)] {
+        let tables: Vec<Tensor> =
+            sizes.iter().map(|n| (randn((*n, cols), dev)? * 0.5)?.to_dtype(DType::BF16)).collect::<Result<_>>()?;
+        let ids: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                let v: Vec<u32> =
+                    (0..3 * 37).map(|i| if k == 0 && i == 40 { *n as u32 + 5 } else { (i * 13 % n) as u32 }).collect();
+                Tensor::from_vec(v, (3, 37), dev)
+            })
+            .collect::<Result<_>>()?;
+        let w = (randn(cols, dev)?.affine(0.5, 1.0)?).to_dtype(DType::BF16)?;
+        let b = (randn(cols, dev)? * 0.5)?.to_dtype(DType::BF16)?;
+        let b = shift.then_some(&b);
+        let (t, i): (Vec<&Tensor>, Vec<&Tensor>) = (tables.iter().collect(), ids.iter().collect());
+        set_fused(true);
+        let took = crate::layers::no_grad(|| embed_norm_applies(&t, &i));
+        let fused = crate::layers::no_grad(|| embed_norm_for_scoring(&t, &i, &w, b, 1e-12));
+        set_fused_default();
+        let fused = fused?;
+        // The composite: an id past a table gathers zeros, as the kernel's (and the gather's).
+        let mut sum: Option<Tensor> = None;
+        for (table, ids) in tables.iter().zip(&ids) {
+            let n = table.dim(0)?;
+            let valid = ids.lt(n as u32)?;
+            let rows = table.index_select(&valid.where_cond(ids, &ids.zeros_like()?)?.flatten_all()?, 0)?;
+            let rows = valid.flatten_all()?.unsqueeze(1)?.to_dtype(DType::BF16)?.broadcast_mul(&rows)?;
+            sum = Some(match sum {
+                Some(s) => (s + rows)?,
+                None => rows,
+            });
+        }
+        let Some(sum) = sum else { candle_core::bail!("embed norm check: no tables") };
+        let sum = sum.to_dtype(DType::F32)?;
+        let b32 = b.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let composite = layer_norm(&sum, &w.to_dtype(DType::F32)?, b32.as_ref(), 1e-12)?.to_dtype(DType::BF16)?;
+        let d = relative_bf16(&fused.reshape((3 * 37, cols))?, &composite)?;
+        c.line(format!(
+            "embeddings and their norm bf16, {} tables x {cols}: relative |against the composite| {d:.1e}",
+            sizes.len()
+        ));
+        if !took || fused.dtype() != DType::BF16 || fused.dims() != [3, 37, cols] || d >= 2e-2 {
+            c.fail();
+        }
+    }
     Ok(())
 }
 

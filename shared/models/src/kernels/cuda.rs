@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 const MODULE: &str = "distill-kernels";
 /// Every kernel this module launches.
-const KERNELS: [&str; 59] = [
+const KERNELS: [&str; 60] = [
     "distill_deberta_probs_bf16",
     "distill_deberta_probs_train_bf16",
     "distill_deberta_probs_train_grad_bf16",
@@ -46,6 +46,7 @@ const KERNELS: [&str; 59] = [
     "distill_add_norm_train_grad_f32",
     "distill_dropout_bf16_f32",
     "distill_add_norm_sum_bf16",
+    "distill_embed_norm_bf16",
     "distill_geglu_bf16",
     "distill_geglu_grad_bf16",
     "distill_rotary_split_f32",
@@ -440,6 +441,42 @@ pub fn add_norm(
     drop(bufs);
     let mut shape = if sum { vec![2] } else { vec![] };
     shape.extend(l1.dims());
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.into()))
+}
+
+/// Scoring embeddings: the tables (1-3, bf16 [n, cols]; the unused ones repeat the first), their
+/// ids (u32, [rows] each), params [2, cols] f32 -> LN(Σ gathered rows) w + shift, bf16 [rows, cols].
+pub fn embed_norm(
+    tables: [(&CudaStorage, &Layout); 3],
+    ids: &[Tensor],
+    params: &Tensor,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let op = "embed norm";
+    let (dev, cols) = (tables[0].0.device().clone(), rows_cols(tables[0].1).1);
+    let rows = ids[0].elem_count();
+    let mut bufs = Vec::with_capacity(8);
+    for (s, l) in tables {
+        bufs.push(Buf::Bf16(bf16_view(s, l, op)?));
+    }
+    let guards: Vec<_> = (0..3).map(|k| ids[k.min(ids.len() - 1)].storage_and_layout()).collect();
+    for (storage, layout) in &guards {
+        let Storage::Cuda(c) = &**storage else { candle_core::bail!("{op}: ids not on the GPU") };
+        match layout.contiguous_offsets() {
+            Some((a, b)) => bufs.push(Buf::Ids(c.as_cuda_slice::<u32>()?.slice(a..b))),
+            None => candle_core::bail!("{op}: ids not contiguous"),
+        }
+    }
+    let (ps, pl) = params.storage_and_layout();
+    bufs.push(Buf::View(view(cuda_of(&ps, op)?, pl, op)?));
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<half::bf16>(rows * cols)? };
+    bufs.push(Buf::Bf16Out(&out));
+    let n = tables.map(|(_, l)| l.dims()[0]);
+    run(&dev, &Launch::embed_norm(rows, cols, n, ids.len(), eps), &bufs)?;
+    drop(bufs);
+    let mut shape = ids[0].dims().to_vec();
+    shape.push(cols);
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape.into()))
 }
 

@@ -352,6 +352,67 @@ fn widen(bits: &Buf) -> Vec<f32> {
 }
 
 #[test]
+fn scoring_embeddings_and_their_norm() {
+    // Three tables at 768 columns (8 a load), an id past the word table (zeros); one table at 100
+    // columns (one a load), two at 384; 7 tokens (not a multiple of the warps per block).
+    for (tables, cols) in [(3usize, 768usize), (1, 100), (2, 384)] {
+        let rows = 7;
+        let sizes = [50usize, 20, 2];
+        let parts: Vec<(Vec<u16>, Tensor)> =
+            (0..3).map(|k| bf16_bits(&values(sizes[k] * cols, 61 + k as u32, 1.0), &[sizes[k], cols])).collect();
+        let ids: Vec<Vec<u32>> = (0..3)
+            .map(|k| (0..rows).map(|r| if k == 0 && r == 3 { 57 } else { ((r * 7 + k) % sizes[k]) as u32 }).collect())
+            .collect();
+        let mut params = values(cols, 64, 0.5).iter().map(|w| w + 1.0).collect::<Vec<f32>>();
+        params.extend(values(cols, 65, 1.0));
+        let id_t: Vec<Tensor> =
+            ids[..tables].iter().map(|v| Tensor::from_vec(v.clone(), rows, &Device::Cpu).unwrap()).collect();
+        let op = EmbedNorm { ids: id_t, params: tensor(&params, &[2 * cols]), eps: 1e-12 };
+        let t = |k: usize| parts[if k < tables { k } else { 0 }].1.clone();
+        let want = t(0).apply_op3_no_bwd(&t(1), &t(2), &op).unwrap();
+        assert_eq!(want.dims(), [rows, cols]);
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let table = |k: usize| Buf::Bf16(parts[if k < tables { k } else { 0 }].0.clone());
+        let mut bufs = [
+            table(0),
+            table(1),
+            table(2),
+            Buf::U32(ids[0].clone()),
+            Buf::U32(ids[1].clone()),
+            Buf::U32(ids[2].clone()),
+            Buf::F32(params.clone()),
+            Buf::Bf16(vec![0x7fc0; rows * cols]),
+        ];
+        let n = [0, 1, 2].map(|k| if k < tables { sizes[k] } else { sizes[0] });
+        run(&Launch::embed_norm(rows, cols, n, tables, 1e-12), &mut bufs);
+        let got = widen(&bufs[7]);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 8e-3 * w.abs().max(1.0), "embed norm {tables} x {cols} at {i}: {g} against {w}");
+        }
+        // The sum the norm saw: for the id past the table, the other tables alone.
+        if tables == 3 {
+            let sum = |r: usize, c: usize| -> f32 {
+                let at = |k: usize| {
+                    let id = ids[k][r] as usize;
+                    if id < sizes[k] {
+                        half::bf16::from_bits(parts[k].0[id * cols + c]).to_f32()
+                    } else {
+                        0.0
+                    }
+                };
+                let r1 = half::bf16::from_f32(at(0) + at(1)).to_f32();
+                half::bf16::from_f32(r1 + at(2)).to_f32()
+            };
+            let v: Vec<f32> = (0..cols).map(|c| sum(3, c)).collect();
+            let mean = v.iter().sum::<f32>() / cols as f32;
+            let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / cols as f32;
+            let y0 = (v[0] - mean) / (var + 1e-12).sqrt() * params[0] + params[cols];
+            assert!((want[3 * cols] - y0).abs() <= 8e-3 * y0.abs().max(1.0), "{} against {y0}", want[3 * cols]);
+        }
+    }
+}
+
+#[test]
 fn scoring_epilogues_add_norm_and_bias_gelu() {
     // Rows not a multiple of the warps per block; 1,000 columns (not a multiple of 32); 36 columns
     // (the elementwise kernels one element at a time: not a multiple of 8, nor half of it).

@@ -71,6 +71,122 @@ impl CustomOp3 for AddNorm {
     }
 }
 
+/// (t0, t1, t2) -> LN(t0[ids 0] + t1[ids 1] + t2[ids 2]) w + shift: scoring's embeddings and
+/// their norm in one pass, the first `ids.len()` (1-3) tables [n_k, cols] used (the others repeat
+/// the first), each gathered by its ids (u32, one shape; an id past the table gives zeros), each
+/// add rounded to the tables' dtype (bf16, as the composite's adds; f32 too on the CPU), the norm in
+/// f32, params [2 cols] = (w, shift) f32, out [ids.., cols] in the tables' dtype. Forward only.
+pub(super) struct EmbedNorm {
+    pub(super) ids: Vec<Tensor>,
+    pub(super) params: Tensor,
+    pub(super) eps: f32,
+}
+
+impl CustomOp3 for EmbedNorm {
+    fn name(&self) -> &'static str {
+        "distill-embed-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = last_dim(l1);
+        let tables = [widened(s1, l1, self.name())?, widened(s2, l2, self.name())?, widened(s3, l3, self.name())?];
+        let ids: Vec<Vec<u32>> = candle_core::op_stats::uncounted(|| {
+            self.ids.iter().map(|t| t.flatten_all()?.to_vec1::<u32>()).collect::<Result<_>>()
+        })?;
+        let p = f32_data(&self.params)?;
+        if p.len() != 2 * cols {
+            candle_core::bail!("{}: {} norm parameters for {cols} columns", self.name(), p.len());
+        }
+        let (w, shift) = p.split_at(cols);
+        let bf16 = matches!(s1, CpuStorage::BF16(_));
+        let round = |x: f32| if bf16 { half::bf16::from_f32(x).to_f32() } else { x };
+        let rows = ids[0].len();
+        let mut sums = vec![0f32; rows * cols];
+        for (r, sum) in sums.chunks_mut(cols).enumerate() {
+            for (k, (table, ids)) in tables.iter().zip(&ids).enumerate() {
+                let id = ids[r] as usize;
+                let row = (id < table.len() / cols).then(|| &table[id * cols..(id + 1) * cols]);
+                for (c, s) in sum.iter_mut().enumerate() {
+                    let v = row.map_or(0.0, |row| row[c]);
+                    *s = if k == 0 { v } else { round(*s + v) };
+                }
+            }
+        }
+        let y = map_rows(&sums, cols, |y, v| {
+            let (mean, rstd) = moments(v, self.eps);
+            for (i, (y, v)) in y.iter_mut().zip(v).enumerate() {
+                *y = (v - mean) * rstd * w[i] + shift[i];
+            }
+        });
+        let mut shape = self.ids[0].dims().to_vec();
+        shape.push(cols);
+        Ok((narrowed(y, s1), shape.into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let cols = last_dim(l1);
+        if [l2, l3].iter().any(|l| last_dim(l) != cols) || self.params.elem_count() != 2 * cols {
+            candle_core::bail!("{}: tables {:?} {:?} {:?}", self.name(), l1.dims(), l2.dims(), l3.dims());
+        }
+        cuda::embed_norm([(s1, l1), (s2, l2), (s3, l3)], &self.ids, &self.params, self.eps)
+    }
+}
+
+/// Whether [`embed_norm_for_scoring`] runs its kernel: 1-3 tables of one dtype and width, ids of
+/// one shape, [`norm_epilogues_on`] (no graph kept, bf16 on CUDA, rows of at most 2,048).
+pub fn embed_norm_applies(tables: &[&Tensor], ids: &[&Tensor]) -> bool {
+    let Some(first) = tables.first() else { return false };
+    (1..=3).contains(&tables.len())
+        && ids.len() == tables.len()
+        && norm_epilogues_on(first)
+        && tables.iter().all(|t| t.rank() == 2 && t.dtype() == first.dtype() && t.dims()[1] == first.dims()[1])
+        && ids.iter().all(|i| i.dims() == ids[0].dims())
+}
+
+/// Scoring's embeddings and their norm in one kernel: LN(Σ_k tables[k][ids[k]]) w + shift, in
+/// the tables' dtype (see [`EmbedNorm`]). Call where [`embed_norm_applies`] holds (an error
+/// otherwise); the composite gathers, adds and runs the norm.
+pub fn embed_norm_for_scoring(
+    tables: &[&Tensor],
+    ids: &[&Tensor],
+    w: &Tensor,
+    shift: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    if !embed_norm_applies(tables, ids) || w.elem_count() != tables[0].dim(1)? {
+        candle_core::bail!(
+            "embed norm for scoring: does not apply to {} tables, a norm of {:?}",
+            tables.len(),
+            w.dims()
+        );
+    }
+    let cols = w.elem_count();
+    let zeros = Tensor::zeros(cols, DType::F32, w.device())?;
+    let params = Tensor::cat(&[w.to_dtype(DType::F32)?, shift.map_or(Ok(zeros), |s| s.to_dtype(DType::F32))?], 0)?;
+    let ids = ids.iter().map(|i| i.to_dtype(DType::U32)?.contiguous()).collect::<Result<Vec<_>>>()?;
+    let op = EmbedNorm { ids, params, eps: eps as f32 };
+    // The unused tables repeat the first (never read).
+    let t = |k: usize| tables.get(k).unwrap_or(&tables[0]).contiguous();
+    t(0)?.apply_op3_no_bwd(&t(1)?, &t(2)?, &op)
+}
+
 /// (x, b) -> gelu_erf(x + b) over the last dimension, x bf16 (or f32 on the CPU), b f32, out in
 /// x's dtype. Forward only.
 pub(super) struct BiasGelu;

@@ -617,6 +617,83 @@ extern "C" __global__ void distill_add_norm_bf16(const __nv_bfloat16* x, const _
                sums[threadIdx.x / 32], cols, eps, threadIdx.x % 32);
 }
 
+// Scoring embeddings in one pass: y = LN(t0[i0] + t1[i1] + t2[i2]) w + shift per token, the first
+// `tables` (1-3) bf16 tables [n_k, cols] gathered by their ids [rows] u32 (an id past its table
+// gives zeros, as distill_gather_rows_f32), each add rounded to bf16 (as the composite's bf16
+// adds), the norm in f32, params [2, cols] = (w, shift) f32, y bf16. Where the composite gathered
+// each table into a [rows, cols] tensor, added them, cast to f32, normalised and cast back. One
+// warp per token, its row in shared memory (cols <= DISTILL_MAX_COLS), 8 columns a 16-byte access
+// where rows allow it.
+__device__ __forceinline__ const __nv_bfloat16* embedding_row(const __nv_bfloat16* t, const uint32_t* ids, int64_t row,
+                                                              int64_t n, int64_t cols) {
+  const int64_t id = ids[row];
+  return id < n ? t + id * cols : nullptr;
+}
+
+// A row's sum of 8 columns from c0: a (the first table's, zeros where its id was past it) plus
+// each next table's row (null: zeros), rounded to bf16 after each add.
+__device__ __forceinline__ void embedding_add8(float* a, const __nv_bfloat16* row, int64_t c0) {
+  float b[8];
+  for (int j = 0; j < 8; ++j) b[j] = 0.0f;
+  if (row) load8(b, row + c0, (const float*)nullptr);
+  for (int j = 0; j < 8; ++j) a[j] = __bfloat162float(__float2bfloat16(a[j] + b[j]));
+}
+
+extern "C" __global__ void distill_embed_norm_bf16(const __nv_bfloat16* t0, const __nv_bfloat16* t1,
+                                                   const __nv_bfloat16* t2, const uint32_t* i0, const uint32_t* i1,
+                                                   const uint32_t* i2, const float* params, __nv_bfloat16* y,
+                                                   int64_t rows, int64_t cols, int64_t n0, int64_t n1, int64_t n2,
+                                                   int64_t tables, float eps) {
+  __shared__ __align__(16) float sums[DISTILL_NORM_WARPS][DISTILL_MAX_COLS];
+  const int64_t row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x % 32;
+  float* v = sums[threadIdx.x / 32];
+  const __nv_bfloat16* r0 = embedding_row(t0, i0, row, n0, cols);
+  const __nv_bfloat16* r1 = tables > 1 ? embedding_row(t1, i1, row, n1, cols) : nullptr;
+  const __nv_bfloat16* r2 = tables > 2 ? embedding_row(t2, i2, row, n2, cols) : nullptr;
+  __nv_bfloat16* yr = y + row * cols;
+  float s = 0.0f;
+  const bool vec = vec8(cols, t0, t1, t2, yr) && (uintptr_t)params % 16 == 0;
+  if (vec) {
+    for (int64_t c0 = 8 * lane; c0 < cols; c0 += 256) {
+      float a[8];
+      for (int j = 0; j < 8; ++j) a[j] = 0.0f;
+      if (r0) load8(a, r0 + c0, (const float*)nullptr);
+      if (tables > 1) embedding_add8(a, r1, c0);
+      if (tables > 2) embedding_add8(a, r2, c0);
+      for (int j = 0; j < 8; ++j) s += a[j];
+      store8_f32(v + c0, a);
+    }
+  } else {
+    for (int64_t c = lane; c < cols; c += 32) {
+      float a = r0 ? __bfloat162float(r0[c]) : 0.0f;
+      if (tables > 1) a = __bfloat162float(__float2bfloat16(a + (r1 ? __bfloat162float(r1[c]) : 0.0f)));
+      if (tables > 2) a = __bfloat162float(__float2bfloat16(a + (r2 ? __bfloat162float(r2[c]) : 0.0f)));
+      v[c] = a;
+      s += a;
+    }
+  }
+  __syncwarp();
+  const float mean = warp_sum(s) / (float)cols;
+  float q = 0.0f;
+  for (int64_t c = lane; c < cols; c += 32) q += (v[c] - mean) * (v[c] - mean);
+  const float rstd = 1.0f / sqrtf(warp_sum(q) / (float)cols + eps);
+  if (vec) {
+    for (int64_t c0 = 8 * lane; c0 < cols; c0 += 256) {
+      float a[8], w[8], shift[8];
+      load8_f32(a, v + c0);
+      load8_f32(w, params + c0);
+      load8_f32(shift, params + cols + c0);
+      for (int j = 0; j < 8; ++j) a[j] = (a[j] - mean) * rstd * w[j] + shift[j];
+      store8_bf16(yr + c0, a);
+    }
+    return;
+  }
+  for (int64_t c = lane; c < cols; c += 32)
+    yr[c] = __float2bfloat16((v[c] - mean) * rstd * params[c] + params[cols + c]);
+}
+
 // out [2, rows, cols]: the sums, then the norms.
 extern "C" __global__ void distill_add_norm_sum_bf16(const __nv_bfloat16* x, const __nv_bfloat16* res,
                                                      const float* params, __nv_bfloat16* out, int64_t rows,

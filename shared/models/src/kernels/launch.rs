@@ -254,6 +254,15 @@ impl Launch {
         Self::rows("distill_add_norm_sum_bf16", 4, rows, cols, Some(eps))
     }
 
+    /// `distill_embed_norm_bf16(t0, t1, t2, i0, i1, i2, params, y, rows, cols, n0, n1, n2, tables,
+    /// eps)`: a warp per token; `n` the tables' rows (the unused ones' any).
+    pub fn embed_norm(rows: usize, cols: usize, n: [usize; 3], tables: usize, eps: f32) -> Self {
+        let mut params: Vec<Param> = buffers(8).collect();
+        params.extend([rows, cols, n[0], n[1], n[2], tables].map(|v| Param::I64(v as i64)));
+        params.push(Param::F32(eps));
+        Launch { kernel: "distill_embed_norm_bf16", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+    }
+
     /// `distill_geglu_bf16(x, y, rows x inter, inter)`.
     pub fn geglu(rows: usize, inter: usize) -> Self {
         let mut l = Self::elementwise("distill_geglu_bf16", 2, rows * inter);

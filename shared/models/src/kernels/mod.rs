@@ -1347,11 +1347,14 @@ use attention::{
 pub use check::{check_against_composite, Checks, CHECK_GROUPS};
 pub use epilogues::{
     add_norm_for_scoring, add_norm_for_training, add_norm_for_training_on, add_norm_sum_for_scoring,
-    bias_gelu_for_scoring, bias_gelu_for_training, bias_gelu_for_training_on, geglu_for_scoring, geglu_for_training,
-    geglu_for_training_on, matmul_bias_gelu_for_scoring, scoring_epilogues_on,
+    bias_gelu_for_scoring, bias_gelu_for_training, bias_gelu_for_training_on, embed_norm_applies,
+    embed_norm_for_scoring, geglu_for_scoring, geglu_for_training, geglu_for_training_on, matmul_bias_gelu_for_scoring,
+    scoring_epilogues_on,
 };
 #[cfg(test)]
-use epilogues::{AddNorm, AddNormTrain, AddNormTrainGrad, BiasGelu, BiasGeluGrad, DropoutTo, Geglu, GegluGrad};
+use epilogues::{
+    AddNorm, AddNormTrain, AddNormTrainGrad, BiasGelu, BiasGeluGrad, DropoutTo, EmbedNorm, Geglu, GegluGrad,
+};
 use launch as launch_shape;
 
 #[cfg(test)]
@@ -1364,7 +1367,7 @@ mod tests {
     fn fused_kernels_match_the_composite_ops_in_values_and_gradients() {
         let checks = check_against_composite(&Device::Cpu, &[]).unwrap();
         assert!(checks.bad.is_empty(), "{:?}", checks.bad);
-        assert_eq!(checks.lines.len(), 72, "{:?}", checks.lines);
+        assert_eq!(checks.lines.len(), 74, "{:?}", checks.lines);
         // One group alone runs only its checks; an unknown group is an error naming the known.
         let rotary = check_against_composite(&Device::Cpu, &["rotary"]).unwrap();
         assert_eq!(rotary.lines.len(), 2, "{:?}", rotary.lines);
