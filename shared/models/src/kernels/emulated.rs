@@ -278,7 +278,7 @@ fn sum_squares_list_over_gradients() {
 
 #[test]
 fn layer_norm_with_weights_and_their_gradients() {
-    // 150 rows: three blocks of the column sums, the last one part full.
+    // 150 rows: ten blocks of the column sums, the last one part full.
     for (rows, cols, has_bias) in [(150usize, 48usize, true), (5, 384, false)] {
         let n = rows * cols;
         let x = values(n, 15, 2.0);

@@ -569,7 +569,7 @@ impl Attention {
 const TRAIN_ROWS_PER_BLOCK: usize = 16;
 
 /// Rows per block of the column reductions (`DISTILL_ROWS_PER_BLOCK` in kernels.cu).
-const ROWS_PER_BLOCK: usize = 64;
+const ROWS_PER_BLOCK: usize = 16;
 
 fn chunks_grid(rows: usize) -> u32 {
     rows.div_ceil(ROWS_PER_BLOCK) as u32
