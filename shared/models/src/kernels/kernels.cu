@@ -1141,7 +1141,8 @@ extern "C" __global__ void distill_rotary_merge_f32(const float* g, const float*
 // shared by the warps). 1-D grid: blockIdx.x = (batch x heads) x query blocks + query block.
 // The kernels that run it cap their registers (__launch_bounds__: 128 threads, so many blocks per
 // multiprocessor), without spills: 4 blocks of at most 128 registers a thread for head size 64,
-// 6 of 85 for 32 (shared memory would allow 7 and 10).
+// 6 of 85 for 32 (5 of 102 for training's head size 32, which spilled at 85; shared memory would
+// allow 7 and 10).
 #define DISTILL_FA_WARPS 4
 #define DISTILL_FA_QW 16
 #define DISTILL_FA_KT 32
@@ -1783,7 +1784,7 @@ extern "C" __global__ void distill_flash_attention_dkv_d64_f32(const float* q, c
 
 // The training attention from a joined product (packed): (qkv [B, L, 3, H, D] bf16, its bias [3 H D]
 // f32 or null) -> out [B, L, H, D] bf16 and lse; its backward into dqkv [B, L, 3, H, D] bf16.
-extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_d32_bf16(const __nv_bfloat16* qkv, const float* qkv_bias,
                                                                         const float* bias, __nv_bfloat16* out,
                                                                         float* lse, int64_t heads, int64_t len,
                                                                         float scale, int64_t window, uint64_t seed,
@@ -1841,7 +1842,7 @@ extern "C" __global__ void distill_flash_attention_dkv_packed_d64_bf16(const __n
 
 // The packed training attention with rotary embeddings on q and k (rope [2, len, D]: cos, sin):
 // rotated as they load, the rotation undone on their gradients (ModernBERT's Wqkv product).
-extern "C" __global__ void __launch_bounds__(128, 6) distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
+extern "C" __global__ void __launch_bounds__(128, 5) distill_flash_attention_train_packed_rope_d32_bf16(const __nv_bfloat16* qkv,
                                                                              const float* qkv_bias, const float* rope,
                                                                              const float* bias, __nv_bfloat16* out,
                                                                              float* lse, int64_t heads, int64_t len,
