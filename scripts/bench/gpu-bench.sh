@@ -15,7 +15,7 @@
 # TRAIN_KERNELS / SCORE_KERNELS (default: the defaults plus every family of kernels not yet proven on a GPU that passed its check
 # in this run; fused: all; auto: the defaults), AUTO=1 (rows with the defaults too),
 # FULL_LAST_LAYER=1 (scoring rows with the full last layer, --first-token-only false), FP32=1 (fp32 training too), PROFILE=1 (ncu on one bert-base bf16 training step and one minilm-l6 bf16 scoring batch),
-# OP_STATS=0 (skip counting the operations and bytes of the timed runs on the GPU and the bound at the card's peaks, scripts/bench/op-stats.py).
+# OP_STATS=0 (skip counting the operations and bytes of the timed runs on the GPU, timing each kind (--op-times), and the bound at the card's peaks, scripts/bench/op-stats.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench-out}"
@@ -105,15 +105,17 @@ if [ "${FP32:-0}" = 1 ]; then
   done
 fi
 if [ "${OP_STATS:-1}" = 1 ]; then
-  echo "== what the timed runs dispatch, counted on the GPU at their batch (distill-bench --op-stats), and the bound at the card's peaks"
-  timeout "${T_SCORE:-60}" "$BIN" --device cuda --op-stats --shapes "$SHAPES" --modes score --score-dtype bf16 --kernels "$SCORE_KERNELS" \
+  echo "== what the timed runs dispatch, counted and each operation timed on the GPU at their batch (distill-bench --op-stats --op-times), and the bound at the card's peaks"
+  timeout "${T_SCORE:-60}" "$BIN" --device cuda --op-stats --op-times --shapes "$SHAPES" --modes score --score-dtype bf16 --kernels "$SCORE_KERNELS" \
     --json "$TMP/opstats_score.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -7
-  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --op-stats --shapes "$SHAPES" --modes train --train-precision bf16 --kernels "$TRAIN_KERNELS" \
+  timeout "${T_TRAIN:-120}" "$BIN" --device cuda --op-stats --op-times --shapes "$SHAPES" --modes train --train-precision bf16 --kernels "$TRAIN_KERNELS" \
     --json "$TMP/opstats_train.json" 2>&1 | grep -v "^ *[0-9]*:\|^ *at " | tail -7
   for k in score train; do
     [ -f "$TMP/opstats_$k.json" ] && cp "$TMP/opstats_$k.json" "$OUT/op-stats-cuda-$k.json" && rm "$TMP/opstats_$k.json" &&
       python3 scripts/bench/op-stats.py --counted "$OUT/op-stats-cuda-$k.json" --top 8 --measured "$TMP"/${k}_bf16_*.json > "$OUT/op-stats-$k.md" &&
       grep -v "^$" "$OUT/op-stats-$k.md" | grep -v "^| [a-z]*:[a-z]" | head -40
+    # The slowest operations per phase against their traffic (the whole tables: $OUT/op-stats-$k.md).
+    [ -f "$OUT/op-stats-$k.md" ] && awk '/^## /{m=$2} /: largest traffic/{t=0} /: timed, each/{t=1; n=0; print m, $0; next} t && n<5 && /^\| [a-z]+:/{print; n++}' "$OUT/op-stats-$k.md"
   done
 fi
 if [ "${PROFILE:-0}" = 1 ]; then

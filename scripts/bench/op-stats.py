@@ -20,7 +20,9 @@ On a GPU machine (scripts/bench/gpu-bench.sh): `--counted op-stats-cuda.json` re
 `distill-bench --device cuda --op-stats` counted there at the benchmark's batch (no runs, no
 extrapolation), and `--measured candle_*.json` adds the timed rows of the same run: the measured
 milliseconds next to the bound, and the bound's share of them (how close the kernels come to the
-card's peaks).
+card's peaks). Counted with `--op-times` too, each operation kind's time on the device (a wait
+before each operation): its milliseconds, achieved GB/s and TFLOP/s, largest first: which kernels
+are far from the card's peaks.
 """
 import argparse
 import json
@@ -120,5 +122,18 @@ for row in report:
         print("|---|---:|---:|---:|")
         for o in ph["ops"][: a.top]:
             print(f"| {o['kind']}:{o['name']} | {o['calls']} | {o['bytes'] / 1e9:.3f} | {100 * o['bytes'] / total:.0f}% |")
+        # distill-bench --op-times: each operation timed on the device (a wait before each).
+        ns = sum(o.get("ns", 0) for o in ph["ops"])
+        if ns:
+            bound_ms = ph["memory_ms"] + ph["matmul_ms"]
+            print(f"\n{ph['phase']}: timed, each operation waited for ({ns / 1e6:.1f} ms in all, the bound {bound_ms:.1f} ms is {100 * bound_ms / (ns / 1e6):.0f}% of it; largest first)")
+            print("| operation | calls | ms | share | GB/s | TFLOP/s | us a call |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for o in sorted(ph["ops"], key=lambda o: -o.get("ns", 0))[: a.top]:
+                t = o.get("ns", 0)
+                if not t:
+                    continue
+                print(f"| {o['kind']}:{o['name']} | {o['calls']} | {t / 1e6:.2f} | {100 * t / ns:.0f}% | {o['bytes'] / t:.0f} | "
+                      f"{o['flops'] / t / 1e3:.1f} | {t / 1e3 / o['calls']:.1f} |")
 if a.json:
     json.dump({"bandwidth": a.bandwidth, "matmul_tflops": a.matmul_tflops, "launch_us": a.launch_us, "rows": report}, open(a.json, "w"), indent=1)

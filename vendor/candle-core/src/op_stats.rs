@@ -10,6 +10,10 @@
 //!
 //! `CANDLE_OP_STATS_TRACE=kind[:name]` prints a backtrace for each counted operation of that kind
 //! (and name), to find where a computation dispatches it.
+//!
+//! With [`set_timing`] (a function that waits for the device), each counted operation first waits
+//! for the device, and the time since the previous counted operation goes to that one: its kernel's
+//! time plus its dispatch and a wait (microseconds; on the CPU the operation's own time).
 
 use crate::{DType, Layout};
 use std::collections::BTreeMap;
@@ -22,6 +26,10 @@ thread_local! {
 }
 type Key = (&'static str, &'static str);
 static STATS: Mutex<BTreeMap<Key, OpStat>> = Mutex::new(BTreeMap::new());
+type Waiter = Box<dyn Fn() + Send + Sync>;
+/// The device wait of [`set_timing`], and the operation being timed with when it was dispatched.
+static TIMING: Mutex<(Option<Waiter>, Option<(Key, std::time::Instant)>)> = Mutex::new((None, None));
+static TIMED: AtomicBool = AtomicBool::new(false);
 
 /// Counts for one kind of operation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,6 +37,33 @@ pub struct OpStat {
     pub calls: u64,
     pub bytes: u64,
     pub flops: u64,
+    /// Nanoseconds, with [`set_timing`] (else 0).
+    pub nanos: u64,
+}
+
+/// Times each counted operation (see the module's docs) with `sync` waiting for the device the
+/// operations run on; `None` stops timing.
+pub fn set_timing(sync: Option<Waiter>) {
+    let mut t = TIMING.lock().unwrap_or_else(|e| e.into_inner());
+    TIMED.store(sync.is_some(), Ordering::Relaxed);
+    *t = (sync, None);
+}
+
+/// Waits for the device and closes the interval of the operation being timed, opening one for
+/// `next` (None: none).
+fn clock(next: Option<Key>) {
+    if !TIMED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut t = TIMING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(sync) = &t.0 {
+        sync();
+    }
+    let now = std::time::Instant::now();
+    if let Some((key, since)) = std::mem::replace(&mut t.1, next.map(|k| (k, now))) {
+        let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
+        stats.entry(key).or_default().nanos += now.duration_since(since).as_nanos() as u64;
+    }
 }
 
 /// Starts (or stops) counting.
@@ -41,8 +76,10 @@ pub fn enabled() -> bool {
 }
 
 /// The counts so far, keyed by (kind, name) — kinds: unary, binary, affine, cast, reduce, cmp,
-/// where, index, matmul, copy, custom, inplace, alloc, transfer — and clears them.
+/// where, index, matmul, copy, custom, inplace, alloc, transfer — and clears them (timing: after
+/// waiting for the last operation, which closes its interval).
 pub fn take() -> Vec<(Key, OpStat)> {
+    clock(None);
     let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
     std::mem::take(&mut *stats).into_iter().collect()
 }
@@ -82,6 +119,7 @@ pub(crate) fn record(kind: &'static str, name: &'static str, bytes: usize, flops
             eprintln!("op_stats: {kind} {name} ({bytes} bytes)\n{}", std::backtrace::Backtrace::force_capture());
         }
     }
+    clock(Some((kind, name)));
     let mut stats = STATS.lock().unwrap_or_else(|e| e.into_inner());
     let s = stats.entry((kind, name)).or_default();
     s.calls += 1;

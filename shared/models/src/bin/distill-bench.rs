@@ -69,6 +69,11 @@ struct Args {
     /// batch sizes and extrapolates to the benchmark's.
     #[arg(long)]
     op_stats: bool,
+    /// With --op-stats: also time each operation (waiting for the device before each, so the
+    /// run is slower than a timed one): per kind its milliseconds, achieved bandwidth and
+    /// TFLOP/s (`scripts/bench/op-stats.py --counted`).
+    #[arg(long)]
+    op_times: bool,
     /// Instead of timing: check the fused kernels against the composite ops on --device (values
     /// and gradients; AdamW updates on CUDA) and exit non-zero on a difference.
     #[arg(long)]
@@ -180,37 +185,51 @@ fn timed(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut() -> anyho
 }
 
 /// One warm-up call of `f`, then the operations one more call dispatches (`candle_core::op_stats`)
-/// by phase: `f` calls `phase(name)` at the end of each. Largest traffic first, with totals.
-fn counted(mut f: impl FnMut(&mut dyn FnMut(&'static str)) -> anyhow::Result<()>) -> anyhow::Result<serde_json::Value> {
+/// by phase: `f` calls `phase(name)` at the end of each. Largest traffic first, with totals. With
+/// `timing`, each operation also timed on that device (`op_stats::set_timing`).
+fn counted(
+    timing: Option<&candle_core::Device>,
+    mut f: impl FnMut(&mut dyn FnMut(&'static str)) -> anyhow::Result<()>,
+) -> anyhow::Result<serde_json::Value> {
     use candle_core::op_stats;
     f(&mut |_| ())?;
+    if let Some(dev) = timing {
+        dev.synchronize()?;
+        let dev = dev.clone();
+        op_stats::set_timing(Some(Box::new(move || {
+            let _ = dev.synchronize();
+        })));
+    }
     op_stats::take();
     op_stats::set_enabled(true);
     let mut phases = Vec::new();
     let r = f(&mut |name| phases.push((name, op_stats::take())));
     op_stats::set_enabled(false);
+    op_stats::set_timing(None);
     r?;
     let sum =
         |ops: &[(_, op_stats::OpStat)], f: fn(&op_stats::OpStat) -> u64| ops.iter().map(|(_, s)| f(s)).sum::<u64>();
-    let mut totals = [0u64; 3];
+    let mut totals = [0u64; 4];
     let phases: Vec<serde_json::Value> = phases
         .into_iter()
         .map(|(phase, mut ops)| {
             ops.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(b.1.calls.cmp(&a.1.calls)));
-            let t = [sum(&ops, |s| s.calls), sum(&ops, |s| s.bytes), sum(&ops, |s| s.flops)];
+            let t = [sum(&ops, |s| s.calls), sum(&ops, |s| s.bytes), sum(&ops, |s| s.flops), sum(&ops, |s| s.nanos)];
             for (total, x) in totals.iter_mut().zip(t) {
                 *total += x;
             }
             let ops: Vec<serde_json::Value> = ops
                 .iter()
                 .map(|((kind, name), s)| {
-                    serde_json::json!({"kind": kind, "name": name, "calls": s.calls, "bytes": s.bytes, "flops": s.flops})
+                    serde_json::json!({"kind": kind, "name": name, "calls": s.calls, "bytes": s.bytes, "flops": s.flops, "ns": s.nanos})
                 })
                 .collect();
-            serde_json::json!({"phase": phase, "calls": t[0], "bytes": t[1], "flops": t[2], "ops": ops})
+            serde_json::json!({"phase": phase, "calls": t[0], "bytes": t[1], "flops": t[2], "ns": t[3], "ops": ops})
         })
         .collect();
-    Ok(serde_json::json!({"calls": totals[0], "bytes": totals[1], "flops": totals[2], "phases": phases}))
+    Ok(
+        serde_json::json!({"calls": totals[0], "bytes": totals[1], "flops": totals[2], "ns": totals[3], "phases": phases}),
+    )
 }
 
 fn counted_row(
@@ -336,7 +355,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mode = format!("score-{}", args.score_dtype);
             if args.op_stats {
-                let row = counted(|phase| {
+                let row = counted(args.op_times.then_some(&dev), |phase| {
                     score()?;
                     phase("forward");
                     Ok(())
@@ -374,7 +393,7 @@ fn main() -> anyhow::Result<()> {
             };
             let mode = format!("train-{}", args.train_precision);
             if args.op_stats {
-                let row = counted(|phase| {
+                let row = counted(args.op_times.then_some(&dev), |phase| {
                     let l = loss()?;
                     phase("forward");
                     let g = l.backward()?;
