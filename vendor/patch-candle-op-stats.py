@@ -42,7 +42,7 @@ def patch_storage(src):
         "scatter_add": f'{S}::record("index", "scatter_add", {rb}(indexes_l, indexes.dtype()) + 3 * {rb}(source_l, source.dtype()), 0);',
         "index_add": f'{S}::record("index", "index_add", {rb}(l, self.dtype()) + {ob}(l, self.dtype()) + {rb}(indexes_l, indexes.dtype()) + 2 * {rb}(source_l, source.dtype()), 0);',
         "index_select": f'{S}::record("index", "index_select", {rb}(rhs_l, rhs.dtype()) + 2 * {rb}(rhs_l, rhs.dtype()) / rhs.dtype().size_in_bytes() * self.dtype().size_in_bytes() * lhs_l.dims().iter().enumerate().filter(|(i, _)| *i != d).map(|(_, x)| *x).product::<usize>(), 0);',
-        "matmul": f'{S}::record("matmul", self.dtype().as_str(), (bmnk.0 * (bmnk.1 * bmnk.3 + bmnk.3 * bmnk.2 + bmnk.1 * bmnk.2)) * self.dtype().size_in_bytes(), 2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3);',
+        "matmul": f'{S}::record("matmul", {S}::matmul_name(self.dtype(), bmnk), (bmnk.0 * (bmnk.1 * bmnk.3 + bmnk.3 * bmnk.2 + bmnk.1 * bmnk.2)) * self.dtype().size_in_bytes(), 2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3);',
         "copy_strided_src": f'{S}::record("copy", "strided", {rb}(src_l, self.dtype()) + {ob}(src_l, self.dtype()), 0);',
         "copy2d": f'{S}::record("copy", "2d", 2 * d1 * d2 * self.dtype().size_in_bytes(), 0);',
     }

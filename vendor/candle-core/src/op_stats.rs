@@ -49,6 +49,19 @@ pub fn set_timing(sync: Option<Waiter>) {
     *t = (sync, None);
 }
 
+/// A matrix product's name: its dtype; while timing, also its shape (`bf16 b x m x n x k`, names
+/// interned: a model has a handful of shapes), so the timed products show which are slow.
+pub(crate) fn matmul_name(dtype: DType, (b, m, n, k): (usize, usize, usize, usize)) -> &'static str {
+    if !TIMED.load(Ordering::Relaxed) || !ON.load(Ordering::Relaxed) {
+        return dtype.as_str();
+    }
+    static NAMES: Mutex<BTreeMap<(&'static str, [usize; 4]), &'static str>> = Mutex::new(BTreeMap::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    names.entry((dtype.as_str(), [b, m, n, k])).or_insert_with(|| {
+        Box::leak(format!("{} {b}x{m}x{n}x{k}", dtype.as_str()).into_boxed_str())
+    })
+}
+
 /// Waits for the device and closes the interval of the operation being timed, opening one for
 /// `next` (None: none).
 fn clock(next: Option<Key>) {

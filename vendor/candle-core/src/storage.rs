@@ -813,7 +813,7 @@ impl Storage {
         lhs_layout: &Layout,
         rhs_layout: &Layout,
     ) -> Result<Self> {
-        crate::op_stats::record("matmul", self.dtype().as_str(), (bmnk.0 * (bmnk.1 * bmnk.3 + bmnk.3 * bmnk.2 + bmnk.1 * bmnk.2)) * self.dtype().size_in_bytes(), 2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3);
+        crate::op_stats::record("matmul", crate::op_stats::matmul_name(self.dtype(), bmnk), (bmnk.0 * (bmnk.1 * bmnk.3 + bmnk.3 * bmnk.2 + bmnk.1 * bmnk.2)) * self.dtype().size_in_bytes(), 2 * bmnk.0 * bmnk.1 * bmnk.2 * bmnk.3);
         self.same_device(rhs, "matmul")?;
         self.same_dtype(rhs, "matmul")?;
         match (self, rhs) {
