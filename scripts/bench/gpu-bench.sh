@@ -114,8 +114,8 @@ if [ "${OP_STATS:-1}" = 1 ]; then
     [ -f "$TMP/opstats_$k.json" ] && cp "$TMP/opstats_$k.json" "$OUT/op-stats-cuda-$k.json" && rm "$TMP/opstats_$k.json" &&
       python3 scripts/bench/op-stats.py --counted "$OUT/op-stats-cuda-$k.json" --top 8 --measured "$TMP"/${k}_bf16_*.json > "$OUT/op-stats-$k.md" &&
       grep -v "^$" "$OUT/op-stats-$k.md" | grep -v "^| [a-z]*:[a-z]" | head -40
-    # The slowest operations per phase against their traffic (the whole tables: $OUT/op-stats-$k.md).
-    [ -f "$OUT/op-stats-$k.md" ] && awk '/^## /{m=$2} /: largest traffic/{t=0} /: timed, each/{t=1; n=0; print m, $0; next} t && n<5 && /^\| [a-z]+:/{print; n++}' "$OUT/op-stats-$k.md"
+    # The four slowest operations per phase against their traffic (the whole tables: $OUT/op-stats-$k.md).
+    [ -f "$OUT/op-stats-$k.md" ] && awk '/^## /{m=$2} /: largest traffic/{t=0} /: timed, each/{t=1; n=0; print m, $0; next} t && n<4 && /^\| [a-z]+:/{print; n++}' "$OUT/op-stats-$k.md"
   done
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
