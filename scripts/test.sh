@@ -4,3 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
 cargo test --workspace
+# The emulated CUDA kernels again, built with ThreadSanitizer (shared/cuda-emu): a race between a
+# block's threads, or between blocks, fails here (exit status 66) where the emulator's own run
+# would pass it by chance. Last: it rebuilds the emulator and relinks distill-models' tests.
+export TSAN_OPTIONS="suppressions=$PWD/shared/cuda-emu/tsan.supp ${TSAN_OPTIONS:-}"
+DISTILL_EMU_TSAN=1 cargo test -p distill-cuda-emu
+DISTILL_EMU_TSAN=1 cargo test -p distill-models --lib kernels::emulated

@@ -1,8 +1,12 @@
 // Just enough of CUDA's device-side C++ to run kernels.cu on the CPU, for tests on a machine
 // without a GPU: a launch runs its blocks one after another, each block's threads as OS threads,
 // so warp shuffles and __syncthreads are real rendezvous (barriers) and a kernel's indexing,
-// reductions and write pattern are exercised as written. Not emulated: the memory model beyond
-// barriers, partial-warp masks (shuffles exchange across the whole warp), timing.
+// reductions and write pattern are exercised as written. Each block has its own shared memory
+// (build.rs turns each `__shared__` declaration into `emu::shared`), filled with NaN bytes where
+// a GPU leaves garbage. Nothing orders one block after another but the launch's end, so built
+// with ThreadSanitizer (DISTILL_EMU_TSAN) the emulator reports races between a block's threads
+// and between blocks. Not emulated: partial-warp masks (shuffles exchange across the whole
+// warp, and order memory as a barrier does), timing.
 #pragma once
 #include <barrier>
 #include <atomic>
@@ -19,8 +23,6 @@
 #define __forceinline__ inline
 #define __restrict__
 #define __launch_bounds__(...)
-// Blocks run one at a time and launches are serialised, so one static per kernel is one block's.
-#define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
 struct __align__(16) float4 {
@@ -42,12 +44,25 @@ struct Warp {
   std::ptrdiff_t size;
   uint64_t slots[32];
 };
+struct SharedMemory;
 struct Thread {
   Warp* warp = nullptr;
   std::barrier<>* block = nullptr;
   unsigned lane = 0;
+  SharedMemory* shared = nullptr;  // the block's
+  unsigned shared_next = 0;        // the declarations this thread has reached
 };
 extern thread_local Thread self;
+
+// The `index`th shared array of the running block (every thread of a block reaches the same
+// declarations in the same order), allocated by the first thread to reach it.
+void* shared_array(unsigned index, size_t size, size_t align);
+
+// A `__shared__ T name[..]` declaration: `auto& name = emu::shared<T[..]>(align)`.
+template <class T>
+T& shared(size_t align) {
+  return *static_cast<T*>(shared_array(self.shared_next++, sizeof(T), align > alignof(T) ? align : alignof(T)));
+}
 }  // namespace emu
 
 extern thread_local dim3 threadIdx;
@@ -83,8 +98,12 @@ inline T __shfl_down_sync(unsigned, T v, unsigned d) {
   return src < 32 ? r : v;
 }
 
-inline float atomicAdd(float* a, float v) { return std::atomic_ref<float>(*a).fetch_add(v); }
-inline double atomicAdd(double* a, double v) { return std::atomic_ref<double>(*a).fetch_add(v); }
+// Relaxed, as CUDA's atomics: an atomic add orders nothing else (a sequentially consistent one
+// would order two blocks that add to one sum, and hide a race between them on other memory).
+inline float atomicAdd(float* a, float v) { return std::atomic_ref<float>(*a).fetch_add(v, std::memory_order_relaxed); }
+inline double atomicAdd(double* a, double v) {
+  return std::atomic_ref<double>(*a).fetch_add(v, std::memory_order_relaxed);
+}
 
 inline float __expf(float x) { return expf(x); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }

@@ -121,6 +121,35 @@ mod tests {
         }
     }
 
+    /// The ThreadSanitizer build (`DISTILL_EMU_TSAN=1`, scripts/test.sh) reports both kinds of
+    /// race a GPU has: blocks adding to one element without an atomic, and threads reading
+    /// shared memory another wrote with no barrier between. Each racy kernel runs in a child
+    /// process (this test binary again), which must exit with the sanitizer's status and name it.
+    #[cfg(emu_tsan)]
+    #[test]
+    fn races_are_reported() {
+        for kernel in ["emu_race_between_blocks", "emu_race_without_barrier"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
+                .env("DISTILL_EMU_RACY_KERNEL", kernel)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(66), "{kernel}: {stderr}");
+            assert!(stderr.contains("ThreadSanitizer: data race") && stderr.contains(kernel), "{kernel}: {stderr}");
+        }
+    }
+
+    /// The racy kernel `races_are_reported` names, launched as it would be.
+    #[test]
+    #[ignore = "run by races_are_reported, in a child process"]
+    fn racy_kernel() {
+        let kernel = std::env::var("DISTILL_EMU_RACY_KERNEL").expect("DISTILL_EMU_RACY_KERNEL");
+        let mut out = vec![0f32; 64];
+        let blocks = if kernel == "emu_race_between_blocks" { 4 } else { 1 };
+        unsafe { launch(&kernel, [blocks, 1, 1], [64, 1, 1], vec![Arg::F32(out.as_mut_ptr())]) }.unwrap();
+    }
+
     /// erf from the C library the kernels call, as the reference.
     fn libm_erf(x: f32) -> f32 {
         extern "C" {

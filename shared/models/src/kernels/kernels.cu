@@ -430,9 +430,6 @@ extern "C" __global__ void distill_layer_norm_wgrad_f32(const float* x, const fl
   }
 }
 
-// out[c] = Σ_rows g[row, c] (a bias gradient), out zeroed by the caller; threads over columns,
-// so each row is read coalesced.
-
 // y = x + b[i % cols] (a bias over the last dimension), in f32; from a bf16 x (an autocast
 // matmul's output), the cast back to f32 in the same pass.
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -490,7 +487,8 @@ __device__ __forceinline__ bool vec8(int64_t cols, const void* a, const void* b,
   return cols % 8 == 0 && any % 16 == 0;
 }
 
-
+// out[c] = Σ_rows g[row, c] (a bias gradient), out zeroed by the caller; threads over columns,
+// so each row is read coalesced.
 template <class T>
 __device__ void column_sum(const T* g, float* out, int64_t rows, int64_t cols) {
   int64_t first = (int64_t)blockIdx.x * DISTILL_ROWS_PER_BLOCK;
