@@ -5,8 +5,9 @@
 // (build.rs turns each `__shared__` declaration into `emu::shared`), filled with NaN bytes where
 // a GPU leaves garbage. Nothing orders one block after another but the launch's end, so built
 // with ThreadSanitizer (DISTILL_EMU_TSAN) the emulator reports races between a block's threads
-// and between blocks. Not emulated: partial-warp masks (shuffles exchange across the whole
-// warp, and order memory as a barrier does), timing.
+// and between blocks; for it only __syncthreads and __syncwarp order memory, as in CUDA's memory
+// model (a shuffle does not). Not emulated: partial-warp masks (shuffles exchange across the
+// whole warp), timing.
 #pragma once
 #include <barrier>
 #include <atomic>
@@ -72,11 +73,26 @@ extern dim3 gridDim;
 
 inline void __syncthreads() { emu::self.block->arrive_and_wait(); }
 
+#ifdef DISTILL_EMU_TSAN
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+// Within: no access is checked and no synchronisation orders memory, for the sanitizer.
+#define EMU_UNSEEN_BEGIN() (AnnotateIgnoreSyncBegin(__FILE__, __LINE__), __tsan_ignore_thread_begin())
+#define EMU_UNSEEN_END() (__tsan_ignore_thread_end(), AnnotateIgnoreSyncEnd(__FILE__, __LINE__))
+#else
+#define EMU_UNSEEN_BEGIN() ((void)0)
+#define EMU_UNSEEN_END() ((void)0)
+#endif
+
 // Every lane writes its value, the warp meets, every lane reads its partner's, the warp meets
-// again (so the slots are not overwritten before all have read).
+// again (so the slots are not overwritten before all have read). Unseen by the sanitizer: a
+// shuffle exchanges registers and, unlike __syncwarp, orders no memory between the lanes.
 template <class T>
 inline T emu_exchange(T v, unsigned src) {
   static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
+  EMU_UNSEEN_BEGIN();
   emu::Warp* w = emu::self.warp;
   uint64_t slot = 0;
   std::memcpy(&slot, &v, sizeof(T));
@@ -85,6 +101,7 @@ inline T emu_exchange(T v, unsigned src) {
   T r = v;
   if (src < (unsigned)w->size) std::memcpy(&r, &w->slots[src], sizeof(T));
   w->bar.arrive_and_wait();
+  EMU_UNSEEN_END();
   return r;
 }
 template <class T>

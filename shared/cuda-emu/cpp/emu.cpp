@@ -21,13 +21,6 @@ dim3 gridDim;
 #include "kernels_emu.cu"
 #include "races_emu.cu"
 
-#ifdef DISTILL_EMU_TSAN
-extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
-extern "C" void __tsan_ignore_thread_begin();
-extern "C" void __tsan_ignore_thread_end();
-#endif
-
 struct emu::SharedMemory {
   std::mutex lock;
   std::vector<void*> arrays;
@@ -37,12 +30,9 @@ struct emu::SharedMemory {
 };
 
 void* emu::shared_array(unsigned index, size_t size, size_t align) {
-#ifdef DISTILL_EMU_TSAN
-  // The allocation is no access and no synchronisation of the kernel's: without these the lock
-  // would order the block's threads for the sanitizer, and the fill be a write it reports.
-  AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
-  __tsan_ignore_thread_begin();
-#endif
+  // The allocation is no access and no synchronisation of the kernel's: seen, the lock would
+  // order the block's threads for the sanitizer, and the fill be a write it reports.
+  EMU_UNSEEN_BEGIN();
   SharedMemory* s = self.shared;
   void* p;
   {
@@ -54,10 +44,7 @@ void* emu::shared_array(unsigned index, size_t size, size_t align) {
     }
     p = s->arrays[index];
   }
-#ifdef DISTILL_EMU_TSAN
-  __tsan_ignore_thread_end();
-  AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
-#endif
+  EMU_UNSEEN_END();
   return p;
 }
 

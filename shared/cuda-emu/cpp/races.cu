@@ -12,3 +12,12 @@ extern "C" __global__ void emu_race_without_barrier(float* out) {
   s[threadIdx.x] = (float)threadIdx.x;
   out[threadIdx.x] = s[(threadIdx.x + 1) % 64];
 }
+
+// As above with a shuffle between the writes and the reads: a shuffle exchanges registers and
+// orders no memory (only __syncwarp and __syncthreads do).
+extern "C" __global__ void emu_race_across_shuffle(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = (float)threadIdx.x;
+  const float one = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+  out[threadIdx.x] = s[threadIdx.x ^ 1] * one;
+}

@@ -123,12 +123,12 @@ mod tests {
 
     /// The ThreadSanitizer build (`DISTILL_EMU_TSAN=1`, scripts/test.sh) reports both kinds of
     /// race a GPU has: blocks adding to one element without an atomic, and threads reading
-    /// shared memory another wrote with no barrier between. Each racy kernel runs in a child
+    /// shared memory another wrote with no barrier between (a shuffle is none). Each racy kernel runs in a child
     /// process (this test binary again), which must exit with the sanitizer's status and name it.
     #[cfg(emu_tsan)]
     #[test]
     fn races_are_reported() {
-        for kernel in ["emu_race_between_blocks", "emu_race_without_barrier"] {
+        for kernel in ["emu_race_between_blocks", "emu_race_without_barrier", "emu_race_across_shuffle"] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
                 .env("DISTILL_EMU_RACY_KERNEL", kernel)

@@ -1382,9 +1382,11 @@ __device__ void flash_forward(const TI* q, const TI* k, const TI* v, const float
       sv[c] = attends(qi, kj, len, window, bb) ? sv[c] * scale + bb[kj] : -INFINITY;
       mx = fmaxf(mx, sv[c]);
     }
-    // Every lane's scores are in registers past this shuffle: P may overwrite them.
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     const float m_old = ms[warp][r];
+    // Every lane's scores and the pair's old max are read past this barrier: P and the new max
+    // may overwrite them (a shuffle orders no memory).
+    __syncwarp();
     const float m_new = fmaxf(m_old, mx);
     const float m_use = m_new == -INFINITY ? 0.0f : m_new;
     float sum = 0.0f;
