@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <source_location>
 #include <type_traits>
 #include <vector>
 
@@ -45,15 +46,47 @@ struct Warp {
   std::ptrdiff_t size;
   uint64_t slots[32];
 };
+// A block's barrier, which checks that its threads arrive from one __syncthreads (kernels.cu's
+// line and column): CUDA allows __syncthreads in conditional code only where the condition is the
+// same for the whole block (else a GPU may hang); unchecked, the threads would pair up here.
+// (Lanes of a warp at different shuffles or __syncwarp do pair up from sm_70 on, as here.)
+// Each thread's call site per barrier, in one of two rows by the barrier's parity (a fast thread
+// writes the next row while the others still read this one); atomics, so that the sites order
+// nothing for ThreadSanitizer.
+struct Meet {
+  explicit Meet(std::ptrdiff_t n) : bar(n), sites{std::vector<std::atomic<uint32_t>>(n), std::vector<std::atomic<uint32_t>>(n)} {}
+  std::barrier<> bar;
+  std::vector<std::atomic<uint32_t>> sites[2];
+};
 struct SharedMemory;
 struct Thread {
   Warp* warp = nullptr;
-  std::barrier<>* block = nullptr;
+  Meet* block = nullptr;
   unsigned lane = 0;
+  unsigned index = 0;              // in the block
+  unsigned block_meets = 0;
   SharedMemory* shared = nullptr;  // the block's
   unsigned shared_next = 0;        // the declarations this thread has reached
 };
 extern thread_local Thread self;
+
+// An exited thread's site: it meets no one.
+constexpr uint32_t EXITED = ~0u;
+// Prints the two calls (kernels.cu lines) and aborts: a test cannot go on past them.
+[[noreturn]] void divergent(uint32_t mine, uint32_t other);
+
+// Arrives at `m` from `l` (thread `me`, its `count`th barrier) and checks that every thread
+// still running came from the same call.
+inline void meet(Meet& m, unsigned& count, unsigned me, const std::source_location& l) {
+  const uint32_t site = (uint32_t)l.line() << 10 | ((uint32_t)l.column() & 1023u);
+  auto& row = m.sites[count++ & 1];
+  row[me].store(site, std::memory_order_relaxed);
+  m.bar.arrive_and_wait();
+  for (const auto& other : row) {
+    const uint32_t o = other.load(std::memory_order_relaxed);
+    if (o != site && o != EXITED) divergent(site, o);
+  }
+}
 
 // The `index`th shared array of the running block (every thread of a block reaches the same
 // declarations in the same order), allocated by the first thread to reach it.
@@ -71,7 +104,9 @@ extern thread_local dim3 blockIdx;
 extern dim3 blockDim;
 extern dim3 gridDim;
 
-inline void __syncthreads() { emu::self.block->arrive_and_wait(); }
+inline void __syncthreads(std::source_location l = std::source_location::current()) {
+  emu::meet(*emu::self.block, emu::self.block_meets, emu::self.index, l);
+}
 
 #ifdef DISTILL_EMU_TSAN
 extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);

@@ -5,6 +5,7 @@
 #include "cuda_emu.h"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -48,19 +49,35 @@ void* emu::shared_array(unsigned index, size_t size, size_t align) {
   return p;
 }
 
+void emu::divergent(uint32_t mine, uint32_t other) {
+  std::fprintf(stderr,
+               "emulated kernel: threads of a block at different __syncthreads (line %u column %u and line %u column "
+               "%u): CUDA allows __syncthreads in conditional code only where the condition is the same for the whole "
+               "block\n",
+               mine >> 10, mine & 1023u, other >> 10, other & 1023u);
+  std::abort();
+}
+
 namespace {
 // Launches are serialised (LAUNCHES), so one pair of counters serves them all, and a thread's
 // last touch of them never outlives its launch.
 std::atomic<unsigned> ALIVE{0}, FINISHED{0};
 
 struct Block {
-  explicit Block(unsigned n) : bar((std::ptrdiff_t)n) {
+  explicit Block(unsigned n) : meet((std::ptrdiff_t)n) {
     for (unsigned w = 0; w * 32 < n; ++w) warps.push_back(std::make_unique<emu::Warp>((std::ptrdiff_t)std::min(32u, n - w * 32)));
   }
-  std::barrier<> bar;
+  emu::Meet meet;
   std::vector<std::unique_ptr<emu::Warp>> warps;
   emu::SharedMemory shared;
 };
+
+// Leaves the block's barrier for good: marked exited in both rows first, so that no one waits
+// for it or takes its last call site for a divergent one.
+void leave(emu::Meet& m, unsigned me) {
+  for (auto& row : m.sites) row[me].store(emu::EXITED, std::memory_order_relaxed);
+  m.bar.arrive_and_drop();
+}
 }  // namespace
 
 // The blocks run one after another, each on fresh threads, but nothing that orders memory
@@ -86,8 +103,10 @@ void emu::launch(dim3 grid, dim3 block, F body) {
         for (unsigned t = 0; t < n; ++t) {
           std::thread([&body, b, block, t, bx, by, bz] {
             self.warp = b->warps[t / 32].get();
-            self.block = &b->bar;
+            self.block = &b->meet;
             self.lane = t % 32;
+            self.index = t;
+            self.block_meets = 0;
             self.shared = &b->shared;
             self.shared_next = 0;
             threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
@@ -95,7 +114,7 @@ void emu::launch(dim3 grid, dim3 block, F body) {
             body();
             // An exited thread no longer holds up its warp or block.
             self.warp->bar.arrive_and_drop();
-            b->bar.arrive_and_drop();
+            leave(b->meet, t);
             ALIVE.fetch_sub(1, std::memory_order_relaxed);
             FINISHED.fetch_add(1, std::memory_order_release);  // the thread's last touch of the launch
           }).detach();

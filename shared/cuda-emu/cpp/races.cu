@@ -1,5 +1,6 @@
-// Kernels with a race on purpose, emulated only: the test that the ThreadSanitizer build of the
-// emulator reports the two kinds of race a GPU has (src/lib.rs, `races_are_reported`).
+// Kernels with a mistake on purpose, emulated only, for the emulator's own tests (src/lib.rs):
+// races the ThreadSanitizer build must report (`races_are_reported`), and a block's threads at
+// different __syncthreads (`divergent_syncthreads_aborts`).
 
 // Every block adds to the same element without an atomic.
 extern "C" __global__ void emu_race_between_blocks(float* out) {
@@ -20,4 +21,15 @@ extern "C" __global__ void emu_race_across_shuffle(float* out) {
   s[threadIdx.x] = (float)threadIdx.x;
   const float one = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
   out[threadIdx.x] = s[threadIdx.x ^ 1] * one;
+}
+
+// Half the block at one __syncthreads, half at another.
+extern "C" __global__ void emu_divergent_syncthreads(float* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+  } else {
+    __syncthreads();
+    out[threadIdx.x] = 2.0f;
+  }
 }

@@ -140,9 +140,26 @@ mod tests {
         }
     }
 
-    /// The racy kernel `races_are_reported` names, launched as it would be.
+    /// Threads of a block at different `__syncthreads`, which CUDA does not allow (a GPU may
+    /// hang): the emulator names both calls and aborts (in a child process).
     #[test]
-    #[ignore = "run by races_are_reported, in a child process"]
+    fn divergent_syncthreads_aborts() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("DISTILL_EMU_RACY_KERNEL", "emu_divergent_syncthreads")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        // races.cu's two calls, lines 29 and 32, in either order.
+        assert!(stderr.contains("threads of a block at different __syncthreads (line "), "{stderr}");
+        assert!(stderr.contains("line 29 column") && stderr.contains("line 32 column"), "{stderr}");
+    }
+
+    /// The kernel with a mistake that `races_are_reported` or `divergent_syncthreads_aborts`
+    /// names, launched as it would be.
+    #[test]
+    #[ignore = "run by races_are_reported and divergent_syncthreads_aborts, in a child process"]
     fn racy_kernel() {
         let kernel = std::env::var("DISTILL_EMU_RACY_KERNEL").expect("DISTILL_EMU_RACY_KERNEL");
         let mut out = vec![0f32; 64];
