@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins
 cargo test --workspace
+# Every line of kernels.cu with code runs in the emulated kernel tests (gcov over the emulator).
+bash scripts/kernel-coverage.sh --all
 # The emulated CUDA kernels again, built with ThreadSanitizer (shared/cuda-emu): a race between a
 # block's threads, or between blocks, fails here (exit status 66) where the emulator's own run
 # would pass it by chance. Last: it rebuilds the emulator and relinks distill-models' tests.

@@ -49,6 +49,20 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=tsan");
         println!("cargo:rustc-cfg=emu_tsan");
     }
+    // DISTILL_EMU_COVERAGE=1: gcov line counts of the emulated kernels (which lines of kernels.cu
+    // the tests run), written next to the object files when the test process exits;
+    // scripts/kernel-coverage.sh runs the tests so and prints the lines never run.
+    println!("cargo:rerun-if-env-changed=DISTILL_EMU_COVERAGE");
+    if std::env::var("DISTILL_EMU_COVERAGE").is_ok_and(|v| v == "1") {
+        // Atomic counters: the kernels' threads run at once.
+        build.flag("--coverage").flag("-fprofile-update=atomic").flag("-O0");
+        // libgcov sits in the compiler's own library folder.
+        let compiler = build.get_compiler();
+        let lib = std::process::Command::new(compiler.path()).arg("-print-file-name=libgcov.a").output().expect("c++");
+        let lib = PathBuf::from(String::from_utf8_lossy(&lib.stdout).trim());
+        println!("cargo:rustc-link-search=native={}", lib.parent().expect("libgcov.a's folder").display());
+        println!("cargo:rustc-link-lib=static=gcov");
+    }
     build
         .cpp(true)
         .std("c++20")

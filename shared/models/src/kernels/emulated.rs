@@ -34,6 +34,12 @@ impl Buf {
 
 /// Runs `launch` in the emulator with `bufs` as its buffers.
 fn run(launch: &Launch, bufs: &mut [Buf]) {
+    run_at(launch, bufs, &[]);
+}
+
+/// [`run`] with each buffer passed from element `offsets[i]` on (0 past the list): a view that
+/// starts mid-allocation, as a narrowed tensor's does (no longer 16-byte aligned).
+fn run_at(launch: &Launch, bufs: &mut [Buf], offsets: &[usize]) {
     if launch.grid == 0 {
         return;
     }
@@ -41,11 +47,14 @@ fn run(launch: &Launch, bufs: &mut [Buf]) {
         .params
         .iter()
         .map(|p| match p {
-            Param::Buf(i) => match &mut bufs[*i] {
-                Buf::F32(v) => Arg::F32(v.as_mut_ptr()),
-                Buf::U32(v) => Arg::U32(v.as_mut_ptr()),
-                Buf::Bf16(v) => Arg::Bf16(v.as_mut_ptr()),
-            },
+            Param::Buf(i) => {
+                let at = offsets.get(*i).copied().unwrap_or(0);
+                match &mut bufs[*i] {
+                    Buf::F32(v) => Arg::F32(v[at..].as_mut_ptr()),
+                    Buf::U32(v) => Arg::U32(v[at..].as_mut_ptr()),
+                    Buf::Bf16(v) => Arg::Bf16(v[at..].as_mut_ptr()),
+                }
+            }
             Param::I64(v) => Arg::I64(*v),
             Param::U64(v) => Arg::U64(*v),
             Param::F32(v) => Arg::Float(*v),
@@ -530,37 +539,38 @@ fn rotary_split_and_merge() {
 fn flash_attention_for_scoring() {
     // 70 queries and keys: two blocks of 64 queries (the second mostly idle) and three key tiles
     // of 32 (the last part full); masked keys; a window as ModernBERT's local layers use.
+    // Also q, k and v each one element into its allocation (not 16-byte aligned: the tiles are
+    // loaded an element at a time instead of 8).
     let (b, h, l) = (2usize, 3usize, 70usize);
-    for d in [32usize, 64] {
-        for window in [None, Some(5)] {
-            let n = b * h * l * d;
-            let bits = |seed: u32| -> Vec<u16> {
-                values(n, seed, 1.0).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()
-            };
-            let (q, k, v) = (bits(23), bits(24), bits(25));
-            let bias: Vec<f32> = (0..b * l).map(|i| if i % 7 == 3 || i >= l + 60 { -1e9 } else { 0.0 }).collect();
-            let scale = 1.0 / (d as f32).sqrt();
-            let launch = Launch::flash_attention(d, b, h, l, scale, window).expect("a kernel for 32 and 64");
-            let mut bufs = [
-                Buf::Bf16(q.clone()),
-                Buf::Bf16(k.clone()),
-                Buf::Bf16(v.clone()),
-                Buf::F32(bias.clone()),
-                Buf::Bf16(vec![0x7fc0; n]),
-            ];
-            run(&launch, &mut bufs);
-            let Buf::Bf16(got) = &bufs[4] else { unreachable!() };
-            let got: Vec<f32> = got.iter().map(|v| half::bf16::from_bits(*v).to_f32()).collect();
-            let t = |x: &[u16]| {
-                let x: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_bits(*v)).collect();
-                Tensor::from_vec(x, (b, h, l, d), &Device::Cpu).unwrap()
-            };
-            let op = FlashAttention { bias: tensor(&bias, &[b, 1, 1, l]), scale, window };
-            let want = t(&q).apply_op3_no_bwd(&t(&k), &t(&v), &op).unwrap();
-            let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            // The kernel rounds the probabilities to bf16 before the second product.
-            assert_close(&format!("flash attention d {d} window {window:?}"), &got, &want, 1.5e-2);
-        }
+    for (d, window, at) in [(32usize, None, 0usize), (32, Some(5), 0), (64, None, 0), (64, Some(5), 0), (32, None, 1)] {
+        let n = b * h * l * d;
+        let bits = |seed: u32| -> Vec<u16> {
+            values(n, seed, 1.0).iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()
+        };
+        let (q, k, v) = (bits(23), bits(24), bits(25));
+        let bias: Vec<f32> = (0..b * l).map(|i| if i % 7 == 3 || i >= l + 60 { -1e9 } else { 0.0 }).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        let launch = Launch::flash_attention(d, b, h, l, scale, window).expect("a kernel for 32 and 64");
+        let padded = |x: &[u16]| [vec![0x7fc0u16; at], x.to_vec()].concat();
+        let mut bufs = [
+            Buf::Bf16(padded(&q)),
+            Buf::Bf16(padded(&k)),
+            Buf::Bf16(padded(&v)),
+            Buf::F32(bias.clone()),
+            Buf::Bf16(vec![0x7fc0; n]),
+        ];
+        run_at(&launch, &mut bufs, &[at, at, at]);
+        let Buf::Bf16(got) = &bufs[4] else { unreachable!() };
+        let got: Vec<f32> = got.iter().map(|v| half::bf16::from_bits(*v).to_f32()).collect();
+        let t = |x: &[u16]| {
+            let x: Vec<half::bf16> = x.iter().map(|v| half::bf16::from_bits(*v)).collect();
+            Tensor::from_vec(x, (b, h, l, d), &Device::Cpu).unwrap()
+        };
+        let op = FlashAttention { bias: tensor(&bias, &[b, 1, 1, l]), scale, window };
+        let want = t(&q).apply_op3_no_bwd(&t(&k), &t(&v), &op).unwrap();
+        let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // The kernel rounds the probabilities to bf16 before the second product.
+        assert_close(&format!("flash attention d {d} window {window:?} from element {at}"), &got, &want, 1.5e-2);
     }
     assert!(Launch::flash_attention(48, 1, 1, 8, 1.0, None).is_none());
 }
@@ -578,27 +588,30 @@ fn flash_attention_for_scoring_from_a_joined_product() {
         let scale = 1.0 / (d as f32).sqrt();
         let out = b * l * h * d;
         // Without and with rotary embeddings on q and k (cos, sin [2, L, D]; a window as
-        // ModernBERT's local layers have).
-        for (rope, window) in [(None, None), (Some(10_000.0), Some(16usize))] {
+        // ModernBERT's local layers have); and the product one element into its allocation (not
+        // 16-byte aligned: the tiles are loaded and rotated an element at a time).
+        for (rope, window, at) in [(None, None, 0usize), (Some(10_000.0), Some(16usize), 0), (Some(10_000.0), None, 1)]
+        {
             let table = rope.map(|theta| {
                 let (cos, sin) = crate::modernbert::rotary(l, d, theta, &candle_core::Device::Cpu).unwrap();
                 Tensor::stack(&[cos, sin], 0).unwrap()
             });
             let launch = Launch::flash_attention_packed(d, b, h, l, scale, window, rope.is_some())
                 .expect("a kernel for 32 and 64");
-            let mut bufs = vec![Buf::Bf16(qkv.clone()), Buf::F32(qkv_bias.clone())];
+            let mut bufs = vec![Buf::Bf16([vec![0x7fc0u16; at], qkv.clone()].concat()), Buf::F32(qkv_bias.clone())];
             if let Some(t) = &table {
                 bufs.push(Buf::F32(t.flatten_all().unwrap().to_vec1().unwrap()));
             }
             bufs.extend([Buf::F32(bias.clone()), Buf::Bf16(vec![0x7fc0; out])]);
-            run(&launch, &mut bufs);
+            run_at(&launch, &mut bufs, &[at]);
             let got = widen(bufs.last().unwrap());
             let op = FlashAttentionPacked { bias: tensor(&bias, &[b, 1, 1, l]), heads: h, scale, window, rope: table };
             let want = qkv_t.apply_op2_no_bwd(&tensor(&qkv_bias, &[3 * h * d]), &op).unwrap();
             let want: Vec<f32> = want.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             // Values up to ~2.2 (the bias shifts v): the probabilities' bf16 rounding and one bf16
             // step of the output (1/64 at 2).
-            assert_close(&format!("flash attention from a joined product, d {d} rope {rope:?}"), &got, &want, 2.5e-2);
+            let what = format!("flash attention from a joined product, d {d} rope {rope:?} from element {at}");
+            assert_close(&what, &got, &want, 2.5e-2);
         }
     }
     assert!(Launch::flash_attention_packed(48, 1, 1, 8, 1.0, None, false).is_none());
