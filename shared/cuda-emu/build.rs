@@ -49,6 +49,17 @@ fn main() {
         println!("cargo:rustc-link-lib=dylib=tsan");
         println!("cargo:rustc-cfg=emu_tsan");
     }
+    // DISTILL_EMU_ASAN=1: the kernels built with AddressSanitizer, so that a read or write past
+    // a buffer (the tests size each as the CUDA path allocates it) or past a shared array is
+    // reported. The runtime must be loaded first: the tests run with LD_PRELOAD of libasan
+    // (scripts/test.sh).
+    println!("cargo:rerun-if-env-changed=DISTILL_EMU_ASAN");
+    println!("cargo:rustc-check-cfg=cfg(emu_asan)");
+    if std::env::var("DISTILL_EMU_ASAN").is_ok_and(|v| v == "1") {
+        build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").flag("-g");
+        println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-cfg=emu_asan");
+    }
     // DISTILL_EMU_COVERAGE=1: gcov line counts of the emulated kernels (which lines of kernels.cu
     // the tests run), written next to the object files when the test process exits;
     // scripts/kernel-coverage.sh runs the tests so and prints the lines never run.

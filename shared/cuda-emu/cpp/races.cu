@@ -1,5 +1,6 @@
 // Kernels with a mistake on purpose, emulated only, for the emulator's own tests (src/lib.rs):
-// races the ThreadSanitizer build must report (`races_are_reported`), and a block's threads at
+// races the ThreadSanitizer build must report (`races_are_reported`), a read past a buffer the
+// AddressSanitizer build must report (`out_of_bounds_is_reported`), and a block's threads at
 // different __syncthreads (`divergent_syncthreads_aborts`).
 
 // Every block adds to the same element without an atomic.
@@ -32,4 +33,11 @@ extern "C" __global__ void emu_divergent_syncthreads(float* out) {
     __syncthreads();
     out[threadIdx.x] = 2.0f;
   }
+}
+
+// Each thread reads its right neighbour's element: the last one reads past the buffer.
+extern "C" __global__ void emu_out_of_bounds(float* out) {
+  const float right = out[threadIdx.x + 1];
+  __syncthreads();
+  out[threadIdx.x] = right;
 }

@@ -140,6 +140,25 @@ mod tests {
         }
     }
 
+    /// The AddressSanitizer build (`DISTILL_EMU_ASAN=1`, scripts/test.sh) reports a kernel that
+    /// reads one element past its buffer (in a child process), which the plain emulator would
+    /// read from whatever lies there.
+    #[cfg(emu_asan)]
+    #[test]
+    fn out_of_bounds_is_reported() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("DISTILL_EMU_RACY_KERNEL", "emu_out_of_bounds")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("AddressSanitizer: heap-buffer-overflow") && stderr.contains("emu_out_of_bounds"),
+            "{stderr}"
+        );
+    }
+
     /// Threads of a block at different `__syncthreads`, which CUDA does not allow (a GPU may
     /// hang): the emulator names both calls and aborts (in a child process).
     #[test]
@@ -151,15 +170,26 @@ mod tests {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{stderr}");
-        // races.cu's two calls, lines 29 and 32, in either order.
+        // races.cu's two calls in that kernel, in either order.
+        let source = include_str!("../cpp/races.cu");
+        let kernel = source.find("emu_divergent_syncthreads").unwrap();
+        let first = source[..kernel].lines().count();
+        let calls: Vec<usize> = (source[kernel..].lines().enumerate())
+            .filter(|(_, l)| l.trim() == "__syncthreads();")
+            .map(|(i, _)| first + i)
+            .take(2)
+            .collect();
         assert!(stderr.contains("threads of a block at different __syncthreads (line "), "{stderr}");
-        assert!(stderr.contains("line 29 column") && stderr.contains("line 32 column"), "{stderr}");
+        for line in calls {
+            assert!(stderr.contains(&format!("line {line} column")), "line {line}: {stderr}");
+        }
     }
 
-    /// The kernel with a mistake that `races_are_reported` or `divergent_syncthreads_aborts`
-    /// names, launched as it would be.
+    /// The kernel with a mistake that `races_are_reported`, `out_of_bounds_is_reported` or
+    /// `divergent_syncthreads_aborts` names, launched as it would be (one block unless it races
+    /// between blocks).
     #[test]
-    #[ignore = "run by races_are_reported and divergent_syncthreads_aborts, in a child process"]
+    #[ignore = "run by the tests of the emulator's checks, in a child process"]
     fn racy_kernel() {
         let kernel = std::env::var("DISTILL_EMU_RACY_KERNEL").expect("DISTILL_EMU_RACY_KERNEL");
         let mut out = vec![0f32; 64];
