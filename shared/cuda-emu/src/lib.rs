@@ -123,19 +123,14 @@ mod tests {
 
     /// The ThreadSanitizer build (`DISTILL_EMU_TSAN=1`, scripts/test.sh) reports both kinds of
     /// race a GPU has: blocks adding to one element without an atomic, and threads reading
-    /// shared memory another wrote with no barrier between (a shuffle is none). Each racy kernel runs in a child
-    /// process (this test binary again), which must exit with the sanitizer's status and name it.
+    /// shared memory another wrote with no barrier between (a shuffle is none). Each runs in a
+    /// child process, which must exit with the sanitizer's status and name the kernel.
     #[cfg(emu_tsan)]
     #[test]
     fn races_are_reported() {
         for kernel in ["emu_race_between_blocks", "emu_race_without_barrier", "emu_race_across_shuffle"] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
-                .env("DISTILL_EMU_RACY_KERNEL", kernel)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(66), "{kernel}: {stderr}");
+            let (status, stderr) = run_faulty(kernel);
+            assert_eq!(status.code(), Some(66), "{kernel}: {stderr}");
             assert!(stderr.contains("ThreadSanitizer: data race") && stderr.contains(kernel), "{kernel}: {stderr}");
         }
     }
@@ -146,13 +141,8 @@ mod tests {
     #[cfg(emu_asan)]
     #[test]
     fn out_of_bounds_is_reported() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env("DISTILL_EMU_RACY_KERNEL", "emu_out_of_bounds")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        let (status, stderr) = run_faulty("emu_out_of_bounds");
+        assert!(!status.success(), "{stderr}");
         assert!(
             stderr.contains("AddressSanitizer: heap-buffer-overflow") && stderr.contains("emu_out_of_bounds"),
             "{stderr}"
@@ -163,13 +153,8 @@ mod tests {
     /// hang): the emulator names both calls and aborts (in a child process).
     #[test]
     fn divergent_syncthreads_aborts() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tests::racy_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
-            .env("DISTILL_EMU_RACY_KERNEL", "emu_divergent_syncthreads")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        let (status, stderr) = run_faulty("emu_divergent_syncthreads");
+        assert!(!status.success(), "{stderr}");
         // races.cu's two calls in that kernel, in either order.
         let source = include_str!("../cpp/races.cu");
         let kernel = source.find("emu_divergent_syncthreads").unwrap();
@@ -185,13 +170,24 @@ mod tests {
         }
     }
 
+    /// Runs one of races.cu's kernels in a child process (this test binary again, its
+    /// `faulty_kernel`): its exit status and what it printed.
+    fn run_faulty(kernel: &str) -> (std::process::ExitStatus, String) {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::faulty_kernel", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("DISTILL_EMU_FAULTY_KERNEL", kernel)
+            .output()
+            .unwrap();
+        (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     /// The kernel with a mistake that `races_are_reported`, `out_of_bounds_is_reported` or
     /// `divergent_syncthreads_aborts` names, launched as it would be (one block unless it races
     /// between blocks).
     #[test]
     #[ignore = "run by the tests of the emulator's checks, in a child process"]
-    fn racy_kernel() {
-        let kernel = std::env::var("DISTILL_EMU_RACY_KERNEL").expect("DISTILL_EMU_RACY_KERNEL");
+    fn faulty_kernel() {
+        let kernel = std::env::var("DISTILL_EMU_FAULTY_KERNEL").expect("DISTILL_EMU_FAULTY_KERNEL");
         let mut out = vec![0f32; 64];
         let blocks = if kernel == "emu_race_between_blocks" { 4 } else { 1 };
         unsafe { launch(&kernel, [blocks, 1, 1], [64, 1, 1], vec![Arg::F32(out.as_mut_ptr())]) }.unwrap();
