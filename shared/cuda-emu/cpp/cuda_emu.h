@@ -6,8 +6,9 @@
 // a GPU leaves garbage. Nothing orders one block after another but the launch's end, so built
 // with ThreadSanitizer (DISTILL_EMU_TSAN) the emulator reports races between a block's threads
 // and between blocks; for it only __syncthreads and __syncwarp order memory, as in CUDA's memory
-// model (a shuffle does not). Not emulated: partial-warp masks (shuffles exchange across the
-// whole warp), timing.
+// model (a shuffle does not); with AddressSanitizer (DISTILL_EMU_ASAN) accesses out of bounds.
+// A block's threads at different __syncthreads abort the test. Not emulated: partial-warp masks
+// (shuffles exchange across the whole warp), timing.
 #pragma once
 #include <barrier>
 #include <atomic>
