@@ -1,7 +1,7 @@
 //! Launching the kernels of `kernels.cu` on candle's CUDA storage: every launch is a
 //! [`Launch`] description (launch.rs, the same the CPU-emulated tests run) and [`run`] turns it
 //! into one cudarc launch.
-use super::launch::{Launch, Param, TensorList, LIST_LEN};
+use super::launch::{Elem, Launch, Param, TensorList, LIST_LEN};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -93,8 +93,24 @@ enum Buf<'a> {
     Bf16Out(&'a CudaSlice<half::bf16>),
 }
 
-/// Runs `launch` with `bufs` as its buffers (`Param::Buf(i)` is `bufs[i]`).
+impl Buf<'_> {
+    /// The element type and the length of the buffer.
+    fn held(&self) -> (Elem, usize) {
+        match self {
+            Buf::View(v) => (Elem::F32, v.len()),
+            Buf::Out(s) => (Elem::F32, s.len()),
+            Buf::Ids(v) => (Elem::U32, v.len()),
+            Buf::Bf16(v) => (Elem::Bf16, v.len()),
+            Buf::Bf16Out(s) => (Elem::Bf16, s.len()),
+        }
+    }
+}
+
+/// Runs `launch` with `bufs` as its buffers (`Param::Buf(i)` is `bufs[i]`), after checking that
+/// each holds what the launch reaches.
 fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
+    let held: Vec<(Elem, usize)> = bufs.iter().map(Buf::held).collect();
+    launch.check_buffers(&held).map_err(candle_core::Error::Msg)?;
     if launch.grid == 0 {
         return Ok(());
     }
@@ -143,8 +159,9 @@ fn run(dev: &CudaDevice, launch: &Launch, bufs: &[Buf]) -> Result<()> {
         };
     }
     let cfg = LaunchConfig { grid_dim: (launch.grid, 1, 1), block_dim: (launch.block, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: the descriptions in launch.rs follow the kernels' signatures (checked against
-    // kernels.cu by the emulated tests) and the callers size every buffer for the launch.
+    // SAFETY: the descriptions in launch.rs follow the kernels' signatures and reaches (checked
+    // against kernels.cu by the emulated tests, under AddressSanitizer too) and every buffer
+    // holds what the launch reaches (checked above).
     unsafe { b.launch(cfg) }.w()?;
     drop(guards);
     Ok(())
@@ -621,7 +638,7 @@ pub fn layer_norm_grad(
     let (rows, cols) = rows_cols(l1);
     let op = "layer norm grad";
     let ins = vec![Buf::View(view(s1, l1, op)?), Buf::View(view(s2, l2, op)?), Buf::View(view(s3, l3, op)?)];
-    let launch = Launch::rows("distill_layer_norm_grad_f32", 4, rows, cols, Some(eps));
+    let launch = Launch::layer_norm_grad(rows, cols, eps);
     let out = with_output(&dev, &launch, ins, rows * cols, false)?;
     Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
 }

@@ -4,7 +4,7 @@
 //! launch geometry are tested here without a GPU (the GPU check, `distill-bench
 //! --check-kernels`, compares against candle's composite ops on the card).
 
-use super::launch::{Launch, Param};
+use super::launch::{Elem, Launch, Param};
 use super::*;
 use candle_core::{CustomOp1, CustomOp2, Device, Tensor};
 use distill_cuda_emu::Arg;
@@ -24,6 +24,14 @@ impl Buf {
         }
     }
 
+    fn held(&self) -> (Elem, usize) {
+        match self {
+            Buf::F32(v) => (Elem::F32, v.len()),
+            Buf::U32(v) => (Elem::U32, v.len()),
+            Buf::Bf16(v) => (Elem::Bf16, v.len()),
+        }
+    }
+
     fn bits(&self) -> &[u16] {
         match self {
             Buf::Bf16(v) => v,
@@ -39,7 +47,23 @@ fn run(launch: &Launch, bufs: &mut [Buf]) {
 
 /// [`run`] with each buffer passed from element `offsets[i]` on (0 past the list): a view that
 /// starts mid-allocation, as a narrowed tensor's does (no longer 16-byte aligned).
+///
+/// Each buffer must hold exactly what the launch reaches (`Launch::bufs`, which the CUDA path
+/// checks its buffers against): with AddressSanitizer a kernel reaching one element further
+/// fails. A buffer the launch does not touch is passed as a null pointer.
 fn run_at(launch: &Launch, bufs: &mut [Buf], offsets: &[usize]) {
+    assert_eq!(bufs.len(), launch.bufs.len(), "{}: buffers passed and buffers of the launch", launch.kernel);
+    for (i, (need, buf)) in launch.bufs.iter().zip(bufs.iter()).enumerate() {
+        let (elem, len) = buf.held();
+        let len = len - offsets.get(i).copied().unwrap_or(0);
+        assert!(
+            need.len == 0 || (elem == need.elem && len == need.len),
+            "{}: buffer {i} holds {len} {elem:?} elements, the launch reaches {} {:?}",
+            launch.kernel,
+            need.len,
+            need.elem
+        );
+    }
     if launch.grid == 0 {
         return;
     }
@@ -49,7 +73,11 @@ fn run_at(launch: &Launch, bufs: &mut [Buf], offsets: &[usize]) {
         .map(|p| match p {
             Param::Buf(i) => {
                 let at = offsets.get(*i).copied().unwrap_or(0);
+                let unused = launch.bufs[*i].len == 0;
                 match &mut bufs[*i] {
+                    Buf::F32(_) if unused => Arg::F32(std::ptr::null_mut()),
+                    Buf::U32(_) if unused => Arg::U32(std::ptr::null_mut()),
+                    Buf::Bf16(_) if unused => Arg::Bf16(std::ptr::null_mut()),
                     Buf::F32(v) => Arg::F32(v[at..].as_mut_ptr()),
                     Buf::U32(v) => Arg::U32(v[at..].as_mut_ptr()),
                     Buf::Bf16(v) => Arg::Bf16(v[at..].as_mut_ptr()),
@@ -69,7 +97,7 @@ fn run_at(launch: &Launch, bufs: &mut [Buf], offsets: &[usize]) {
             }
         })
         .collect();
-    // SAFETY: the tests size every buffer for the launch (the same sizes cuda.rs allocates).
+    // SAFETY: every buffer holds what the launch reaches (checked above); the unused are null.
     unsafe { distill_cuda_emu::launch(launch.kernel, [launch.grid, 1, 1], [launch.block, 1, 1], args) }
         .unwrap_or_else(|e| panic!("{}: {e}", launch.kernel));
 }
@@ -300,7 +328,7 @@ fn layer_norm_with_weights_and_their_gradients() {
         assert_close("layer norm", bufs[3].f32(), &want.flatten_all().unwrap().to_vec1().unwrap(), 2e-5);
 
         let mut bufs = [Buf::F32(x.clone()), Buf::F32(w.clone()), Buf::F32(g.clone()), Buf::F32(vec![f32::NAN; n])];
-        run(&Launch::rows("distill_layer_norm_grad_f32", 4, rows, cols, Some(1e-5)), &mut bufs);
+        run(&Launch::layer_norm_grad(rows, cols, 1e-5), &mut bufs);
         let want = tensor(&x, &shape)
             .apply_op3_no_bwd(&tensor(&w, &[cols]), &tensor(&g, &shape), &LayerNormGrad { eps: 1e-5 })
             .unwrap();

@@ -112,6 +112,58 @@ pub(crate) fn attention_tile_pairs(l: usize, window: Option<usize>) -> usize {
     (0..blocks).map(|q| (0..tiles).filter(|t| 32 * t <= 64 * q + 63 + w && 32 * t + 31 + w >= 64 * q).count()).sum()
 }
 
+/// The element type a kernel's buffer argument points to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    Bf16,
+    U32,
+}
+
+impl Elem {
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 | Elem::U32 => 4,
+            Elem::Bf16 => 2,
+        }
+    }
+}
+
+/// What a launch reaches through one buffer argument: `len` elements of `elem` from the pointer
+/// on, as the kernel indexes it for the launch's shape (0: the kernel does not touch it). The CUDA
+/// path refuses a launch whose buffer is shorter (an error naming the kernel and the buffer, not
+/// a write past an allocation); the emulated tests pass buffers of exactly this size, so
+/// AddressSanitizer reports a kernel reaching one element further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Need {
+    pub elem: Elem,
+    pub len: usize,
+}
+
+impl Need {
+    /// Whether `len` elements of `elem` hold what the launch reaches. An f32 buffer may come as
+    /// twice as many bf16 (the log-sum-exps the packed kernels keep beside a bf16 output).
+    pub fn held_by(&self, elem: Elem, len: usize) -> bool {
+        let same = elem == self.elem || (self.elem == Elem::F32 && elem == Elem::Bf16);
+        self.len == 0 || (same && len * elem.bytes() >= self.len * self.elem.bytes())
+    }
+}
+
+/// `len` f32 elements.
+fn f32s(len: usize) -> Need {
+    Need { elem: Elem::F32, len }
+}
+
+/// `len` bf16 elements.
+fn bf16s(len: usize) -> Need {
+    Need { elem: Elem::Bf16, len }
+}
+
+/// `len` u32 elements.
+fn u32s(len: usize) -> Need {
+    Need { elem: Elem::U32, len }
+}
+
 /// One kernel launch over a 1-D grid of 1-D blocks.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Launch {
@@ -120,6 +172,8 @@ pub(crate) struct Launch {
     pub grid: u32,
     pub block: u32,
     pub params: Vec<Param>,
+    /// What the launch reaches through buffer i (`Param::Buf(i)`, or a list's tensor's).
+    pub bufs: Vec<Need>,
 }
 
 /// Threads per block of the elementwise kernels (grid-stride loops).
@@ -142,20 +196,46 @@ fn rows_grid(rows: usize) -> u32 {
 }
 
 impl Launch {
-    /// `kernel(buffers..., n)` over `n` elements: inputs then the output.
+    /// An error naming the kernel and the buffer unless each of `have` (the buffers' element types
+    /// and lengths, in `bufs`' order) holds what the launch reaches.
+    pub fn check_buffers(&self, have: &[(Elem, usize)]) -> Result<(), String> {
+        if have.len() != self.bufs.len() {
+            return Err(format!("{}: {} buffers for a launch of {}", self.kernel, have.len(), self.bufs.len()));
+        }
+        for (i, (need, &(elem, len))) in self.bufs.iter().zip(have).enumerate() {
+            if !need.held_by(elem, len) {
+                return Err(format!(
+                    "{}: buffer {i} holds {len} {elem:?} elements, the launch reaches {} {:?}",
+                    self.kernel, need.len, need.elem
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `kernel(buffers..., n)` over `n` f32 elements: inputs then the output.
     pub fn elementwise(kernel: &'static str, buffers_: usize, n: usize) -> Self {
         let mut params: Vec<Param> = buffers(buffers_).collect();
         params.push(Param::I64(n as i64));
-        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+        let bufs = vec![f32s(n); buffers_];
+        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params, bufs }
     }
 
-    /// `kernel(buffers..., rows, cols[, extra])`, one warp per row: `extra` is layer norm's eps
-    /// or the softmax gradient's scale.
+    /// `kernel(buffers..., rows, cols[, extra])`, one warp per row of f32 [rows, cols] buffers:
+    /// `extra` is layer norm's eps or the softmax gradient's scale.
     pub fn rows(kernel: &'static str, buffers_: usize, rows: usize, cols: usize, extra: Option<f32>) -> Self {
         let mut params: Vec<Param> = buffers(buffers_).collect();
         params.extend([Param::I64(rows as i64), Param::I64(cols as i64)]);
         params.extend(extra.map(Param::F32));
-        Launch { kernel, grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+        let bufs = vec![f32s(rows * cols); buffers_];
+        Launch { kernel, grid: rows_grid(rows), block: 32 * WARPS as u32, params, bufs }
+    }
+
+    /// `distill_layer_norm_grad_f32(x, w, g, dx, rows, cols, eps)`, one warp per row.
+    pub fn layer_norm_grad(rows: usize, cols: usize, eps: f32) -> Self {
+        let mut l = Self::rows("distill_layer_norm_grad_f32", 4, rows, cols, Some(eps));
+        l.bufs[1] = f32s(cols);
+        l
     }
 
     /// `distill_masked_softmax_f32(x, bias, y, rows, cols, rows per batch, bias batch stride,
@@ -165,7 +245,10 @@ impl Launch {
         let mut params: Vec<Param> = buffers(3).collect();
         params.extend([rows, cols, per_batch, batch_stride, row_stride, q_len].map(|v| Param::I64(v as i64)));
         params.push(Param::F32(scale));
-        Launch { kernel: "distill_masked_softmax_f32", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+        // The bias of each batch (of `per_batch` rows): `batch_stride` values.
+        let n = rows * cols;
+        let bufs = vec![f32s(n), f32s(rows.div_ceil(per_batch.max(1)) * batch_stride), f32s(n)];
+        Launch { kernel: "distill_masked_softmax_f32", grid: rows_grid(rows), block: 32 * WARPS as u32, params, bufs }
     }
 
     /// `distill_dropout_f32(x, y, n, seed, p, 1 / (1 - p))`.
@@ -176,11 +259,13 @@ impl Launch {
     }
 
     /// The gather / scatter kernels: `kernel(f32 input, u32 ids, out, n, dim, vocab)`, threads
-    /// over n x dim.
+    /// over n x dim: the gather from a [vocab, dim] table to [n, dim], the scatter the other way.
     pub fn rows_by_id(kernel: &'static str, n: usize, dim: usize, vocab: usize) -> Self {
         let mut params: Vec<Param> = buffers(3).collect();
         params.extend([n, dim, vocab].map(|v| Param::I64(v as i64)));
-        Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params }
+        let (table, rows) = (f32s(vocab * dim), f32s(n * dim));
+        let bufs = if kernel.contains("scatter") { vec![rows, u32s(n), table] } else { vec![table, u32s(n), rows] };
+        Launch { kernel, grid: elementwise_grid(n * dim), block: ELEMENTWISE_BLOCK, params, bufs }
     }
 
     /// `distill_adamw_f32(p, m, v, g, scale, n, decay, beta1, beta2, bc2, step, eps)`, in place;
@@ -189,7 +274,8 @@ impl Launch {
         let mut params: Vec<Param> = buffers(5).collect();
         params.push(Param::I64(n as i64));
         params.extend(c.map(Param::F32));
-        Launch { kernel: "distill_adamw_f32", grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+        let bufs = vec![f32s(n), f32s(n), f32s(n), f32s(n), f32s(1)];
+        Launch { kernel: "distill_adamw_f32", grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params, bufs }
     }
 
     /// `distill_adamw_list_f32(list, scale, beta1, beta2, bc2, step, eps)` over up to [`LIST_LEN`]
@@ -201,7 +287,9 @@ impl Launch {
         let mut params = vec![Param::List(Box::new(list)), Param::Buf(4 * n.len())];
         params.extend(c.map(Param::F32));
         let grid = elementwise_grid(n.iter().copied().max().unwrap_or(0));
-        Launch { kernel: "distill_adamw_list_f32", grid, block: ELEMENTWISE_BLOCK, params }
+        let mut bufs: Vec<Need> = n.iter().flat_map(|&n| [f32s(n); 4]).collect();
+        bufs.push(f32s(1));
+        Launch { kernel: "distill_adamw_list_f32", grid, block: ELEMENTWISE_BLOCK, params, bufs }
     }
 
     /// `distill_sum_squares_list_f32(list, acc)` over up to [`LIST_LEN`] gradients of `n[t]`
@@ -211,13 +299,16 @@ impl Launch {
         let list = ListParam { per: 1, n: n.iter().map(|&x| x as i64).collect(), decay: vec![0.0; n.len()] };
         let params = vec![Param::List(Box::new(list)), Param::Buf(n.len())];
         let grid = elementwise_grid(n.iter().copied().max().unwrap_or(0)).min(1024);
-        Launch { kernel: "distill_sum_squares_list_f32", grid, block: ELEMENTWISE_BLOCK, params }
+        let bufs = n.iter().map(|&n| f32s(n)).chain([f32s(1)]).collect();
+        Launch { kernel: "distill_sum_squares_list_f32", grid, block: ELEMENTWISE_BLOCK, params, bufs }
     }
 
     /// `distill_layer_norm_f32(x, w, b, y, rows, cols, eps, has_bias)`, one warp per row.
     pub fn layer_norm(rows: usize, cols: usize, eps: f32, has_bias: bool) -> Self {
         let mut l = Self::rows("distill_layer_norm_f32", 4, rows, cols, Some(eps));
         l.params.push(Param::I64(has_bias as i64));
+        // The bias is read only with has_bias.
+        l.bufs[1..3].copy_from_slice(&[f32s(cols), f32s(if has_bias { cols } else { 0 })]);
         l
     }
 
@@ -225,33 +316,46 @@ impl Launch {
     pub fn layer_norm_wgrad(rows: usize, cols: usize, eps: f32) -> Self {
         let mut params: Vec<Param> = buffers(3).collect();
         params.extend([Param::I64(rows as i64), Param::I64(cols as i64), Param::F32(eps)]);
-        Launch { kernel: "distill_layer_norm_wgrad_f32", grid: chunks_grid(rows), block: 32 * WARPS as u32, params }
+        let bufs = vec![f32s(rows * cols), f32s(rows * cols), f32s(2 * cols)];
+        Launch {
+            kernel: "distill_layer_norm_wgrad_f32",
+            grid: chunks_grid(rows),
+            block: 32 * WARPS as u32,
+            params,
+            bufs,
+        }
     }
 
     /// `distill_column_sum_f32(g, out, rows, cols)`: a block per chunk of rows.
     pub fn column_sum(rows: usize, cols: usize) -> Self {
-        Self::column_sum_of("distill_column_sum_f32", rows, cols)
+        Self::column_sum_of("distill_column_sum_f32", f32s(rows * cols), rows, cols)
     }
 
     /// `distill_column_sum_bf16(g, out, rows, cols)`: as [`Launch::column_sum`] over a bf16 `g`.
     pub fn column_sum_bf16(rows: usize, cols: usize) -> Self {
-        Self::column_sum_of("distill_column_sum_bf16", rows, cols)
+        Self::column_sum_of("distill_column_sum_bf16", bf16s(rows * cols), rows, cols)
     }
 
-    fn column_sum_of(kernel: &'static str, rows: usize, cols: usize) -> Self {
+    fn column_sum_of(kernel: &'static str, g: Need, rows: usize, cols: usize) -> Self {
         let mut params: Vec<Param> = buffers(2).collect();
         params.extend([Param::I64(rows as i64), Param::I64(cols as i64)]);
-        Launch { kernel, grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params }
+        Launch { kernel, grid: chunks_grid(rows), block: ELEMENTWISE_BLOCK, params, bufs: vec![g, f32s(cols)] }
     }
 
     /// `distill_add_norm_bf16(x, residual, params, y, rows, cols, eps)`, one warp per row.
     pub fn add_norm(rows: usize, cols: usize, eps: f32) -> Self {
-        Self::rows("distill_add_norm_bf16", 4, rows, cols, Some(eps))
+        let mut l = Self::rows("distill_add_norm_bf16", 4, rows, cols, Some(eps));
+        let n = rows * cols;
+        l.bufs = vec![bf16s(n), bf16s(n), f32s(3 * cols), bf16s(n)];
+        l
     }
 
     /// `distill_add_norm_sum_bf16(x, residual, params, out [2, rows, cols], rows, cols, eps)`.
     pub fn add_norm_sum(rows: usize, cols: usize, eps: f32) -> Self {
-        Self::rows("distill_add_norm_sum_bf16", 4, rows, cols, Some(eps))
+        let mut l = Self::add_norm(rows, cols, eps);
+        l.kernel = "distill_add_norm_sum_bf16";
+        l.bufs[3] = bf16s(2 * rows * cols);
+        l
     }
 
     /// `distill_embed_norm_bf16(t0, t1, t2, i0, i1, i2, params, y, rows, cols, n0, n1, n2, tables,
@@ -260,13 +364,19 @@ impl Launch {
         let mut params: Vec<Param> = buffers(8).collect();
         params.extend([rows, cols, n[0], n[1], n[2], tables].map(|v| Param::I64(v as i64)));
         params.push(Param::F32(eps));
-        Launch { kernel: "distill_embed_norm_bf16", grid: rows_grid(rows), block: 32 * WARPS as u32, params }
+        // The tables past `tables` and their ids are not read.
+        let used = |k: usize, need: Need| if k < tables { need } else { Need { len: 0, ..need } };
+        let mut bufs: Vec<Need> = (0..3).map(|k| used(k, bf16s(n[k] * cols))).collect();
+        bufs.extend((0..3).map(|k| used(k, u32s(rows))));
+        bufs.extend([f32s(2 * cols), bf16s(rows * cols)]);
+        Launch { kernel: "distill_embed_norm_bf16", grid: rows_grid(rows), block: 32 * WARPS as u32, params, bufs }
     }
 
     /// `distill_geglu_bf16(x, y, rows x inter, inter)`.
     pub fn geglu(rows: usize, inter: usize) -> Self {
         let mut l = Self::elementwise("distill_geglu_bf16", 2, rows * inter);
         l.params.push(Param::I64(inter as i64));
+        l.bufs = vec![bf16s(2 * rows * inter), bf16s(rows * inter)];
         l
     }
 
@@ -274,6 +384,7 @@ impl Launch {
     pub fn geglu_grad(rows: usize, inter: usize) -> Self {
         let mut l = Self::elementwise("distill_geglu_grad_bf16", 3, rows * inter);
         l.params.push(Param::I64(inter as i64));
+        l.bufs = vec![bf16s(rows * inter), bf16s(2 * rows * inter), bf16s(2 * rows * inter)];
         l
     }
 
@@ -281,6 +392,7 @@ impl Launch {
     pub fn bias_gelu(n: usize, cols: usize) -> Self {
         let mut l = Self::elementwise("distill_bias_gelu_bf16", 3, n);
         l.params.push(Param::I64(cols as i64));
+        l.bufs = vec![bf16s(n), f32s(cols), bf16s(n)];
         l
     }
 
@@ -288,6 +400,7 @@ impl Launch {
     pub fn bias_gelu_grad(n: usize, cols: usize) -> Self {
         let mut l = Self::elementwise("distill_bias_gelu_grad_bf16", 4, n);
         l.params.push(Param::I64(cols as i64));
+        l.bufs = vec![bf16s(n), bf16s(n), f32s(cols), bf16s(n)];
         l
     }
 
@@ -296,6 +409,8 @@ impl Launch {
     pub fn add_norm_train(rows: usize, cols: usize, eps: f32, seed: u64, p: f32) -> Self {
         let mut l = Self::rows("distill_add_norm_train_f32", 4, rows, cols, Some(eps));
         l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        l.bufs[0] = bf16s(rows * cols);
+        l.bufs[2] = f32s(3 * cols);
         l
     }
 
@@ -306,13 +421,16 @@ impl Launch {
         params.extend([Param::I64(rows as i64), Param::I64(cols as i64), Param::F32(eps)]);
         params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
         let grid = rows.div_ceil(TRAIN_ROWS_PER_BLOCK) as u32;
-        Launch { kernel: "distill_add_norm_train_grad_f32", grid, block: 32 * WARPS as u32, params }
+        let n = rows * cols;
+        let bufs = vec![bf16s(n), f32s(n), f32s(3 * cols), f32s(n), f32s(n), f32s(3 * cols)];
+        Launch { kernel: "distill_add_norm_train_grad_f32", grid, block: 32 * WARPS as u32, params, bufs }
     }
 
     /// `distill_dropout_bf16_f32(x, y, n, seed, p, 1 / (1 - p))`: dropout's mask on an f32 x, y bf16.
     pub fn dropout_bf16(n: usize, seed: u64, p: f32) -> Self {
         let mut l = Self::dropout(n, seed, p);
         l.kernel = "distill_dropout_bf16_f32";
+        l.bufs[1] = bf16s(n);
         l
     }
 
@@ -321,6 +439,7 @@ impl Launch {
         let kernel = if bf16_x { "distill_bias_add_bf16_f32" } else { "distill_bias_add_f32" };
         let mut l = Self::elementwise(kernel, 3, n);
         l.params.push(Param::I64(cols as i64));
+        l.bufs = vec![if bf16_x { bf16s(n) } else { f32s(n) }, f32s(cols), f32s(n)];
         l
     }
 }
@@ -332,7 +451,8 @@ impl Launch {
         let n = 3 * b * l * h * d;
         let mut params: Vec<Param> = buffers(4).collect();
         params.extend([b, l, h, d].map(|v| Param::I64(v as i64)));
-        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params }
+        let bufs = vec![f32s(n), f32s(l * d), f32s(l * d), f32s(n)];
+        Launch { kernel, grid: elementwise_grid(n), block: ELEMENTWISE_BLOCK, params, bufs }
     }
 }
 
@@ -352,7 +472,10 @@ impl Launch {
         params.extend([Param::I64(h as i64), Param::I64(l as i64), Param::F32(scale)]);
         params.push(Param::I64(window.map_or(-1, |w| w as i64)));
         let grid = (l.div_ceil(FLASH_QUERIES) * b * h) as u32;
-        Some(Launch { kernel, grid, block: 32 * WARPS as u32, params })
+        // q, k, v [B, H, L, D], the key bias [B, L], out [B, L, H D].
+        let n = b * h * l * d;
+        let bufs = vec![bf16s(n), bf16s(n), bf16s(n), f32s(b * l), bf16s(n)];
+        Some(Launch { kernel, grid, block: 32 * WARPS as u32, params, bufs })
     }
 }
 
@@ -382,6 +505,13 @@ impl Launch {
         if !rope {
             launch.params.remove(4);
         }
+        // qkv [B, L, 3, H, D], its bias [3 H D], the rotary table [2, L, D].
+        let n = b * h * l * d;
+        launch.bufs = vec![bf16s(3 * n), f32s(3 * h * d)];
+        if rope {
+            launch.bufs.push(f32s(2 * l * d));
+        }
+        launch.bufs.extend([f32s(b * l), bf16s(n)]);
         Some(launch)
     }
 }
@@ -396,7 +526,19 @@ impl Launch {
         params.extend([heads, q_rows, len, pos, block_rows].map(|v| Param::I64(v as i64)));
         params.push(Param::F32(inv_scale));
         let grid = (bh * q_rows.div_ceil(block_rows)) as u32;
-        Launch { kernel: "distill_deberta_probs_bf16", grid, block: 32 * WARPS as u32, params }
+        // qk [BH, Q, L], c2p [BH, Q, P], p2c [BH, L, P], the buckets [L, L] each, the mask [B, L],
+        // out [BH, Q, L].
+        let rows = bh * q_rows;
+        let bufs = vec![
+            bf16s(rows * len),
+            bf16s(rows * pos),
+            bf16s(bh * len * pos),
+            u32s(len * len),
+            u32s(len * len),
+            f32s(bh / heads.max(1) * len),
+            bf16s(rows * len),
+        ];
+        Launch { kernel: "distill_deberta_probs_bf16", grid, block: 32 * WARPS as u32, params, bufs }
     }
 }
 
@@ -430,6 +572,8 @@ impl Launch {
         l.kernel = "distill_deberta_probs_train_bf16";
         l.params.insert(7, Param::Buf(7));
         l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        // The log-sum-exp of each query row.
+        l.bufs.push(f32s(bh * q_rows));
         l
     }
 
@@ -452,6 +596,10 @@ impl Launch {
             l.params.insert(i, Param::Buf(i));
         }
         l.params.extend([Param::U64(seed), Param::F32(p), Param::F32(1.0 / (1.0 - p))]);
+        // (.., mask, lse, dout, dqk, dc2p) where the forward wrote out.
+        let rows = bh * q_rows;
+        l.bufs.truncate(6);
+        l.bufs.extend([f32s(rows), bf16s(rows * len), bf16s(rows * len), bf16s(rows * pos)]);
         l
     }
 
@@ -462,7 +610,8 @@ impl Launch {
         let mut params: Vec<Param> = buffers(3).collect();
         params.extend([q_rows, len, pos, key_block].map(|v| Param::I64(v as i64)));
         let grid = (bh * len.div_ceil(key_block)) as u32;
-        Launch { kernel: "distill_deberta_p2c_grad_bf16", grid, block: 32 * WARPS as u32, params }
+        let bufs = vec![bf16s(bh * q_rows * len), u32s(len * len), bf16s(bh * len * pos)];
+        Launch { kernel: "distill_deberta_p2c_grad_bf16", grid, block: 32 * WARPS as u32, params, bufs }
     }
 }
 
@@ -511,57 +660,80 @@ impl Attention {
         })
     }
 
-    fn launch(&self, which: &str, buffers_: usize) -> Option<Launch> {
-        let mut params: Vec<Param> = buffers(buffers_).collect();
+    /// The launch of kernel `which` over buffers `bufs`.
+    fn launch(&self, which: &str, bufs: Vec<Need>) -> Option<Launch> {
+        let mut params: Vec<Param> = buffers(bufs.len()).collect();
         params.extend([Param::I64(self.h as i64), Param::I64(self.l as i64), Param::F32(self.scale)]);
         params.extend([Param::I64(self.window.map_or(-1, |w| w as i64)), Param::U64(self.seed), Param::F32(self.p)]);
         let grid = (self.l.div_ceil(FLASH_QUERIES) * self.b * self.h) as u32;
-        Some(Launch { kernel: self.kernel(which)?, grid, block: 32 * WARPS as u32, params })
+        Some(Launch { kernel: self.kernel(which)?, grid, block: 32 * WARPS as u32, params, bufs })
+    }
+
+    /// Elements of one of q, k, v, the context and their gradients ([B, H, L, D] or [B, L, H D]);
+    /// of one per query row (the log-sum-exps, Δ).
+    fn sizes(&self) -> (usize, usize) {
+        (self.b * self.h * self.l * self.d, self.b * self.h * self.l)
+    }
+
+    /// The first buffers of the f32 kernels: q, k, v, the key bias [B, L].
+    fn inputs(&self) -> Vec<Need> {
+        let n = self.sizes().0;
+        vec![f32s(n), f32s(n), f32s(n), f32s(self.b * self.l)]
+    }
+
+    /// The first buffers of the joined-product kernels: qkv [B, L, 3 H D] bf16, its bias, the
+    /// rotary table [2, L, D] with `rope`, the key bias.
+    fn packed_inputs(&self, rope: bool) -> Vec<Need> {
+        let (n, hd) = (self.sizes().0, self.h * self.d);
+        let mut bufs = vec![bf16s(3 * n), f32s(3 * hd)];
+        if rope {
+            bufs.push(f32s(2 * self.l * self.d));
+        }
+        bufs.push(f32s(self.b * self.l));
+        bufs
     }
 
     /// The forward: `(q, k, v, bias, out, lse, heads, len, scale, window, seed, p)`.
     pub fn forward(&self) -> Option<Launch> {
-        self.launch("train", 6)
+        let (n, nl) = self.sizes();
+        self.launch("train", [self.inputs(), vec![f32s(n), f32s(nl)]].concat())
     }
 
     /// dQ and Δ: `(q, k, v, bias, o, dout, lse, dq, delta, ..)`, a block per 64 queries.
     pub fn backward_dq(&self) -> Option<Launch> {
-        self.launch("dq", 9)
+        let (n, nl) = self.sizes();
+        self.launch("dq", [self.inputs(), vec![f32s(n), f32s(n), f32s(nl), f32s(n), f32s(nl)]].concat())
     }
 
     /// dK and dV: `(q, k, v, bias, dout, lse, delta, dk, dv, ..)`, a block per 64 keys.
     pub fn backward_dkv(&self) -> Option<Launch> {
-        self.launch("dkv", 9)
+        let (n, nl) = self.sizes();
+        self.launch("dkv", [self.inputs(), vec![f32s(n), f32s(nl), f32s(nl), f32s(n), f32s(n)]].concat())
     }
 
     /// The forward from a joined product: `(qkv, qkv_bias, bias, out, lse, ..)` (out bf16); with
     /// `rope`, `(qkv, qkv_bias, rope, bias, out, lse, ..)`.
     pub fn forward_packed(&self, rope: bool) -> Option<Launch> {
-        if rope {
-            self.launch("train_packed_rope", 6)
-        } else {
-            self.launch("train_packed", 5)
-        }
+        let (n, nl) = self.sizes();
+        let which = if rope { "train_packed_rope" } else { "train_packed" };
+        self.launch(which, [self.packed_inputs(rope), vec![bf16s(n), f32s(nl)]].concat())
     }
 
     /// dQ and Δ from a joined product: `(qkv, qkv_bias, [rope,] bias, o, dout, lse, dqkv, delta,
     /// ..)` (o, dout and dqkv bf16; dQ into dqkv's query part).
     pub fn backward_dq_packed(&self, rope: bool) -> Option<Launch> {
-        if rope {
-            self.launch("dq_packed_rope", 9)
-        } else {
-            self.launch("dq_packed", 8)
-        }
+        let (n, nl) = self.sizes();
+        let which = if rope { "dq_packed_rope" } else { "dq_packed" };
+        let rest = vec![bf16s(n), bf16s(n), f32s(nl), bf16s(3 * n), f32s(nl)];
+        self.launch(which, [self.packed_inputs(rope), rest].concat())
     }
 
     /// dK and dV from a joined product: `(qkv, qkv_bias, [rope,] bias, dout, lse, delta, dqkv,
     /// ..)` (into dqkv's key and value parts).
     pub fn backward_dkv_packed(&self, rope: bool) -> Option<Launch> {
-        if rope {
-            self.launch("dkv_packed_rope", 8)
-        } else {
-            self.launch("dkv_packed", 7)
-        }
+        let (n, nl) = self.sizes();
+        let which = if rope { "dkv_packed_rope" } else { "dkv_packed" };
+        self.launch(which, [self.packed_inputs(rope), vec![bf16s(n), f32s(nl), f32s(nl), bf16s(3 * n)]].concat())
     }
 }
 
@@ -597,6 +769,101 @@ mod tests {
             }
         }
         c
+    }
+
+    /// The buffers a launch's parameters name: `Param::Buf(i)` and a list's tensors.
+    fn named(l: &Launch) -> usize {
+        l.params
+            .iter()
+            .map(|p| match p {
+                Param::Buf(i) => i + 1,
+                Param::List(list) => list.per * list.n.len(),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn each_buffer_a_launch_names_has_its_reach() {
+        let a = Attention { b: 2, h: 3, l: 70, d: 64, scale: 0.125, window: Some(5), seed: 1, p: 0.1 };
+        let mut launches = vec![
+            Launch::elementwise("distill_gelu_erf_f32", 2, 10),
+            Launch::rows("distill_softmax_f32", 2, 3, 7, None),
+            Launch::layer_norm_grad(3, 7, 1e-5),
+            Launch::masked_softmax(30, 7, (15, 35, 7, 5), 0.5),
+            Launch::dropout(10, 1, 0.1),
+            Launch::rows_by_id("distill_gather_rows_f32", 4, 8, 11),
+            Launch::rows_by_id("distill_scatter_add_rows_f32", 4, 8, 11),
+            Launch::adamw(10, [1.0; 6]),
+            Launch::adamw_list(&[3, 5], &[1.0, 0.9], [1.0; 5]),
+            Launch::sum_squares_list(&[3, 5, 7]),
+            Launch::layer_norm(3, 7, 1e-5, false),
+            Launch::layer_norm_wgrad(3, 7, 1e-5),
+            Launch::column_sum(3, 7),
+            Launch::column_sum_bf16(3, 7),
+            Launch::add_norm(3, 7, 1e-5),
+            Launch::add_norm_sum(3, 7, 1e-5),
+            Launch::embed_norm(3, 8, [5, 2, 1], 2, 1e-5),
+            Launch::geglu(3, 8),
+            Launch::geglu_grad(3, 8),
+            Launch::bias_gelu(24, 8),
+            Launch::bias_gelu_grad(24, 8),
+            Launch::add_norm_train(3, 7, 1e-5, 1, 0.1),
+            Launch::add_norm_train_grad(3, 7, 1e-5, 1, 0.1),
+            Launch::dropout_bf16(10, 1, 0.1),
+            Launch::bias_add(true, 21, 7),
+            Launch::rotary("distill_rotary_split_f32", 2, 5, 3, 8),
+            Launch::deberta_probs(6, 3, 40, 40, 16, 0.2),
+            Launch::deberta_probs_train(6, 3, 40, 40, 16, 0.2, 1, 0.1),
+            Launch::deberta_probs_train_grad(6, 3, 40, 40, 16, 0.2, 1, 0.1),
+            Launch::deberta_p2c_grad(6, 40, 40, 16),
+        ];
+        for d in [32, 64] {
+            launches.push(Launch::flash_attention(d, 2, 3, 70, 0.1, None).unwrap());
+            for rope in [false, true] {
+                launches.push(Launch::flash_attention_packed(d, 2, 3, 70, 0.1, Some(5), rope).unwrap());
+            }
+        }
+        launches.extend([a.forward(), a.backward_dq(), a.backward_dkv()].map(Option::unwrap));
+        for rope in [false, true] {
+            launches.extend(
+                [a.forward_packed(rope), a.backward_dq_packed(rope), a.backward_dkv_packed(rope)].map(Option::unwrap),
+            );
+        }
+        for l in &launches {
+            assert_eq!(named(l), l.bufs.len(), "{}: buffers named and described", l.kernel);
+        }
+    }
+
+    #[test]
+    fn a_buffer_shorter_than_the_reach_is_refused_with_its_number() {
+        let l = Launch::bias_gelu(24, 8);
+        let fit = [(Elem::Bf16, 24), (Elem::F32, 8), (Elem::Bf16, 24)];
+        assert_eq!(l.check_buffers(&fit), Ok(()));
+        // Longer is fine (a view into a larger allocation); shorter, another type or a missing
+        // buffer is not.
+        assert_eq!(l.check_buffers(&[(Elem::Bf16, 30), (Elem::F32, 8), (Elem::Bf16, 24)]), Ok(()));
+        let short = l.check_buffers(&[(Elem::Bf16, 24), (Elem::F32, 8), (Elem::Bf16, 23)]).unwrap_err();
+        assert_eq!(short, "distill_bias_gelu_bf16: buffer 2 holds 23 Bf16 elements, the launch reaches 24 Bf16");
+        assert!(l.check_buffers(&[(Elem::Bf16, 24), (Elem::U32, 8), (Elem::Bf16, 24)]).is_err());
+        assert!(l.check_buffers(&fit[..2]).is_err());
+        // An f32 buffer may come as twice as many bf16 (the packed kernels' log-sum-exps), not
+        // the other way round; an unread buffer as anything.
+        let f = a_forward_packed();
+        let mut held: Vec<(Elem, usize)> = f.bufs.iter().map(|n| (n.elem, n.len)).collect();
+        let lse = held.len() - 1;
+        held[lse] = (Elem::Bf16, 2 * f.bufs[lse].len);
+        assert_eq!(f.check_buffers(&held), Ok(()));
+        held[lse] = (Elem::Bf16, 2 * f.bufs[lse].len - 1);
+        assert!(f.check_buffers(&held).is_err());
+        let norm = Launch::layer_norm(3, 7, 1e-5, false);
+        assert_eq!(norm.check_buffers(&[(Elem::F32, 21), (Elem::F32, 7), (Elem::U32, 0), (Elem::F32, 21)]), Ok(()));
+    }
+
+    fn a_forward_packed() -> Launch {
+        let a = Attention { b: 2, h: 2, l: 9, d: 32, scale: 0.2, window: None, seed: 1, p: 0.0 };
+        a.forward_packed(false).unwrap()
     }
 
     #[test]
