@@ -6,17 +6,32 @@
 #
 #   source scripts/cuda-toolkit.sh          # installs once into target/cuda-toolkit, exports the env
 #   cargo build --release --features cuda -p distill-models --bin distill-bench
+#
+# DISTILL_CUDA_TOOLKIT puts the toolkit elsewhere (.ci/run keeps it under ~/.cache/distill-ci).
+# Nothing here relies on what an earlier build left behind: cudarc's sources (for the stub's symbol
+# list) are located through `cargo metadata`, which downloads them into a fresh CARGO_HOME.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tk="${DISTILL_CUDA_TOOLKIT:-$repo/target/cuda-toolkit}"
 root="$tk/root"
+cuda_wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88
+  nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88 nvidia-cuda-nvrtc==13.0.88
+  nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14)
+
+# The directory of the cudarc crate the cuda feature links (version from Cargo.lock).
+cudarc_dir() {
+  cargo metadata --quiet --locked --format-version 1 --all-features --manifest-path "$repo/Cargo.toml" \
+    | python3 -c 'import json, os, sys
+pkgs = [p for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"]
+print(os.path.dirname(pkgs[0]["manifest_path"]) if pkgs else "")'
+}
 
 if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib64/libcuda.so" ]; then
   echo "cuda-toolkit: installing CUDA 13.0 wheels into $tk" >&2
-  python3 -m pip install -q --disable-pip-version-check --target "$tk/wheels" \
-    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-crt==13.0.88 \
-    nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88 nvidia-cuda-nvrtc==13.0.88 \
-    nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14
+  if ! python3 -m pip install -q --disable-pip-version-check --target "$tk/wheels" "${cuda_wheels[@]}"; then
+    echo "cuda-toolkit: PyPI did not give the CUDA 13.0 wheels (${cuda_wheels[*]})" >&2
+    return 1 2>/dev/null || exit 1
+  fi
   cu="$tk/wheels/nvidia/cu13"
   rm -rf "$root" && mkdir -p "$root/bin" "$root/lib64"
   ln -s "$cu/include" "$root/include"
@@ -31,8 +46,11 @@ if [ ! -x "$root/bin/nvcc" ] || [ ! -e "$root/lib64/libcuda.so" ]; then
     case "$name" in *.so.*) [ -e "$root/lib64/$base.so" ] || ln -s "$f" "$root/lib64/$base.so" ;; esac
   done
   # The stub driver: one empty function per driver entry point cudarc declares.
-  cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)"
-  if [ -z "$cudarc" ]; then (cd "$repo" && cargo fetch -q) && cudarc="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -1)"; fi
+  cudarc="$(cudarc_dir)" || cudarc=""
+  if [ -z "$cudarc" ] || ! ls "$cudarc"/src/driver/sys/*.rs >/dev/null 2>&1; then
+    echo "cuda-toolkit: cargo metadata did not give cudarc's sources (Cargo.lock's version, from crates.io)" >&2
+    return 1 2>/dev/null || exit 1
+  fi
   grep -ohE 'fn cu[A-Z][A-Za-z0-9_]*\(' "$cudarc"/src/driver/sys/*.rs | sed -E 's/fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
     | awk '{print "int " $1 "(void) { return 999; }"}' > "$tk/libcuda_stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib64/libcuda.so" "$tk/libcuda_stub.c"
