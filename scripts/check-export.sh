@@ -11,8 +11,8 @@ MAXLEN="${MAXLEN:-48}"
 cargo build -q --bins
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
-RUST_LOG=warn target/debug/distill-teacher --addr 127.0.0.1:0 --store "$work/t" > "$work/t.log" &
-RUST_LOG=warn target/debug/distill-trainer --addr 127.0.0.1:0 --store "$work/s" > "$work/s.log" &
+RUST_LOG=warn target/debug/distill-teacher --addr 127.0.0.1:0 --store "$work/t" --allow-location "$work,$PWD" > "$work/t.log" &
+RUST_LOG=warn target/debug/distill-trainer --addr 127.0.0.1:0 --store "$work/s" --allow-location "$work,$PWD" > "$work/s.log" &
 for f in t s; do until grep -q "listening on" "$work/$f.log"; do sleep 0.2; done; done
 T="http://$(sed -n 's/listening on //p' "$work/t.log")"
 S="http://$(sed -n 's/listening on //p' "$work/s.log")"

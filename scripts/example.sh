@@ -10,7 +10,8 @@ cargo build --bins
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 for svc in teacher trainer; do
-  RUST_LOG=${RUST_LOG:-warn} ./target/debug/distill-$svc --addr 127.0.0.1:0 --store "$work/$svc" >"$work/$svc.addr" &
+  RUST_LOG=${RUST_LOG:-warn} ./target/debug/distill-$svc --addr 127.0.0.1:0 --store "$work/$svc" \
+    --allow-location "$work" --allow-location "$PWD" >"$work/$svc.addr" &
 done
 for svc in teacher trainer; do
   for _ in $(seq 100); do grep -q listening "$work/$svc.addr" 2>/dev/null && break; sleep 0.1; done

@@ -47,7 +47,19 @@ impl Service {
         Self::start("distill-trainer", store, args, env)
     }
 
+    /// Starts `name` allowed to use, besides its store, the temp directory (every test's files)
+    /// and the workspace (fixtures, examples, `.venv`'s models).
     fn start(name: &str, store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
+        let temp = std::env::temp_dir().to_string_lossy().into_owned();
+        let root = workspace_root().to_string_lossy().into_owned();
+        let mut all = vec!["--allow-location", temp.as_str(), "--allow-location", root.as_str()];
+        all.extend_from_slice(args);
+        Self::exact(name, store, &all, env)
+    }
+
+    /// Starts `name` (`distill-teacher` or `distill-trainer`) with exactly `args`: nothing allowed
+    /// beyond what they say.
+    pub fn exact(name: &str, store: impl AsRef<std::ffi::OsStr>, args: &[&str], env: &[(&str, String)]) -> Service {
         let mut cmd = Command::new(bin(name));
         cmd.args(["--addr", "127.0.0.1:0", "--store"])
             .arg(store.as_ref())

@@ -215,7 +215,8 @@ async fn labels_into_a_real_s3_server() {
     let f = Fixture::new(30, 20);
     // The service's own store is on S3 too.
     let store_uri = format!("s3://{}/state", s3.bucket);
-    let svc = Service::teacher(&store_uri, &[], &s3.env());
+    let bucket = format!("s3://{}", s3.bucket);
+    let svc = Service::teacher(&store_uri, &["--allow-location", &bucket], &s3.env());
     for (k, v) in s3.env() {
         // The test process reads the same bucket with the project's reader.
         std::env::set_var(k, v);
@@ -242,7 +243,7 @@ async fn labels_into_a_real_s3_server() {
 
     // Job records live in the S3 store: a restarted service still lists them.
     drop(svc);
-    let svc = Service::teacher(&store_uri, &[], &s3.env());
+    let svc = Service::teacher(&store_uri, &["--allow-location", &bucket], &s3.env());
     let jobs = svc.client().await.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(jobs.len(), 2);
     assert!(jobs.iter().all(|j| j.state() == pb::JobState::Succeeded));

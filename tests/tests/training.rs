@@ -516,7 +516,7 @@ async fn training_follows_a_running_teacher_job() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_str().unwrap().to_string();
     let teacher = Service::teacher(dir.path().join("teacher"), &[], &[]);
-    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let trainer = Service::trainer(dir.path().join("trainer"), &["--allow-teacher", &teacher.url()], &[]);
     let mut labels = teacher.client().await;
     let mut spec = labeling_spec(&f, pb::OutputLayout::Triples, &format!("{root}/triples"));
     // Tiny shards: a long job whose shards close one by one.

@@ -370,11 +370,11 @@ enum LlmApiArg {
     Completions,
 }
 
-/// The LLM teacher (`--teacher-kind llm`). Unset endpoint fields fall back to the teacher service's
-/// environment (DISTILL_LLM_BASE_URL / OPENAI_BASE_URL, DISTILL_LLM_MODEL, OPENAI_API_KEY).
+/// The LLM teacher (`--teacher-kind llm`). The endpoint must be one the teacher service's operator
+/// configured (`distill-teacher --llm-endpoint NAME=URL`); an empty one takes its `default`.
 #[derive(clap::Args, Debug)]
 struct LlmArgs {
-    /// OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1.
+    /// A configured endpoint: its NAME, or its URL (e.g. http://127.0.0.1:8080/v1).
     #[arg(long = "llm-url", env = "DISTILL_LLM_BASE_URL", default_value = "")]
     url: String,
     #[arg(long = "llm-model", env = "DISTILL_LLM_MODEL", default_value = "")]
@@ -382,7 +382,7 @@ struct LlmArgs {
     /// API key sent with the job (kept out of the stored job); or leave it to the service's environment.
     #[arg(long = "llm-api-key", env = "DISTILL_LLM_API_KEY", hide_env_values = true, default_value = "")]
     api_key: String,
-    /// Name of the variable holding the key in the teacher service's environment.
+    /// Only the configured endpoint's own key variable is accepted (the operator's --llm-key).
     #[arg(long = "llm-api-key-env", default_value = "")]
     api_key_env: String,
     #[arg(long = "llm-mode", value_enum, default_value = "listwise")]

@@ -18,6 +18,9 @@ pub enum Error {
     Jobs(#[from] distill_jobs::JobsError),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A location or endpoint the operator did not allow.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Unimplemented(String),
     /// A teacher that cannot answer (an LLM endpoint refusing every request as sent).
@@ -40,6 +43,7 @@ impl From<Error> for tonic::Status {
             Error::Jobs(e) => e.into(),
             Error::Shards(distill_shards::ShardError::AlreadyCommitted { .. }) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Unimplemented(_) => tonic::Status::unimplemented(msg),
             Error::Teacher(_) => tonic::Status::unavailable(msg),
             Error::Store(_) | Error::Shards(_) | Error::Internal(_) => tonic::Status::internal(msg),

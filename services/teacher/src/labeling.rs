@@ -43,7 +43,8 @@ fn require(field: &str, value: &str) -> Result<(), Error> {
 }
 
 /// Checks a spec before a job is created: everything that makes a request wrong as sent.
-pub fn validate(spec: &LabelingSpec) -> Result<(), Error> {
+pub fn validate(spec: &LabelingSpec, endpoints: &crate::llm::endpoints::Endpoints) -> Result<(), Error> {
+    crate::limits::check(spec)?;
     layout_of(spec)?;
     match spec.source.as_ref().and_then(|s| s.source.as_ref()) {
         None => return Err(Error::InvalidArgument("source: no candidate source given (trec or jsonl)".into())),
@@ -57,7 +58,7 @@ pub fn validate(spec: &LabelingSpec) -> Result<(), Error> {
         }
         Some(Source::Jsonl(j)) => require("source.jsonl.path", &j.path)?,
     }
-    teachers::validate(spec.teacher.as_ref())?;
+    teachers::validate(spec.teacher.as_ref(), endpoints)?;
     if let Some(distill_proto::teacher_spec::Teacher::Precomputed(p)) =
         spec.teacher.as_ref().and_then(|t| t.teacher.as_ref())
     {

@@ -10,9 +10,11 @@
 //!                                                               └ DatasetWriter      (rolling shards, progress records, manifest)
 //! ```
 
+pub mod access;
 pub mod candidates;
 pub mod error;
 pub mod labeling;
+pub mod limits;
 pub mod llm;
 pub mod sampling;
 pub mod service;

@@ -26,6 +26,14 @@ struct Args {
     /// with `--features cuda`).
     #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
     device: String,
+    /// An OpenAI-compatible endpoint LLM teachers may use, NAME=URL (up to the version, e.g.
+    /// local=http://127.0.0.1:8080/v1); repeat, or comma-separated. Requests name it by NAME (or
+    /// its URL); no other URL is reached.
+    #[arg(long = "llm-endpoint", env = "DISTILL_LLM_ENDPOINTS", value_delimiter = ',')]
+    llm_endpoints: Vec<String>,
+    /// The API key of an --llm-endpoint: NAME=env:VAR (read at start) or NAME=file:PATH; repeat.
+    #[arg(long = "llm-key", env = "DISTILL_LLM_KEYS", value_delimiter = ',')]
+    llm_keys: Vec<String>,
 }
 
 #[tokio::main]
@@ -34,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let device = distill_models::parse_device(&args.device)?;
     let cfg = args.service.setup(args.addr)?;
+    let endpoints = distill_teacher::llm::endpoints::Endpoints::configure(&args.llm_endpoints, &args.llm_keys)?;
+    tracing::info!(endpoints = ?endpoints, "LLM endpoints");
     tracing::info!(device = %distill_models::device_name(&device), "models run here");
     let scorer = (!args.score_models.is_empty()).then(|| distill_proto::CrossEncoderEnsemble {
         models: args.score_models.iter().map(|m| distill_store::absolutize(m)).collect(),
@@ -45,11 +55,14 @@ async fn main() -> anyhow::Result<()> {
         max_length: args.score_max_length,
         ..Default::default()
     });
-    let start = |store, jobs| async move {
-        let teacher = distill_teacher::service::Teacher::start(store, jobs, device).await?;
+    let start = |setup| async move {
+        let teacher = distill_teacher::service::Teacher::start(setup, device, endpoints).await?;
         let ready = scorer.and_then(|spec| teacher.load_scorer(spec));
         let jobs = teacher.jobs();
-        Ok(distill_jobs::serving::Started { service: TeacherServiceServer::new(teacher), ready, jobs })
+        let service = TeacherServiceServer::new(teacher)
+            .max_decoding_message_size(distill_jobs::serving::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(distill_jobs::serving::MAX_RESPONSE_BYTES);
+        Ok(distill_jobs::serving::Started { service, ready, jobs })
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

@@ -1,5 +1,6 @@
 //! The gRPC face of the teacher: job control and direct scoring.
 
+use crate::access::{self, Grants};
 use crate::error::Error;
 use crate::labeling::{self, Outcome};
 use crate::llm::TeacherContext;
@@ -25,6 +26,8 @@ pub struct TeacherState {
     scorer: tokio::sync::OnceCell<Arc<crate::teachers::Ensemble>>,
     /// Where model teachers and the scorer run (`--device`).
     device: candle_core::Device,
+    /// The locations and LLM endpoints requests may use.
+    grants: Grants,
 }
 
 /// The gRPC handle (cheap to clone).
@@ -34,18 +37,19 @@ pub struct Teacher(Arc<TeacherState>);
 impl Teacher {
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished.
     pub async fn start(
-        store: Location,
-        max_concurrent_jobs: usize,
+        setup: distill_jobs::serving::Setup,
         device: candle_core::Device,
+        endpoints: crate::llm::endpoints::Endpoints,
     ) -> Result<Self, Error> {
-        let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
+        let (jobs, resume) = Jobs::load(setup.store.child("jobs")).await?;
         let state = Arc::new(TeacherState {
             jobs,
-            store,
-            permits: Arc::new(Semaphore::new(max_concurrent_jobs.max(1))),
+            store: setup.store,
+            permits: Arc::new(Semaphore::new(setup.max_concurrent_jobs.max(1))),
             scorer_configured: Default::default(),
             scorer: Default::default(),
             device,
+            grants: Grants { allow: setup.allow, endpoints: Arc::new(endpoints) },
         });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
@@ -86,18 +90,9 @@ impl TeacherState {
                 return;
             }
             self.jobs.set_state(&entry, JobState::Running, "").await;
-            let ctx = TeacherContext {
-                store: Some(self.store.clone()),
-                api_key: self.secret(&job.id).await,
-                device: Some(self.device.clone()),
-            };
-            let result = match job.spec.and_then(|s| s.spec) {
-                Some(job_spec::Spec::Labeling(spec)) => match Location::parse(&job.output_uri) {
-                    Ok(output) => labeling::run(&spec, &job.id, output, &ctx, &self.jobs, &entry, &entry.cancel).await,
-                    Err(e) => Err(e.into()),
-                },
-                _ => Err(Error::Internal("not a labelling job".into())),
-            };
+            let result = distill_jobs::contain_panics(self.run(&job, &entry))
+                .await
+                .unwrap_or_else(|panic| Err(Error::Internal(panic)));
             // The job is over: its API key is no longer needed.
             if let Err(e) = self.secrets().delete(&job.id).await {
                 tracing::warn!(job = %job.id, "API key of a finished job not deleted: {e}");
@@ -115,6 +110,26 @@ impl TeacherState {
 }
 
 impl TeacherState {
+    /// A job's work, from its record (a resumed job is checked against the grants again: the
+    /// operator may have narrowed them since).
+    async fn run(&self, job: &Job, entry: &JobEntry) -> Result<Outcome, Error> {
+        distill_jobs::faults::hit("job-start");
+        let Some(job_spec::Spec::Labeling(spec)) = job.spec.as_ref().and_then(|s| s.spec.as_ref()) else {
+            return Err(Error::Internal("not a labelling job".into()));
+        };
+        access::check(spec, &self.grants)?;
+        let output = distill_proto::LabelingSpec { output_uri: job.output_uri.clone(), ..Default::default() };
+        access::check(&output, &self.grants)?;
+        let ctx = TeacherContext {
+            store: Some(self.store.clone()),
+            api_key: self.secret(&job.id).await,
+            device: Some(self.device.clone()),
+            endpoints: self.grants.endpoints.clone(),
+        };
+        let output = Location::parse(&job.output_uri)?;
+        labeling::run(spec, &job.id, output, &ctx, &self.jobs, entry, &entry.cancel).await
+    }
+
     /// Where API keys given in job specs wait for their job (so it can resume after a restart); never
     /// returned by any RPC. Prefer giving the service the key in its environment (`api_key_env`).
     fn secrets(&self) -> Location {
@@ -142,7 +157,9 @@ fn take_api_key(spec: &mut LabelingSpec) -> Option<String> {
 impl TeacherService for Teacher {
     async fn start_labeling(&self, request: Request<LabelingSpec>) -> Result<Response<Job>, Status> {
         let mut spec = request.into_inner();
-        labeling::validate(&spec)?;
+        // The grants first: validation opens files, which must not happen outside them.
+        access::check(&spec, &self.0.grants)?;
+        labeling::validate(&spec, &self.0.grants.endpoints)?;
         let api_key = take_api_key(&mut spec);
         let id = uuid::Uuid::now_v7().to_string();
         let output = if spec.output_uri.is_empty() {

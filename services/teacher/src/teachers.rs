@@ -149,12 +149,12 @@ impl Teacher for Precomputed {
 }
 
 /// Checks a teacher spec without loading anything.
-pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
+pub fn validate(spec: Option<&TeacherSpec>, endpoints: &crate::llm::endpoints::Endpoints) -> Result<(), Error> {
     match spec.and_then(|t| t.teacher.as_ref()) {
         None => Err(Error::InvalidArgument(
             "teacher: no teacher given (first_stage, precomputed, cross_encoders, llm or local_llm)".into(),
         )),
-        Some(TeacherKind::Llm(l)) => crate::llm::validate(l),
+        Some(TeacherKind::Llm(l)) => crate::llm::validate(l, endpoints),
         Some(TeacherKind::LocalLlm(l)) => crate::llm::local::validate(l),
         Some(TeacherKind::FirstStage(_)) => Ok(()),
         Some(TeacherKind::CrossEncoders(e)) => {
@@ -184,7 +184,7 @@ pub fn validate(spec: Option<&TeacherSpec>) -> Result<(), Error> {
 
 /// Builds the teacher a spec names.
 pub async fn build(spec: &TeacherSpec, ctx: &TeacherContext) -> Result<Box<dyn Teacher>, Error> {
-    validate(Some(spec))?;
+    validate(Some(spec), &ctx.endpoints)?;
     match spec.teacher.as_ref().expect("validated") {
         TeacherKind::FirstStage(_) => Ok(Box::new(FirstStage)),
         TeacherKind::Precomputed(p) => {

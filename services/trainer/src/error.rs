@@ -25,6 +25,9 @@ pub enum Error {
     Jobs(#[from] distill_jobs::JobsError),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A location or teacher the operator did not allow.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -49,6 +52,7 @@ impl From<Error> for tonic::Status {
             Error::Store(StoreError::NotFound { .. }) => tonic::Status::not_found(msg),
             Error::Jobs(e) => e.into(),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Diverged(_) | Error::Store(_) | Error::Shards(_) | Error::Model(_) | Error::Internal(_) => {
                 tonic::Status::internal(msg)
             }

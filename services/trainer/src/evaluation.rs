@@ -23,11 +23,16 @@ pub struct EvalData {
 
 pub fn metrics_of(spec: &EvaluationSpec) -> Result<Vec<Metric>, Error> {
     let list = if spec.metrics.is_empty() { DEFAULT_METRICS.to_string() } else { spec.metrics.join(",") };
-    parse_metrics(&list).map_err(|e| Error::InvalidArgument(format!("metrics: {e}")))
+    let metrics = parse_metrics(&list).map_err(|e| Error::InvalidArgument(format!("metrics: {e}")))?;
+    if metrics.is_empty() {
+        return Err(Error::InvalidArgument(format!("metrics: {:?} names no metric (e.g. ndcg@10)", spec.metrics)));
+    }
+    Ok(metrics)
 }
 
 /// Checks the fields a spec needs, before a job is queued.
 pub fn validate(spec: &EvaluationSpec, needs_model: bool) -> Result<(), Error> {
+    crate::limits::check_evaluation(spec, if needs_model { "" } else { "evaluation." })?;
     for (name, value) in
         [("run", &spec.run), ("queries", &spec.queries), ("collection", &spec.collection), ("qrels", &spec.qrels)]
     {

@@ -13,9 +13,11 @@
 //!  StartEvaluation ─► evaluation (re-rank a TREC run, trec_eval metrics, run.trec + metrics.json)
 //! ```
 
+pub mod access;
 pub mod data;
 pub mod error;
 pub mod evaluation;
+pub mod limits;
 pub mod objectives;
 pub mod plot;
 pub mod service;

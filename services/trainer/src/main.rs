@@ -20,6 +20,10 @@ struct Args {
     /// `--features cuda`).
     #[arg(long, env = "DISTILL_DEVICE", default_value = "cpu")]
     device: String,
+    /// A teacher service training jobs may follow (`teacher_job.address`), e.g.
+    /// http://teacher:50051; repeat, or comma-separated. DISTILL_TEACHER_TOKEN is sent only there.
+    #[arg(long = "allow-teacher", env = "DISTILL_ALLOW_TEACHERS", value_delimiter = ',')]
+    allow_teachers: Vec<String>,
 }
 
 #[tokio::main]
@@ -29,10 +33,14 @@ async fn main() -> anyhow::Result<()> {
     let device = distill_models::parse_device(&args.device)?;
     let cfg = args.service.setup(args.addr)?;
     tracing::info!(device = %distill_models::device_name(&device), "models run here");
-    let start = |store, jobs| async move {
-        let trainer = distill_trainer::service::Trainer::start(store, jobs, device).await?;
+    let teachers = distill_trainer::teacher_link::TeacherLinks::configure(&args.allow_teachers)?;
+    let start = |setup| async move {
+        let trainer = distill_trainer::service::Trainer::start(setup, device, teachers).await?;
         let jobs = trainer.jobs();
-        Ok(distill_jobs::serving::Started { service: TrainerServiceServer::new(trainer), ready: None, jobs })
+        let service = TrainerServiceServer::new(trainer)
+            .max_decoding_message_size(distill_jobs::serving::MAX_REQUEST_BYTES)
+            .max_encoding_message_size(distill_jobs::serving::MAX_RESPONSE_BYTES);
+        Ok(distill_jobs::serving::Started { service, ready: None, jobs })
     };
     distill_jobs::serving::serve(cfg, start, distill_jobs::serving::shutdown_signal()).await
 }

@@ -1,5 +1,6 @@
 //! The gRPC face of the trainer: training and evaluation jobs, and job control.
 
+use crate::access::Grants;
 use crate::evaluation::{self, EvalData};
 use crate::training::{self, Outcome};
 use crate::Error;
@@ -22,6 +23,8 @@ pub struct TrainerState {
     permits: Arc<Semaphore>,
     /// Where training and evaluation run (`--device`).
     device: candle_core::Device,
+    /// The locations and teachers requests may use.
+    grants: Grants,
 }
 
 /// The gRPC handle (cheap to clone).
@@ -37,13 +40,14 @@ impl Trainer {
     /// Loads the job table from `store` and resumes the jobs a previous run left unfinished
     /// (training resumes from its newest checkpoint).
     pub async fn start(
-        store: Location,
-        max_concurrent_jobs: usize,
+        setup: distill_jobs::serving::Setup,
         device: candle_core::Device,
+        teachers: crate::teacher_link::TeacherLinks,
     ) -> Result<Self, Error> {
-        let (jobs, resume) = Jobs::load(store.child("jobs")).await?;
-        let permits = Arc::new(Semaphore::new(max_concurrent_jobs.max(1)));
-        let state = Arc::new(TrainerState { jobs, store, permits, device });
+        let (jobs, resume) = Jobs::load(setup.store.child("jobs")).await?;
+        let permits = Arc::new(Semaphore::new(setup.max_concurrent_jobs.max(1)));
+        let grants = Grants { allow: setup.allow, teachers };
+        let state = Arc::new(TrainerState { jobs, store: setup.store, permits, device, grants });
         for entry in resume {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
@@ -65,13 +69,9 @@ impl TrainerState {
                 return;
             }
             self.jobs.set_state(&entry, JobState::Running, "").await;
-            let job = entry.snapshot();
-            let result = match (job.spec.and_then(|s| s.spec), Location::parse(&job.output_uri)) {
-                (_, Err(e)) => Err(e.into()),
-                (Some(job_spec::Spec::Training(spec)), Ok(out)) => self.train(spec, out, entry.clone()).await,
-                (Some(job_spec::Spec::Evaluation(spec)), Ok(out)) => self.evaluate(spec, out, entry.clone()).await,
-                _ => Err(Error::Internal("not a trainer job".into())),
-            };
+            let result = distill_jobs::contain_panics(self.run(entry.clone()))
+                .await
+                .unwrap_or_else(|panic| Err(Error::Internal(panic)));
             match result {
                 Ok(Done::Ok(message)) => {
                     self.jobs.log(&entry, "info", message);
@@ -83,8 +83,28 @@ impl TrainerState {
         });
     }
 
+    /// A job's work, from its record (a resumed job is checked against the grants again: the
+    /// operator may have narrowed them since).
+    async fn run(&self, entry: Arc<JobEntry>) -> Result<Done, Error> {
+        distill_jobs::faults::hit("job-start");
+        let job = entry.snapshot();
+        self.grants.location("output_uri", &job.output_uri)?;
+        let out = Location::parse(&job.output_uri)?;
+        match job.spec.and_then(|s| s.spec) {
+            Some(job_spec::Spec::Training(spec)) => {
+                self.grants.check_training(&spec)?;
+                self.train(spec, out, entry).await
+            }
+            Some(job_spec::Spec::Evaluation(spec)) => {
+                self.grants.check_evaluation(&spec)?;
+                self.evaluate(spec, out, entry).await
+            }
+            _ => Err(Error::Internal("not a trainer job".into())),
+        }
+    }
+
     async fn train(&self, spec: TrainingSpec, output: Location, entry: Arc<JobEntry>) -> Result<Done, Error> {
-        let prepared = training::prepare(&spec).await?;
+        let prepared = training::prepare(&spec, &self.grants).await?;
         let jobs = self.jobs.clone();
         let handle = tokio::runtime::Handle::current();
         let out = output.clone();
@@ -188,9 +208,11 @@ impl TrainerState {
 impl TrainerService for Trainer {
     async fn start_training(&self, request: Request<TrainingSpec>) -> Result<Response<Job>, Status> {
         let spec = request.into_inner();
-        // Everything that can be checked before queueing is: datasets, objective against them,
-        // backbone, evaluation files, hyper-parameters.
-        training::prepare(&spec).await?;
+        // The grants first (nothing is opened outside them), then everything that can be checked
+        // before queueing: hyper-parameters and their bounds, datasets, objective against them,
+        // backbone, evaluation files.
+        self.0.grants.check_training(&spec)?;
+        training::prepare(&spec, &self.0.grants).await?;
         let out = spec.output_uri.clone();
         let job = self.0.create(JobKind::Training, job_spec::Spec::Training(spec), &out, "training").await?;
         self.0.clone().spawn(self.0.jobs.get(&job.id)?);
@@ -199,6 +221,7 @@ impl TrainerService for Trainer {
 
     async fn start_evaluation(&self, request: Request<EvaluationSpec>) -> Result<Response<Job>, Status> {
         let spec = request.into_inner();
+        self.0.grants.check_evaluation(&spec)?;
         evaluation::validate(&spec, true)?;
         let out = spec.output_uri.clone();
         let job = self.0.create(JobKind::Evaluation, job_spec::Spec::Evaluation(spec), &out, "evaluations").await?;

@@ -179,7 +179,11 @@ pub struct Prepared {
 
 /// The data of a spec: committed datasets, or the dataset of a teacher job (followed while it runs;
 /// if it has already committed, read as any committed dataset).
-async fn open_sources(spec: &TrainingSpec, hyper: &Hyper) -> Result<(Vec<data::Source>, data::DataSummary), Error> {
+async fn open_sources(
+    spec: &TrainingSpec,
+    hyper: &Hyper,
+    grants: &crate::access::Grants,
+) -> Result<(Vec<data::Source>, data::DataSummary), Error> {
     let Some(link) = spec.teacher_job.as_ref().filter(|t| !t.job_id.is_empty() || !t.address.is_empty()) else {
         let readers = data::open_datasets(&spec.datasets).await?;
         let summary = data::summarize(&readers).await?;
@@ -188,8 +192,10 @@ async fn open_sources(spec: &TrainingSpec, hyper: &Hyper) -> Result<(Vec<data::S
     if !spec.datasets.is_empty() {
         return Err(Error::InvalidArgument("give either datasets or teacher_job, not both".into()));
     }
-    let teacher = TeacherJob::connect(link).await?;
+    let teacher = TeacherJob::connect(link, &grants.teachers).await?;
     let job = teacher.job().await?;
+    // The teacher names where its dataset is: it must be a place this trainer may read.
+    grants.location("teacher_job (its output_uri)", &job.output_uri)?;
     let (layout, fields) = crate::teacher_link::planned(&job)?;
     if job.state() == distill_proto::JobState::Succeeded {
         let readers = data::open_datasets(std::slice::from_ref(&job.output_uri)).await?;
@@ -208,7 +214,8 @@ async fn open_sources(spec: &TrainingSpec, hyper: &Hyper) -> Result<(Vec<data::S
 }
 
 /// Opens and checks everything a spec names; errors here are the caller's (INVALID_ARGUMENT).
-pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
+pub async fn prepare(spec: &TrainingSpec, grants: &crate::access::Grants) -> Result<Prepared, Error> {
+    crate::limits::check_training(spec)?;
     let hyper = Hyper::from_spec(spec)?;
     if spec.objective.trim().is_empty() {
         return Err(Error::InvalidArgument("objective is required".into()));
@@ -219,7 +226,7 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
             "backbone is required (a Hugging Face model directory or object-store prefix)".into(),
         ));
     }
-    let (sources, summary) = open_sources(spec, &hyper).await?;
+    let (sources, summary) = open_sources(spec, &hyper, grants).await?;
     objective.check(&summary.fields).map_err(|e| Error::InvalidArgument(format!("objective: {e}")))?;
     let per_step = (hyper.batch_size * hyper.accumulation) as u64;
     let steps_per_epoch = summary.rows / per_step;
@@ -256,7 +263,11 @@ pub async fn prepare(spec: &TrainingSpec) -> Result<Prepared, Error> {
             } else {
                 let want = distill_eval::parse_metrics(&spec.validation_metric)
                     .map_err(|e| Error::InvalidArgument(format!("validation_metric: {e}")))?;
-                let name = want[0].name.clone();
+                let name = want
+                    .first()
+                    .ok_or_else(|| Error::InvalidArgument("validation_metric: names no metric".into()))?
+                    .name
+                    .clone();
                 if !data.metrics.iter().any(|m| m.name == name) {
                     return Err(Error::InvalidArgument(format!(
                         "validation_metric '{name}' is not among the evaluation's metrics"

@@ -4,6 +4,8 @@
 //! logging).
 
 pub mod auth;
+pub mod bounds;
+pub mod faults;
 pub mod metrics;
 pub mod serving;
 pub mod table;
@@ -113,4 +115,34 @@ pub async fn cancel(jobs: &Jobs, id: &str) -> Result<Job, JobsError> {
 pub fn list(jobs: &Jobs, state: JobState) -> ListJobsResponse {
     let state = (state != JobState::Unspecified).then_some(state);
     ListJobsResponse { jobs: jobs.list(state) }
+}
+
+/// The message a panic carried.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs a job's work; a panic inside it becomes `Err` with the panic's message, so that the job
+/// ends FAILED instead of staying RUNNING with no worker (tokio would only end the task).
+pub async fn contain_panics<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .map_err(|p| format!("the job panicked: {}", panic_message(p.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_panic_becomes_an_error_with_its_message() {
+        let out = super::contain_panics(async { panic!("Retry-After out of range") }).await;
+        let err: String = out.unwrap_err();
+        assert!(err.contains("Retry-After out of range"), "{err}");
+        assert_eq!(super::contain_panics(async { 7 }).await, Ok(7));
+    }
 }

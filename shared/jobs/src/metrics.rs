@@ -172,9 +172,33 @@ pub struct GrpcMetricsService<S> {
     inner: S,
 }
 
-/// The method label: a gRPC path of ours (or health/reflection), else "other" (bounded labels).
+/// The gRPC methods the services serve (from the descriptor set), health and reflection.
+static KNOWN_METHODS: LazyLock<std::collections::HashSet<String>> = LazyLock::new(|| {
+    use prost::Message;
+    let mut known: std::collections::HashSet<String> = [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let set = prost_types::FileDescriptorSet::decode(distill_proto::v1::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                known.insert(format!("/{}.{}/{}", file.package(), service.name(), method.name()));
+            }
+        }
+    }
+    known
+});
+
+/// The method label: a method the services know, else "other". The path comes from the client
+/// before auth, so anything else must not become a label (the series would grow without bound).
 fn method_of(path: &str) -> String {
-    if path.starts_with("/distill.v1.") || path.starts_with("/grpc.") {
+    if KNOWN_METHODS.contains(path) {
         path.trim_start_matches('/').to_string()
     } else {
         "other".into()

@@ -79,6 +79,15 @@ pub struct ServiceArgs {
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. 0.0.0.0:9464.
     #[arg(long, env = "DISTILL_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// A prefix requests may read and write besides the store (repeat, or comma-separated): a
+    /// directory, file://, s3://bucket/prefix, memory://name, or hf://org (Hub models of org;
+    /// hf:// for any). Anything else a request names is refused (PERMISSION_DENIED).
+    #[arg(long = "allow-location", env = "DISTILL_ALLOW_LOCATIONS", value_delimiter = ',')]
+    pub allow_locations: Vec<String>,
+    /// Serve without a token on an address other than loopback (anyone who reaches the port may
+    /// start jobs). Without it, such a service refuses to start.
+    #[arg(long, env = "DISTILL_INSECURE")]
+    pub insecure: bool,
 }
 
 /// What a service is started with, secrets resolved.
@@ -90,6 +99,37 @@ pub struct ServerConfig {
     pub tls_key: Option<std::path::PathBuf>,
     pub max_concurrent_jobs: usize,
     pub metrics_addr: Option<SocketAddr>,
+    /// The locations requests may use: the operator's `--allow-location` entries and the store.
+    pub allow: distill_store::access::AllowList,
+}
+
+/// The largest gRPC request a service decodes (a `Score` request of many pairs; job specs are
+/// small): larger ones answer RESOURCE_EXHAUSTED before anything is allocated for them.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// The largest response a service encodes.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// What a service's `start` gets: its store, job slots and the locations requests may use.
+pub struct Setup {
+    pub store: distill_store::Location,
+    pub max_concurrent_jobs: usize,
+    pub allow: std::sync::Arc<distill_store::access::AllowList>,
+}
+
+/// Refuses a service that anyone reaching its port could use: a non-loopback address without a
+/// token, unless the operator says `--insecure`.
+fn check_exposure(addr: SocketAddr, token: bool, insecure: bool) -> anyhow::Result<()> {
+    if addr.ip().is_loopback() || token {
+        return Ok(());
+    }
+    if insecure {
+        tracing::warn!(addr = %addr, "serving without a token on a non-loopback address (--insecure)");
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {addr} without a token: anyone reaching it could start jobs. Set \
+         DISTILL_AUTH_TOKEN or --auth-token-file (or listen on 127.0.0.1), or pass --insecure"
+    )
 }
 
 impl ServiceArgs {
@@ -103,7 +143,12 @@ impl ServiceArgs {
             self.auth_token_file.as_deref(),
             std::env::var("DISTILL_AUTH_TOKEN").ok().as_deref(),
         )?;
-        tracing::info!(addr = %addr, store = %self.store, tls = self.tls_cert.is_some(), "starting");
+        check_exposure(addr, token.is_some(), self.insecure)?;
+        let mut allow = distill_store::access::AllowList::new(&self.allow_locations)
+            .map_err(|e| anyhow::anyhow!("--allow-location: {e}"))?;
+        allow.allow(&self.store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        tracing::info!(addr = %addr, store = %self.store, tls = self.tls_cert.is_some(),
+            allowed = ?self.allow_locations, "starting");
         Ok(ServerConfig {
             addr,
             store: self.store,
@@ -112,6 +157,7 @@ impl ServiceArgs {
             tls_key: self.tls_key,
             max_concurrent_jobs: self.max_concurrent_jobs,
             metrics_addr: self.metrics_addr,
+            allow,
         })
     }
 }
@@ -140,7 +186,7 @@ pub async fn serve<S, F, Fut>(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()>
 where
-    F: FnOnce(distill_store::Location, usize) -> Fut,
+    F: FnOnce(Setup) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Started<S>>>,
     S: tonic::codegen::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
         + tonic::server::NamedService
@@ -162,7 +208,12 @@ where
     let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?.layer(crate::metrics::GrpcMetricsLayer);
     let (listener, local) = bind(cfg.addr).await?;
 
-    let Started { service, ready, jobs } = start(store.clone(), cfg.max_concurrent_jobs).await?;
+    let setup = Setup {
+        store: store.clone(),
+        max_concurrent_jobs: cfg.max_concurrent_jobs,
+        allow: std::sync::Arc::new(cfg.allow),
+    };
+    let Started { service, ready, jobs } = start(setup).await?;
     if let Some(addr) = cfg.metrics_addr {
         let bound = crate::metrics::serve(addr, jobs).await?;
         tracing::info!(addr = %bound, "metrics on /metrics");

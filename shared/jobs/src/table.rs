@@ -60,6 +60,36 @@ impl JobEntry {
     }
 }
 
+/// Attempts in a row without progress after which an unfinished job is not resumed again.
+pub const MAX_ATTEMPTS_WITHOUT_PROGRESS: u32 = 3;
+
+/// Counts the attempt that just ended (the service stopped while the job was unfinished); a job
+/// whose last attempts in a row did no work is ended FAILED instead of being resumed forever (a
+/// crash loop: each restart would run into the same abort). Returns whether it was stopped.
+fn stop_crash_loop(job: &mut Job) -> bool {
+    let done = job.progress.as_ref().map_or(0, |p| p.done);
+    if job.state() != JobState::Running {
+        // Stopped while waiting for a job slot: no attempt ran.
+        return false;
+    }
+    if done <= job.done_at_attempt_start {
+        job.attempts_without_progress += 1;
+    } else {
+        job.attempts_without_progress = 0;
+    }
+    if job.attempts_without_progress < MAX_ATTEMPTS_WITHOUT_PROGRESS {
+        return false;
+    }
+    job.set_state(JobState::Failed);
+    job.error = format!(
+        "not resumed: its last {} attempts ended with the service stopping or crashing before any \
+         work was done (at {done} {}); see the service's log",
+        job.attempts_without_progress,
+        job.progress.as_ref().map_or("", |p| p.unit.as_str())
+    );
+    true
+}
+
 pub struct Jobs {
     dir: Location,
     entries: Mutex<HashMap<String, Arc<JobEntry>>>,
@@ -83,15 +113,21 @@ impl Jobs {
                     continue;
                 }
             };
-            let unfinished = !job.state().is_terminal();
+            let unfinished = !job.state().is_terminal() && !stop_crash_loop(&mut job);
             if unfinished {
                 job.set_state(JobState::Queued);
                 job.resumes += 1;
             }
+            let stopped = job.state() == JobState::Failed && job.finished_at_ms == 0;
+            if stopped {
+                job.finished_at_ms = now_ms();
+            }
             let entry = JobEntry::new(job);
             jobs.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.id(), entry.clone());
-            if unfinished {
+            if unfinished || stopped {
                 jobs.persist(&entry).await?;
+            }
+            if unfinished {
                 resume.push(entry);
             }
         }
@@ -166,7 +202,10 @@ impl Jobs {
             j.set_state(state);
             j.error = error.to_string();
             match state {
-                JobState::Running => j.started_at_ms = now_ms(),
+                JobState::Running => {
+                    j.started_at_ms = now_ms();
+                    j.done_at_attempt_start = j.progress.as_ref().map_or(0, |p| p.done);
+                }
                 s if s.is_terminal() => j.finished_at_ms = now_ms(),
                 _ => {}
             }

@@ -7,6 +7,7 @@
 //!   it (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` /
 //!   `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`; plain `http://` endpoints are allowed).
 
+pub mod access;
 pub mod hub;
 
 use bytes::Bytes;

@@ -92,12 +92,15 @@ struct Service {
     addr: String,
 }
 
-async fn start_service(bin: &Path, store: &Path, log: &Path, device: &str) -> anyhow::Result<Service> {
+/// Starts a service on loopback, allowed to use the `allow` directories besides its store.
+async fn start_service(bin: &Path, store: &Path, log: &Path, device: &str, allow: &[&Path]) -> anyhow::Result<Service> {
     let log_file = std::fs::File::create(log).map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
-    let mut child = tokio::process::Command::new(bin)
-        .args(["--addr", "127.0.0.1:0", "--store"])
-        .arg(store)
-        .args(["--device", device])
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["--addr", "127.0.0.1:0", "--store"]).arg(store).args(["--device", device]);
+    for dir in allow {
+        cmd.arg("--allow-location").arg(dir);
+    }
+    let mut child = cmd
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -335,10 +338,13 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     }
 
     step(4, of, "starting the teacher and trainer services", t0);
+    // The services may use the demo's work directory, the bundled data and the weights, nothing else.
+    let allow = [work.as_path(), data.as_path(), minilm.as_path()];
+    let log = |name: &str| work.join(format!("logs/{name}.log"));
     let teacher_svc =
-        start_service(&teacher_bin, &work.join("store/teacher"), &work.join("logs/teacher.log"), &a.device).await?;
+        start_service(&teacher_bin, &work.join("store/teacher"), &log("teacher"), &a.device, &allow).await?;
     let trainer_svc =
-        start_service(&trainer_bin, &work.join("store/trainer"), &work.join("logs/trainer.log"), &a.device).await?;
+        start_service(&trainer_bin, &work.join("store/trainer"), &log("trainer"), &a.device, &allow).await?;
     eprintln!(
         "teacher at {}, trainer at {} (logs in {})",
         teacher_svc.addr,

@@ -199,8 +199,13 @@ impl Client {
         };
         let status = response.status();
         let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(parse_retry_after);
-        let text = match response.text().await {
-            Ok(t) => t,
+        let text = match read_capped(response, MAX_ANSWER_BYTES).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                add(&self.counters.malformed_answers, 1);
+                let reason = format!("{url}: answer larger than {MAX_ANSWER_BYTES} bytes");
+                return Err(Ok(Failure { reason, retry_after: None }));
+            }
             Err(e) => return Err(Ok(self.transport_failure(&url, e))),
         };
         if status.is_success() {
@@ -257,11 +262,31 @@ fn backoff(cfg: &ClientConfig, retry: u32) -> Duration {
     half + half.mul_f64(rand::rng().random::<f64>())
 }
 
+/// The largest answer read from an endpoint; a longer one is a failed attempt (an LLM's answer to
+/// one window is a few kilobytes).
+pub const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+/// The body as text, or None once it grows past `max` bytes (read no further).
+async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Option<String>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// Retry-After as seconds or as an HTTP date; capped at 10 minutes.
 fn parse_retry_after(v: &reqwest::header::HeaderValue) -> Option<Duration> {
     let s = v.to_str().ok()?.trim();
     let d = match s.parse::<f64>() {
-        Ok(secs) if secs >= 0.0 => Duration::from_secs_f64(secs),
+        // Clamped before the conversion: from_secs_f64 panics past u64 seconds (`Retry-After: 1e20`).
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs.min(600.0)),
         _ => httpdate::parse_http_date(s).ok()?.duration_since(std::time::SystemTime::now()).unwrap_or_default(),
     };
     Some(d.min(Duration::from_secs(600)))
@@ -286,6 +311,9 @@ mod tests {
         assert_eq!(parse_retry_after(&h("Wed, 21 Oct 2015 07:28:00 GMT")), Some(Duration::ZERO));
         assert_eq!(parse_retry_after(&h("99999")), Some(Duration::from_secs(600)));
         assert_eq!(parse_retry_after(&h("soon")), None);
+        assert_eq!(parse_retry_after(&h("1e20")), Some(Duration::from_secs(600)), "no panic past u64 seconds");
+        assert_eq!(parse_retry_after(&h("inf")), None);
+        assert_eq!(parse_retry_after(&h("NaN")), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Requests, retries, backoff, the answer cache and the counters are the client's (`client.rs`).
 
 pub mod client;
+pub mod endpoints;
 pub mod local;
 pub mod prompts;
 
@@ -35,6 +36,8 @@ pub struct TeacherContext {
     pub api_key: Option<String>,
     /// Where model teachers run (the service's `--device`; None: the CPU).
     pub device: Option<candle_core::Device>,
+    /// The LLM endpoints the operator configured (the only ones requests may use).
+    pub endpoints: std::sync::Arc<endpoints::Endpoints>,
 }
 
 impl TeacherContext {
@@ -59,8 +62,9 @@ pub fn mode_of(spec: &LlmReranker) -> LlmMode {
     LlmMode::try_from(spec.mode).unwrap_or(LlmMode::Unspecified)
 }
 
-/// Checks an LLM teacher spec before a job is created.
-pub fn validate(spec: &LlmReranker) -> Result<(), Error> {
+/// Checks an LLM teacher spec before a job is created: its endpoint must be one the operator
+/// configured.
+pub fn validate(spec: &LlmReranker, endpoints: &endpoints::Endpoints) -> Result<(), Error> {
     let bad = |field: &str, why: &str| Err(Error::InvalidArgument(format!("teacher.llm.{field}: {why}")));
     let mode = mode_of(spec);
     if mode == LlmMode::Unspecified {
@@ -78,15 +82,7 @@ pub fn validate(spec: &LlmReranker) -> Result<(), Error> {
         return bad("stride", &format!("{} is larger than the window ({window})", spec.stride));
     }
     let endpoint = spec.endpoint.clone().unwrap_or_default();
-    if endpoint.base_url.is_empty() && env("DISTILL_LLM_BASE_URL").is_none() && env("OPENAI_BASE_URL").is_none() {
-        return bad("endpoint.base_url", "empty, and neither DISTILL_LLM_BASE_URL nor OPENAI_BASE_URL is set");
-    }
-    if !endpoint.base_url.is_empty() {
-        match url::Url::parse(&endpoint.base_url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-            _ => return bad("endpoint.base_url", &format!("{:?} is not an http(s) URL", endpoint.base_url)),
-        }
-    }
+    endpoints.resolve(&endpoint)?;
     if endpoint.model.is_empty() && env("DISTILL_LLM_MODEL").is_none() {
         return bad("endpoint.model", "empty, and DISTILL_LLM_MODEL is not set");
     }
@@ -123,17 +119,18 @@ pub struct LlmTeacher {
 
 impl LlmTeacher {
     pub async fn build(spec: &LlmReranker, ctx: &TeacherContext) -> Result<Self, Error> {
-        validate(spec)?;
+        validate(spec, &ctx.endpoints)?;
         let endpoint = spec.endpoint.clone().unwrap_or_default();
-        let base_url = if endpoint.base_url.is_empty() {
-            env("DISTILL_LLM_BASE_URL").or_else(|| env("OPENAI_BASE_URL")).expect("validated")
+        let configured = ctx.endpoints.resolve(&endpoint)?;
+        let base_url = configured.url.clone();
+        let model = if endpoint.model.is_empty() {
+            env("DISTILL_LLM_MODEL")
+                .ok_or_else(|| Error::InvalidArgument("teacher.llm.endpoint.model: empty".into()))?
         } else {
-            endpoint.base_url.clone()
+            endpoint.model
         };
-        let model =
-            if endpoint.model.is_empty() { env("DISTILL_LLM_MODEL").expect("validated") } else { endpoint.model };
-        let key_env = if endpoint.api_key_env.is_empty() { "OPENAI_API_KEY".to_string() } else { endpoint.api_key_env };
-        let api_key = ctx.api_key.clone().filter(|k| !k.is_empty()).or_else(|| env(&key_env));
+        // The client's own key (sent only to this configured endpoint), else the operator's.
+        let api_key = ctx.api_key.clone().filter(|k| !k.is_empty()).or_else(|| configured.key().map(String::from));
         let cache = if spec.no_cache {
             None
         } else if !spec.cache_uri.is_empty() {
