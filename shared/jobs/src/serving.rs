@@ -176,8 +176,21 @@ pub struct Started<S> {
     pub jobs: std::sync::Arc<crate::table::Jobs>,
 }
 
+/// Reflection describing what this port serves: `service`, health and reflection itself (the
+/// descriptor set holds both services' protos; the other service is not listed).
+fn reflection_of(service: &str) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(distill_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+}
+
 /// Serves one job service with gRPC health (NOT_SERVING until `start` has loaded the job table
-/// and resumed unfinished jobs and its `Ready` has resolved, then SERVING) and reflection, both
+/// and resumed unfinished jobs and its `Ready` has resolved, then SERVING) and reflection (v1 and
+/// v1alpha, for older clients such as grpcurl 1.8), both
 /// behind the bearer-token check (health excepted), until `shutdown` resolves. Prints
 /// `listening on <addr>` once bound.
 pub async fn serve<S, F, Fut>(
@@ -200,10 +213,8 @@ where
     let store = distill_store::Location::parse(&cfg.store)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::NotServing).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(distill_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = reflection_of(S::NAME).build_v1()?;
+    let reflection_alpha = reflection_of(S::NAME).build_v1alpha()?;
     let auth = crate::auth::BearerAuth::new(cfg.auth_token.clone());
     let mut builder = builder(cfg.tls_cert.as_deref(), cfg.tls_key.as_deref())?.layer(crate::metrics::GrpcMetricsLayer);
     let (listener, local) = bind(cfg.addr).await?;
@@ -222,6 +233,8 @@ where
     let service = InterceptedService::new(service, move |r| check.check(r));
     let check = auth.clone();
     let reflection = InterceptedService::new(reflection, move |r| check.check(r));
+    let check = auth.clone();
+    let reflection_alpha = InterceptedService::new(reflection_alpha, move |r| check.check(r));
     if ready.is_none() {
         health_reporter.set_service_status(S::NAME, tonic_health::ServingStatus::Serving).await;
     }
@@ -231,6 +244,7 @@ where
     let serving = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown);
     let Some(ready) = ready else {
