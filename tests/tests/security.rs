@@ -166,7 +166,7 @@ fn run_grpcurl(token: &str, data: Option<&str>, addr: &str, what: &[&str]) -> (b
 async fn reflection_clients_of_both_versions_see_only_this_ports_services() {
     let state = tempfile::tempdir().unwrap();
     let token = ("DISTILL_AUTH_TOKEN", "reflect-token".to_string());
-    let teacher = Service::teacher(state.path().join("t"), &[], &[token.clone()]);
+    let teacher = Service::teacher(state.path().join("t"), &[], std::slice::from_ref(&token));
     let trainer = Service::trainer(state.path().join("s"), &[], &[token]);
 
     // The README's grpcurl commands, with grpcurl 1.8.6 (reflection v1alpha).
