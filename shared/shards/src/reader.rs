@@ -84,6 +84,25 @@ pub async fn fetch_verified(loc: &Location, shard: &ShardInfo) -> Result<Bytes> 
     Ok(bytes)
 }
 
+/// Every column chunk the footer names lies inside the file: the parquet crate panics on a
+/// negative offset or size while reading (found by fuzzing a mutated shard, fuzz/corpus/shard).
+fn check_column_chunks(meta: &parquet::file::metadata::ParquetMetaData, len: u64) -> Result<(), String> {
+    for (g, group) in meta.row_groups().iter().enumerate() {
+        for (c, col) in group.columns().iter().enumerate() {
+            let start = col.dictionary_page_offset().unwrap_or_else(|| col.data_page_offset());
+            let size = col.compressed_size();
+            let inside =
+                start >= 0 && size >= 0 && (start as u64).checked_add(size as u64).is_some_and(|end| end <= len);
+            if !inside {
+                return Err(format!(
+                    "row group {g}, column {c}: chunk at {start} of {size} bytes is outside the file ({len} bytes)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Decodes a fetched shard of `layout` into batches of at most `batch_size` rows.
 pub fn decode(
     loc: &Location,
@@ -93,14 +112,47 @@ pub fn decode(
     batch_size: usize,
 ) -> Result<impl Iterator<Item = Result<RecordBatch>> + Send + 'static> {
     let uri = loc.uri_of(&shard.path);
+    let len = bytes.len() as u64;
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
         .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
     schema::check(layout, builder.schema()).map_err(|message| ShardError::Invalid { uri: uri.clone(), message })?;
+    check_column_chunks(builder.metadata(), len)
+        .map_err(|message| ShardError::Invalid { uri: uri.clone(), message })?;
     let reader = builder
         .with_batch_size(batch_size)
         .build()
         .map_err(|source| ShardError::Parquet { uri: uri.clone(), source })?;
-    Ok(reader.map(move |b| b.map_err(|source| ShardError::Arrow { uri: uri.clone(), source })))
+    Ok(Contained { inner: Some(reader), uri })
+}
+
+/// The batches of a Parquet reader, with a panic inside it turned into an error that ends the
+/// shard: the parquet crate (60.1) panics on some malformed pages (a division by zero for a page
+/// that claims no values; found by fuzzing, fuzz/corpus/shard), and a shard is untrusted input.
+struct Contained<I> {
+    inner: Option<I>,
+    uri: String,
+}
+
+impl<I: Iterator<Item = std::result::Result<RecordBatch, arrow::error::ArrowError>>> Iterator for Contained<I> {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let inner = self.inner.as_mut()?;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.next())) {
+            Ok(batch) => batch.map(|b| b.map_err(|source| ShardError::Arrow { uri: self.uri.clone(), source })),
+            Err(panic) => {
+                // The reader's state is unknown after a panic: nothing more is read from it.
+                self.inner = None;
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                let message = format!("the Parquet reader failed on this file: {why}");
+                Some(Err(ShardError::Invalid { uri: self.uri.clone(), message }))
+            }
+        }
+    }
 }
 
 /// What [`GrowingDataset::shard`] found.

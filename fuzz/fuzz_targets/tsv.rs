@@ -1,0 +1,7 @@
+//! Fuzz target `tsv`: see `bodies::tsv`.
+#![no_main]
+#[path = "../bodies.rs"]
+#[allow(dead_code)]
+mod bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::tsv(data));
