@@ -58,12 +58,22 @@ fn locations(spec: &LabelingSpec) -> (Fields<'_>, Fields<'_>) {
     (places, models)
 }
 
+impl Grants {
+    /// A location a request names (empty fields are left to validation).
+    pub fn location(&self, field: &str, uri: &str) -> Result<(), Error> {
+        if uri.trim().is_empty() {
+            return Ok(());
+        }
+        self.allow.check(uri).map_err(|e| denied(field, e))
+    }
+}
+
 /// Refuses a spec that names a location or endpoint the operator did not allow
 /// (PERMISSION_DENIED naming the field). Empty fields are left to validation.
 pub fn check(spec: &LabelingSpec, grants: &Grants) -> Result<(), Error> {
     let (places, models) = locations(spec);
-    for (field, uri) in places.into_iter().filter(|(_, u)| !u.trim().is_empty()) {
-        grants.allow.check(uri).map_err(|e| denied(&field, e))?;
+    for (field, uri) in places {
+        grants.location(&field, uri)?;
     }
     for (field, model) in models.into_iter().filter(|(_, u)| !u.trim().is_empty()) {
         grants.allow.check_model(model).map_err(|e| denied(&field, e))?;

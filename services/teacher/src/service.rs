@@ -118,8 +118,7 @@ impl TeacherState {
             return Err(Error::Internal("not a labelling job".into()));
         };
         access::check(spec, &self.grants)?;
-        let output = distill_proto::LabelingSpec { output_uri: job.output_uri.clone(), ..Default::default() };
-        access::check(&output, &self.grants)?;
+        self.grants.location("output_uri", &job.output_uri)?;
         let ctx = TeacherContext {
             store: Some(self.store.clone()),
             api_key: self.secret(&job.id).await,

@@ -118,11 +118,8 @@ impl Endpoints {
         let denied = |what: String| Err(Error::PermissionDenied(format!("teacher.llm.endpoint.{what}")));
         let wanted = requested.base_url.trim();
         let found = if wanted.is_empty() {
-            self.list.iter().find(|e| e.name == "default").or(if self.list.len() == 1 {
-                self.list.first()
-            } else {
-                None
-            })
+            let only = (self.list.len() == 1).then(|| &self.list[0]);
+            self.list.iter().find(|e| e.name == "default").or(only)
         } else {
             self.list.iter().find(|e| e.name == wanted || e.url == normalise(wanted))
         };
