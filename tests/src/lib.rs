@@ -26,6 +26,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// A running service process, killed (SIGKILL) when dropped.
+pub mod compose;
 pub mod llm_server;
 
 pub struct Service {

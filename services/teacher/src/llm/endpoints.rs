@@ -75,7 +75,8 @@ impl Endpoints {
     /// environment's `default` endpoint.
     pub fn configure(endpoints: &[String], keys: &[String]) -> anyhow::Result<Self> {
         let mut list = Vec::new();
-        for entry in endpoints {
+        // An empty item is none: DISTILL_LLM_ENDPOINTS="" (compose's default) names no endpoint.
+        for entry in endpoints.iter().filter(|e| !e.trim().is_empty()) {
             let (name, url) =
                 entry.split_once('=').ok_or_else(|| anyhow::anyhow!("--llm-endpoint {entry:?}: NAME=URL expected"))?;
             let name = name.trim();
@@ -94,7 +95,7 @@ impl Endpoints {
                 });
             }
         }
-        for entry in keys {
+        for entry in keys.iter().filter(|e| !e.trim().is_empty()) {
             let (name, source) =
                 entry.split_once('=').ok_or_else(|| anyhow::anyhow!("--llm-key {entry:?}: NAME=env:VAR expected"))?;
             let endpoint = list
@@ -167,6 +168,13 @@ mod tests {
         assert!(matches!(eps.resolve(&ask("local", "HOME")), Err(Error::PermissionDenied(_))));
         assert!(eps.resolve(&ask("openai", "DISTILL_TEST_LLM_KEY_A")).is_ok(), "its own variable");
         assert!(format!("{eps:?}").contains("key: set") && !format!("{eps:?}").contains("sk-a"));
+    }
+
+    #[test]
+    fn an_empty_list_names_no_endpoint() {
+        // DISTILL_LLM_ENDPOINTS="" as docker-compose.yml passes it when the user sets nothing.
+        let eps = Endpoints::configure(&["".into()], &[" ".into()]).unwrap();
+        assert!(matches!(eps.resolve(&ask("local", "")), Err(Error::PermissionDenied(_))));
     }
 
     #[test]
