@@ -17,3 +17,5 @@ echo "docker-compose.yml: valid (and refuses to start without DISTILL_AUTH_TOKEN
 "$compose" -f docker-compose.yml -f docker-compose.gpu.yml config -q
 echo "docker-compose.yml + docker-compose.gpu.yml: valid"
 "$(dirname "$py")/kubernetes-validate" --strict k8s/*.yaml
+# What the schemas cannot say: non-root read-only pods, probes, limits, no two pods on one store.
+"$py" scripts/check-k8s.py k8s/*.yaml
