@@ -413,3 +413,26 @@ impl Fixture {
         }
     }
 }
+
+/// A labelling of `f` by its first stage into triples written in shards of 6 rows: a job long
+/// enough to kill its service in the middle (tests of resumes and replicas).
+pub fn tiny_shards_spec(f: &Fixture, output: &str, seed: u64, name: &str) -> distill_proto::LabelingSpec {
+    use distill_proto as pb;
+    pb::LabelingSpec {
+        source: Some(f.trec_source(true)),
+        sampling: Some(pb::Sampling {
+            depth: 20,
+            negatives_per_query: 3,
+            positives_from_qrels: true,
+            seed,
+            ..Default::default()
+        }),
+        layout: pb::OutputLayout::Triples as i32,
+        teacher: Some(pb::TeacherSpec {
+            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
+        }),
+        output_uri: output.to_string(),
+        shards: Some(pb::ShardOptions { rows_per_shard: 6, bytes_per_shard: 0 }),
+        name: name.into(),
+    }
+}

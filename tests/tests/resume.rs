@@ -8,24 +8,7 @@ use futures::TryStreamExt;
 use std::time::{Duration, Instant};
 
 fn spec(f: &Fixture, output: &str) -> pb::LabelingSpec {
-    pb::LabelingSpec {
-        source: Some(f.trec_source(true)),
-        sampling: Some(pb::Sampling {
-            depth: 20,
-            negatives_per_query: 3,
-            positives_from_qrels: true,
-            seed: 11,
-            ..Default::default()
-        }),
-        layout: pb::OutputLayout::Triples as i32,
-        teacher: Some(pb::TeacherSpec {
-            teacher: Some(pb::teacher_spec::Teacher::FirstStage(pb::FirstStageTeacher {})),
-        }),
-        output_uri: output.to_string(),
-        // Tiny shards make the job long enough to be killed in the middle.
-        shards: Some(pb::ShardOptions { rows_per_shard: 6, bytes_per_shard: 0 }),
-        name: "resume-test".into(),
-    }
+    tiny_shards_spec(f, output, 11, "resume-test")
 }
 
 async fn rows(uri: &str) -> (distill_shards::Manifest, Vec<TripleRow>) {

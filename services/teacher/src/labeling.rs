@@ -139,7 +139,8 @@ pub async fn run(
     jobs.log(entry, "info", format!("{total} queries; loading teacher"));
     let teacher = teachers::build(&teacher_spec, ctx).await?;
 
-    let opened = DatasetWriter::open(output.clone(), layout, teacher.identity(), writer_options(spec), job_id).await;
+    let opts = WriterOptions { attempt: entry.snapshot().resumes, ..writer_options(spec) };
+    let opened = DatasetWriter::open(output.clone(), layout, teacher.identity(), opts, job_id).await;
     let (mut writer, resume) = match opened {
         Ok(w) => w,
         // Committed by this job before a restart could record it: the work is done.

@@ -41,7 +41,7 @@ impl Teacher {
         device: candle_core::Device,
         endpoints: crate::llm::endpoints::Endpoints,
     ) -> Result<Self, Error> {
-        let (jobs, resume) = Jobs::load(setup.store.child("jobs")).await?;
+        let (jobs, resume) = Jobs::load(setup.store.child("jobs"), setup.replica.clone()).await?;
         let state = Arc::new(TeacherState {
             jobs,
             store: setup.store,
@@ -55,6 +55,9 @@ impl Teacher {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
         }
+        // Jobs of replicas that stopped renewing their leases, taken over.
+        let service = Arc::downgrade(&state);
+        state.jobs.keep(move |entry| service.upgrade().map(|s| s.spawn(entry)).is_some());
         Ok(Self(state))
     }
 
@@ -187,13 +190,13 @@ impl TeacherService for Teacher {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.0.jobs.get(&request.into_inner().id)?.snapshot()))
+        Ok(Response::new(self.0.jobs.find(&request.into_inner().id).await?.snapshot()))
     }
 
     type WatchJobStream = distill_jobs::EventStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        Ok(Response::new(distill_jobs::watch(self.0.jobs.get(&request.into_inner().id)?)))
+        Ok(Response::new(distill_jobs::watch(self.0.jobs.find(&request.into_inner().id).await?)))
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {

@@ -44,7 +44,7 @@ impl Trainer {
         device: candle_core::Device,
         teachers: crate::teacher_link::TeacherLinks,
     ) -> Result<Self, Error> {
-        let (jobs, resume) = Jobs::load(setup.store.child("jobs")).await?;
+        let (jobs, resume) = Jobs::load(setup.store.child("jobs"), setup.replica.clone()).await?;
         let permits = Arc::new(Semaphore::new(setup.max_concurrent_jobs.max(1)));
         let grants = Grants { allow: setup.allow, teachers };
         let state = Arc::new(TrainerState { jobs, store: setup.store, permits, device, grants });
@@ -52,6 +52,9 @@ impl Trainer {
             tracing::info!(job = %entry.id(), "resuming job after restart");
             state.clone().spawn(entry);
         }
+        // Jobs of replicas that stopped renewing their leases, taken over.
+        let service = Arc::downgrade(&state);
+        state.jobs.keep(move |entry| service.upgrade().map(|s| s.spawn(entry)).is_some());
         Ok(Self(state))
     }
 }
@@ -230,13 +233,13 @@ impl TrainerService for Trainer {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.0.jobs.get(&request.into_inner().id).map_err(Error::from)?.snapshot()))
+        Ok(Response::new(self.0.jobs.find(&request.into_inner().id).await.map_err(Error::from)?.snapshot()))
     }
 
     type WatchJobStream = distill_jobs::EventStream;
 
     async fn watch_job(&self, request: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        Ok(Response::new(distill_jobs::watch(self.0.jobs.get(&request.into_inner().id).map_err(Error::from)?)))
+        Ok(Response::new(distill_jobs::watch(self.0.jobs.find(&request.into_inner().id).await.map_err(Error::from)?)))
     }
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {

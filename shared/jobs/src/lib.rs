@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod bounds;
 pub mod faults;
+pub mod lease;
 pub mod metrics;
 pub mod serving;
 pub mod table;
@@ -23,6 +24,8 @@ use tonic::Status;
 pub enum JobsError {
     #[error("job '{0}' not found")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] distill_store::StoreError),
 }
@@ -31,6 +34,7 @@ impl From<JobsError> for Status {
     fn from(e: JobsError) -> Self {
         match e {
             JobsError::NotFound(_) => Status::not_found(e.to_string()),
+            JobsError::Conflict(_) => Status::aborted(e.to_string()),
             JobsError::Store(_) => Status::internal(e.to_string()),
         }
     }
@@ -98,11 +102,14 @@ pub fn watch(entry: Arc<JobEntry>) -> EventStream {
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
 }
 
-/// `CancelJob`: a queued job is cancelled at once, a running one at its next check.
+/// `CancelJob`: a queued job is cancelled at once, a running one at its next check; one that
+/// another replica runs, when that replica reads the request (within a sync period).
 pub async fn cancel(jobs: &Jobs, id: &str) -> Result<Job, JobsError> {
-    let entry = jobs.get(id)?;
+    let entry = jobs.find(id).await?;
     let job = entry.snapshot();
-    if !job.state().is_terminal() {
+    if !job.state().is_terminal() && !jobs.holds(&entry) {
+        jobs.request_cancel(&entry).await?;
+    } else if !job.state().is_terminal() {
         entry.cancel.cancel();
         if job.state() == JobState::Queued {
             jobs.set_state(&entry, JobState::Cancelled, "").await;

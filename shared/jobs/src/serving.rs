@@ -88,6 +88,18 @@ pub struct ServiceArgs {
     /// start jobs). Without it, such a service refuses to start.
     #[arg(long, env = "DISTILL_INSECURE")]
     pub insecure: bool,
+    /// This replica's name among the services sharing the store (default: the host name, e.g. a
+    /// pod's name): unique per running process, kept across its restarts.
+    #[arg(long, env = "DISTILL_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds a job's lease lasts unless its replica renews it (every third of it); a replica
+    /// that died leaves its jobs to the others after this long.
+    #[arg(long, env = "DISTILL_LEASE_TTL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub lease_ttl: u64,
+    /// No other replica uses this store: run without leases (for a store that cannot do
+    /// conditional writes; the service refuses such a store otherwise).
+    #[arg(long, env = "DISTILL_SINGLE_REPLICA")]
+    pub single_replica: bool,
 }
 
 /// What a service is started with, secrets resolved.
@@ -101,6 +113,8 @@ pub struct ServerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// The locations requests may use: the operator's `--allow-location` entries and the store.
     pub allow: distill_store::access::AllowList,
+    /// Who this replica is, for job leases; `None` with `--single-replica`.
+    pub replica: Option<crate::lease::Replica>,
 }
 
 /// The largest gRPC request a service decodes (a `Score` request of many pairs; job specs are
@@ -114,6 +128,8 @@ pub struct Setup {
     pub store: distill_store::Location,
     pub max_concurrent_jobs: usize,
     pub allow: std::sync::Arc<distill_store::access::AllowList>,
+    /// Who this replica is, for job leases; `None`: the store's only replica.
+    pub replica: Option<crate::lease::Replica>,
 }
 
 /// Refuses a service that anyone reaching its port could use: a non-loopback address without a
@@ -158,6 +174,8 @@ impl ServiceArgs {
             max_concurrent_jobs: self.max_concurrent_jobs,
             metrics_addr: self.metrics_addr,
             allow,
+            replica: (!self.single_replica)
+                .then(|| crate::lease::Replica::new(self.replica_id, std::time::Duration::from_secs(self.lease_ttl))),
         })
     }
 }
@@ -223,6 +241,7 @@ where
         store: store.clone(),
         max_concurrent_jobs: cfg.max_concurrent_jobs,
         allow: std::sync::Arc::new(cfg.allow),
+        replica: cfg.replica,
     };
     let Started { service, ready, jobs } = start(setup).await?;
     if let Some(addr) = cfg.metrics_addr {

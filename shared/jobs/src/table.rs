@@ -1,7 +1,10 @@
 //! The job table: every job's record, its event channel and its cancellation token. Records are
 //! persisted as `jobs/<id>.pb` (the `Job` message) in the service's store, so that a restarted
-//! service knows its jobs and resumes the unfinished ones.
+//! service knows its jobs and resumes the unfinished ones. Replicas sharing a store each run the
+//! jobs whose lease they hold ([`crate::lease`]) and see the others' jobs through their records,
+//! re-read every [`SYNC_PERIOD`]; a job whose holder stopped renewing is taken over.
 
+use crate::lease::{Leases, Replica};
 use crate::JobsError as Error;
 use bytes::Bytes;
 use distill_proto::{job_event, Job, JobEvent, JobKind, JobSpec, JobState, LogLine, Metric, Progress, StateChange};
@@ -9,8 +12,12 @@ use distill_store::Location;
 use prost::Message;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+
+/// How often a replica re-reads the records (other replicas' jobs, cancel requests, expired leases).
+pub const SYNC_PERIOD: Duration = Duration::from_secs(2);
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -23,17 +30,35 @@ pub struct JobEntry {
     pub cancel: CancellationToken,
     /// Serialises writes of the record so an older snapshot never overwrites a newer one.
     persist_lock: tokio::sync::Mutex<()>,
+    /// The lease term this replica holds for the job and when it expires; `None` when another
+    /// replica runs it (or it is over). Without leases (one replica) every job is held.
+    lease: Mutex<Option<(u64, i64)>>,
 }
 
 impl JobEntry {
     fn new(job: Job) -> Arc<Self> {
         let (events, _) = broadcast::channel(1024);
+        Self::with_events(job, events, None)
+    }
+
+    /// An entry whose watchers are those of `events` (a job taken back after it was lost gets a
+    /// fresh cancellation token, its watchers stay).
+    fn with_events(job: Job, events: broadcast::Sender<JobEvent>, lease: Option<(u64, i64)>) -> Arc<Self> {
         Arc::new(Self {
             job: Mutex::new(job),
             events,
             cancel: CancellationToken::new(),
             persist_lock: Default::default(),
+            lease: Mutex::new(lease),
         })
+    }
+
+    fn lease(&self) -> Option<(u64, i64)> {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_lease(&self, lease: Option<(u64, i64)>) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = lease;
     }
 
     pub fn snapshot(&self) -> Job {
@@ -93,46 +118,226 @@ fn stop_crash_loop(job: &mut Job) -> bool {
 pub struct Jobs {
     dir: Location,
     entries: Mutex<HashMap<String, Arc<JobEntry>>>,
+    /// `None`: this service is the store's only replica (`--single-replica`), every job is its own.
+    leases: Option<Leases>,
 }
 
 impl Jobs {
     /// Loads the job records under `dir`. Returns the table and the jobs to resume (those that were
-    /// queued or running when the service stopped), already marked QUEUED with `resumes` counted.
-    pub async fn load(dir: Location) -> Result<(Arc<Self>, Vec<Arc<JobEntry>>), Error> {
-        let jobs = Arc::new(Self { dir: dir.clone(), entries: Mutex::new(HashMap::new()) });
+    /// queued or running when the service stopped and whose lease this replica got), already
+    /// marked QUEUED with `resumes` counted. With `replica`, first checks that the store keeps
+    /// put-if-absent writes (leases need them).
+    pub async fn load(dir: Location, replica: Option<Replica>) -> Result<(Arc<Self>, Vec<Arc<JobEntry>>), Error> {
+        let leases = replica.map(|r| Leases::new(&dir, r));
+        if let Some(l) = &leases {
+            l.check_store().await?;
+        }
+        let jobs = Arc::new(Self { dir: dir.clone(), entries: Mutex::new(HashMap::new()), leases });
         let mut resume = Vec::new();
-        for name in dir.list("").await? {
-            if !name.ends_with(".pb") {
-                continue;
-            }
-            let bytes = dir.get(&name).await?;
-            let mut job = match Job::decode(bytes) {
-                Ok(job) => job,
-                Err(e) => {
-                    tracing::error!(record = %dir.uri_of(&name), error = %e, "unreadable job record skipped");
-                    continue;
-                }
-            };
-            let unfinished = !job.state().is_terminal() && !stop_crash_loop(&mut job);
-            if unfinished {
-                job.set_state(JobState::Queued);
-                job.resumes += 1;
-            }
-            let stopped = job.state() == JobState::Failed && job.finished_at_ms == 0;
-            if stopped {
-                job.finished_at_ms = now_ms();
-            }
-            let entry = JobEntry::new(job);
-            jobs.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.id(), entry.clone());
-            if unfinished || stopped {
-                jobs.persist(&entry).await?;
-            }
-            if unfinished {
-                resume.push(entry);
+        for id in jobs.record_ids().await? {
+            if let Some(job) = jobs.read_record(&id).await? {
+                resume.extend(jobs.adopt(job).await?);
             }
         }
         resume.sort_by_key(|e| e.snapshot().created_at_ms);
         Ok((jobs, resume))
+    }
+
+    /// The ids of the records under the table's directory.
+    async fn record_ids(&self) -> Result<Vec<String>, Error> {
+        let names = self.dir.list("").await?;
+        Ok(names.iter().filter_map(|n| n.strip_suffix(".pb")).map(String::from).collect())
+    }
+
+    /// A job's record as stored; `None` when it is unreadable (logged) or gone.
+    async fn read_record(&self, id: &str) -> Result<Option<Job>, Error> {
+        let name = format!("{id}.pb");
+        let bytes = match self.dir.get(&name).await {
+            Ok(b) => b,
+            Err(distill_store::StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match Job::decode(bytes) {
+            Ok(job) => Ok(Some(job)),
+            Err(e) => {
+                tracing::error!(record = %self.dir.uri_of(&name), error = %e, "unreadable job record skipped");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes a stored record into the table. An unfinished job whose lease this replica gets is
+    /// prepared to run here (returned); any other is shown as its record says.
+    async fn adopt(&self, mut job: Job) -> Result<Option<Arc<JobEntry>>, Error> {
+        let held = self.get(&job.id).ok().filter(|e| e.lease().is_some());
+        if held.is_some() {
+            return Ok(None); // running here: this replica's copy is the newest
+        }
+        let lease = match (job.state().is_terminal(), &self.leases) {
+            (true, _) => None,
+            (false, None) => Some((0, i64::MAX)),
+            (false, Some(l)) => l.claim(&job.id).await?.map(|t| (t, now_ms() + l.replica.ttl.as_millis() as i64)),
+        };
+        let Some(lease) = lease else {
+            self.show(job);
+            return Ok(None);
+        };
+        let unfinished = !stop_crash_loop(&mut job);
+        if unfinished {
+            job.set_state(JobState::Queued);
+            job.resumes += 1;
+        } else if job.finished_at_ms == 0 {
+            job.finished_at_ms = now_ms();
+        }
+        let events = self.get(&job.id).map(|e| e.events.clone()).unwrap_or_else(|_| broadcast::channel(1024).0);
+        let entry = JobEntry::with_events(job, events, Some(lease));
+        self.insert(entry.clone());
+        self.persist(&entry).await?;
+        if !unfinished {
+            self.release(&entry).await;
+            return Ok(None);
+        }
+        Ok(Some(entry))
+    }
+
+    /// Shows another replica's job (or a finished one) as its record says, telling watchers
+    /// what changed.
+    fn show(&self, job: Job) {
+        let Ok(entry) = self.get(&job.id) else {
+            self.insert(JobEntry::new(job));
+            return;
+        };
+        let before = entry.snapshot();
+        entry.update(|j| *j = job.clone());
+        if before.state != job.state || before.error != job.error {
+            let change = StateChange { state: job.state, error: job.error.clone() };
+            entry.emit(&job.id, job_event::Event::State(change));
+        }
+        if before.progress != job.progress {
+            entry.emit(&job.id, job_event::Event::Progress(job.progress.clone().unwrap_or_default()));
+        }
+    }
+
+    fn insert(&self, entry: Arc<JobEntry>) {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(entry.id(), entry);
+    }
+
+    /// Whether this replica runs `entry`'s job (holds its lease).
+    pub fn holds(&self, entry: &JobEntry) -> bool {
+        entry.lease().is_some()
+    }
+
+    /// Ends this replica's lease of a finished job.
+    async fn release(&self, entry: &JobEntry) {
+        entry.set_lease(None);
+        if let Some(l) = &self.leases {
+            if let Err(e) = l.release(&entry.id()).await {
+                tracing::warn!(job = %entry.id(), error = %e, "lease of a finished job not released (it expires)");
+            }
+        }
+    }
+
+    /// Keeps this replica's leases and its view of the others' jobs current: every
+    /// [`SYNC_PERIOD`] it renews held leases that are a third through their term (a lease that
+    /// cannot be renewed before it expires is given up: the job is cancelled here and left to
+    /// whoever takes it), re-reads the records, passes cancel requests on to their jobs, and takes
+    /// over unfinished jobs whose lease expired, handing each to `run` (which returns false once
+    /// the service is gone, ending this).
+    pub fn keep(self: &Arc<Self>, run: impl Fn(Arc<JobEntry>) -> bool + Send + 'static) {
+        let jobs = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SYNC_PERIOD).await;
+                let Some(jobs) = jobs.upgrade() else { return };
+                if jobs.leases.is_none() {
+                    return;
+                }
+                jobs.renew_all().await;
+                let taken = match jobs.sync().await {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "job records not re-read (the store is unreachable?)");
+                        continue;
+                    }
+                };
+                for entry in taken {
+                    tracing::warn!(job = %entry.id(), "taking over a job another replica stopped running");
+                    if !run(entry) {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn renew_all(&self) {
+        let Some(leases) = &self.leases else { return };
+        let ttl = leases.replica.ttl.as_millis() as i64;
+        let held: Vec<_> = self.entries.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for entry in held {
+            let Some((term, expires)) = entry.lease() else { continue };
+            if expires - now_ms() > ttl * 2 / 3 {
+                continue;
+            }
+            match leases.renew(&entry.id(), term).await {
+                Ok(Some(next)) => entry.set_lease(Some((next, now_ms() + ttl))),
+                Ok(None) => self.lost(&entry, "another replica took it over"),
+                Err(e) if expires - now_ms() < ttl / 6 => self.lost(&entry, &format!("could not renew: {e}")),
+                Err(e) => tracing::warn!(job = %entry.id(), error = %e, "lease not renewed yet"),
+            }
+        }
+    }
+
+    /// This replica stops running `entry`'s job: no more writes of its record, its work cancelled.
+    fn lost(&self, entry: &JobEntry, why: &str) {
+        tracing::warn!(job = %entry.id(), why, "job lease lost: stopping the job here");
+        entry.set_lease(None);
+        entry.cancel.cancel();
+    }
+
+    /// Re-reads the records: other replicas' jobs shown as they are, cancel requests for jobs
+    /// held here obeyed, and the unfinished jobs this replica could claim returned.
+    async fn sync(&self) -> Result<Vec<Arc<JobEntry>>, Error> {
+        let names = self.dir.list("").await?;
+        for id in names.iter().filter_map(|n| n.strip_suffix(".cancel")) {
+            if let Ok(entry) = self.get(id) {
+                if self.holds(&entry) {
+                    crate::cancel(self, id).await?;
+                    self.dir.delete(&format!("{id}.cancel")).await?;
+                }
+            }
+        }
+        let mut taken = Vec::new();
+        for id in names.iter().filter_map(|n| n.strip_suffix(".pb")) {
+            if self.get(id).is_ok_and(|e| self.holds(&e)) {
+                continue;
+            }
+            if let Some(job) = self.read_record(id).await? {
+                taken.extend(self.adopt(job).await?);
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Asks the replica running `entry`'s job to cancel it (it reads the request within a sync).
+    pub async fn request_cancel(&self, entry: &JobEntry) -> Result<(), Error> {
+        self.dir.put(&format!("{}.cancel", entry.id()), Bytes::from_static(b"")).await?;
+        Ok(())
+    }
+
+    /// A job by id: from the table, else from the store (another replica's job created since the
+    /// last sync). Ids are the services' own (UUIDs): anything else is not found.
+    pub async fn find(&self, id: &str) -> Result<Arc<JobEntry>, Error> {
+        if let Ok(entry) = self.get(id) {
+            return Ok(entry);
+        }
+        let plausible = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if plausible {
+            if let Some(job) = self.read_record(id).await? {
+                self.show(job);
+            }
+        }
+        self.get(id)
     }
 
     /// Records a new QUEUED job.
@@ -153,7 +358,15 @@ impl Jobs {
             output_uri,
             ..Default::default()
         };
-        let entry = JobEntry::new(job);
+        let lease = match &self.leases {
+            None => Some((0, i64::MAX)),
+            Some(l) => l.claim(&id).await?.map(|t| (t, now_ms() + l.replica.ttl.as_millis() as i64)),
+        };
+        let Some(lease) = lease else {
+            return Err(Error::Conflict(format!("job {id}: another replica holds its lease")));
+        };
+        let (events, _) = broadcast::channel(1024);
+        let entry = JobEntry::with_events(job, events, Some(lease));
         self.persist(&entry).await?;
         self.entries.lock().unwrap_or_else(|e| e.into_inner()).insert(id, entry.clone());
         Ok(entry)
@@ -182,8 +395,14 @@ impl Jobs {
         jobs
     }
 
+    /// Writes the record, if this replica still holds the job (a replica that lost it must not
+    /// overwrite what the new holder writes).
     async fn persist(&self, entry: &JobEntry) -> Result<(), Error> {
         let _guard = entry.persist_lock.lock().await;
+        if !self.holds(entry) {
+            tracing::warn!(job = %entry.id(), "record not written: another replica holds the job now");
+            return Ok(());
+        }
         let job = entry.snapshot();
         self.dir.put(&format!("{}.pb", job.id), Bytes::from(job.encode_to_vec())).await?;
         Ok(())
@@ -198,6 +417,10 @@ impl Jobs {
     /// Moves a job to `state` (with `error` for FAILED), records the times, persists and tells
     /// the watchers.
     pub async fn set_state(&self, entry: &JobEntry, state: JobState, error: &str) {
+        if !self.holds(entry) {
+            tracing::info!(job = %entry.id(), state = ?state, "state not set: another replica holds the job");
+            return;
+        }
         let job = entry.update(|j| {
             j.set_state(state);
             j.error = error.to_string();
@@ -212,11 +435,17 @@ impl Jobs {
         });
         tracing::info!(job = %job.id, state = ?state, error, "job state");
         self.persist_logged(entry).await;
+        if state.is_terminal() {
+            self.release(entry).await;
+        }
         entry.emit(&job.id, job_event::Event::State(StateChange { state: state as i32, error: error.to_string() }));
     }
 
     /// Updates the progress counters; `persist` also writes the record (at shard commits).
     pub async fn set_progress(&self, entry: &JobEntry, progress: Progress, persist: bool) {
+        if !self.holds(entry) {
+            return;
+        }
         let job = entry.update(|j| j.progress = Some(progress.clone()));
         if persist {
             self.persist_logged(entry).await;

@@ -35,11 +35,15 @@ pub struct WriterOptions {
     pub batch_rows: usize,
     /// Rows per Parquet row group (bounds the reader's memory per batch).
     pub row_group_rows: usize,
+    /// Which attempt of the job writes (0 for the first): shard files of different attempts have
+    /// different names, so an attempt that has lost its job to another replica cannot overwrite
+    /// the new attempt's shards.
+    pub attempt: u32,
 }
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        Self { rows_per_shard: 100_000, bytes_per_shard: 128 << 20, batch_rows: 1024, row_group_rows: 8192 }
+        Self { rows_per_shard: 100_000, bytes_per_shard: 128 << 20, batch_rows: 1024, row_group_rows: 8192, attempt: 0 }
     }
 }
 
@@ -114,8 +118,11 @@ pub struct DatasetWriter {
     state: serde_json::Value,
 }
 
-fn shard_name(seq: u32, job_id: &str) -> String {
-    format!("part-{seq:05}-{job_id}.parquet")
+fn shard_name(seq: u32, job_id: &str, attempt: u32) -> String {
+    match attempt {
+        0 => format!("part-{seq:05}-{job_id}.parquet"),
+        a => format!("part-{seq:05}-{job_id}-a{a}.parquet"),
+    }
 }
 
 fn progress_name(seq: u32) -> String {
@@ -273,7 +280,7 @@ impl DatasetWriter {
         }
         if self.current.is_none() {
             let seq = self.shards.len() as u32;
-            let name = shard_name(seq, &self.job_id);
+            let name = shard_name(seq, &self.job_id, self.opts.attempt);
             let digest = Arc::new(Mutex::new(Digested::default()));
             let inner = BufWriter::new(self.loc.store().clone(), self.loc.path(&name));
             let writer = AsyncArrowWriter::try_new(
