@@ -153,6 +153,23 @@ pub(crate) async fn read_manifest(loc: &Location) -> Result<Option<Manifest>> {
     }
 }
 
+/// How many of `records` (in order) name a shard whose size and SHA-256 are those recorded; the
+/// first that does not (lost, cut short or overwritten by a crash) ends the run.
+async fn intact_prefix(loc: &Location, records: &[ProgressRecord]) -> Result<usize> {
+    for (i, r) in records.iter().enumerate() {
+        let bytes = match loc.get(&r.shard.path).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Ok(i),
+            Err(e) => return Err(e.into()),
+        };
+        if bytes.len() as u64 != r.shard.bytes || hex::encode(Sha256::digest(&bytes)) != r.shard.sha256 {
+            tracing::warn!(shard = %loc.uri_of(&r.shard.path), "recorded shard is not as recorded: written again");
+            return Ok(i);
+        }
+    }
+    Ok(records.len())
+}
+
 impl DatasetWriter {
     /// Opens a writer on `loc` for `job_id`. Returns the writer and where to continue from
     /// (cursor 0 for a new dataset). Fails if the prefix holds a committed dataset or another job's
@@ -183,9 +200,11 @@ impl DatasetWriter {
             records.push(rec);
         }
         records.sort_by_key(|r| r.seq);
-        // Only an unbroken run of records from shard 0 counts.
-        let kept: Vec<ProgressRecord> =
+        // Only an unbroken run of records from shard 0, each naming a shard that is there whole,
+        // counts.
+        let mut kept: Vec<ProgressRecord> =
             records.into_iter().enumerate().take_while(|(i, r)| r.seq as usize == *i).map(|(_, r)| r).collect();
+        kept.truncate(intact_prefix(&loc, &kept).await?);
         let resume = kept.last().map_or(Resume::default(), |r| Resume { cursor: r.cursor, state: r.state.clone() });
         let shards: Vec<ShardInfo> = kept.iter().map(|r| r.shard.clone()).collect();
         // Records past a gap, and shard files that no kept record names, are leftovers of a crash.
@@ -308,6 +327,8 @@ impl DatasetWriter {
             return Ok(None);
         };
         shard.writer.close().await.map_err(|e| self.parquet_err(&shard.name, e))?;
+        // Durable before a progress record names it.
+        self.loc.sync(&shard.name).await?;
         let (sha256, bytes) = {
             let d = shard.digest.lock().unwrap_or_else(|e| e.into_inner());
             (hex::encode(d.hasher.clone().finalize()), d.bytes)

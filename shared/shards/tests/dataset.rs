@@ -81,6 +81,28 @@ async fn resumed_writer_produces_the_uninterrupted_rows() {
 }
 
 #[tokio::test]
+async fn a_resumed_writer_does_not_trust_a_recorded_shard_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = Location::parse(dir.path().join("full").to_str().unwrap()).unwrap();
+    let resumed = Location::parse(dir.path().join("resumed").to_str().unwrap()).unwrap();
+    write_triples(&full, 0..10, None).await.unwrap();
+    // Three shards recorded (9 rows each), then a crash; the second shard is cut short (a disk
+    // that lost the tail of an unsynced file), the third is intact but follows it.
+    assert!(write_triples(&resumed, 0..10, Some(8)).await.is_none());
+    let records = resumed.list("_progress").await.unwrap();
+    assert_eq!(records.len(), 3, "{records:?}");
+    let second: serde_json::Value = serde_json::from_slice(&resumed.get(&records[1]).await.unwrap()).unwrap();
+    let path = second["shard"]["path"].as_str().unwrap();
+    let bytes = resumed.get(path).await.unwrap();
+    resumed.put(path, bytes.slice(..bytes.len() / 2)).await.unwrap();
+    let (_, resume) = DatasetWriter::open(resumed.clone(), Layout::Triples, teacher(), opts(7), "job1").await.unwrap();
+    assert_eq!(resume.cursor, 3, "only the first shard (queries 0-2) is trusted");
+    assert_eq!(resumed.list("_progress").await.unwrap().len(), 1, "the records after it are dropped");
+    write_triples(&resumed, 0..10, None).await.unwrap();
+    assert_eq!(read_all(&full).await, read_all(&resumed).await);
+}
+
+#[tokio::test]
 async fn another_jobs_partial_output_is_refused() {
     let loc = Location::parse("memory://shards-test/foreign").unwrap();
     assert!(write_triples(&loc, 0..10, Some(5)).await.is_none());

@@ -195,10 +195,29 @@ impl Location {
         self.get("").await
     }
 
-    /// Writes (or replaces) an object.
+    /// Writes (or replaces) an object, durably (see [`Location::sync`]).
     pub async fn put(&self, name: &str, data: Bytes) -> Result<()> {
         self.store.put(&self.path(name), PutPayload::from(data)).await.map_err(|e| self.err(name, e))?;
-        Ok(())
+        self.sync(name).await
+    }
+
+    /// Makes what was written at `name` durable: on the local file system the file and its
+    /// directory are fsync'd (a rename is durable only once its directory is); object stores
+    /// answer a write only once it is durable.
+    pub async fn sync(&self, name: &str) -> Result<()> {
+        if !self.uri.starts_with("file://") {
+            return Ok(());
+        }
+        let path = std::path::Path::new("/").join(self.path(name).as_ref());
+        let synced = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            std::fs::File::open(&path)?.sync_all()?;
+            match path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        });
+        let io = |e: Box<dyn std::error::Error + Send + Sync>| StoreError::Io { uri: self.uri_of(name), source: e };
+        synced.await.map_err(|e| io(Box::new(e)))?.map_err(|e| io(Box::new(e)))
     }
 
     /// Writes an object only if nothing is there yet; `AlreadyExists` otherwise. This is the commit
@@ -206,7 +225,7 @@ impl Location {
     pub async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         self.store.put_opts(&self.path(name), PutPayload::from(data), opts).await.map_err(|e| self.err(name, e))?;
-        Ok(())
+        self.sync(name).await
     }
 
     pub async fn delete(&self, name: &str) -> Result<()> {
