@@ -7,10 +7,11 @@ use crate::sampling::{self, SamplingParams};
 use crate::teachers;
 use distill_jobs::{JobEntry, Jobs};
 use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};
-use distill_shards::{DatasetReader, DatasetWriter, Layout, Manifest, ShardError, WriterOptions};
+use distill_shards::{DatasetReader, DatasetWriter, Fence, Layout, Manifest, ShardError, WriterOptions};
 use distill_store::Location;
 use futures::StreamExt;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -70,6 +71,15 @@ pub fn validate(spec: &LabelingSpec, endpoints: &crate::llm::endpoints::Endpoint
     Ok(())
 }
 
+/// The writer's fence: before each commit, this replica still holds the job's lease.
+fn lease_fence(jobs: &Arc<Jobs>, entry: &Arc<JobEntry>) -> Fence {
+    let (jobs, entry) = (jobs.clone(), entry.clone());
+    Arc::new(move || {
+        let (jobs, entry) = (jobs.clone(), entry.clone());
+        Box::pin(async move { jobs.confirm(&entry).await.map_err(|e| e.to_string()) })
+    })
+}
+
 fn writer_options(spec: &LabelingSpec) -> WriterOptions {
     let mut opts = WriterOptions::default();
     if let Some(s) = &spec.shards {
@@ -123,8 +133,8 @@ pub async fn run(
     job_id: &str,
     output: Location,
     ctx: &TeacherContext,
-    jobs: &Jobs,
-    entry: &JobEntry,
+    jobs: &Arc<Jobs>,
+    entry: &Arc<JobEntry>,
     cancel: &CancellationToken,
 ) -> Result<Outcome, Error> {
     let layout = layout_of(spec)?;
@@ -141,7 +151,7 @@ pub async fn run(
 
     let opts = WriterOptions { attempt: entry.snapshot().resumes, ..writer_options(spec) };
     let opened = DatasetWriter::open(output.clone(), layout, teacher.identity(), opts, job_id).await;
-    let (mut writer, resume) = match opened {
+    let (writer, resume) = match opened {
         Ok(w) => w,
         // Committed by this job before a restart could record it: the work is done.
         Err(ShardError::AlreadyCommitted { job_id: ref owner, .. }) if owner == job_id => {
@@ -150,6 +160,7 @@ pub async fn run(
         }
         Err(e) => return Err(e.into()),
     };
+    let mut writer = writer.fenced(lease_fence(jobs, entry));
     let mut counters: BTreeMap<String, f64> = serde_json::from_value(resume.state.clone()).unwrap_or_default();
     if resume.cursor > 0 {
         jobs.log(entry, "info", format!("resuming after {} queries already in committed shards", resume.cursor));

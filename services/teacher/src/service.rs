@@ -115,7 +115,7 @@ impl TeacherState {
 impl TeacherState {
     /// A job's work, from its record (a resumed job is checked against the grants again: the
     /// operator may have narrowed them since).
-    async fn run(&self, job: &Job, entry: &JobEntry) -> Result<Outcome, Error> {
+    async fn run(&self, job: &Job, entry: &Arc<JobEntry>) -> Result<Outcome, Error> {
         distill_jobs::faults::hit("job-start");
         let Some(job_spec::Spec::Labeling(spec)) = job.spec.as_ref().and_then(|s| s.spec.as_ref()) else {
             return Err(Error::Internal("not a labelling job".into()));

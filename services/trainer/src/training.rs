@@ -484,6 +484,8 @@ pub fn run(
         }
 
         if state.step % hyper.checkpoint_every == 0 && !last {
+            // Only while this replica holds the job: a checkpoint of a lost attempt is not written.
+            handle.block_on(jobs.confirm(&entry))?;
             handle.block_on(save_checkpoint(&model, &opt, &state, &checkpoints))?;
             handle.block_on(write_history(&state, &output))?;
         }

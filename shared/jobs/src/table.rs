@@ -288,6 +288,32 @@ impl Jobs {
         }
     }
 
+    /// Checks that this replica still holds `entry`'s job: called right before a write that commits
+    /// the job's work (a shard's progress record, the manifest, a checkpoint), so that an attempt
+    /// which lost its job to another replica stops before that write. A term with more than half
+    /// its time left is proof enough (no replica claims an unexpired term); an older one is renewed
+    /// first.
+    pub async fn confirm(&self, entry: &JobEntry) -> Result<(), Error> {
+        let Some(leases) = &self.leases else { return Ok(()) };
+        let lost = || Error::Conflict(format!("job {}: another replica runs it now; this attempt stopped", entry.id()));
+        let Some((term, expires)) = entry.lease() else { return Err(lost()) };
+        let ttl = leases.replica.ttl.as_millis() as i64;
+        if expires - now_ms() > ttl / 2 {
+            // Nobody may claim a term before it expires: a fresh one needs no round trip.
+            return Ok(());
+        }
+        match leases.renew(&entry.id(), term).await? {
+            Some(next) => {
+                entry.set_lease(Some((next, now_ms() + ttl)));
+                Ok(())
+            }
+            None => {
+                self.lost(entry, "another replica took it over");
+                Err(lost())
+            }
+        }
+    }
+
     /// This replica stops running `entry`'s job: no more writes of its record, its work cancelled.
     fn lost(&self, entry: &JobEntry, why: &str) {
         tracing::warn!(job = %entry.id(), why, "job lease lost: stopping the job here");
@@ -462,5 +488,37 @@ impl Jobs {
         let message = message.into();
         tracing::info!(job = %entry.id(), level, "{message}");
         entry.emit(&entry.id(), job_event::Event::Log(LogLine { level: level.to_string(), message }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_proto::{job_spec, LabelingSpec};
+
+    fn replica(id: &str, ttl_ms: u64) -> Option<Replica> {
+        Some(Replica::new(Some(id.into()), Duration::from_millis(ttl_ms)))
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_lost_its_job_writes_nothing_more() {
+        let dir = Location::parse("memory://table-fence/jobs").unwrap();
+        let (a, _) = Jobs::load(dir.clone(), replica("a", 300)).await.unwrap();
+        let spec = JobSpec { spec: Some(job_spec::Spec::Labeling(LabelingSpec::default())) };
+        let entry = a.create(JobKind::Labeling, spec, "memory://x".into(), "j1".into()).await.unwrap();
+        a.set_state(&entry, JobState::Running, "").await;
+        a.confirm(&entry).await.expect("a holds its job");
+        // a stalls past its lease; b loads the store and takes the job over.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let (b, resume) = Jobs::load(dir.clone(), replica("b", 60_000)).await.unwrap();
+        assert_eq!(resume.len(), 1, "b resumes the job");
+        let err = a.confirm(&entry).await.unwrap_err();
+        assert!(matches!(err, Error::Conflict(_)), "{err}");
+        assert!(entry.cancel.is_cancelled(), "a's attempt is told to stop");
+        a.set_state(&entry, JobState::Failed, "late").await;
+        let stored = Job::decode(dir.get("j1.pb").await.unwrap()).unwrap();
+        assert_eq!(stored.state(), JobState::Queued, "b's record stands");
+        assert_eq!(stored.resumes, 1);
+        assert!(b.holds(&b.get("j1").unwrap()));
     }
 }

@@ -24,7 +24,7 @@ pub use manifest::{Manifest, ShardInfo, MANIFEST_NAME};
 pub use reader::{DatasetReader, GrowingDataset, NextShard};
 pub use rows::{ListItem, ListRow, TripleRow};
 pub use schema::{Layout, TeacherIdentity};
-pub use writer::{DatasetWriter, Resume, WriterOptions};
+pub use writer::{DatasetWriter, Fence, Resume, WriterOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
@@ -40,6 +40,8 @@ pub enum ShardError {
     Parquet { uri: String, source: parquet::errors::ParquetError },
     #[error("{uri}: arrow: {source}")]
     Arrow { uri: String, source: arrow::error::ArrowError },
+    #[error("{uri}: not committed: {message}")]
+    Fenced { uri: String, message: String },
 }
 
 pub type Result<T, E = ShardError> = std::result::Result<T, E>;

@@ -25,6 +25,10 @@ use std::sync::{Arc, Mutex};
 
 const PROGRESS_DIR: &str = "_progress";
 
+/// Asked right before each commit (a progress record, the manifest): an error stops the writer
+/// there (the job's lease was lost to another attempt).
+pub type Fence = Arc<dyn Fn() -> BoxFuture<'static, std::result::Result<(), String>> + Send + Sync>;
+
 #[derive(Debug, Clone, Copy)]
 pub struct WriterOptions {
     /// Close a shard once it holds at least this many rows (at a unit boundary).
@@ -116,6 +120,7 @@ pub struct DatasetWriter {
     buffer_bytes: usize,
     cursor: u64,
     state: serde_json::Value,
+    fence: Option<Fence>,
 }
 
 fn shard_name(seq: u32, job_id: &str, attempt: u32) -> String {
@@ -236,8 +241,25 @@ impl DatasetWriter {
             buffer_bytes: 0,
             cursor: resume.cursor,
             state: resume.state.clone(),
+            fence: None,
         };
         Ok((writer, resume))
+    }
+
+    /// Asks `fence` before every commit.
+    pub fn fenced(mut self, fence: Fence) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    // `&mut self`, not `&self`: the future stays `Send` (the writer is not `Sync`).
+    async fn check_fence(&mut self) -> Result<()> {
+        match &self.fence {
+            Some(fence) => {
+                fence().await.map_err(|message| ShardError::Fenced { uri: self.loc.uri().to_string(), message })
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn layout(&self) -> Layout {
@@ -342,6 +364,7 @@ impl DatasetWriter {
             state: self.state.clone(),
         };
         let json = serde_json::to_vec_pretty(&record).expect("record serializes");
+        self.check_fence().await?;
         self.loc.put_if_absent(&progress_name(shard.seq), Bytes::from(json)).await?;
         self.shards.push(info.clone());
         Ok(Some(info))
@@ -387,6 +410,7 @@ impl DatasetWriter {
             extra,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        self.check_fence().await?;
         match self.loc.put_if_absent(MANIFEST_NAME, Bytes::from(json)).await {
             Ok(()) => {}
             Err(StoreError::AlreadyExists { .. }) => {
