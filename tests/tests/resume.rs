@@ -107,3 +107,37 @@ async fn cancelled_job_stops_without_committing() {
     let err = client.get_job(pb::GetJobRequest { id: "nope".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_resumed_ends_with_the_rows_of_an_undisturbed_run() {
+    let f = Fixture::new(3000, 25);
+    let state = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let uri = out.path().join("resumed").to_str().unwrap().to_string();
+    let svc = Service::teacher(state.path(), &[], &[]);
+    let mut client = svc.client().await;
+    let id = client.start_labeling(spec(&f, &uri)).await.unwrap().into_inner().id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.job(&id).await.progress.unwrap_or_default().shards < 10 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.cancel_job(pb::CancelJobRequest { id: id.clone() }).await.unwrap();
+    let cancelled = wait_job(&mut client, &id, Duration::from_secs(30)).await;
+    assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+    let done_before = cancelled.progress.unwrap().done;
+
+    let resumed = client.resume_job(pb::ResumeJobRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(resumed.resumes, 1);
+    let job = wait_job(&mut client, &id, Duration::from_secs(300)).await;
+    assert_succeeded(&job);
+    assert!(done_before > 0 && done_before < f.queries as u64);
+    let again = client.resume_job(pb::ResumeJobRequest { id: id.clone() }).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+
+    let full = out.path().join("full").to_str().unwrap().to_string();
+    let full_id = client.start_labeling(spec(&f, &full)).await.unwrap().into_inner().id;
+    assert_succeeded(&wait_job(&mut client, &full_id, Duration::from_secs(300)).await);
+    let ((_, resumed_rows), (_, full_rows)) = (rows(&uri).await, rows(&full).await);
+    assert_eq!(resumed_rows, full_rows, "no row lost or written twice");
+}

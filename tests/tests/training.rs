@@ -424,6 +424,24 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     dedup.dedup();
     assert_eq!(h, dedup);
     assert_eq!(h.last(), Some(&steps));
+
+    // Cancelled after its first checkpoints, then resumed with ResumeJob: the same weights again.
+    let reopened = format!("{root}/reopened");
+    let job = client
+        .start_training(training_spec(&triples, "margin_mse", &reopened, steps, None))
+        .await
+        .unwrap()
+        .into_inner();
+    while client.job(&job.id).await.progress.as_ref().map_or(0, |p| p.done) < 25 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.cancel_job(pb::CancelJobRequest { id: job.id.clone() }).await.unwrap();
+    assert_eq!(wait_job(&mut client, &job.id, JOB_TIMEOUT).await.state(), pb::JobState::Cancelled);
+    client.resume_job(pb::ResumeJobRequest { id: job.id.clone() }).await.unwrap();
+    let j = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+    assert_succeeded(&j);
+    assert_eq!(j.resumes, 1);
+    assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{reopened}/final/model.safetensors"));
 }
 
 /// `distill label`, `distill train` and `distill evaluate` drive the same jobs from the command line.

@@ -2,7 +2,9 @@
 
 use distill_proto::teacher_service_client::TeacherServiceClient;
 use distill_proto::trainer_service_client::TrainerServiceClient;
-use distill_proto::{CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, WatchJobRequest};
+use distill_proto::{
+    CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ResumeJobRequest, WatchJobRequest,
+};
 use std::path::PathBuf;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -48,6 +50,7 @@ pub trait JobControl: Send {
     async fn get(&mut self, id: &str) -> Result<Job, tonic::Status>;
     async fn watch(&mut self, id: &str) -> Result<tonic::Streaming<JobEvent>, tonic::Status>;
     async fn cancel(&mut self, id: &str) -> Result<Job, tonic::Status>;
+    async fn resume(&mut self, id: &str) -> Result<Job, tonic::Status>;
     async fn list(&mut self, state: JobState) -> Result<Vec<Job>, tonic::Status>;
 }
 
@@ -63,6 +66,9 @@ macro_rules! job_control {
             }
             async fn cancel(&mut self, id: &str) -> Result<Job, tonic::Status> {
                 Ok(self.cancel_job(CancelJobRequest { id: id.to_string() }).await?.into_inner())
+            }
+            async fn resume(&mut self, id: &str) -> Result<Job, tonic::Status> {
+                Ok(self.resume_job(ResumeJobRequest { id: id.to_string() }).await?.into_inner())
             }
             async fn list(&mut self, state: JobState) -> Result<Vec<Job>, tonic::Status> {
                 Ok(self.list_jobs(ListJobsRequest { state: state as i32 }).await?.into_inner().jobs)

@@ -70,6 +70,10 @@ enum JobsCommand {
     Cancel {
         id: String,
     },
+    /// Queue a FAILED or CANCELLED job again (it continues where it stopped) and follow it.
+    Resume {
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -332,6 +336,12 @@ async fn job_command(client: &mut impl client::JobControl, command: JobsCommand)
             let job = client.cancel(&id).await?;
             println!("job {}: {}", job.id, jobs::state_name(job.state()));
             Ok(())
+        }
+        JobsCommand::Resume { id } => {
+            let job = client.resume(&id).await?;
+            eprintln!("job {} resumed (attempt {})", job.id, job.resumes + 1);
+            let job = jobs::watch(client, &job.id).await?;
+            jobs::conclude(&job)
         }
     }
 }

@@ -9,7 +9,7 @@ use distill_jobs::{JobEntry, Jobs};
 use distill_proto::teacher_service_server::TeacherService;
 use distill_proto::{
     job_spec, CancelJobRequest, GetJobRequest, Job, JobKind, JobSpec, JobState, LabelingSpec, ListJobsRequest,
-    ListJobsResponse, ScoreRequest, ScoreResponse, WatchJobRequest,
+    ListJobsResponse, ResumeJobRequest, ScoreRequest, ScoreResponse, WatchJobRequest,
 };
 use distill_store::Location;
 use std::sync::Arc;
@@ -201,6 +201,12 @@ impl TeacherService for Teacher {
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         Ok(Response::new(distill_jobs::cancel(&self.0.jobs, &request.into_inner().id).await?))
+    }
+
+    async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<Job>, Status> {
+        let entry = self.0.jobs.reopen(&request.into_inner().id).await?;
+        self.0.clone().spawn(entry.clone());
+        Ok(Response::new(entry.snapshot()))
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {

@@ -9,7 +9,7 @@ use distill_jobs::{JobEntry, Jobs};
 use distill_proto::trainer_service_server::TrainerService;
 use distill_proto::{
     job_spec, CancelJobRequest, EvaluationSpec, GetJobRequest, Job, JobKind, JobSpec, JobState, ListJobsRequest,
-    ListJobsResponse, Progress, TrainingSpec, WatchJobRequest,
+    ListJobsResponse, Progress, ResumeJobRequest, TrainingSpec, WatchJobRequest,
 };
 use distill_store::Location;
 use std::collections::HashMap;
@@ -244,6 +244,12 @@ impl TrainerService for Trainer {
 
     async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
         Ok(Response::new(distill_jobs::cancel(&self.0.jobs, &request.into_inner().id).await.map_err(Error::from)?))
+    }
+
+    async fn resume_job(&self, request: Request<ResumeJobRequest>) -> Result<Response<Job>, Status> {
+        let entry = self.0.jobs.reopen(&request.into_inner().id).await.map_err(Error::from)?;
+        self.0.clone().spawn(entry.clone());
+        Ok(Response::new(entry.snapshot()))
     }
 
     async fn list_jobs(&self, request: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {

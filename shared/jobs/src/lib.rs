@@ -26,6 +26,8 @@ pub enum JobsError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    NotResumable(String),
     #[error(transparent)]
     Store(#[from] distill_store::StoreError),
 }
@@ -35,6 +37,7 @@ impl From<JobsError> for Status {
         match e {
             JobsError::NotFound(_) => Status::not_found(e.to_string()),
             JobsError::Conflict(_) => Status::aborted(e.to_string()),
+            JobsError::NotResumable(_) => Status::failed_precondition(e.to_string()),
             JobsError::Store(_) => Status::internal(e.to_string()),
         }
     }

@@ -173,10 +173,9 @@ impl Jobs {
         if held.is_some() {
             return Ok(None); // running here: this replica's copy is the newest
         }
-        let lease = match (job.state().is_terminal(), &self.leases) {
-            (true, _) => None,
-            (false, None) => Some((0, i64::MAX)),
-            (false, Some(l)) => l.claim(&job.id).await?.map(|t| (t, now_ms() + l.replica.ttl.as_millis() as i64)),
+        let lease = match job.state().is_terminal() {
+            true => None,
+            false => self.claim(&job.id).await?,
         };
         let Some(lease) = lease else {
             self.show(job);
@@ -216,6 +215,38 @@ impl Jobs {
         if before.progress != job.progress {
             entry.emit(&job.id, job_event::Event::Progress(job.progress.clone().unwrap_or_default()));
         }
+    }
+
+    /// `id`'s lease for this replica (term, expiry), or `None` when another holds it.
+    async fn claim(&self, id: &str) -> Result<Option<(u64, i64)>, Error> {
+        let Some(l) = &self.leases else { return Ok(Some((0, i64::MAX))) };
+        let term = l.claim(id).await?;
+        Ok(term.map(|t| (t, now_ms() + l.replica.ttl.as_millis() as i64)))
+    }
+
+    /// `ResumeJob`: a FAILED or CANCELLED job queued again on this replica (its record as stored
+    /// is the one resumed), to continue from its progress records or checkpoints.
+    pub async fn reopen(&self, id: &str) -> Result<Arc<JobEntry>, Error> {
+        let entry = self.find(id).await?;
+        let mut job = self.read_record(id).await?.unwrap_or_else(|| entry.snapshot());
+        if !matches!(job.state(), JobState::Failed | JobState::Cancelled) {
+            let state = job.state().as_str_name().trim_start_matches("JOB_STATE_");
+            return Err(Error::NotResumable(format!("job {id} is {state}: only FAILED or CANCELLED jobs resume")));
+        }
+        let Some(lease) = self.claim(id).await? else {
+            return Err(Error::Conflict(format!("job {id}: another replica is resuming it")));
+        };
+        job.set_state(JobState::Queued);
+        job.error.clear();
+        job.finished_at_ms = 0;
+        job.resumes += 1;
+        job.attempts_without_progress = 0;
+        let reopened = JobEntry::with_events(job, entry.events.clone(), Some(lease));
+        self.insert(reopened.clone());
+        self.persist(&reopened).await?;
+        let change = StateChange { state: JobState::Queued as i32, error: String::new() };
+        reopened.emit(id, job_event::Event::State(change));
+        Ok(reopened)
     }
 
     fn insert(&self, entry: Arc<JobEntry>) {
@@ -384,11 +415,7 @@ impl Jobs {
             output_uri,
             ..Default::default()
         };
-        let lease = match &self.leases {
-            None => Some((0, i64::MAX)),
-            Some(l) => l.claim(&id).await?.map(|t| (t, now_ms() + l.replica.ttl.as_millis() as i64)),
-        };
-        let Some(lease) = lease else {
+        let Some(lease) = self.claim(&id).await? else {
             return Err(Error::Conflict(format!("job {id}: another replica holds its lease")));
         };
         let (events, _) = broadcast::channel(1024);
