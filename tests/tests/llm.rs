@@ -106,9 +106,9 @@ async fn listwise_windows_survive_injected_faults() {
     let store = dir.path().join("store");
     let svc = teacher_with(&llm, &store, &[("RUST_LOG", "debug".to_string())]);
     let out = dir.path().join("out").to_str().unwrap().to_string();
-    let spec =
-        labeling(&candidates, pb::OutputLayout::Lists, llm_spec(&llm.base_url, pb::LlmMode::Listwise), out.clone());
-    let job = run(&svc, spec).await;
+    // One window in 12 keeps its first-stage order (#dead): allowed here, not by the default 0.01.
+    let llm_spec = pb::LlmReranker { max_fallback_ratio: Some(0.1), ..llm_spec(&llm.base_url, pb::LlmMode::Listwise) };
+    let job = run(&svc, labeling(&candidates, pb::OutputLayout::Lists, llm_spec, out.clone())).await;
     assert_succeeded(&job);
 
     // Requests: 3 normal queries x 2 windows (30 passages, window 20, stride 10), one window for each
@@ -182,6 +182,42 @@ async fn listwise_windows_survive_injected_faults() {
         let bytes = std::fs::read(&entry).unwrap();
         assert!(!String::from_utf8_lossy(&bytes).contains(KEY), "{} holds the API key", entry.display());
     }
+}
+
+/// An endpoint that fails for good fails the job (it must not pass first-stage order off as the
+/// teacher's); resumed, the job asks again only what its cache lacks.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_outage_fails_the_job_and_a_resume_asks_only_what_is_missing() {
+    let llm = ScriptedLlm::start(Duration::from_millis(5), Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines: Vec<String> =
+        (0..4).map(|q| query_line(&format!("n{q}"), &format!("normal query {q}"), 8, 3)).collect();
+    lines.extend((0..4).map(|q| query_line(&format!("d{q}"), &format!("query {q} #dead"), 8, 3)));
+    let candidates = write_candidates(dir.path(), &lines);
+    let svc = teacher_with(&llm, dir.path().join("store"), &[]);
+    let out = dir.path().join("out").to_str().unwrap().to_string();
+    // One query at a time, so that the job stops at the first dead window it can no longer excuse.
+    let llm_spec =
+        pb::LlmReranker { no_cache: false, concurrency: 1, ..llm_spec(&llm.base_url, pb::LlmMode::Listwise) };
+    let mut spec = labeling(&candidates, pb::OutputLayout::Lists, llm_spec, out.clone());
+    spec.shards = Some(pb::ShardOptions { rows_per_shard: 100, bytes_per_shard: 0 });
+    let job = run(&svc, spec).await;
+    assert_eq!(job.state(), pb::JobState::Failed);
+    // 4 answered windows, then the first dead one (1 + 2 retries): 1 of 5 failed, and with 3 queries
+    // to go the fraction can no longer fall to 0.01.
+    assert!(
+        job.error.contains("1 of 5 windows kept the first-stage order") && job.error.contains("max_fallback_ratio"),
+        "{}",
+        job.error
+    );
+    assert_eq!(llm.requests(), 4 + 3);
+    assert!(DatasetReader::open_uri(&out).await.is_err(), "nothing committed");
+
+    let mut client = svc.client().await;
+    client.resume_job(pb::ResumeJobRequest { id: job.id.clone() }).await.unwrap();
+    let again = wait_job(&mut client, &job.id, Duration::from_secs(120)).await;
+    assert_eq!(again.state(), pb::JobState::Failed, "the endpoint is still down");
+    assert_eq!(llm.requests(), 4 + 3 + 3, "the answered windows came from the cache");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -412,6 +412,10 @@ struct LlmArgs {
     max_retries: u32,
     #[arg(long = "llm-timeout-ms", default_value_t = 60_000)]
     timeout_ms: u32,
+    /// Fail the job when more than this fraction of windows (pairs) failed after their retries
+    /// (default 0.01; 1 never fails).
+    #[arg(long = "llm-max-fallback-ratio")]
+    max_fallback_ratio: Option<f32>,
     /// USD per million prompt / completion tokens, for the cost counter.
     #[arg(long = "llm-prompt-price", default_value_t = 0.0)]
     prompt_price: f64,
@@ -579,6 +583,7 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
                 concurrency: l.concurrency,
                 max_retries: l.max_retries,
                 request_timeout_ms: l.timeout_ms,
+                max_fallback_ratio: l.max_fallback_ratio,
                 usd_per_million_prompt_tokens: l.prompt_price,
                 usd_per_million_completion_tokens: l.completion_price,
                 cache_uri: if l.cache.is_empty() { String::new() } else { absolutize(&l.cache) },

@@ -233,6 +233,7 @@ pub async fn run(
             }
         }
         let done = i as u64 + 1;
+        teacher_ref.check_outage(total - done)?;
         let all = merged(&counters, teacher_ref);
         let closed = writer.end_unit(done, serde_json::to_value(&all).expect("counters serialize")).await?;
         if closed.is_some() || last_report.elapsed() > Duration::from_millis(200) {

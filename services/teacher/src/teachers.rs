@@ -36,6 +36,11 @@ pub trait Teacher: Send + Sync {
     fn counters(&self) -> BTreeMap<String, f64> {
         BTreeMap::new()
     }
+    /// Fails when the teacher's endpoint failed so often that its labels would be mostly the
+    /// first stage's, even if each of the `remaining` queries still to come went well.
+    fn check_outage(&self, _remaining: u64) -> Result<(), Error> {
+        Ok(())
+    }
     /// One score per candidate of `query` (in order); None where the teacher has no score.
     fn score<'a>(
         &'a self,

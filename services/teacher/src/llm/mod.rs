@@ -86,6 +86,11 @@ pub fn validate(spec: &LlmReranker, endpoints: &endpoints::Endpoints) -> Result<
     if endpoint.model.is_empty() && env("DISTILL_LLM_MODEL").is_none() {
         return bad("endpoint.model", "empty, and DISTILL_LLM_MODEL is not set");
     }
+    if let Some(r) = spec.max_fallback_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return bad("max_fallback_ratio", &format!("{r} is not a fraction in [0, 1]"));
+        }
+    }
     for (field, price) in [
         ("usd_per_million_prompt_tokens", spec.usd_per_million_prompt_tokens),
         ("usd_per_million_completion_tokens", spec.usd_per_million_completion_tokens),
@@ -113,8 +118,11 @@ pub struct LlmTeacher {
     temperature: f32,
     concurrency: usize,
     repaired: AtomicU64,
+    /// Windows ranked (listwise) or pairs asked (pointwise), and those that failed.
+    attempted: AtomicU64,
     fallback_windows: AtomicU64,
     unscored_pairs: AtomicU64,
+    max_fallback_ratio: f64,
 }
 
 impl LlmTeacher {
@@ -192,8 +200,10 @@ impl LlmTeacher {
             temperature: spec.temperature,
             concurrency,
             repaired: AtomicU64::new(0),
+            attempted: AtomicU64::new(0),
             fallback_windows: AtomicU64::new(0),
             unscored_pairs: AtomicU64::new(0),
+            max_fallback_ratio: spec.max_fallback_ratio.map_or(0.01, f64::from),
         })
     }
 
@@ -219,6 +229,7 @@ impl LlmTeacher {
                 "max_tokens": max_tokens,
             });
             let n = end - start;
+            self.attempted.fetch_add(1, Ordering::Relaxed);
             let answer = self
                 .client
                 .call("chat/completions", &body, |r| {
@@ -279,6 +290,7 @@ impl LlmTeacher {
             }
         });
         let mut scores = Vec::with_capacity(candidates.len());
+        self.attempted.fetch_add(candidates.len() as u64, Ordering::Relaxed);
         for answer in futures::future::join_all(asks).await {
             match answer {
                 Ok(p) => scores.push(Some(p)),
@@ -300,6 +312,27 @@ impl Teacher for LlmTeacher {
 
     fn parallelism(&self) -> usize {
         self.concurrency
+    }
+
+    fn check_outage(&self, remaining: u64) -> Result<(), Error> {
+        let (failed, what) = match self.mode {
+            Mode::Listwise { .. } => {
+                (self.fallback_windows.load(Ordering::Relaxed), "windows kept the first-stage order")
+            }
+            Mode::Pointwise { .. } => (self.unscored_pairs.load(Ordering::Relaxed), "pairs went unscored"),
+        };
+        let attempted = self.attempted.load(Ordering::Relaxed);
+        // Each query still to come asks at least once: the fewest asks the job can end with.
+        let at_least = attempted + remaining;
+        if failed as f64 <= self.max_fallback_ratio * at_least as f64 {
+            return Ok(());
+        }
+        Err(Error::Teacher(format!(
+            "the LLM endpoint failed too often: {failed} of {attempted} {what} after their retries, more than \
+             max_fallback_ratio {} allows; see the service's log for the errors, then ResumeJob (answers \
+             already received are cached)",
+            self.max_fallback_ratio
+        )))
     }
 
     fn counters(&self) -> BTreeMap<String, f64> {
