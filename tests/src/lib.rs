@@ -133,24 +133,39 @@ pub fn free_port() -> u16 {
 /// A real S3 server (`s3s-fs`) on 127.0.0.1 with one bucket.
 pub struct S3Server {
     child: Child,
+    port: u16,
     pub endpoint: String,
     pub bucket: String,
     pub access_key: String,
     pub secret_key: String,
-    _root: tempfile::TempDir,
+    root: tempfile::TempDir,
 }
 
 impl S3Server {
     pub fn start(bucket: &str) -> S3Server {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join(bucket)).unwrap();
-        let exe = std::env::var("S3S_FS").unwrap_or_else(|_| "s3s-fs".to_string());
         let (access_key, secret_key) = ("distill-test".to_string(), "distill-test-secret".to_string());
         let port = free_port();
+        let child = Self::spawn(port, &access_key, &secret_key, root.path());
+        S3Server {
+            child,
+            port,
+            endpoint: format!("http://127.0.0.1:{port}"),
+            bucket: bucket.to_string(),
+            access_key,
+            secret_key,
+            root,
+        }
+    }
+
+    /// Starts s3s-fs on `port` serving `root`, and waits until it listens.
+    fn spawn(port: u16, access_key: &str, secret_key: &str, root: &Path) -> Child {
+        let exe = std::env::var("S3S_FS").unwrap_or_else(|_| "s3s-fs".to_string());
         let child = Command::new(&exe)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &access_key, "--secret-key", &secret_key])
-            .arg(root.path())
+            .args(["--access-key", access_key, "--secret-key", secret_key])
+            .arg(root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -162,14 +177,23 @@ impl S3Server {
             assert!(Instant::now() < deadline, "s3s-fs did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        S3Server {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            bucket: bucket.to_string(),
-            access_key,
-            secret_key,
-            _root: root,
-        }
+        child
+    }
+
+    /// An outage: the server is killed (connections refused) until [`S3Server::restart`].
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The server back on the same port and directory.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, &self.access_key, &self.secret_key, self.root.path());
+    }
+
+    /// Where the object `key` of the bucket lies on disk.
+    pub fn file_of(&self, key: &str) -> PathBuf {
+        self.root.path().join(&self.bucket).join(key)
     }
 
     /// The environment the AWS tools (and our services) read.

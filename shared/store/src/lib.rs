@@ -61,6 +61,25 @@ fn invalid(uri: &str, reason: impl ToString) -> StoreError {
     StoreError::InvalidUri { uri: uri.to_string(), reason: reason.to_string() }
 }
 
+/// How S3 calls retry (connection errors, timeouts, 5xx, throttling): with jittered backoff from
+/// 0.5 s growing up to 15 s between tries, for up to `DISTILL_STORE_RETRY_TIMEOUT` seconds after
+/// the first (default 300; object_store advises under 5 minutes, as requests are signed once) and
+/// at most `DISTILL_STORE_RETRIES` tries (default 100: the time bound is the one that counts).
+/// A job waits out a store outage of a few minutes and fails only after that.
+fn retry_config() -> object_store::RetryConfig {
+    let number =
+        |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default);
+    object_store::RetryConfig {
+        max_retries: number("DISTILL_STORE_RETRIES", 100) as usize,
+        retry_timeout: std::time::Duration::from_secs(number("DISTILL_STORE_RETRY_TIMEOUT", 300)),
+        backoff: object_store::BackoffConfig {
+            init_backoff: std::time::Duration::from_millis(500),
+            max_backoff: std::time::Duration::from_secs(15),
+            base: 3.0,
+        },
+    }
+}
+
 /// Whether `uri` names something on the local file system (a plain path or `file://`).
 pub fn is_local(uri: &str) -> bool {
     !uri.contains("://") || uri.starts_with("file://")
@@ -128,6 +147,7 @@ impl Location {
                 } else if let Ok(region) = std::env::var("AWS_REGION") {
                     builder = builder.with_region(region);
                 }
+                builder = builder.with_retry(retry_config());
                 Arc::new(builder.build().map_err(|e| invalid(uri, e))?)
             }
             other => {
@@ -221,10 +241,21 @@ impl Location {
     }
 
     /// Writes an object only if nothing is there yet; `AlreadyExists` otherwise. This is the commit
-    /// primitive: of two writers, exactly one wins.
+    /// primitive: of two writers, exactly one wins. An object already holding exactly `data` counts
+    /// as written: a retried request whose first try reached the store (the answer was lost in an
+    /// outage) finds its own write.
     pub async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        self.store.put_opts(&self.path(name), PutPayload::from(data), opts).await.map_err(|e| self.err(name, e))?;
+        match self.store.put_opts(&self.path(name), PutPayload::from(data.clone()), opts).await {
+            Ok(_) => {}
+            Err(e) => {
+                let err = self.err(name, e);
+                let ours = matches!(err, StoreError::AlreadyExists { .. }) && self.get(name).await.ok() == Some(data);
+                if !ours {
+                    return Err(err);
+                }
+            }
+        }
         self.sync(name).await
     }
 
@@ -426,6 +457,8 @@ mod tests {
         assert!(matches!(again, Err(StoreError::AlreadyExists { .. })), "{again:?}");
         assert_eq!(loc.get("a/b.json").await.unwrap(), Bytes::from_static(b"1"));
         assert_eq!(loc.list("a").await.unwrap(), vec!["a/b.json".to_string()]);
+        // The same bytes again: a retry finding its own earlier write.
+        loc.put_if_absent("a/b.json", Bytes::from_static(b"1")).await.unwrap();
     }
 
     #[tokio::test]

@@ -1,0 +1,119 @@
+//! Object-store outages: the S3 server (s3s-fs) is stopped in the middle of a labelling job and
+//! of a training job and restarted on the same port and directory `DISTILL_OUTAGE_SECONDS` later
+//! (default 60). The jobs wait (every S3 call retries with backoff for up to 5 minutes) and end
+//! with the rows and weights of undisturbed runs.
+
+use distill_e2e::*;
+use distill_proto as pb;
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn outage() -> Duration {
+    let seconds = std::env::var("DISTILL_OUTAGE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    Duration::from_secs(seconds)
+}
+
+/// Waits until `done(job)` holds for the job's progress.
+async fn wait_until(client: &mut impl JobClient, id: &str, what: &str, done: impl Fn(&pb::Progress) -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let job = client.job(id).await;
+        assert!(!job.state().is_terminal(), "the job ended before {what}: make it longer");
+        if done(&job.progress.unwrap_or_default()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A dataset's rows as pyarrow reads them (its S3 settings passed to it, not set in this
+/// process, whose tests run side by side with servers of their own).
+fn rows(uri: &str, s3: &S3Server) -> serde_json::Value {
+    read_with_pyarrow(uri, Some(s3))["rows"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_labelling_job_waits_out_an_s3_outage() {
+    let mut s3 = S3Server::start("distill");
+    let f = Fixture::new(400, 25);
+    let bucket = format!("s3://{}", s3.bucket);
+    let svc = Service::teacher(format!("{bucket}/teacher"), &["--allow-location", &bucket], &s3.env());
+    let mut client = svc.client().await;
+    let uri = format!("{bucket}/datasets/through-outage");
+    let id = client.start_labeling(tiny_shards_spec(&f, &uri, 3, "outage")).await.unwrap().into_inner().id;
+    wait_until(&mut client, &id, "5 shards were committed", |p| p.shards >= 5).await;
+    s3.stop();
+    tokio::time::sleep(outage()).await;
+    let during = client.job(&id).await;
+    assert!(!during.state().is_terminal(), "the job ended during the outage: {}", during.error);
+    s3.restart();
+    let job = wait_job(&mut client, &id, TIMEOUT).await;
+    assert_succeeded(&job);
+    assert_eq!(job.resumes, 0, "the same attempt went on");
+
+    let full = format!("{bucket}/datasets/undisturbed");
+    let full_id = client.start_labeling(tiny_shards_spec(&f, &full, 3, "outage")).await.unwrap().into_inner().id;
+    assert_succeeded(&wait_job(&mut client, &full_id, TIMEOUT).await);
+    let (through, undisturbed) = (rows(&uri, &s3), rows(&full, &s3));
+    assert!(undisturbed.as_array().is_some_and(|r| !r.is_empty()), "{undisturbed}");
+    assert_eq!(through, undisturbed, "no row lost or written twice");
+}
+
+fn training(dataset: &str, output: &str) -> pb::TrainingSpec {
+    pb::TrainingSpec {
+        datasets: vec![dataset.to_string()],
+        backbone: model_fixture("bert"),
+        objective: "bce".into(),
+        hyperparameters: Some(pb::Hyperparameters {
+            learning_rate: 2e-3,
+            batch_size: 4,
+            max_steps: 80,
+            seed: 11,
+            max_query_length: 16,
+            max_length: 48,
+            shuffle_buffer: 16,
+            ..Default::default()
+        }),
+        checkpoint_every_steps: 10,
+        output_uri: output.to_string(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_training_job_waits_out_an_s3_outage() {
+    let mut s3 = S3Server::start("distill");
+    let f = Fixture::new(60, 10);
+    let bucket = format!("s3://{}", s3.bucket);
+    let allow = ["--allow-location", bucket.as_str()];
+    let teacher = Service::teacher(format!("{bucket}/teacher"), &allow, &s3.env());
+    let dataset = format!("{bucket}/datasets/train");
+    let mut tc = teacher.client().await;
+    let id = tc.start_labeling(tiny_shards_spec(&f, &dataset, 3, "train")).await.unwrap().into_inner().id;
+    assert_succeeded(&wait_job(&mut tc, &id, TIMEOUT).await);
+
+    let trainer = Service::trainer(format!("{bucket}/trainer"), &allow, &s3.env());
+    let mut client = trainer.trainer_client().await;
+    let straight = client.start_training(training(&dataset, &format!("{bucket}/straight"))).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &straight.id, TIMEOUT).await);
+
+    let job = client.start_training(training(&dataset, &format!("{bucket}/through"))).await.unwrap().into_inner();
+    wait_until(&mut client, &job.id, "step 15", |p| p.done >= 15).await;
+    s3.stop();
+    tokio::time::sleep(outage()).await;
+    s3.restart();
+    let j = wait_job(&mut client, &job.id, TIMEOUT).await;
+    assert_succeeded(&j);
+    let weights = |run: &str| {
+        let path = s3.file_of(&format!("{run}/final/model.safetensors"));
+        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
+    };
+    let (a, b) = (weights("straight"), weights("through"));
+    assert_eq!(a.len(), b.len());
+    for (name, x) in &a {
+        let diff = (x - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} differs by {diff} after the outage");
+    }
+}
