@@ -562,3 +562,24 @@ async fn training_follows_a_running_teacher_job() {
     assert!(std::path::Path::new(&format!("{root}/student-30/final/model.safetensors")).is_file());
     assert_succeeded(&wait_job(&mut labels, &label_job.id, JOB_TIMEOUT).await);
 }
+
+/// CancelJob ends an evaluation within a query of re-ranking, not at the end of the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_evaluation_stops_within_a_query() {
+    let f = Fixture::new(3000, 25);
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Service::trainer(dir.path().join("trainer"), &[], &[]);
+    let mut client = trainer.trainer_client().await;
+    let output = dir.path().join("eval").to_str().unwrap().to_string();
+    let spec = pb::EvaluationSpec { model: model_fixture("bert"), output_uri: output, top_k: 25, ..evaluation(&f) };
+    let job = client.start_evaluation(spec).await.unwrap().into_inner();
+    while client.job(&job.id).await.progress.as_ref().map_or(0, |p| p.done) < 5 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let asked = std::time::Instant::now();
+    client.cancel_job(pb::CancelJobRequest { id: job.id.clone() }).await.unwrap();
+    let ended = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
+    assert_eq!(ended.state(), pb::JobState::Cancelled);
+    assert!(ended.progress.unwrap().done < 3000, "it re-ranked everything first");
+    assert!(asked.elapsed() < Duration::from_secs(5), "cancelled after {:?}", asked.elapsed());
+}

@@ -8,6 +8,7 @@ use distill_formats::{read_qrels, read_run, read_tsv_texts, Qrels, RankedList, R
 use distill_models::CrossEncoder;
 use distill_proto::EvaluationSpec;
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 
 pub const DEFAULT_METRICS: &str = "ndcg@10,mrr@10";
 
@@ -80,13 +81,14 @@ impl EvalData {
     }
 
     /// The run re-ranked by `model`: the top `top_k` get the model's scores and rank first, the
-    /// rest follow in their original order. `progress` is told (queries done, total).
+    /// rest follow in their original order. `progress` is told (queries done, total) after each
+    /// query and may stop the work there (`Break`: the job was cancelled), giving `None`.
     pub fn rerank(
         &self,
         model: &CrossEncoder,
         batch_size: usize,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<Vec<RankedList>, Error> {
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Option<Vec<RankedList>>, Error> {
         let mut out = Vec::with_capacity(self.run.len());
         for (i, list) in self.run.iter().enumerate() {
             let q = &self.queries[&list.qid];
@@ -112,9 +114,11 @@ impl EvalData {
                 e.rank = r as i64 + 1;
             }
             out.push(RankedList { qid: list.qid.clone(), entries });
-            progress(i + 1, self.run.len());
+            if progress(i + 1, self.run.len()).is_break() {
+                return Ok(None);
+            }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Mean of each metric over the queries (trec_eval's averages, judged queries only).

@@ -13,6 +13,7 @@ use distill_proto::{
 };
 use distill_store::Location;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
@@ -145,16 +146,18 @@ impl TrainerState {
         let result = tokio::task::spawn_blocking(move || -> Result<Option<_>, Error> {
             let data = d;
             let model = distill_models::CrossEncoder::load(&model_dir, max_q, max_len, &device)?;
-            let mut cancelled = false;
             let run = data.rerank(&model, batch, |done, total| {
-                cancelled |= e.cancel.is_cancelled();
                 let p =
                     Progress { done: done as u64, total: total as u64, unit: "queries".into(), ..Default::default() };
                 handle.block_on(jobs.set_progress(&e, p, false));
+                // Cancelled: stop after this query.
+                if e.cancel.is_cancelled() {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             })?;
-            if cancelled {
-                return Ok(None);
-            }
+            let Some(run) = run else { return Ok(None) };
             let first_stage = data.measure(&data.run);
             let reranked = data.measure(&run);
             Ok(Some((run, first_stage, reranked)))

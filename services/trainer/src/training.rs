@@ -27,6 +27,7 @@ use distill_models::CrossEncoder;
 use distill_proto::{LrSchedule, Progress, TrainingSpec};
 use distill_store::Location;
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -379,10 +380,8 @@ pub fn run(
         let mut loss_value = 0f64;
         let mut pairs = 0usize;
         for micro in 0..hyper.accumulation {
-            let batch: Batch = match batches.recv() {
-                Ok(b) => b?.to_device(&device)?,
-                Err(_) => return Err(Error::Internal("the data stream ended early".into())),
-            };
+            let Some(batch) = next_batch(&batches, &entry)? else { return Ok(Outcome::Cancelled) };
+            let batch = batch.to_device(&device)?;
             distill_models::layers::seed_dropout(Some(dropout_seed(hyper.seed, step, micro)));
             let scores = model
                 .backbone
@@ -466,7 +465,8 @@ pub fn run(
         let eval_due = eval.is_some() && ((hyper.eval_every > 0 && state.step % hyper.eval_every == 0) || last);
         if eval_due {
             let data = eval.as_ref().expect("checked");
-            let run = data.rerank(&model, 32, |_, _| {})?;
+            let stop = || if entry.cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+            let Some(run) = data.rerank(&model, 32, |_, _| stop())? else { return Ok(Outcome::Cancelled) };
             let values = data.measure(&run);
             let mut record = serde_json::json!({"step": state.step});
             for (name, v) in &values {
@@ -501,6 +501,23 @@ async fn put_tensors(loc: &Location, name: &str, tensors: &HashMap<String, Tenso
     let bytes = std::fs::read(tmp.path()).map_err(|e| Error::Internal(format!("temp file: {e}")))?;
     loc.put(name, Bytes::from(bytes)).await?;
     Ok(())
+}
+
+/// The next batch, waiting as long as the data takes (a dataset still being labelled) but giving
+/// `None` within 0.2 s of the job being cancelled.
+fn next_batch(
+    batches: &std::sync::mpsc::Receiver<Result<Batch, Error>>,
+    entry: &JobEntry,
+) -> Result<Option<Batch>, Error> {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match batches.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(batch) => return batch.map(Some),
+            Err(RecvTimeoutError::Timeout) if entry.cancel.is_cancelled() => return Ok(None),
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return Err(Error::Internal("the data stream ended early".into())),
+        }
+    }
 }
 
 /// Writes a checkpoint, then points `latest.json` at it (so a half-written one is never used),
