@@ -120,6 +120,8 @@ pub struct Jobs {
     entries: Mutex<HashMap<String, Arc<JobEntry>>>,
     /// `None`: this service is the store's only replica (`--single-replica`), every job is its own.
     leases: Option<Leases>,
+    /// The version of each record as last read (so a sync reads only records that changed).
+    seen: Mutex<HashMap<String, String>>,
 }
 
 impl Jobs {
@@ -132,7 +134,7 @@ impl Jobs {
         if let Some(l) = &leases {
             l.check_store().await?;
         }
-        let jobs = Arc::new(Self { dir: dir.clone(), entries: Mutex::new(HashMap::new()), leases });
+        let jobs = Arc::new(Self { dir: dir.clone(), entries: Default::default(), leases, seen: Default::default() });
         let mut resume = Vec::new();
         for id in jobs.record_ids().await? {
             if let Some(job) = jobs.read_record(&id).await? {
@@ -355,8 +357,8 @@ impl Jobs {
     /// Re-reads the records: other replicas' jobs shown as they are, cancel requests for jobs
     /// held here obeyed, and the unfinished jobs this replica could claim returned.
     async fn sync(&self) -> Result<Vec<Arc<JobEntry>>, Error> {
-        let names = self.dir.list("").await?;
-        for id in names.iter().filter_map(|n| n.strip_suffix(".cancel")) {
+        let listing = self.dir.list_versions("").await?;
+        for id in listing.iter().filter_map(|(n, _)| n.strip_suffix(".cancel")) {
             if let Ok(entry) = self.get(id) {
                 if self.holds(&entry) {
                     crate::cancel(self, id).await?;
@@ -365,13 +367,19 @@ impl Jobs {
             }
         }
         let mut taken = Vec::new();
-        for id in names.iter().filter_map(|n| n.strip_suffix(".pb")) {
-            if self.get(id).is_ok_and(|e| self.holds(&e)) {
+        for (name, version) in listing {
+            let Some(id) = name.strip_suffix(".pb") else { continue };
+            let held = self.get(id).is_ok_and(|e| self.holds(&e));
+            // Re-read what changed, and unfinished jobs (their lease may have expired).
+            let unfinished = self.get(id).map_or(true, |e| !e.snapshot().state().is_terminal());
+            let changed = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(id) != Some(&version);
+            if held || !(changed || unfinished) {
                 continue;
             }
             if let Some(job) = self.read_record(id).await? {
                 taken.extend(self.adopt(job).await?);
             }
+            self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), version);
         }
         Ok(taken)
     }

@@ -276,14 +276,22 @@ impl Location {
 
     /// Names (relative to this prefix) of the objects directly below `dir` (not recursive), sorted.
     pub async fn list(&self, dir: &str) -> Result<Vec<String>> {
+        Ok(self.list_versions(dir).await?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Like [`Location::list`], each name with its version: the object's ETag where the store
+    /// gives one, else its modification time and size (a changed object has another version).
+    pub async fn list_versions(&self, dir: &str) -> Result<Vec<(String, String)>> {
         let base = if dir.is_empty() { self.prefix.clone() } else { self.path(dir) };
         let listing = self.store.list_with_delimiter(Some(&base)).await.map_err(|e| self.err(dir, e))?;
-        let mut names: Vec<String> = listing
+        let mut names: Vec<(String, String)> = listing
             .objects
             .into_iter()
             .filter_map(|m| {
                 let rel: Vec<_> = m.location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
-                Some(rel.join("/"))
+                let version =
+                    m.e_tag.clone().unwrap_or_else(|| format!("{}/{}", m.last_modified.timestamp_micros(), m.size));
+                Some((rel.join("/"), version))
             })
             .collect();
         names.sort();
