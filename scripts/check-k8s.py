@@ -1,7 +1,8 @@
 """What kubernetes-validate's schemas cannot say about k8s/: every pod runs as non-root with a
 read-only root file system (temporary files in an emptyDir named by TMPDIR), has CPU and memory
 requests and limits, each service answers gRPC startup, readiness and liveness probes on its gRPC
-port, Deployments never overlap two pods on one store (Recreate, one replica), and every command a
+port, pods that may overlap on one store (RollingUpdate, replicas > 1) keep their job leases (no
+DISTILL_SINGLE_REPLICA), and every command a
 container runs is a program its image installs (read from the Dockerfile's COPY into a PATH dir).
 
 Usage: check-k8s.py k8s/*.yaml   (exit 1 naming each problem)
@@ -81,8 +82,10 @@ def check(doc, problems):
     if psc.get("runAsNonRoot") is not True or not psc.get("runAsUser"):
         problems.append(f"{kind}/{name}: pod does not run as a non-root user")
     if kind == "Deployment":
-        if doc["spec"].get("strategy", {}).get("type") != "Recreate" or doc["spec"].get("replicas", 1) != 1:
-            problems.append(f"{kind}/{name}: two pods could share its store (needs strategy Recreate, replicas 1)")
+        shared = doc["spec"].get("strategy", {}).get("type") != "Recreate" or doc["spec"].get("replicas", 1) != 1
+        single = any(e["name"] == "DISTILL_SINGLE_REPLICA" for c in pod["containers"] for e in c.get("env", []))
+        if shared and single:
+            problems.append(f"{kind}/{name}: pods share its store but run without leases (DISTILL_SINGLE_REPLICA)")
     for c in pod["containers"]:
         where = f"{kind}/{name} container {c['name']}"
         check_container(where, c, pod, problems)

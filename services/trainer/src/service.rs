@@ -167,6 +167,7 @@ impl TrainerState {
         let Some((run, first_stage, reranked)) = result else {
             return Ok(Done::Cancelled);
         };
+        self.jobs.confirm(&entry).await?;
         output.put("run.trec", Bytes::from(evaluation::format_run(&run, "distill"))).await?;
         let as_map = |v: &[(String, f64)]| v.iter().cloned().collect::<HashMap<String, f64>>();
         let metrics = serde_json::json!({

@@ -479,6 +479,7 @@ pub fn run(
             jobs.log(&entry, "info", format!("step {}: {metric} = {value:.4}", state.step));
             if state.best.as_ref().is_none_or(|b| value > b.value) {
                 state.best = Some(Best { metric, value, step: state.step });
+                handle.block_on(jobs.confirm(&entry))?;
                 handle.block_on(export(&model, &output.child("best")))?;
             }
         }
@@ -490,6 +491,8 @@ pub fn run(
             handle.block_on(write_history(&state, &output))?;
         }
     }
+    // Exports, like checkpoints, only while this replica holds the job.
+    handle.block_on(jobs.confirm(&entry))?;
     handle.block_on(export(&model, &output.child("final")))?;
     handle.block_on(write_history(&state, &output))?;
     Ok(Outcome::Finished { steps: state.step, best: state.best })
