@@ -1,7 +1,7 @@
-//! Object-store outages: the S3 server (s3s-fs) is stopped in the middle of a labelling job and
-//! of a training job and restarted on the same port and directory `DISTILL_OUTAGE_SECONDS` later
-//! (default 60). The jobs wait (every S3 call retries with backoff for up to 5 minutes) and end
-//! with the rows and weights of undisturbed runs.
+//! Object-store outages: the S3 server (s3s-fs) is stopped in the middle of a labelling job, a
+//! training job and an evaluation job and restarted on the same port and directory
+//! `DISTILL_OUTAGE_SECONDS` later (default 60). The jobs wait (every S3 call retries with backoff
+//! for up to 5 minutes) and end with the rows, weights and results of undisturbed runs.
 
 use distill_e2e::*;
 use distill_proto as pb;
@@ -115,5 +115,38 @@ async fn a_training_job_waits_out_an_s3_outage() {
     for (name, x) in &a {
         let diff = (x - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0, "{name} differs by {diff} after the outage");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evaluation_job_waits_out_an_s3_outage() {
+    let mut s3 = S3Server::start("distill");
+    let f = Fixture::new(3000, 25);
+    let bucket = format!("s3://{}", s3.bucket);
+    let trainer = Service::trainer(format!("{bucket}/trainer"), &["--allow-location", &bucket], &s3.env());
+    let mut client = trainer.trainer_client().await;
+    let spec = |output: &str| pb::EvaluationSpec {
+        model: model_fixture("bert"),
+        run: f.path("run.trec"),
+        queries: f.path("queries.tsv"),
+        collection: f.path("collection.tsv"),
+        qrels: f.path("qrels.txt"),
+        top_k: 10,
+        metrics: vec!["ndcg@10".into(), "mrr@10".into()],
+        max_length: 48,
+        output_uri: output.to_string(),
+        ..Default::default()
+    };
+    let job = client.start_evaluation(spec(&format!("{bucket}/through"))).await.unwrap().into_inner();
+    wait_until(&mut client, &job.id, "5 queries were re-ranked", |p| p.done >= 5).await;
+    s3.stop();
+    tokio::time::sleep(outage()).await;
+    s3.restart();
+    assert_succeeded(&wait_job(&mut client, &job.id, TIMEOUT).await);
+    let undisturbed = client.start_evaluation(spec(&format!("{bucket}/undisturbed"))).await.unwrap().into_inner();
+    assert_succeeded(&wait_job(&mut client, &undisturbed.id, TIMEOUT).await);
+    for file in ["run.trec", "metrics.json"] {
+        let (a, b) = (s3.file_of(&format!("through/{file}")), s3.file_of(&format!("undisturbed/{file}")));
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{file} differs after the outage");
     }
 }
