@@ -460,3 +460,38 @@ pub fn tiny_shards_spec(f: &Fixture, output: &str, seed: u64, name: &str) -> dis
         name: name.into(),
     }
 }
+
+/// Training of the tiny BERT fixture with `bce` for `steps` steps, a checkpoint every 10 (tests of
+/// resumes, outages and chaos, which compare its weights with an undisturbed run's).
+pub fn bce_training_spec(dataset: &str, output: &str, steps: u64) -> distill_proto::TrainingSpec {
+    distill_proto::TrainingSpec {
+        datasets: vec![dataset.to_string()],
+        backbone: model_fixture("bert"),
+        objective: "bce".into(),
+        hyperparameters: Some(distill_proto::Hyperparameters {
+            learning_rate: 2e-3,
+            batch_size: 4,
+            max_steps: steps,
+            seed: 11,
+            max_query_length: 16,
+            max_length: 48,
+            shuffle_buffer: 16,
+            ..Default::default()
+        }),
+        checkpoint_every_steps: 10,
+        output_uri: output.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Two safetensors files hold the same tensors, bit for bit (training on CPU is deterministic).
+pub fn assert_same_weights(a: impl AsRef<Path>, b: impl AsRef<Path>) {
+    let (a, b) = (a.as_ref(), b.as_ref());
+    let dev = candle_core::Device::Cpu;
+    let (ta, tb) = (candle_core::safetensors::load(a, &dev).unwrap(), candle_core::safetensors::load(b, &dev).unwrap());
+    assert_eq!(ta.len(), tb.len());
+    for (name, x) in &ta {
+        let diff = (x - &tb[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} differs by {diff} between {} and {}", a.display(), b.display());
+    }
+}

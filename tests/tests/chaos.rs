@@ -141,32 +141,6 @@ async fn under_chaos(
     done
 }
 
-fn training(dataset: &str, output: &str) -> pb::TrainingSpec {
-    pb::TrainingSpec {
-        datasets: vec![dataset.to_string()],
-        backbone: model_fixture("bert"),
-        objective: "bce".into(),
-        hyperparameters: Some(pb::Hyperparameters {
-            learning_rate: 2e-3,
-            batch_size: 4,
-            max_steps: 150,
-            seed: 11,
-            max_query_length: 16,
-            max_length: 48,
-            shuffle_buffer: 16,
-            ..Default::default()
-        }),
-        checkpoint_every_steps: 10,
-        output_uri: output.to_string(),
-        ..Default::default()
-    }
-}
-
-fn weights(s3: &S3Server, run: &str) -> std::collections::HashMap<String, candle_core::Tensor> {
-    let path = s3.file_of(&format!("{run}/final/model.safetensors"));
-    candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_finish_exactly_once_through_kills_and_outages() {
     let day = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
@@ -189,7 +163,8 @@ async fn jobs_finish_exactly_once_through_kills_and_outages() {
     let labelled = under_chaos(&mut teachers, &mut s3, &mut rng, &mut outages, label).await;
     let train = async |url: &str, n: usize| {
         let mut client = pb::trainer_service_client::TrainerServiceClient::connect(url.to_string()).await.unwrap();
-        let spec = training(&format!("{bucket}/datasets/chaos-0"), &format!("{bucket}/students/chaos-{n}"));
+        let spec =
+            bce_training_spec(&format!("{bucket}/datasets/chaos-0"), &format!("{bucket}/students/chaos-{n}"), 150);
         client.start_training(spec).await.unwrap().into_inner().id
     };
     let trained = under_chaos(&mut trainers, &mut s3, &mut rng, &mut outages, train).await;
@@ -227,15 +202,11 @@ async fn jobs_finish_exactly_once_through_kills_and_outages() {
     }
     let calm = Service::trainer(format!("{bucket}/calm-trainer"), &["--allow-location", &bucket], &s3.env());
     let mut client = calm.trainer_client().await;
-    let spec = training(&format!("{bucket}/datasets/chaos-0"), &format!("{bucket}/students/undisturbed"));
+    let spec = bce_training_spec(&format!("{bucket}/datasets/chaos-0"), &format!("{bucket}/students/undisturbed"), 150);
     let id = client.start_training(spec).await.unwrap().into_inner().id;
     assert_succeeded(&wait_job(&mut client, &id, TIMEOUT).await);
-    let reference = weights(&s3, "students/undisturbed");
+    let final_weights = |run: &str| s3.file_of(&format!("students/{run}/final/model.safetensors"));
     for n in 0..trained.len() {
-        let w = weights(&s3, &format!("students/chaos-{n}"));
-        for (name, x) in &reference {
-            let diff = (x - &w[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(diff, 0.0, "student chaos-{n}: {name} differs by {diff}");
-        }
+        assert_same_weights(final_weights("undisturbed"), final_weights(&format!("chaos-{n}")));
     }
 }

@@ -61,27 +61,6 @@ async fn a_labelling_job_waits_out_an_s3_outage() {
     assert_eq!(through, undisturbed, "no row lost or written twice");
 }
 
-fn training(dataset: &str, output: &str) -> pb::TrainingSpec {
-    pb::TrainingSpec {
-        datasets: vec![dataset.to_string()],
-        backbone: model_fixture("bert"),
-        objective: "bce".into(),
-        hyperparameters: Some(pb::Hyperparameters {
-            learning_rate: 2e-3,
-            batch_size: 4,
-            max_steps: 80,
-            seed: 11,
-            max_query_length: 16,
-            max_length: 48,
-            shuffle_buffer: 16,
-            ..Default::default()
-        }),
-        checkpoint_every_steps: 10,
-        output_uri: output.to_string(),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_training_job_waits_out_an_s3_outage() {
     let mut s3 = S3Server::start("distill");
@@ -96,26 +75,26 @@ async fn a_training_job_waits_out_an_s3_outage() {
 
     let trainer = Service::trainer(format!("{bucket}/trainer"), &allow, &s3.env());
     let mut client = trainer.trainer_client().await;
-    let straight = client.start_training(training(&dataset, &format!("{bucket}/straight"))).await.unwrap().into_inner();
+    let straight = client
+        .start_training(bce_training_spec(&dataset, &format!("{bucket}/straight"), 80))
+        .await
+        .unwrap()
+        .into_inner();
     assert_succeeded(&wait_job(&mut client, &straight.id, TIMEOUT).await);
 
-    let job = client.start_training(training(&dataset, &format!("{bucket}/through"))).await.unwrap().into_inner();
+    let job = client
+        .start_training(bce_training_spec(&dataset, &format!("{bucket}/through"), 80))
+        .await
+        .unwrap()
+        .into_inner();
     wait_until(&mut client, &job.id, "step 15", |p| p.done >= 15).await;
     s3.stop();
     tokio::time::sleep(outage()).await;
     s3.restart();
     let j = wait_job(&mut client, &job.id, TIMEOUT).await;
     assert_succeeded(&j);
-    let weights = |run: &str| {
-        let path = s3.file_of(&format!("{run}/final/model.safetensors"));
-        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap()
-    };
-    let (a, b) = (weights("straight"), weights("through"));
-    assert_eq!(a.len(), b.len());
-    for (name, x) in &a {
-        let diff = (x - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0, "{name} differs by {diff} after the outage");
-    }
+    let final_weights = |run: &str| s3.file_of(&format!("{run}/final/model.safetensors"));
+    assert_same_weights(final_weights("straight"), final_weights("through"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

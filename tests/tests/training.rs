@@ -358,17 +358,6 @@ fn services_refuse_a_device_they_cannot_use() {
     }
 }
 
-fn assert_same_weights(a: &str, b: &str) {
-    let dev = candle_core::Device::Cpu;
-    let (ta, tb) = (candle_core::safetensors::load(a, &dev).unwrap(), candle_core::safetensors::load(b, &dev).unwrap());
-    assert_eq!(ta.len(), tb.len());
-    for (name, x) in &ta {
-        let y = &tb[name];
-        let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0, "{name} differs by {diff} between {a} and {b}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_trainer_resumes_to_the_same_weights() {
     let f = Fixture::topical(32, 8);

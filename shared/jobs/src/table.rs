@@ -369,9 +369,10 @@ impl Jobs {
         let mut taken = Vec::new();
         for (name, version) in listing {
             let Some(id) = name.strip_suffix(".pb") else { continue };
-            let held = self.get(id).is_ok_and(|e| self.holds(&e));
+            let entry = self.get(id).ok();
+            let held = entry.as_ref().is_some_and(|e| self.holds(e));
             // Re-read what changed, and unfinished jobs (their lease may have expired).
-            let unfinished = self.get(id).map_or(true, |e| !e.snapshot().state().is_terminal());
+            let unfinished = entry.is_none_or(|e| !e.snapshot().state().is_terminal());
             let changed = self.seen.lock().unwrap_or_else(|e| e.into_inner()).get(id) != Some(&version);
             if held || !(changed || unfinished) {
                 continue;
