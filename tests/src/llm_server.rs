@@ -12,7 +12,12 @@
 //! | `#refuse`  | 401                                      | 401            |
 //!
 //! Passages carry their relevance as `grade=N`: listwise answers sort a window by grade (highest
-//! first, stable), pointwise answers give P(yes) = sigmoid(N - 2) as first-token logprobs.
+//! first, stable), pointwise answers give P(yes) = sigmoid(N - 2) as first-token logprobs. A
+//! window in which no passage has a grade is answered in reverse order, so that an answer always
+//! differs from the first stage's order (which a window that fell back keeps).
+//!
+//! `stop` takes the endpoint away (the port refuses connections, kept-alive ones are closed) and
+//! `restart` brings it back on the same port, for outage tests.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -45,7 +50,10 @@ pub struct Stats {
 pub struct ScriptedLlm {
     pub base_url: String,
     pub stats: Arc<Stats>,
+    addr: std::net::SocketAddr,
+    script: Arc<Script>,
     server: tokio::task::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for ScriptedLlm {
@@ -65,21 +73,44 @@ impl ScriptedLlm {
     pub async fn start(latency: Duration, timeout_sleep: Duration) -> ScriptedLlm {
         let stats = Arc::new(Stats::default());
         let script = Arc::new(Script { latency, timeout_sleep, stats: stats.clone() });
-        let app = axum::Router::new()
-            .route("/v1/chat/completions", post(handle))
-            .route("/v1/completions", post(handle))
-            .with_state(script);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        ScriptedLlm { base_url: format!("http://{addr}/v1"), stats, server }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let server = serve(listener, script.clone(), stop.clone());
+        ScriptedLlm { base_url: format!("http://{addr}/v1"), stats, addr, script, server, stop }
+    }
+
+    /// Takes the endpoint away: answers in flight are finished, kept-alive connections closed and
+    /// the port closed, so that requests fail until `restart`.
+    pub async fn stop(&mut self) {
+        self.stop.notify_one();
+        (&mut self.server).await.unwrap();
+    }
+
+    /// Serves again on the same port.
+    pub async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.server = serve(listener, self.script.clone(), self.stop.clone());
     }
 
     pub fn requests(&self) -> u64 {
         self.stats.requests.load(Ordering::SeqCst)
     }
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    script: Arc<Script>,
+    stop: Arc<tokio::sync::Notify>,
+) -> tokio::task::JoinHandle<()> {
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(handle))
+        .route("/v1/completions", post(handle))
+        .with_state(script);
+    tokio::spawn(async move {
+        let stopped = async move { stop.notified().await };
+        axum::serve(listener, app).with_graceful_shutdown(stopped).await.unwrap();
+    })
 }
 
 struct InFlight<'a>(&'a Stats);
@@ -98,8 +129,8 @@ fn prompt_text(body: &Value) -> String {
     }
 }
 
-fn grade(text: &str) -> i64 {
-    text.split_whitespace().find_map(|w| w.strip_prefix("grade=")).and_then(|g| g.parse().ok()).unwrap_or(0)
+fn grade(text: &str) -> Option<i64> {
+    text.split_whitespace().find_map(|w| w.strip_prefix("grade=")).and_then(|g| g.parse().ok())
 }
 
 pub fn sigmoid(x: f64) -> f64 {
@@ -156,7 +187,7 @@ async fn handle(State(s): State<Arc<Script>>, uri: Uri, headers: HeaderMap, body
         "[2] > [2] > [99] > [1]".to_string()
     } else {
         // Window passages are the user turns `[k] text`.
-        let mut passages: Vec<(usize, i64)> = Vec::new();
+        let mut passages: Vec<(usize, Option<i64>)> = Vec::new();
         for m in request["messages"].as_array().into_iter().flatten() {
             let c = m["content"].as_str().unwrap_or("");
             if m["role"] == "user" {
@@ -169,10 +200,13 @@ async fn handle(State(s): State<Arc<Script>>, uri: Uri, headers: HeaderMap, body
                 }
             }
         }
-        passages.sort_by_key(|(_, g)| -g);
+        if passages.iter().all(|(_, g)| g.is_none()) {
+            passages.reverse();
+        }
+        passages.sort_by_key(|(_, g)| -g.unwrap_or(0));
         passages.iter().map(|(id, _)| format!("[{id}]")).collect::<Vec<_>>().join(" > ")
     };
-    let grade_of_passage = if pointwise { Some(grade(&text)) } else { None };
+    let grade_of_passage = if pointwise { Some(grade(&text).unwrap_or(0)) } else { None };
     let prompt_tokens = body.len() as u64 / 4;
     let completion_tokens = if pointwise { 1 } else { content.len() as u64 / 3 + 1 };
     stats.prompt_tokens.fetch_add(prompt_tokens, Ordering::SeqCst);

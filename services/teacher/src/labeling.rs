@@ -162,6 +162,8 @@ pub async fn run(
     };
     let mut writer = writer.fenced(lease_fence(jobs, entry));
     let mut counters: BTreeMap<String, f64> = serde_json::from_value(resume.state.clone()).unwrap_or_default();
+    // What earlier attempts counted (an outage's failures among them), as their last record had it.
+    let carried = counters.clone();
     if resume.cursor > 0 {
         jobs.log(entry, "info", format!("resuming after {} queries already in committed shards", resume.cursor));
     }
@@ -233,7 +235,7 @@ pub async fn run(
             }
         }
         let done = i as u64 + 1;
-        teacher_ref.check_outage(total - done)?;
+        teacher_ref.check_outage(&carried, total - done)?;
         let all = merged(&counters, teacher_ref);
         let closed = writer.end_unit(done, serde_json::to_value(&all).expect("counters serialize")).await?;
         if closed.is_some() || last_report.elapsed() > Duration::from_millis(200) {

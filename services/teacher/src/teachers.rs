@@ -36,9 +36,10 @@ pub trait Teacher: Send + Sync {
     fn counters(&self) -> BTreeMap<String, f64> {
         BTreeMap::new()
     }
-    /// Fails when the teacher's endpoint failed so often that its labels would be mostly the
-    /// first stage's, even if each of the `remaining` queries still to come went well.
-    fn check_outage(&self, _remaining: u64) -> Result<(), Error> {
+    /// Fails when the teacher's endpoint failed more often than the job allows, even if each of
+    /// the `remaining` queries still to come went well; `carried` holds the job's counters from
+    /// its earlier attempts (as its last progress record has them), which count too.
+    fn check_outage(&self, _carried: &BTreeMap<String, f64>, _remaining: u64) -> Result<(), Error> {
         Ok(())
     }
     /// One score per candidate of `query` (in order); None where the teacher has no score.

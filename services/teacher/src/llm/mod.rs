@@ -305,6 +305,24 @@ impl LlmTeacher {
     }
 }
 
+impl LlmTeacher {
+    /// The counters an outage shows in (what failed, what was asked) and how the error names them.
+    fn outage_counters(&self) -> (&'static str, &'static str, &'static str) {
+        match self.mode {
+            Mode::Listwise { .. } => ("fallback_windows", "windows", "windows kept the first-stage order"),
+            Mode::Pointwise { .. } => ("unscored_pairs", "pairs", "pairs went unscored"),
+        }
+    }
+
+    /// Windows that fell back (listwise) or pairs left unscored (pointwise) since it was built.
+    fn failed(&self) -> u64 {
+        match self.mode {
+            Mode::Listwise { .. } => self.fallback_windows.load(Ordering::Relaxed),
+            Mode::Pointwise { .. } => self.unscored_pairs.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl Teacher for LlmTeacher {
     fn identity(&self) -> TeacherIdentity {
         self.identity.clone()
@@ -314,14 +332,11 @@ impl Teacher for LlmTeacher {
         self.concurrency
     }
 
-    fn check_outage(&self, remaining: u64) -> Result<(), Error> {
-        let (failed, what) = match self.mode {
-            Mode::Listwise { .. } => {
-                (self.fallback_windows.load(Ordering::Relaxed), "windows kept the first-stage order")
-            }
-            Mode::Pointwise { .. } => (self.unscored_pairs.load(Ordering::Relaxed), "pairs went unscored"),
-        };
-        let attempted = self.attempted.load(Ordering::Relaxed);
+    fn check_outage(&self, carried: &BTreeMap<String, f64>, remaining: u64) -> Result<(), Error> {
+        let (failed_key, asked_key, what) = self.outage_counters();
+        let before = |k: &str| carried.get(k).copied().unwrap_or(0.0) as u64;
+        let failed = before(failed_key) + self.failed();
+        let attempted = before(asked_key) + self.attempted.load(Ordering::Relaxed);
         // Each query still to come asks at least once: the fewest asks the job can end with.
         let at_least = attempted + remaining;
         if failed as f64 <= self.max_fallback_ratio * at_least as f64 {
@@ -340,12 +355,12 @@ impl Teacher for LlmTeacher {
         match self.mode {
             Mode::Listwise { .. } => {
                 c.insert("repaired_permutations".into(), self.repaired.load(Ordering::Relaxed) as f64);
-                c.insert("fallback_windows".into(), self.fallback_windows.load(Ordering::Relaxed) as f64);
             }
-            Mode::Pointwise { .. } => {
-                c.insert("unscored_pairs".into(), self.unscored_pairs.load(Ordering::Relaxed) as f64);
-            }
+            Mode::Pointwise { .. } => {}
         }
+        let (failed_key, asked_key, _) = self.outage_counters();
+        c.insert(failed_key.into(), self.failed() as f64);
+        c.insert(asked_key.into(), self.attempted.load(Ordering::Relaxed) as f64);
         c
     }
 
