@@ -61,6 +61,54 @@ async fn a_labelling_job_waits_out_an_s3_outage() {
     assert_eq!(through, undisturbed, "no row lost or written twice");
 }
 
+/// `--store-retry-timeout` bounds the wait: an outage longer than it fails the job loudly (naming
+/// the store). The FAILED record, not writable during the outage, is written once the store is
+/// back (a restarted service finds the job FAILED, not RUNNING), and ResumeJob finishes the job
+/// with the undisturbed rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_longer_than_the_retry_timeout_fails_the_job_and_resume_finishes_it() {
+    let mut s3 = S3Server::start("distill");
+    let f = Fixture::new(400, 25);
+    let bucket = format!("s3://{}", s3.bucket);
+    let args = ["--allow-location", &bucket, "--store-retry-timeout", "2", "--single-replica"];
+    let svc = Service::teacher(format!("{bucket}/teacher"), &args, &s3.env());
+    let mut client = svc.client().await;
+    let uri = format!("{bucket}/datasets/failed-by-outage");
+    let id = client.start_labeling(tiny_shards_spec(&f, &uri, 3, "outage")).await.unwrap().into_inner().id;
+    wait_until(&mut client, &id, "5 shards were committed", |p| p.shards >= 5).await;
+    s3.stop();
+    let stopped = Instant::now();
+    let failed = loop {
+        let job = client.job(&id).await;
+        if job.state().is_terminal() {
+            break job;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(60), "still {:?} after 60 s of outage", job.state());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("failed {:.1?} into the outage: {}", stopped.elapsed(), failed.error);
+    assert_eq!(failed.state(), pb::JobState::Failed);
+    assert!(failed.error.contains(&bucket), "the error names the store: {}", failed.error);
+    // Past the retry timeout of the record's own write, then the store comes back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    s3.restart();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(svc);
+    let svc = Service::teacher(format!("{bucket}/teacher"), &args, &s3.env());
+    let mut client = svc.client().await;
+    let stored = client.job(&id).await;
+    assert_eq!((stored.state(), stored.resumes), (pb::JobState::Failed, 0), "{}", stored.error);
+    client.resume_job(pb::ResumeJobRequest { id: id.clone() }).await.unwrap();
+    let job = wait_job(&mut client, &id, TIMEOUT).await;
+    assert_succeeded(&job);
+    assert_eq!(job.resumes, 1);
+
+    let full = format!("{bucket}/datasets/undisturbed");
+    let full_id = client.start_labeling(tiny_shards_spec(&f, &full, 3, "outage")).await.unwrap().into_inner().id;
+    assert_succeeded(&wait_job(&mut client, &full_id, TIMEOUT).await);
+    assert_eq!(rows(&uri, &s3), rows(&full, &s3), "no row lost or written twice");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_training_job_waits_out_an_s3_outage() {
     let mut s3 = S3Server::start("distill");

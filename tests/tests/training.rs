@@ -406,6 +406,13 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     assert_eq!(j.resumes, 1);
     assert_eq!(j.progress.as_ref().unwrap().done, steps);
     assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{resumed}/final/model.safetensors"));
+    // The second attempt wrote checkpoints of its own (`-a1`) and removed the first attempt's.
+    let kept: Vec<String> = std::fs::read_dir(format!("{resumed}/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(kept, vec![format!("step-{:08}-a1", steps - 10)]);
     // The history was carried over: one record per logged step, none twice.
     let h: Vec<u64> =
         history(&resumed).iter().filter_map(|r| r["loss"].is_number().then(|| r["step"].as_u64().unwrap())).collect();

@@ -5,6 +5,7 @@
 //! Output layout (below the job's output URI):
 //! ```text
 //! checkpoints/step-00000100/{model.safetensors, optimizer.safetensors, state.json}
+//! checkpoints/step-00000200-a1/  a checkpoint of the job's second attempt (after a resume)
 //! checkpoints/latest.json      written last: names the newest complete checkpoint
 //! metrics.jsonl, loss.svg      the history so far (rewritten at each checkpoint and at the end)
 //! final/, best/                Hugging Face checkpoints (config.json, model.safetensors, tokenizer)
@@ -485,9 +486,7 @@ pub fn run(
         }
 
         if state.step % hyper.checkpoint_every == 0 && !last {
-            // Only while this replica holds the job: a checkpoint of a lost attempt is not written.
-            handle.block_on(jobs.confirm(&entry))?;
-            handle.block_on(save_checkpoint(&model, &opt, &state, &checkpoints))?;
+            handle.block_on(save_checkpoint(&model, &opt, &state, &checkpoints, (&jobs, &entry)))?;
             handle.block_on(write_history(&state, &output))?;
         }
     }
@@ -524,26 +523,35 @@ fn next_batch(
 }
 
 /// Writes a checkpoint, then points `latest.json` at it (so a half-written one is never used),
-/// then removes older checkpoints.
+/// then removes older checkpoints. Each step is taken only while this replica holds the job
+/// (`holder`), and each attempt writes its own directory (`step-N-aK` after K resumes), so an
+/// attempt that lost the job while writing never overwrites what the new holder wrote.
 async fn save_checkpoint(
     model: &CrossEncoder,
     opt: &AdamW,
     state: &TrainerState,
     checkpoints: &Location,
+    (jobs, entry): (&Jobs, &JobEntry),
 ) -> Result<(), Error> {
-    let name = format!("step-{:08}", state.step);
+    let name = match entry.snapshot().resumes {
+        0 => format!("step-{:08}", state.step),
+        attempt => format!("step-{:08}-a{attempt}", state.step),
+    };
+    jobs.confirm(entry).await?;
     let dir = checkpoints.child(&name);
     put_tensors(&dir, "model.safetensors", &model.tensors()).await?;
     put_tensors(&dir, "optimizer.safetensors", &opt.state()).await?;
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Internal(e.to_string()))?;
     dir.put("state.json", Bytes::from(json)).await?;
+    jobs.confirm(entry).await?;
     let pointer = serde_json::json!({"step": state.step, "dir": name});
     checkpoints.put("latest.json", Bytes::from(pointer.to_string())).await?;
-    // Older checkpoints are no longer needed.
+    // Earlier checkpoints are no longer needed (later ones, which only a newer attempt can have
+    // written, are not this attempt's to remove).
     let mut older = std::collections::BTreeSet::new();
     for obj in checkpoints.list_recursive().await? {
         if let Some((d, _)) = obj.split_once('/') {
-            if d.starts_with("step-") && d != name {
+            if checkpoint_step(d).is_some_and(|s| s < state.step) {
                 older.insert(d.to_string());
             }
         }
@@ -552,6 +560,12 @@ async fn save_checkpoint(
         checkpoints.child(&d).delete_all().await?;
     }
     Ok(())
+}
+
+/// The step of a checkpoint directory's name (`step-00000100` or `step-00000100-a2`).
+fn checkpoint_step(dir: &str) -> Option<u64> {
+    let rest = dir.strip_prefix("step-")?;
+    rest.split('-').next()?.parse().ok()
 }
 
 /// Saves a Hugging Face checkpoint of the model below `loc`.

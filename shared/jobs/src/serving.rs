@@ -100,6 +100,16 @@ pub struct ServiceArgs {
     /// conditional writes; the service refuses such a store otherwise).
     #[arg(long, env = "DISTILL_SINGLE_REPLICA")]
     pub single_replica: bool,
+    /// Seconds an S3 call keeps retrying (jittered backoff, 0.5 s growing to 15 s) through
+    /// connection errors, timeouts, 5xx and throttling before the job fails: the longest store
+    /// outage jobs wait out.
+    #[arg(long, env = "DISTILL_STORE_RETRY_TIMEOUT", default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub store_retry_timeout: u64,
+    /// Retries of one S3 call at most (within --store-retry-timeout).
+    #[arg(long, env = "DISTILL_STORE_RETRIES", default_value_t = 100,
+        value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub store_retries: u64,
 }
 
 /// What a service is started with, secrets resolved.
@@ -155,6 +165,10 @@ impl ServiceArgs {
         // Both ring and aws-lc-rs are linked (object_store's HTTP stack); pick one for TLS.
         let _ = rustls::crypto::ring::default_provider().install_default();
         init_tracing(self.log_json);
+        distill_store::set_retries(distill_store::Retries {
+            max_retries: self.store_retries as usize,
+            timeout: std::time::Duration::from_secs(self.store_retry_timeout),
+        });
         let token = crate::auth::load_token(
             self.auth_token_file.as_deref(),
             std::env::var("DISTILL_AUTH_TOKEN").ok().as_deref(),

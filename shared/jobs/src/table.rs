@@ -11,6 +11,7 @@ use distill_proto::{job_event, Job, JobEvent, JobKind, JobSpec, JobState, LogLin
 use distill_store::Location;
 use prost::Message;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -33,6 +34,9 @@ pub struct JobEntry {
     /// The lease term this replica holds for the job and when it expires; `None` when another
     /// replica runs it (or it is over). Without leases (one replica) every job is held.
     lease: Mutex<Option<(u64, i64)>>,
+    /// The newest record could not be written (the store was unreachable): the keeper writes it
+    /// again every [`SYNC_PERIOD`] until it lands, and a finished job keeps its lease till then.
+    unsaved: AtomicBool,
 }
 
 impl JobEntry {
@@ -50,6 +54,7 @@ impl JobEntry {
             cancel: CancellationToken::new(),
             persist_lock: Default::default(),
             lease: Mutex::new(lease),
+            unsaved: Default::default(),
         })
     }
 
@@ -230,6 +235,14 @@ impl Jobs {
     /// is the one resumed), to continue from its progress records or checkpoints.
     pub async fn reopen(&self, id: &str) -> Result<Arc<JobEntry>, Error> {
         let entry = self.find(id).await?;
+        if self.holds(&entry) {
+            // Ended here just now: its record is on its way (wait for it), or could not be written
+            // while the store was unreachable (write it first).
+            drop(entry.persist_lock.lock().await);
+            if entry.unsaved.load(Ordering::SeqCst) {
+                self.save_again(&entry).await?;
+            }
+        }
         let mut job = self.read_record(id).await?.unwrap_or_else(|| entry.snapshot());
         if !matches!(job.state(), JobState::Failed | JobState::Cancelled) {
             let state = job.state().as_str_name().trim_start_matches("JOB_STATE_");
@@ -270,20 +283,22 @@ impl Jobs {
         }
     }
 
-    /// Keeps this replica's leases and its view of the others' jobs current: every
-    /// [`SYNC_PERIOD`] it renews held leases that are a third through their term (a lease that
-    /// cannot be renewed before it expires is given up: the job is cancelled here and left to
-    /// whoever takes it), re-reads the records, passes cancel requests on to their jobs, and takes
-    /// over unfinished jobs whose lease expired, handing each to `run` (which returns false once
-    /// the service is gone, ending this).
+    /// Keeps the records and this replica's leases and view of the others' jobs current: every
+    /// [`SYNC_PERIOD`] it writes records that could not be written (the store was unreachable),
+    /// renews held leases that are a third through their term (a lease that cannot be renewed
+    /// before it expires is given up: the job is cancelled here and left to whoever takes it),
+    /// re-reads the records, passes cancel requests on to their jobs, and takes over unfinished
+    /// jobs whose lease expired, handing each to `run` (which returns false once the service is
+    /// gone, ending this). Without leases it only writes what was not written.
     pub fn keep(self: &Arc<Self>, run: impl Fn(Arc<JobEntry>) -> bool + Send + 'static) {
         let jobs = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SYNC_PERIOD).await;
                 let Some(jobs) = jobs.upgrade() else { return };
+                jobs.save_unsaved().await;
                 if jobs.leases.is_none() {
-                    return;
+                    continue;
                 }
                 jobs.renew_all().await;
                 let taken = match jobs.sync().await {
@@ -301,6 +316,35 @@ impl Jobs {
                 }
             }
         });
+    }
+
+    /// Writes each record whose last write failed; a finished job's lease ends once its record
+    /// says so.
+    async fn save_unsaved(&self) {
+        let unsaved: Vec<_> = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|e| e.unsaved.load(Ordering::SeqCst))
+            .cloned()
+            .collect();
+        for entry in unsaved {
+            self.save_again(&entry).await.ok();
+        }
+    }
+
+    /// Writes `entry`'s record again (it could not be written before), then ends the lease of a
+    /// finished job.
+    async fn save_again(&self, entry: &JobEntry) -> Result<(), Error> {
+        self.persist(entry).await.inspect_err(|e| {
+            tracing::warn!(job = %entry.id(), error = %e, "job record still not written (the store is unreachable?)")
+        })?;
+        tracing::info!(job = %entry.id(), "job record written after the store came back");
+        if entry.snapshot().state().is_terminal() && self.holds(entry) {
+            self.release(entry).await;
+        }
+        Ok(())
     }
 
     async fn renew_all(&self) {
@@ -466,13 +510,14 @@ impl Jobs {
             return Ok(());
         }
         let job = entry.snapshot();
-        self.dir.put(&format!("{}.pb", job.id), Bytes::from(job.encode_to_vec())).await?;
-        Ok(())
+        let written = self.dir.put(&format!("{}.pb", job.id), Bytes::from(job.encode_to_vec())).await;
+        entry.unsaved.store(written.is_err(), Ordering::SeqCst);
+        Ok(written?)
     }
 
     async fn persist_logged(&self, entry: &JobEntry) {
         if let Err(e) = self.persist(entry).await {
-            tracing::error!(job = %entry.id(), error = %e, "could not persist job record");
+            tracing::error!(job = %entry.id(), error = %e, "could not persist job record (written again later)");
         }
     }
 
@@ -497,7 +542,9 @@ impl Jobs {
         });
         tracing::info!(job = %job.id, state = ?state, error, "job state");
         self.persist_logged(entry).await;
-        if state.is_terminal() {
+        // A finished job whose record could not be written keeps its lease (no other replica
+        // resumes it) until the keeper has written the record.
+        if state.is_terminal() && !entry.unsaved.load(Ordering::SeqCst) {
             self.release(entry).await;
         }
         entry.emit(&job.id, job_event::Event::State(StateChange { state: state as i32, error: error.to_string() }));

@@ -62,16 +62,45 @@ fn invalid(uri: &str, reason: impl ToString) -> StoreError {
 }
 
 /// How S3 calls retry (connection errors, timeouts, 5xx, throttling): with jittered backoff from
-/// 0.5 s growing up to 15 s between tries, for up to `DISTILL_STORE_RETRY_TIMEOUT` seconds after
-/// the first (default 300; object_store advises under 5 minutes, as requests are signed once) and
-/// at most `DISTILL_STORE_RETRIES` tries (default 100: the time bound is the one that counts).
-/// A job waits out a store outage of a few minutes and fails only after that.
+/// 0.5 s growing up to 15 s between tries, for up to `timeout` after the first try and at most
+/// `max_retries` retries. A job waits out a store outage that long and fails only after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retries {
+    pub max_retries: usize,
+    pub timeout: std::time::Duration,
+}
+
+impl Retries {
+    /// 100 retries within 300 s (object_store advises under 5 minutes, as requests are signed
+    /// once): the time bound is the one that counts.
+    pub const DEFAULT: Retries = Retries { max_retries: 100, timeout: std::time::Duration::from_secs(300) };
+
+    /// The default with `DISTILL_STORE_RETRIES` and `DISTILL_STORE_RETRY_TIMEOUT` (seconds) read
+    /// where set: what the CLI and tools use; the services take them as flags (`--store-retries`,
+    /// `--store-retry-timeout`, which read the same variables) and call [`set_retries`].
+    fn from_env() -> Retries {
+        let number = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok());
+        Retries {
+            max_retries: number("DISTILL_STORE_RETRIES").map_or(Self::DEFAULT.max_retries, |n| n as usize),
+            timeout: number("DISTILL_STORE_RETRY_TIMEOUT")
+                .map_or(Self::DEFAULT.timeout, std::time::Duration::from_secs),
+        }
+    }
+}
+
+static RETRIES: OnceLock<Retries> = OnceLock::new();
+
+/// Sets how S3 locations parsed from now on retry, once per process (a service's flags, at
+/// startup). Returns false, changing nothing, when they were set already.
+pub fn set_retries(retries: Retries) -> bool {
+    RETRIES.set(retries).is_ok()
+}
+
 fn retry_config() -> object_store::RetryConfig {
-    let number =
-        |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default);
+    let r = *RETRIES.get_or_init(Retries::from_env);
     object_store::RetryConfig {
-        max_retries: number("DISTILL_STORE_RETRIES", 100) as usize,
-        retry_timeout: std::time::Duration::from_secs(number("DISTILL_STORE_RETRY_TIMEOUT", 300)),
+        max_retries: r.max_retries,
+        retry_timeout: r.timeout,
         backoff: object_store::BackoffConfig {
             init_backoff: std::time::Duration::from_millis(500),
             max_backoff: std::time::Duration::from_secs(15),
@@ -365,8 +394,25 @@ impl Location {
                 Err(e) => return Err(self.err(path.as_ref(), e)),
             }
         }
+        // A file system keeps the directories: those left empty go too.
+        if self.uri.starts_with("file://") {
+            remove_empty_dirs(&local_path(&self.uri)?);
+        }
         Ok(())
     }
+}
+
+/// Removes `dir` and the directories below it that hold no file (best effort: one that gained a
+/// file meanwhile stays).
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// A local directory holding what `uri` names: a local path as it is; an object-store prefix is
@@ -467,6 +513,18 @@ mod tests {
         assert_eq!(loc.list("a").await.unwrap(), vec!["a/b.json".to_string()]);
         // The same bytes again: a retry finding its own earlier write.
         loc.put_if_absent("a/b.json", Bytes::from_static(b"1")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn deleting_a_local_prefix_leaves_no_empty_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::parse(dir.path().to_str().unwrap()).unwrap();
+        for name in ["ckpt/step-1/a", "ckpt/step-1/deep/b", "ckpt/step-2/a"] {
+            loc.put(name, Bytes::from_static(b"x")).await.unwrap();
+        }
+        loc.child("ckpt/step-1").delete_all().await.unwrap();
+        assert!(!dir.path().join("ckpt/step-1").exists());
+        assert!(dir.path().join("ckpt/step-2/a").is_file());
     }
 
     #[tokio::test]
