@@ -458,6 +458,7 @@ pub fn tiny_shards_spec(f: &Fixture, output: &str, seed: u64, name: &str) -> dis
         output_uri: output.to_string(),
         shards: Some(pb::ShardOptions { rows_per_shard: 6, bytes_per_shard: 0 }),
         name: name.into(),
+        partition: None,
     }
 }
 

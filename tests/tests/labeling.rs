@@ -60,6 +60,7 @@ fn spec(f: &Fixture, layout: pb::OutputLayout, output: &str) -> pb::LabelingSpec
         output_uri: output.to_string(),
         shards: Some(pb::ShardOptions { rows_per_shard: 16, bytes_per_shard: 0 }),
         name: String::new(),
+        partition: None,
     }
 }
 

@@ -72,6 +72,7 @@ fn labeling(candidates: &str, layout: pb::OutputLayout, llm: pb::LlmReranker, ou
         output_uri: output,
         shards: Some(pb::ShardOptions { rows_per_shard: 4, bytes_per_shard: 0 }),
         name: "llm test".into(),
+        partition: None,
     }
 }
 

@@ -30,6 +30,7 @@ fn labeling_spec(f: &Fixture, layout: pb::OutputLayout, output: &str) -> pb::Lab
         output_uri: output.to_string(),
         shards: Some(pb::ShardOptions { rows_per_shard: 20, bytes_per_shard: 0 }),
         name: String::new(),
+        partition: None,
     }
 }
 

@@ -515,9 +515,23 @@ struct LabelArgs {
     bytes_per_shard: u64,
     #[arg(long, default_value = "")]
     name: String,
+    /// Label only part I of N (e.g. 0/3 .. 2/3; queries assigned by a hash of their id) into
+    /// `<output>/_parts/`; the part that completes the set commits the whole dataset at --output.
+    #[arg(long, value_parser = parse_partition)]
+    partition: Option<pb::Partition>,
     /// Print the job id and return instead of following the job.
     #[arg(long)]
     detach: bool,
+}
+
+fn parse_partition(s: &str) -> Result<pb::Partition, String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/3")?;
+    let number = |x: &str| x.trim().parse::<u32>().map_err(|e| format!("{x:?}: {e}"));
+    let (index, count) = (number(i)?, number(n)?);
+    if count == 0 || index >= count {
+        return Err(format!("{s}: I must be below N, N at least 1"));
+    }
+    Ok(pb::Partition { index, count })
 }
 
 fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
@@ -611,7 +625,25 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
         output_uri: absolutize(&a.output),
         shards: Some(pb::ShardOptions { rows_per_shard: a.rows_per_shard, bytes_per_shard: a.bytes_per_shard }),
         name: a.name.clone(),
+        partition: a.partition,
     }
+}
+
+/// An unfinished labelling job of the teacher writing what `spec` would (the same output and
+/// part): a `distill label` run again (a restarted Kubernetes pod) follows it instead of starting
+/// a second job that the first one's partial output would refuse.
+async fn unfinished_twin(client: &mut client::Teacher, spec: &pb::LabelingSpec) -> anyhow::Result<Option<pb::Job>> {
+    if spec.output_uri.is_empty() {
+        return Ok(None);
+    }
+    let jobs = client.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
+    Ok(jobs.into_iter().find(|j| {
+        let part = match j.spec.as_ref().and_then(|s| s.spec.as_ref()) {
+            Some(pb::job_spec::Spec::Labeling(l)) => l.partition,
+            _ => return false,
+        };
+        !j.state().is_terminal() && j.output_uri == spec.output_uri && part == spec.partition
+    }))
 }
 
 fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
@@ -648,7 +680,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Label(args) => {
             let mut client = cli.conn.teacher().await?;
-            let job = client.start_labeling(labeling_spec(&args)).await?.into_inner();
+            let spec = labeling_spec(&args);
+            let job = match unfinished_twin(&mut client, &spec).await? {
+                Some(job) => {
+                    eprintln!("job {} already labels {} (this part): following it", job.id, job.output_uri);
+                    job
+                }
+                None => client.start_labeling(spec).await?.into_inner(),
+            };
             follow(&mut client, job, "labelling", args.detach).await
         }
         Command::Train(args) => {

@@ -3,6 +3,7 @@
 use crate::candidates::{self, QueryCandidates};
 use crate::error::Error;
 use crate::llm::TeacherContext;
+use crate::partition::Part;
 use crate::sampling::{self, SamplingParams};
 use crate::teachers;
 use distill_jobs::{JobEntry, Jobs};
@@ -47,6 +48,7 @@ fn require(field: &str, value: &str) -> Result<(), Error> {
 pub fn validate(spec: &LabelingSpec, endpoints: &crate::llm::endpoints::Endpoints) -> Result<(), Error> {
     crate::limits::check(spec)?;
     layout_of(spec)?;
+    Part::of(spec)?;
     match spec.source.as_ref().and_then(|s| s.source.as_ref()) {
         None => return Err(Error::InvalidArgument("source: no candidate source given (trec or jsonl)".into())),
         Some(Source::Trec(t)) => {
@@ -127,24 +129,47 @@ fn merged(counters: &BTreeMap<String, f64>, teacher: &dyn teachers::Teacher) -> 
     out
 }
 
-/// Runs (or resumes) a labelling job to its committed dataset.
-pub async fn run(
-    spec: &LabelingSpec,
-    job_id: &str,
-    output: Location,
-    ctx: &TeacherContext,
-    jobs: &Arc<Jobs>,
-    entry: &Arc<JobEntry>,
-    cancel: &CancellationToken,
-) -> Result<Outcome, Error> {
+/// A labelling job as its worker sees it: the spec, the job's id and record, what teachers need,
+/// and its cancellation.
+#[derive(Clone, Copy)]
+pub struct LabelingJob<'a> {
+    pub spec: &'a LabelingSpec,
+    pub id: &'a str,
+    pub ctx: &'a TeacherContext,
+    pub jobs: &'a Arc<Jobs>,
+    pub entry: &'a Arc<JobEntry>,
+    pub cancel: &'a CancellationToken,
+}
+
+/// Runs (or resumes) a labelling job to its committed dataset at `output`; a partitioned job
+/// labels its part into a dataset of its own below `output`, then commits the whole if every part
+/// has.
+pub async fn run(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error> {
+    let Some(part) = Part::of(job.spec)? else {
+        return label(job, output).await;
+    };
+    let outcome = label(job, part.output(&output)).await?;
+    if matches!(outcome, Outcome::Committed(_)) {
+        part.finish(&output, job.jobs, job.entry).await?;
+    }
+    Ok(outcome)
+}
+
+/// Labels the spec's queries (its part's, for a partitioned job) into the dataset at `output`.
+async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error> {
+    let LabelingJob { spec, id: job_id, ctx, jobs, entry, cancel } = job;
     let layout = layout_of(spec)?;
-    let sampling_spec = spec.sampling.clone().unwrap_or_default();
+    let sampling_spec = spec.sampling.unwrap_or_default();
     let params = SamplingParams::from_proto(&sampling_spec);
     let source = spec.source.clone().unwrap_or_default();
     let teacher_spec = spec.teacher.clone().unwrap_or_default();
 
     jobs.log(entry, "info", "reading candidates");
-    let queries = candidates::load(&source, &sampling_spec).await?;
+    let mut queries = candidates::load(&source, &sampling_spec).await?;
+    if let Some(part) = Part::of(spec)? {
+        queries = part.select(queries);
+        jobs.log(entry, "info", format!("part {} of {}: {} of the queries", part.index, part.count, queries.len()));
+    }
     let total = queries.len() as u64;
     jobs.log(entry, "info", format!("{total} queries; loading teacher"));
     let teacher = teachers::build(&teacher_spec, ctx).await?;
@@ -246,7 +271,7 @@ pub async fn run(
     }
     drop(scored);
     let counters = merged(&counters, teacher_ref);
-    let extra = serde_json::json!({
+    let mut extra = serde_json::json!({
         "source": match &source.source {
             Some(Source::Trec(t)) => serde_json::json!({"run": t.run, "queries": t.queries, "collection": t.collection, "qrels": t.qrels}),
             Some(Source::Jsonl(j)) => serde_json::json!({"jsonl": j.path}),
@@ -263,6 +288,9 @@ pub async fn run(
         "queries": total,
         "counters": counters,
     });
+    if let Some(part) = Part::of(spec)? {
+        extra["partition"] = serde_json::json!({"index": part.index, "count": part.count});
+    }
     let manifest = writer.commit(extra).await?;
     let mut p = Progress {
         done: total,

@@ -7,7 +7,8 @@
 //!                                                               │ candidates::load   (run+queries+collection+qrels | JSONL)
 //!                                                               │ teachers::build    (first_stage | precomputed | cross_encoders | llm)
 //!                                                               │ sampling           (per-query, seeded: resumable)
-//!                                                               └ DatasetWriter      (rolling shards, progress records, manifest)
+//!                                                               │ DatasetWriter      (rolling shards, progress records, manifest)
+//!                                                               └ partition          (a part's queries; the whole committed by the last part)
 //! ```
 
 pub mod access;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod labeling;
 pub mod limits;
 pub mod llm;
+pub mod partition;
 pub mod sampling;
 pub mod service;
 pub mod teachers;

@@ -129,7 +129,9 @@ impl TeacherState {
             endpoints: self.grants.endpoints.clone(),
         };
         let output = Location::parse(&job.output_uri)?;
-        labeling::run(spec, &job.id, output, &ctx, &self.jobs, entry, &entry.cancel).await
+        let job =
+            labeling::LabelingJob { spec, id: &job.id, ctx: &ctx, jobs: &self.jobs, entry, cancel: &entry.cancel };
+        labeling::run(job, output).await
     }
 
     /// Where API keys given in job specs wait for their job (so it can resume after a restart); never

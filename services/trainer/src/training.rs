@@ -443,7 +443,7 @@ pub fn run(
 
         let log_every = (total_steps / 200).max(1);
         let last = state.step == total_steps;
-        if state.step % log_every == 0 || last {
+        if state.step.is_multiple_of(log_every) || last {
             let secs = window.3.elapsed().as_secs_f64().max(1e-9);
             let record = serde_json::json!({
                 "step": state.step, "epoch": state.position.epoch, "loss": window.0 / window.1 as f64,
@@ -463,7 +463,8 @@ pub fn run(
             window = (0.0, 0, 0, Instant::now());
         }
 
-        let eval_due = eval.is_some() && ((hyper.eval_every > 0 && state.step % hyper.eval_every == 0) || last);
+        let eval_due =
+            eval.is_some() && ((hyper.eval_every > 0 && state.step.is_multiple_of(hyper.eval_every)) || last);
         if eval_due {
             let data = eval.as_ref().expect("checked");
             let stop = || if entry.cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
@@ -485,7 +486,7 @@ pub fn run(
             }
         }
 
-        if state.step % hyper.checkpoint_every == 0 && !last {
+        if state.step.is_multiple_of(hyper.checkpoint_every) && !last {
             handle.block_on(save_checkpoint(&model, &opt, &state, &checkpoints, (&jobs, &entry)))?;
             handle.block_on(write_history(&state, &output))?;
         }

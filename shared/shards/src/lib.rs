@@ -10,11 +10,15 @@
 //! _manifest.json                  written last, put-if-absent: the dataset is complete
 //! ```
 //!
+//! A dataset labelled in parts holds one such dataset per part below `_parts/` and a manifest of
+//! the whole (see [`parts`]).
+//!
 //! A dataset without `_manifest.json` is not readable as complete ([`DatasetReader::open`] refuses
 //! it). The manifest lists every shard with its rows, bytes and SHA-256; the reader verifies them.
 //! The layouts and their columns are documented in `docs/shards.md` and in [`schema`].
 
 pub mod manifest;
+pub mod parts;
 pub mod reader;
 pub mod rows;
 pub mod schema;

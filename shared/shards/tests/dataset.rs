@@ -208,3 +208,54 @@ async fn a_growing_dataset_shows_each_shard_once_closed() {
     assert_eq!(growing.shard(1).await.unwrap(), NextShard::Ready(manifest.shards[1].clone()));
     assert_eq!(growing.shard(2).await.unwrap(), NextShard::End);
 }
+
+/// Writes part `index` of `count` of queries `0..n` (those `parts::part_of` assigns to it).
+async fn write_part(loc: &Location, index: u32, count: u32, n: usize, layout: Layout) -> Manifest {
+    let part = loc.child(&parts::part_dir(index, count));
+    let job = format!("job-part-{index}");
+    let (mut w, _) = DatasetWriter::open(part, layout, teacher(), opts(4), &job).await.unwrap();
+    let mine: Vec<usize> = (0..n).filter(|q| parts::part_of(&format!("q{q}"), count) == index).collect();
+    for (done, q) in mine.iter().enumerate() {
+        if layout == Layout::Triples {
+            w.append_triples((0..3).map(|k| triple(*q, k))).unwrap();
+        }
+        w.end_unit(done as u64 + 1, serde_json::Value::Null).await.unwrap();
+    }
+    let extra = serde_json::json!({"sampling": {"seed": 1}, "queries": mine.len(), "counters": {"skipped": index}});
+    w.commit(extra).await.unwrap()
+}
+
+#[tokio::test]
+async fn parts_commit_the_whole_once_every_part_has() {
+    let loc = Location::parse("memory://shards-test/parts").unwrap();
+    let mut committed = Vec::new();
+    for index in [2, 0] {
+        committed.push(write_part(&loc, index, 3, 40, Layout::Triples).await);
+        assert_eq!(parts::commit_parts(&loc, 3).await.unwrap(), None, "a part is missing");
+        assert!(DatasetReader::open(loc.clone()).await.is_err(), "nothing committed yet");
+    }
+    write_part(&loc, 1, 3, 40, Layout::Triples).await;
+    let whole = parts::commit_parts(&loc, 3).await.unwrap().expect("every part is committed");
+    // Again (another part finishing at once): the same manifest, not a second one.
+    assert_eq!(parts::commit_parts(&loc, 3).await.unwrap().as_ref(), Some(&whole));
+    assert_eq!(whole.rows, 120);
+    assert_eq!(whole.job_id, "job-part-0+job-part-1+job-part-2");
+    assert_eq!(whole.extra["counters"]["skipped"], 3.0);
+    assert_eq!(whole.extra["queries"], 40);
+    assert!(whole.shards[0].path.starts_with("_parts/00000-of-00003/part-00000-job-part-0"));
+    let mut rows = read_all(&loc).await;
+    let mut want: Vec<_> = (0..40).flat_map(|q| (0..3).map(move |n| triple(q, n))).collect();
+    rows.sort_by(|a, b| (&a.query_id, &a.neg_id).cmp(&(&b.query_id, &b.neg_id)));
+    want.sort_by(|a, b| (&a.query_id, &a.neg_id).cmp(&(&b.query_id, &b.neg_id)));
+    assert_eq!(rows, want, "every query once, in one of the parts");
+    assert!(committed.iter().all(|m| m.rows > 0 && m.rows < 120), "each part holds some of the queries");
+}
+
+#[tokio::test]
+async fn parts_of_different_jobs_are_not_combined() {
+    let loc = Location::parse("memory://shards-test/mixed-parts").unwrap();
+    write_part(&loc, 0, 2, 20, Layout::Triples).await;
+    write_part(&loc, 1, 2, 20, Layout::Lists).await;
+    let e = parts::commit_parts(&loc, 2).await.unwrap_err();
+    assert!(e.to_string().contains("_parts/00001-of-00002") && e.to_string().contains("layout"), "{e}");
+}

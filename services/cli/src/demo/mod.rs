@@ -213,6 +213,7 @@ fn labeling(
         teacher: Some(teacher),
         output_uri: s(out),
         shards: None,
+        partition: None,
         name: name.into(),
     }
 }
