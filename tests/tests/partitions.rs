@@ -47,6 +47,50 @@ fn worker(i: usize, bucket: &str, llm: &ScriptedLlm, s3: &S3Server) -> Service {
     Service::teacher(format!("{bucket}/teacher"), &args, &s3.env())
 }
 
+/// `distill label` of part `part` (detached) as the gRPC specs of this test have it, but without the
+/// LLM answer cache (the earlier runs filled it).
+fn cli_label_args(f: &Fixture, llm: &str, output: &str, part: usize) -> Vec<String> {
+    let args = [
+        "label",
+        "--run",
+        &f.path("run.trec"),
+        "--queries",
+        &f.path("queries.tsv"),
+        "--collection",
+        &f.path("collection.tsv"),
+        "--qrels",
+        &f.path("qrels.txt"),
+        "--positives-from-qrels",
+        "--depth",
+        "20",
+        "--negatives",
+        "3",
+        "--seed",
+        "5",
+        "--teacher-kind",
+        "llm",
+        "--llm-url",
+        llm,
+        "--llm-model",
+        "scripted-ranker",
+        "--llm-concurrency",
+        "1",
+        "--llm-max-retries",
+        "2",
+        "--llm-max-fallback-ratio",
+        "0",
+        "--llm-no-cache",
+        "--output",
+        output,
+        "--rows-per-shard",
+        "40",
+        "--detach",
+    ];
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    args.extend(["--partition".to_string(), format!("{part}/{PARTS}")]);
+    args
+}
+
 async fn start(worker: &Service, spec: pb::LabelingSpec) -> String {
     worker.client().await.start_labeling(spec).await.unwrap().into_inner().id
 }
@@ -55,7 +99,7 @@ async fn start(worker: &Service, spec: pb::LabelingSpec) -> String {
 async fn a_job_split_in_three_parts_commits_the_rows_of_one_run() {
     let s3 = S3Server::start("distill");
     let bucket = format!("s3://{}", s3.bucket);
-    let llm = ScriptedLlm::start(Duration::from_millis(25), Duration::ZERO).await;
+    let mut llm = ScriptedLlm::start(Duration::from_millis(25), Duration::ZERO).await;
     let f = Fixture::new(240, 20);
     let spec = |output: &str, part: Option<u32>| pb::LabelingSpec {
         teacher: Some(llm_teacher(&llm.base_url)),
@@ -85,15 +129,6 @@ async fn a_job_split_in_three_parts_commits_the_rows_of_one_run() {
     for (i, w) in workers.iter().enumerate() {
         ids.push(start(w, spec(&three, Some(i as u32))).await);
     }
-    // `distill label` run again for a part (a restarted Kubernetes pod) follows the part's job.
-    let again = std::process::Command::new(bin("distill"))
-        .args(["--teacher", &workers[1].url(), "label", "--jsonl", "unused.jsonl", "--output", &three])
-        .args(["--partition", "1/3", "--detach"])
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&again.stdout), String::from_utf8_lossy(&again.stderr));
-    assert!(again.status.success(), "{stderr}");
-    assert!(stdout.contains(&ids[1]) && stderr.contains("following it"), "{stdout}{stderr}");
     for (w, id) in workers.iter().zip(&ids) {
         assert_succeeded(&wait_job(&mut w.client().await, id, TIMEOUT).await);
     }
@@ -103,12 +138,35 @@ async fn a_job_split_in_three_parts_commits_the_rows_of_one_run() {
     assert!(!whole.is_empty());
     assert_eq!(sorted_rows(&three, &s3), whole, "the parts' rows differ from one run's");
 
-    // Three workers again, the second killed mid-part and restarted under its replica id.
+    // Three workers again, each part started with `distill label --partition I/3` while the LLM
+    // endpoint is down: each fails (no window may fall back). The same commands, run again once it
+    // is back (as Kubernetes retries a pod), resume the failed jobs; a third run follows them.
     let killed = format!("{bucket}/datasets/one-killed");
-    let mut ids = Vec::new();
-    for (i, w) in workers.iter().enumerate() {
-        ids.push(start(w, spec(&killed, Some(i as u32))).await);
+    let llm_url = llm.base_url.clone();
+    let cli = |i: usize, workers: &[Service]| {
+        let o = std::process::Command::new(bin("distill"))
+            .args(["--teacher", &workers[i].url()])
+            .args(cli_label_args(&f, &llm_url, &killed, i))
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{stderr}");
+        (stdout.trim().to_string(), stderr.into_owned())
+    };
+    llm.stop().await;
+    let ids: Vec<String> = (0..PARTS as usize).map(|i| cli(i, &workers).0).collect();
+    for (w, id) in workers.iter().zip(&ids) {
+        let job = wait_job(&mut w.client().await, id, TIMEOUT).await;
+        assert!(job.state() == pb::JobState::Failed && job.error.contains("max_fallback_ratio"), "{job:?}");
     }
+    llm.restart().await;
+    for (i, id) in ids.iter().enumerate() {
+        let (stdout, stderr) = cli(i, &workers);
+        assert!(&stdout == id && stderr.contains("resuming it"), "{stdout} {stderr}");
+    }
+    let (stdout, stderr) = cli(1, &workers);
+    assert!(stdout == ids[1] && stderr.contains("following it"), "{stdout} {stderr}");
+    // The second worker killed mid-part and restarted under its replica id.
     let deadline = Instant::now() + TIMEOUT;
     loop {
         let job = workers[1].client().await.job(&ids[1]).await;
@@ -127,7 +185,7 @@ async fn a_job_split_in_three_parts_commits_the_rows_of_one_run() {
         assert_succeeded(&job);
         jobs.push(job);
     }
-    assert_eq!(jobs[1].resumes, 1, "the killed part was resumed");
+    assert_eq!(jobs[1].resumes, 2, "the failed part was resumed, and again after the kill");
     assert_eq!(sorted_rows(&killed, &s3), whole, "rows lost or written twice");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s3.file_of("datasets/one-killed/_manifest.json")).unwrap()).unwrap();

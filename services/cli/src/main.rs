@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod health;
 mod jobs;
+mod label;
 mod retrieve;
 mod score;
 mod shards;
@@ -629,23 +630,6 @@ fn labeling_spec(a: &LabelArgs) -> pb::LabelingSpec {
     }
 }
 
-/// An unfinished labelling job of the teacher writing what `spec` would (the same output and
-/// part): a `distill label` run again (a restarted Kubernetes pod) follows it instead of starting
-/// a second job that the first one's partial output would refuse.
-async fn unfinished_twin(client: &mut client::Teacher, spec: &pb::LabelingSpec) -> anyhow::Result<Option<pb::Job>> {
-    if spec.output_uri.is_empty() {
-        return Ok(None);
-    }
-    let jobs = client.list_jobs(pb::ListJobsRequest::default()).await?.into_inner().jobs;
-    Ok(jobs.into_iter().find(|j| {
-        let part = match j.spec.as_ref().and_then(|s| s.spec.as_ref()) {
-            Some(pb::job_spec::Spec::Labeling(l)) => l.partition,
-            _ => return false,
-        };
-        !j.state().is_terminal() && j.output_uri == spec.output_uri && part == spec.partition
-    }))
-}
-
 fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
     Ok(match s {
         "queued" => pb::JobState::Queued,
@@ -680,14 +664,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Label(args) => {
             let mut client = cli.conn.teacher().await?;
-            let spec = labeling_spec(&args);
-            let job = match unfinished_twin(&mut client, &spec).await? {
-                Some(job) => {
-                    eprintln!("job {} already labels {} (this part): following it", job.id, job.output_uri);
-                    job
-                }
-                None => client.start_labeling(spec).await?.into_inner(),
-            };
+            let job = label::start_or_rejoin(&mut client, labeling_spec(&args)).await?;
             follow(&mut client, job, "labelling", args.detach).await
         }
         Command::Train(args) => {
