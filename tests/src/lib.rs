@@ -426,6 +426,18 @@ impl Fixture {
         self.dir.path().join(name).to_str().unwrap().to_string()
     }
 
+    /// `distill label`'s arguments naming this fixture's run, queries and collection (and qrels).
+    pub fn cli_source_args(&self, qrels: bool) -> Vec<String> {
+        let mut args = vec![];
+        for (flag, file) in [("--run", "run.trec"), ("--queries", "queries.tsv"), ("--collection", "collection.tsv")] {
+            args.extend([flag.to_string(), self.path(file)]);
+        }
+        if qrels {
+            args.extend(["--qrels".to_string(), self.path("qrels.txt")]);
+        }
+        args
+    }
+
     pub fn trec_source(&self, qrels: bool) -> distill_proto::CandidateSource {
         distill_proto::CandidateSource {
             source: Some(distill_proto::candidate_source::Source::Trec(distill_proto::TrecCandidates {

@@ -50,43 +50,13 @@ fn worker(i: usize, bucket: &str, llm: &ScriptedLlm, s3: &S3Server) -> Service {
 /// `distill label` of part `part` (detached) as the gRPC specs of this test have it, but without the
 /// LLM answer cache (the earlier runs filled it).
 fn cli_label_args(f: &Fixture, llm: &str, output: &str, part: usize) -> Vec<String> {
-    let args = [
-        "label",
-        "--run",
-        &f.path("run.trec"),
-        "--queries",
-        &f.path("queries.tsv"),
-        "--collection",
-        &f.path("collection.tsv"),
-        "--qrels",
-        &f.path("qrels.txt"),
-        "--positives-from-qrels",
-        "--depth",
-        "20",
-        "--negatives",
-        "3",
-        "--seed",
-        "5",
-        "--teacher-kind",
-        "llm",
-        "--llm-url",
-        llm,
-        "--llm-model",
-        "scripted-ranker",
-        "--llm-concurrency",
-        "1",
-        "--llm-max-retries",
-        "2",
-        "--llm-max-fallback-ratio",
-        "0",
-        "--llm-no-cache",
-        "--output",
-        output,
-        "--rows-per-shard",
-        "40",
-        "--detach",
-    ];
-    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut args = vec!["label".to_string()];
+    args.extend(f.cli_source_args(true));
+    let flags = "--positives-from-qrels --depth 20 --negatives 3 --seed 5 --teacher-kind llm --llm-model \
+                 scripted-ranker --llm-concurrency 1 --llm-max-retries 2 --llm-max-fallback-ratio 0 --llm-no-cache \
+                 --rows-per-shard 40 --detach";
+    args.extend(flags.split_whitespace().map(String::from));
+    args.extend(["--llm-url", llm, "--output", output].map(String::from));
     args.extend(["--partition".to_string(), format!("{part}/{PARTS}")]);
     args
 }

@@ -179,24 +179,12 @@ async fn the_cli_labels_lists_jobs_and_inspects_shards() {
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )
     };
-    let (ok, stdout, stderr) = distill(&[
-        "label",
-        "--run",
-        &f.path("run.trec"),
-        "--queries",
-        &f.path("queries.tsv"),
-        "--collection",
-        &f.path("collection.tsv"),
-        "--qrels",
-        &f.path("qrels.txt"),
-        "--positives-from-qrels",
-        "--negatives",
-        "2",
-        "--output",
-        &uri,
-        "--rows-per-shard",
-        "10",
-    ]);
+    let mut label: Vec<String> = vec!["label".into()];
+    label.extend(f.cli_source_args(true));
+    label.extend(
+        ["--positives-from-qrels", "--negatives", "2", "--output", &uri, "--rows-per-shard", "10"].map(String::from),
+    );
+    let (ok, stdout, stderr) = distill(&label.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{stderr}");
     assert!(stdout.contains("succeeded") && stdout.contains(&uri), "{stdout}");
     let (ok, stdout, _) = distill(&["jobs", "list"]);

@@ -461,19 +461,10 @@ async fn the_cli_labels_trains_and_evaluates() {
         stdout
     };
     let dataset = format!("{root}/triples");
-    distill(&[
-        "label",
-        "--run",
-        &f.path("run.trec"),
-        "--queries",
-        &f.path("queries.tsv"),
-        "--collection",
-        &f.path("collection.tsv"),
-        "--negatives",
-        "3",
-        "--output",
-        &dataset,
-    ]);
+    let mut label: Vec<String> = vec!["label".into()];
+    label.extend(f.cli_source_args(false));
+    label.extend(["--negatives", "3", "--output", &dataset].map(String::from));
+    distill(&label.iter().map(String::as_str).collect::<Vec<_>>());
     let (out, model, backbone, eval_out) =
         (format!("{root}/student"), format!("{root}/student/final"), model_fixture("bert"), format!("{root}/eval"));
     let eval = [
