@@ -2,8 +2,10 @@
 read-only root file system (temporary files in an emptyDir named by TMPDIR), has CPU and memory
 requests and limits, each service answers gRPC startup, readiness and liveness probes on its gRPC
 port, pods that may overlap on one store (RollingUpdate, replicas > 1) keep their job leases (no
-DISTILL_SINGLE_REPLICA), and every command a
-container runs is a program its image installs (read from the Dockerfile's COPY into a PATH dir).
+DISTILL_SINGLE_REPLICA), every command a container (sidecars included) or its exec probes run is a
+program its image installs (read from the Dockerfile's COPY into a PATH dir), and an Indexed Job's
+pods label the parts its completions count (`--partition $(JOB_COMPLETION_INDEX)/N`, N the
+completions, all running at once).
 
 Usage: check-k8s.py k8s/*.yaml   (exit 1 naming each problem)
 """
@@ -47,9 +49,12 @@ def check_container(where, c, pod, problems):
         problems.append(f"{where}: image {image} is not one the repository builds ({list(IMAGES)})")
         return
     installed, entry = programs(IMAGES[image])
-    program = (c.get("command") or [entry])[0]
-    if program not in installed:
-        problems.append(f"{where}: runs {program}, which {IMAGES[image]} does not install ({sorted(installed)})")
+    programs_run = [(c.get("command") or [entry])[0]]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        programs_run += c.get(probe, {}).get("exec", {}).get("command", [])[:1]
+    for program in programs_run:
+        if program not in installed:
+            problems.append(f"{where}: runs {program}, which {IMAGES[image]} does not install ({sorted(installed)})")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
     for path, name in mounts.items():
@@ -86,11 +91,27 @@ def check(doc, problems):
         single = any(e["name"] == "DISTILL_SINGLE_REPLICA" for c in pod["containers"] for e in c.get("env", []))
         if shared and single:
             problems.append(f"{kind}/{name}: pods share its store but run without leases (DISTILL_SINGLE_REPLICA)")
-    for c in pod["containers"]:
+    for c in pod["containers"] + pod.get("initContainers", []):
         where = f"{kind}/{name} container {c['name']}"
         check_container(where, c, pod, problems)
         if kind == "Deployment":
             check_probes(where, c, problems)
+    if doc["spec"].get("completionMode") == "Indexed":
+        check_parts(f"{kind}/{name}", doc["spec"], pod, problems)
+
+
+def check_parts(where, spec, pod, problems):
+    """An Indexed Job labels part $(JOB_COMPLETION_INDEX) of N in each pod, N its completions."""
+    n = spec.get("completions")
+    if spec.get("parallelism") != n:
+        problems.append(f"{where}: parallelism {spec.get('parallelism')} differs from completions {n}")
+    for c in pod["containers"]:
+        args = c.get("args", [])
+        if "label" not in args:
+            continue
+        parts = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--partition"]
+        if parts != [f"$(JOB_COMPLETION_INDEX)/{n}"]:
+            problems.append(f"{where}: container {c['name']} labels {parts}, not $(JOB_COMPLETION_INDEX)/{n}")
 
 
 def main():
