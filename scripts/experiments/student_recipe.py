@@ -2,7 +2,7 @@
 student from all-MiniLM-L6-v2 learn (docs/demo.md has the table). Needs torch, transformers,
 pyarrow, zstandard; reads a finished demo's work directory (`--demo`) and, with `--big 1`, a BM25 run
 and queries of many more training queries (`distill retrieve ... -k 12`). Evaluates on the demo's
-test queries (top 20 of its BM25 run). Session 5's runs (3,059 training queries):
+test queries (top 20 of its BM25 run). aa9c1d6's runs (3,059 training queries):
   zstdcat data/debian/queries.train.tsv.zst | awk 'NR % 15 == 1' > q3k.tsv
   distill retrieve --collection data/debian/collection.tsv.zst --queries q3k.tsv --output bm25.3k.trec -k 12
   python scripts/experiments/student_recipe.py --demo distill-demo --big 1 --big_run bm25.3k.trec \
