@@ -1,6 +1,7 @@
 //! `distill`: the command-line client of the distill services.
 
 mod client;
+mod compare;
 mod demo;
 mod health;
 mod jobs;
@@ -40,6 +41,8 @@ enum Command {
     },
     /// Metrics of an existing run against qrels, as trec_eval computes them.
     Eval(EvalArgs),
+    /// Runs against a baseline run with significance tests (paired t-test or randomization).
+    Compare(compare::CompareArgs),
     /// Score (query, passage) JSON lines with a cross-encoder directory.
     Score(score::ScoreArgs),
     /// BM25 first stage (tantivy) over a TSV collection: the top-k of each query as a TREC run.
@@ -690,6 +693,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             job_command(&mut cli.conn.trainer().await?, command).await
         }
         Command::Eval(args) => eval(&args).await,
+        Command::Compare(args) => compare::run(&args).await,
         Command::Retrieve(args) => retrieve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Health(args) => health::run(args, &cli.conn).await,

@@ -17,6 +17,11 @@
 //! | `map@k` | `map_cut_k` | the same, counting only the top k |
 //! | `recall@k` | `recall_k` | relevant in the top k / all relevant |
 //! | `p@k` | `P_k` | relevant in the top k / k |
+//!
+//! [`significance`] compares runs' per-query values: paired t-test, randomization test,
+//! corrections for several comparisons.
+
+pub mod significance;
 
 use distill_formats::{sort_trec_eval, Qrels, RankedList};
 use std::collections::HashMap;
