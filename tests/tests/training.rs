@@ -330,6 +330,21 @@ async fn bf16_mixed_precision_trains_f32_master_weights() {
         .count();
     assert!(moved > 10, "only {moved} tensors moved");
 
+    // The job left no mode behind on the thread that ran it: an evaluation on this trainer now
+    // scores as one on a fresh trainer does (f32), to the byte. (It fails without the reset only
+    // when the evaluation lands on the training job's pooled thread, in about a quarter of runs
+    // here; `layers::tests::training_modes_end_with_their_guard` checks the reset itself.)
+    let evaluate = async |trainer: &Service, out: &str| {
+        let mut client = trainer.trainer_client().await;
+        let spec = pb::EvaluationSpec { model: model_fixture("bert"), output_uri: out.into(), ..evaluation(&f) };
+        let job = client.start_evaluation(spec).await.unwrap().into_inner();
+        assert_succeeded(&wait_job(&mut client, &job.id, JOB_TIMEOUT).await);
+        std::fs::read_to_string(format!("{out}/run.trec")).unwrap()
+    };
+    let after_bf16 = evaluate(&trainer, &format!("{root}/eval-after-bf16")).await;
+    let fresh = Service::trainer(dir.path().join("fresh-trainer"), &["--device", "cpu"], &[]);
+    assert_eq!(after_bf16, evaluate(&fresh, &format!("{root}/eval-fresh")).await, "scored under the job's bf16");
+
     spec.hyperparameters.as_mut().unwrap().precision = "fp8".into();
     spec.output_uri = format!("{root}/fp8");
     let err = client.start_training(spec).await.unwrap_err();

@@ -319,9 +319,9 @@ pub fn run(
         positive_from_labels,
         ..
     } = prepared;
-    // This blocking thread runs every forward pass of the job.
-    distill_models::layers::freeze_word_embeddings(freeze_word_embeddings);
-    distill_models::layers::autocast(distill_models::parse_precision(&hyper.precision).unwrap_or(None));
+    // This blocking thread runs every forward pass of the job, under these modes until it ends.
+    let precision = distill_models::parse_precision(&hyper.precision).unwrap_or(None);
+    let _modes = distill_models::layers::TrainingModes::set(precision, freeze_word_embeddings);
     let model = CrossEncoder::load_layers(
         &backbone_dir,
         hyper.max_query_length,

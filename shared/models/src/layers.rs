@@ -221,7 +221,7 @@ thread_local! {
 /// Mixed-precision training as PyTorch's autocast: with `Some(BF16)`, forward passes on this
 /// thread run every matmul in bf16 while the variables (master weights), layer norms, softmax,
 /// the residual stream and the objective stay f32. `None` turns it off. A trainer sets it on
-/// its training thread; scoring in bf16 loads bf16 weights instead.
+/// its training thread (through [`TrainingModes`]); scoring in bf16 loads bf16 weights instead.
 pub fn autocast(dtype: Option<DType>) {
     AUTOCAST.with(|a| a.set(dtype));
 }
@@ -329,6 +329,28 @@ pub fn freeze_word_embeddings(on: bool) {
     WORDS_FROZEN.with(|f| f.set(on));
 }
 
+/// The modes a training job sets on the thread that runs it ([`autocast`],
+/// [`freeze_word_embeddings`], [`seed_dropout`]), put back to their defaults when dropped: at the
+/// job's end, an early return or a panic. A job runs on a pooled thread; without this, the next
+/// job on that thread (an evaluation) would score under the previous one's bf16 autocast.
+pub struct TrainingModes(());
+
+impl TrainingModes {
+    pub fn set(autocast_to: Option<DType>, frozen_words: bool) -> TrainingModes {
+        autocast(autocast_to);
+        freeze_word_embeddings(frozen_words);
+        TrainingModes(())
+    }
+}
+
+impl Drop for TrainingModes {
+    fn drop(&mut self) {
+        autocast(None);
+        freeze_word_embeddings(false);
+        seed_dropout(None);
+    }
+}
+
 /// The sum of embedding rows, each table gathered by its ids, added in order in the tables' dtype.
 pub fn sum_embeddings(rows: &[(&Embedding, &Tensor)]) -> Result<Tensor> {
     let Some(((first, ids), rest)) = rows.split_first() else { candle_core::bail!("no embedding tables") };
@@ -361,5 +383,31 @@ impl Embedding {
         let table = if frozen { self.table.detach() } else { self.table.clone() };
         // index_select, or where the fused kernels run a gather whose backward is one scatter.
         crate::kernels::embedding(&table, ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn modes() -> (DType, bool) {
+        (compute_dtype(DType::F32), WORDS_FROZEN.with(|f| f.get()))
+    }
+
+    /// A training job's modes last as long as its guard, also when the job panics: the pooled
+    /// thread then runs the next job (an evaluation) in f32 with trainable embeddings.
+    #[test]
+    fn training_modes_end_with_their_guard() {
+        {
+            let _modes = TrainingModes::set(Some(DType::BF16), true);
+            assert_eq!(modes(), (DType::BF16, true));
+        }
+        assert_eq!(modes(), (DType::F32, false));
+        let panicked = std::panic::catch_unwind(|| {
+            let _modes = TrainingModes::set(Some(DType::BF16), true);
+            panic!("a job that panics");
+        });
+        assert!(panicked.is_err());
+        assert_eq!(modes(), (DType::F32, false));
     }
 }
