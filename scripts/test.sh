@@ -2,6 +2,9 @@
 # The test command: builds the service binaries the end-to-end tests spawn, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Lint first: rustfmt's layout and clippy with warnings as errors (each `allow` in the code says why).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
 # Every line of kernels.cu with code runs in the emulated kernel tests (gcov over the emulator).

@@ -303,8 +303,8 @@ async fn cross_encoder_ensemble_scores_are_the_members_mean() {
         assert_eq!(scored.scores.len(), items.len());
         for (n, (qi, k, item)) in items.iter().enumerate() {
             assert!((scored.scores[n] as f64 - item.teacher_score).abs() < 1e-4, "{name} Score pair {n}");
-            for m in 0..2 {
-                assert!((scored.members[n].scores[m] as f64 - members[m][*qi][*k]).abs() < 1e-5, "{name} member {m}");
+            for (m, member) in members.iter().enumerate().take(2) {
+                assert!((scored.members[n].scores[m] as f64 - member[*qi][*k]).abs() < 1e-5, "{name} member {m}");
             }
         }
         drop(scorer);

@@ -421,7 +421,7 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     assert_succeeded(&j);
     assert_eq!(j.resumes, 1);
     assert_eq!(j.progress.as_ref().unwrap().done, steps);
-    assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{resumed}/final/model.safetensors"));
+    assert_same_weights(format!("{straight}/final/model.safetensors"), format!("{resumed}/final/model.safetensors"));
     // The second attempt wrote checkpoints of its own (`-a1`) and removed the first attempt's.
     let kept: Vec<String> = std::fs::read_dir(format!("{resumed}/checkpoints"))
         .unwrap()
@@ -431,7 +431,7 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     assert_eq!(kept, vec![format!("step-{:08}-a1", steps - 10)]);
     // The history was carried over: one record per logged step, none twice.
     let h: Vec<u64> =
-        history(&resumed).iter().filter_map(|r| r["loss"].is_number().then(|| r["step"].as_u64().unwrap())).collect();
+        history(&resumed).iter().filter(|&r| r["loss"].is_number()).map(|r| r["step"].as_u64().unwrap()).collect();
     let mut dedup = h.clone();
     dedup.dedup();
     assert_eq!(h, dedup);
@@ -453,7 +453,7 @@ async fn killed_trainer_resumes_to_the_same_weights() {
     let j = wait_job(&mut client, &job.id, JOB_TIMEOUT).await;
     assert_succeeded(&j);
     assert_eq!(j.resumes, 1);
-    assert_same_weights(&format!("{straight}/final/model.safetensors"), &format!("{reopened}/final/model.safetensors"));
+    assert_same_weights(format!("{straight}/final/model.safetensors"), format!("{reopened}/final/model.safetensors"));
 }
 
 /// `distill label`, `distill train` and `distill evaluate` drive the same jobs from the command line.

@@ -83,13 +83,11 @@ pub async fn watch(client: &mut impl JobControl, id: &str) -> anyhow::Result<Job
                 bar.println(format!("{} = {:.4} (step {})", m.name, m.value, m.step))
             }
             Some(job_event::Event::Metric(_)) => {}
-            Some(job_event::Event::State(s)) => {
-                if s.state().is_terminal() {
-                    ended = true;
-                    break;
-                }
+            Some(job_event::Event::State(s)) if s.state().is_terminal() => {
+                ended = true;
+                break;
             }
-            None => {}
+            Some(job_event::Event::State(_)) | None => {}
         }
     }
     bar.finish_and_clear();

@@ -34,11 +34,14 @@ pub struct ScoreArgs {
 }
 
 /// Scores with the model in the local directory `dir` (what `a.model` names, materialised).
+/// Scores a batch of (query, passage) pairs, in order.
+type Scorer = Box<dyn Fn(&[(&str, &str)]) -> distill_models::Result<Vec<f32>>>;
+
 pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let device = distill_models::parse_device(&a.device)?;
     let dtype = distill_models::parse_precision(&a.precision)?.unwrap_or(candle_core::DType::F32);
     let batching = Batching { max_pairs: a.batch_size, max_tokens: usize::MAX };
-    let scorer: Box<dyn Fn(&[(&str, &str)]) -> distill_models::Result<Vec<f32>>> = if is_bi_encoder(dir) {
+    let scorer: Scorer = if is_bi_encoder(dir) {
         if dtype != candle_core::DType::F32 {
             anyhow::bail!("--precision {}: bi-encoders score in fp32 only", a.precision);
         }

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub enum Outcome {
-    Committed(Manifest),
+    /// The dataset's manifest (boxed: the outcome moves between tasks).
+    Committed(Box<Manifest>),
     Cancelled,
 }
 
@@ -181,7 +182,7 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
         // Committed by this job before a restart could record it: the work is done.
         Err(ShardError::AlreadyCommitted { job_id: ref owner, .. }) if owner == job_id => {
             let reader = DatasetReader::open(output).await?;
-            return Ok(Outcome::Committed(reader.manifest().clone()));
+            return Ok(Outcome::Committed(Box::new(reader.manifest().clone())));
         }
         Err(e) => return Err(e.into()),
     };
@@ -303,5 +304,5 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
     };
     p.counters = counters.into_iter().collect();
     jobs.set_progress(entry, p, true).await;
-    Ok(Outcome::Committed(manifest))
+    Ok(Outcome::Committed(Box::new(manifest)))
 }

@@ -516,7 +516,7 @@ mod tests {
                 ..Default::default()
             };
             let e = Ensemble::load(&spec, &candle_core::Device::Cpu).await.unwrap();
-            let queries = vec![
+            let queries = [
                 QueryCandidates {
                     qid: "1".into(),
                     query: "what is a window manager".into(),

@@ -625,8 +625,10 @@ mod tests {
 
     #[test]
     fn bad_hyperparameters_name_the_field() {
-        let mut spec = TrainingSpec::default();
-        spec.hyperparameters = Some(distill_proto::Hyperparameters { learning_rate: -1.0, ..Default::default() });
+        let mut spec = TrainingSpec {
+            hyperparameters: Some(distill_proto::Hyperparameters { learning_rate: -1.0, ..Default::default() }),
+            ..Default::default()
+        };
         assert!(Hyper::from_spec(&spec).unwrap_err().to_string().contains("learning_rate"));
         spec.hyperparameters =
             Some(distill_proto::Hyperparameters { max_query_length: 64, max_length: 32, ..Default::default() });

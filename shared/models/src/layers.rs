@@ -283,7 +283,7 @@ pub fn seed_dropout(seed: Option<u64>) {
 /// A seed for a dropout mask drawn by a kernel (a function of the seed and the element's index):
 /// from this thread's generator when seeded (reproducible, resumable), otherwise random.
 pub fn dropout_seed() -> u64 {
-    DROPOUT_RNG.with(|r| r.borrow_mut().as_mut().map(|rng| rand::Rng::random::<u64>(rng))).unwrap_or_else(rand::random)
+    DROPOUT_RNG.with(|r| r.borrow_mut().as_mut().map(rand::Rng::random::<u64>)).unwrap_or_else(rand::random)
 }
 
 /// Dropout that is active only in training (inverted: kept values are scaled by 1 / (1 - p)).

@@ -16,10 +16,10 @@ fn triple(q: usize, n: usize) -> TripleRow {
         pos_label: Some(1),
         neg_id: format!("n{q}-{n}"),
         neg_text: "x".repeat(n),
-        neg_score: if n % 3 == 0 { None } else { Some(n as f64 * 0.5) },
+        neg_score: if n.is_multiple_of(3) { None } else { Some(n as f64 * 0.5) },
         neg_label: None,
-        pos_member_scores: (n % 2 == 0).then(|| vec![1.5, q as f64]),
-        neg_member_scores: (n % 2 == 0).then(|| vec![-0.5, n as f64]),
+        pos_member_scores: n.is_multiple_of(2).then(|| vec![1.5, q as f64]),
+        neg_member_scores: n.is_multiple_of(2).then(|| vec![-0.5, n as f64]),
     }
 }
 
@@ -137,7 +137,7 @@ async fn lists_round_trip() {
                     doc_id: format!("d{i}"),
                     text: format!("text {i}"),
                     teacher_score: -(i as f64),
-                    teacher_rank: i as i32 + 1,
+                    teacher_rank: i + 1,
                     label: (i == 0).then_some(2),
                     member_scores: (q % 2 == 1).then(|| vec![i as f64, -(i as f64) * 2.0, 0.25]),
                 })

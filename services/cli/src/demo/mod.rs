@@ -189,11 +189,16 @@ fn teacher_spec(minilm: &Path, max_length: u32) -> pb::TeacherSpec {
     }
 }
 
+/// One split's first-stage run, queries and judgments.
+struct Split<'a> {
+    run: &'a str,
+    queries: &'a str,
+    qrels: &'a str,
+}
+
 fn labeling(
-    run: &str,
-    queries: &str,
+    split: Split<'_>,
     p: &Paths,
-    qrels: &str,
     teacher: pb::TeacherSpec,
     depth: u32,
     out: &Path,
@@ -202,10 +207,10 @@ fn labeling(
     pb::LabelingSpec {
         source: Some(pb::CandidateSource {
             source: Some(pb::candidate_source::Source::Trec(pb::TrecCandidates {
-                run: run.into(),
-                queries: queries.into(),
+                run: split.run.into(),
+                queries: split.queries.into(),
                 collection: p.collection.clone(),
-                qrels: qrels.into(),
+                qrels: split.qrels.into(),
             })),
         }),
         sampling: Some(pb::Sampling { depth, ..Default::default() }),
@@ -368,10 +373,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let test_lists = work.join(format!("datasets/test-{stamp}"));
     let t = Instant::now();
     let spec = labeling(
-        &p.train_run,
-        &p.train_queries,
+        Split { run: &p.train_run, queries: &p.train_queries, qrels: &p.train_qrels },
         &p,
-        &p.train_qrels,
         teacher_spec(&minilm, a.teacher_max_length),
         a.depth,
         &train_lists,
@@ -382,10 +385,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let label_train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let spec = labeling(
-        &p.test_run,
-        &p.test_queries,
+        Split { run: &p.test_run, queries: &p.test_queries, qrels: &p.test_qrels },
         &p,
-        &p.test_qrels,
         teacher_spec(&minilm, a.teacher_max_length),
         a.rerank_depth,
         &test_lists,

@@ -649,6 +649,9 @@ fn joined_dims(a: &launch_shape::Attention, qkv: &Layout, qkv_bias: &Layout, op:
     Ok([a.b, a.h, a.l, a.d])
 }
 
+/// q, k, v (each [B, H, L, D], row-major) and the rotary table, if any.
+type SplitQkv = ([Vec<f32>; 3], Option<Vec<f32>>);
+
 /// q, k, v [B, H, L, D] of the operands (qkv, qkv_bias) of a packed training attention of shape
 /// `a`, q and k rotated where `rope` is given; and the rotary table.
 fn split_operands(
@@ -657,7 +660,7 @@ fn split_operands(
     (s2, l2): (&CpuStorage, &Layout),
     rope: Option<&Tensor>,
     op: &str,
-) -> Result<([Vec<f32>; 3], Option<Vec<f32>>)> {
+) -> Result<SplitQkv> {
     let dims = joined_dims(a, l1, l2, op)?;
     let mut split = split_joined(&widened(s1, l1, op)?, vector(s2, l2, 3 * a.h * a.d, op)?, dims);
     let rope = rope.map(|r| rope_table(r, a.l, a.d, op)).transpose()?;
@@ -817,6 +820,7 @@ pub fn flash_training_packed_on(x: &Tensor, head_dim: usize) -> bool {
 /// product's gradient in bf16 (two kernels, the probabilities recomputed) and the bias's (a
 /// column sum). No bias pass, no head-split copies, no rotation passes either way. Call where
 /// [`flash_training_packed_on`] holds (an error otherwise).
+// Allowed: the operands of the fused op as its CUDA kernel takes them.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_for_training_packed(
     qkv: &Tensor,
@@ -974,6 +978,7 @@ pub fn deberta_probs_on(q: &Tensor) -> bool {
 /// keys, `p2c` [B, H, L, P] = k and the position queries, the bucket indices [L, L] u32 and the
 /// key mask `bias` [B, 1, 1, L]. None where it does not apply (the caller gathers, adds and runs
 /// the masked softmax).
+// Allowed: the operands of the fused op as its CUDA kernel takes them.
 #[allow(clippy::too_many_arguments)]
 pub fn deberta_probs_for_scoring(
     qk: &Tensor,
@@ -1015,6 +1020,7 @@ fn f32_from_slots(slots: &[half::bf16]) -> Vec<f32> {
 /// DeBERTa's raw attention scores on the CPU, exact f32: row r = (bh, i) of `s` [rows, len] =
 /// (qk + c2p[i, c2p_idx[i, j]] + p2c[j, p2c_idx[j, i]]) / scale + mask[b, j] (the kernels'
 /// `deberta_score`).
+// Allowed: the operands of the fused op as its CUDA kernel takes them.
 #[allow(clippy::too_many_arguments)]
 fn deberta_scores_cpu(
     qk: &[f32],
@@ -1042,6 +1048,7 @@ fn deberta_scores_cpu(
 impl DebertaProbs {
     /// The operands widened and the bucket indices and mask read and checked: (qk, c2p, p2c,
     /// c2p_idx, p2c_idx, mask, dims).
+    // Allowed: the seven checked operands, named in the doc comment above.
     #[allow(clippy::type_complexity)]
     fn operands(
         &self,
@@ -1234,6 +1241,7 @@ pub fn deberta_probs_for_training_on(q: &Tensor) -> bool {
 /// (`dropout`: (p, seed)), out bf16 [B, H, Q, L] (the product with v's input as it is); the
 /// backward gives the gradients of qk, c2p and p2c in bf16. Where [`deberta_probs_fit`] holds. Call where
 /// [`deberta_probs_for_training_on`] holds (an error otherwise).
+// Allowed: the operands of the fused op as its CUDA kernel takes them.
 #[allow(clippy::too_many_arguments)]
 pub fn deberta_probs_for_training(
     qk: &Tensor,

@@ -260,6 +260,7 @@ pub fn dropout(s: &CudaStorage, l: &Layout, seed: u64, p: f32) -> Result<(CudaSt
 
 /// The gather / scatter kernels: `kernel(f32 input, u32 ids, out, n, dim, vocab)` over an
 /// output of `out_len` elements (zeroed first when `zeroed`), threads over n x dim.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn rows_by_id(
     kernel: &'static str,
@@ -551,6 +552,7 @@ pub fn add_norm_train(
 
 /// Its backward: (x, residual, params) and the output's gradient -> f32 [rows cols + 3 cols]: the
 /// residual's gradient, then the column sums of the bias, the weight and the shift.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn add_norm_train_grad(
     (s1, l1): (&CudaStorage, &Layout),
@@ -611,6 +613,7 @@ pub fn geglu_grad(
 }
 
 /// Layer norm with scale and shift: (x, w, b) -> y.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm(
     (s1, l1): (&CudaStorage, &Layout),
@@ -724,6 +727,7 @@ pub fn rotary(
 }
 
 /// Attention for scoring: (q, k, v [B, H, L, D] bf16, key bias [B, 1, 1, L] f32) -> [B, L, H D] bf16.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention(
     (s1, l1): (&CudaStorage, &Layout),
@@ -923,6 +927,7 @@ pub fn flash_train_packed(
 
 /// The packed training attention's backward: (qkv, qkv_bias) -> the product's gradient
 /// [B, L, 3 H D] bf16, from the forward's output `packed` and the context's gradient `dout` (bf16).
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_train_packed_grad(
     (s1, l1): (&CudaStorage, &Layout),
@@ -981,6 +986,7 @@ pub fn flash_train_packed_grad(
 /// Attention for scoring from one packed product: (qkv [B, L, 3 H D] bf16, its bias [3 H D] f32),
 /// key bias [B, 1, 1, L] f32, rotary embeddings for q and k `rope` [2, L, D] f32 (or none) ->
 /// [B, L, H D] bf16.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_packed(
     (s1, l1): (&CudaStorage, &Layout),
@@ -1007,6 +1013,7 @@ pub fn flash_attention_packed(
 /// DeBERTa's disentangled attention probabilities for scoring: (qk [BH, Q, L], c2p [BH, Q, P],
 /// p2c [BH, L, P], bf16), the bucket indices [L, L] u32 each, the key mask [B, L] f32 -> [BH, Q, L]
 /// bf16.
+// Allowed: one argument per parameter of the CUDA kernel it launches.
 #[allow(clippy::too_many_arguments)]
 pub fn deberta_probs(
     (s1, l1): (&CudaStorage, &Layout),

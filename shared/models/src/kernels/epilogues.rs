@@ -423,7 +423,7 @@ impl CustomOp1 for Geglu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let cols = last_dim(l);
-        if cols % 2 != 0 {
+        if !cols.is_multiple_of(2) {
             candle_core::bail!("{}: an odd last dimension {cols}", self.name());
         }
         let x = widened(s, l, self.name())?;
@@ -661,6 +661,9 @@ pub(super) struct AddNormTrain {
     pub(super) p: f32,
 }
 
+/// An `AddNormTrain`'s operands as f32: (x widened, residual, bias/weight/bias params, cols).
+type Operands<'a> = (std::borrow::Cow<'a, [f32]>, &'a [f32], &'a [f32], usize);
+
 impl AddNormTrain {
     /// The pre-norm sums dropout(x + bias) + residual, f32.
     fn sums(&self, x: &[f32], r: &[f32], bias: &[f32]) -> Vec<f32> {
@@ -679,7 +682,7 @@ impl AddNormTrain {
         (s2, l2): (&'a CpuStorage, &Layout),
         (s3, l3): (&'a CpuStorage, &Layout),
         op: &str,
-    ) -> Result<(std::borrow::Cow<'a, [f32]>, &'a [f32], &'a [f32], usize)> {
+    ) -> Result<Operands<'a>> {
         let cols = last_dim(l1);
         let (x, r) = (widened(s1, l1, op)?, slice(s2, l2, op)?);
         same_len(&x, r, op)?;
@@ -871,6 +874,7 @@ pub fn add_norm_for_training_on(x: &Tensor, residual: &Tensor) -> bool {
 /// the norm's input kept), and their gradients five back, the backward is one kernel for the
 /// residual's gradient and the column sums of the bias, weight and shift, and one for the
 /// product's gradient in bf16. Call where [`add_norm_for_training_on`] holds.
+// Allowed: the operands of the fused op as its CUDA kernel takes them.
 #[allow(clippy::too_many_arguments)]
 pub fn add_norm_for_training(
     x: &Tensor,

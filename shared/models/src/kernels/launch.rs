@@ -557,6 +557,7 @@ pub fn deberta_block_rows(q_rows: usize, len: usize) -> usize {
 impl Launch {
     /// `distill_deberta_probs_train_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, out, lse, heads,
     /// q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)`: blocks as [`Self::deberta_probs`].
+    // Allowed: one argument per parameter of the CUDA kernel it describes.
     #[allow(clippy::too_many_arguments)]
     pub fn deberta_probs_train(
         bh: usize,
@@ -579,6 +580,7 @@ impl Launch {
 
     /// `distill_deberta_probs_train_grad_bf16(qk, c2p, p2c, c2p_idx, p2c_idx, mask, lse, dout,
     /// dqk, dc2p, heads, q_rows, len, pos, block_rows, inv_scale, seed, p, keep_scale)`.
+    // Allowed: one argument per parameter of the CUDA kernel it describes.
     #[allow(clippy::too_many_arguments)]
     pub fn deberta_probs_train_grad(
         bh: usize,
