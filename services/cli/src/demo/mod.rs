@@ -271,10 +271,19 @@ async fn teacher_run(
         .collect())
 }
 
-fn measure(run: &[distill_formats::RankedList], qrels: &distill_formats::Qrels) -> anyhow::Result<(f64, f64)> {
+/// A system's row: nDCG@10 and MRR@10 of `run` (and each query's nDCG@10).
+fn measure(
+    system: String,
+    what: String,
+    seconds: f64,
+    run: &[distill_formats::RankedList],
+    qrels: &distill_formats::Qrels,
+) -> anyhow::Result<SystemResult> {
     let metrics = distill_eval::parse_metrics("ndcg@10,mrr@10")?;
     let e = distill_eval::evaluate(run, qrels, &metrics, false);
-    Ok((e.means[0], e.means[1]))
+    let per_query = e.per_query.iter().map(|(q, v)| (q.clone(), v[0])).collect();
+    let (ndcg_10, mrr_10) = (e.means[0], e.means[1]);
+    Ok(SystemResult { system, what, ndcg_10, mrr_10, seconds, per_query, significance: vec![], p_values: vec![] })
 }
 
 fn step(n: usize, of: usize, what: &str, t0: Instant) {
@@ -398,23 +407,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
 
     let qrels = distill_formats::read_qrels(distill_store::open_text(&p.test_qrels).await?, &p.test_qrels)?;
     let bm25 = distill_formats::read_run(distill_store::open_text(&p.test_run).await?, &p.test_run)?;
-    let (bm25_ndcg, bm25_mrr) = measure(&bm25, &qrels)?;
-    let mut rows = vec![SystemResult {
-        system: "BM25".into(),
-        what: "tantivy, k1 1.2, b 0.75".into(),
-        ndcg_10: bm25_ndcg,
-        mrr_10: bm25_mrr,
-        seconds: 0.0,
-    }];
-    let (t_ndcg, t_mrr) = measure(&teacher_run(&test_lists, &bm25).await?, &qrels)?;
-    rows.push(SystemResult {
-        system: "teacher".into(),
-        what: format!("MiniLM-L6 bi-encoder + BM25, z-norm mean, top {}", a.rerank_depth),
-        ndcg_10: t_ndcg,
-        mrr_10: t_mrr,
-        seconds: label_test_s,
-    });
-    eprintln!("BM25 nDCG@10 {bm25_ndcg:.4}, teacher {t_ndcg:.4}");
+    let mut rows = vec![measure("BM25".into(), "tantivy, k1 1.2, b 0.75".into(), 0.0, &bm25, &qrels)?];
+    let what = format!("MiniLM-L6 bi-encoder + BM25, z-norm mean, top {}", a.rerank_depth);
+    rows.push(measure("teacher".into(), what, label_test_s, &teacher_run(&test_lists, &bm25).await?, &qrels)?);
+    eprintln!("BM25 nDCG@10 {:.4}, teacher {:.4}", rows[0].ndcg_10, rows[1].ndcg_10);
 
     step(6, of, &format!("students: {} from MiniLM's first {} layers", a.objectives.join(", "), a.layers), t0);
     let mut students = Vec::new();
@@ -478,19 +474,17 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         };
         let job = trainer.start_evaluation(spec).await?.into_inner();
         follow(&mut trainer, job, &format!("evaluating the {objective} student")).await?;
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(eval_out.join("metrics.json"))?)?;
-        let get = |k: &str| m["metrics"][k].as_f64().ok_or_else(|| anyhow::anyhow!("{}: no {k}", eval_out.display()));
-        rows.push(SystemResult {
-            system: format!("student {objective}"),
-            what: format!(
-                "MiniLM {} layers, {} steps x {}x{} pairs, {} tokens",
-                a.layers, a.steps, a.batch_size, a.group_size, a.max_length
-            ),
-            ndcg_10: get("ndcg@10")?,
-            mrr_10: get("mrr@10")?,
-            seconds: *seconds,
-        });
+        // The evaluation's own run, measured here too for its per-query values.
+        let run_file = s(&eval_out.join("run.trec"));
+        let run = distill_formats::read_run(distill_store::open_text(&run_file).await?, &run_file)?;
+        let what = format!(
+            "MiniLM {} layers, {} steps x {}x{} pairs, {} tokens",
+            a.layers, a.steps, a.batch_size, a.group_size, a.max_length
+        );
+        rows.push(measure(format!("student {objective}"), what, *seconds, &run, &qrels)?);
     }
+    let bce = rows.iter().position(|r| r.system == "student bce");
+    report::mark_significance(&mut rows, bce);
     drop((teacher_svc, trainer_svc));
 
     let title = format!("distill demo: Debian package search, {n_test} test queries");

@@ -14,16 +14,67 @@ pub struct SystemResult {
     pub mrr_10: f64,
     /// Wall-clock seconds it took to make (labelling or training), 0 for BM25.
     pub seconds: f64,
+    /// Each test query's nDCG@10 (query id, value), for the significance tests.
+    #[serde(skip)]
+    pub per_query: Vec<(String, f64)>,
+    /// Where nDCG@10 differs significantly from another row's: `+NAME` above, `-NAME` below.
+    pub significance: Vec<String>,
+    /// The p-value of each comparison made (other row's name, p), whether significant or not.
+    pub p_values: Vec<(String, f64)>,
+}
+
+/// The level at which a difference is marked.
+pub const ALPHA: f64 = 0.05;
+
+/// Marks each row whose nDCG@10 differs from the first row's (the first stage) or from row
+/// `reference`'s (the BCE student) by a paired two-sided t-test over the queries both have, p < 0.05.
+pub fn mark_significance(rows: &mut [SystemResult], reference: Option<usize>) {
+    let bases: Vec<usize> = std::iter::once(0).chain(reference).collect();
+    for i in 0..rows.len() {
+        for &b in &bases {
+            if i == b || (b != 0 && i == 0) {
+                continue;
+            }
+            let theirs: std::collections::HashMap<&str, f64> =
+                rows[b].per_query.iter().map(|(q, v)| (q.as_str(), *v)).collect();
+            let (a, x): (Vec<f64>, Vec<f64>) =
+                rows[i].per_query.iter().filter_map(|(q, v)| theirs.get(q.as_str()).map(|t| (*t, *v))).unzip();
+            if a.len() < 2 {
+                continue;
+            }
+            let p = distill_eval::significance::paired_t(&a, &x).1;
+            let name = short_name(&rows[b].system).to_string();
+            if p < ALPHA {
+                let above = x.iter().sum::<f64>() > a.iter().sum::<f64>();
+                rows[i].significance.push(format!("{}{name}", if above { '+' } else { '-' }));
+            }
+            rows[i].p_values.push((name, p));
+        }
+    }
+}
+
+/// "student bce" -> "bce".
+fn short_name(system: &str) -> &str {
+    system.strip_prefix("student ").unwrap_or(system)
 }
 
 pub fn table(rows: &[SystemResult]) -> String {
     let width = rows.iter().map(|r| r.system.len()).max().unwrap_or(6).max(6);
-    let mut s = format!("| {:<width$} | nDCG@10 | MRR@10 | made in | what |\n", "system");
-    let _ = writeln!(s, "|{}|--------:|-------:|--------:|------|", "-".repeat(width + 2));
+    let mut s = format!("| {:<width$} | nDCG@10 | MRR@10 | sig. | made in | what |\n", "system");
+    let _ = writeln!(s, "|{}|--------:|-------:|------|--------:|------|", "-".repeat(width + 2));
     for r in rows {
         let made = if r.seconds > 0.0 { format!("{:.0} s", r.seconds) } else { "-".into() };
-        let _ = writeln!(s, "| {:<width$} | {:.4} | {:.4} | {made:>7} | {} |", r.system, r.ndcg_10, r.mrr_10, r.what);
+        let sig = r.significance.join(" ");
+        let _ = writeln!(
+            s,
+            "| {:<width$} | {:.4} | {:.4} | {sig} | {made:>7} | {} |",
+            r.system, r.ndcg_10, r.mrr_10, r.what
+        );
     }
+    let _ = writeln!(
+        s,
+        "\nsig.: +X / -X: nDCG@10 significantly above / below row X (paired t-test over the test queries, p < {ALPHA})"
+    );
     s
 }
 
@@ -103,24 +154,47 @@ mod tests {
     use super::*;
 
     fn rows() -> Vec<SystemResult> {
-        vec![
-            SystemResult {
-                system: "BM25".into(),
-                what: "first stage".into(),
-                ndcg_10: 0.5,
-                mrr_10: 0.45,
-                seconds: 0.0,
-            },
-            SystemResult { system: "a <b>".into(), what: "x".into(), ndcg_10: 0.75, mrr_10: 1.2, seconds: 61.4 },
-        ]
+        vec![row("BM25", "first stage", 0.5, 0.45, 0.0), row("a <b>", "x", 0.75, 1.2, 61.4)]
+    }
+
+    fn row(system: &str, what: &str, ndcg_10: f64, mrr_10: f64, seconds: f64) -> SystemResult {
+        let (system, what) = (system.into(), what.into());
+        SystemResult {
+            system,
+            what,
+            ndcg_10,
+            mrr_10,
+            seconds,
+            per_query: vec![],
+            significance: vec![],
+            p_values: vec![],
+        }
     }
 
     #[test]
     fn table_has_a_row_per_system() {
         let t = table(&rows());
-        assert_eq!(t.lines().count(), 4);
-        assert!(t.contains("| BM25   | 0.5000 | 0.4500 |       - | first stage |"), "{t}");
-        assert!(t.contains("0.7500 | 1.2000 |    61 s |"), "{t}");
+        assert_eq!(t.lines().count(), 6);
+        assert!(t.contains("| BM25   | 0.5000 | 0.4500 |  |       - | first stage |"), "{t}");
+        assert!(t.contains("0.7500 | 1.2000 |  |    61 s |"), "{t}");
+    }
+
+    /// Marks as the paired t-test has them: a student far above the first stage and one level with
+    /// the BCE student.
+    #[test]
+    fn rows_are_marked_where_they_differ_significantly() {
+        let q = |vals: &[f64]| vals.iter().enumerate().map(|(i, v)| (format!("q{i}"), *v)).collect::<Vec<_>>();
+        let mut rows = vec![row("BM25", "", 0.2, 0.0, 0.0), row("student bce", "", 0.6, 0.0, 1.0)];
+        rows.push(row("student infonce", "", 0.61, 0.0, 1.0));
+        rows[0].per_query = q(&[0.1, 0.2, 0.3, 0.2, 0.1, 0.3]);
+        rows[1].per_query = q(&[0.6, 0.7, 0.5, 0.6, 0.55, 0.65]);
+        rows[2].per_query = q(&[0.62, 0.68, 0.52, 0.61, 0.54, 0.66]);
+        mark_significance(&mut rows, Some(1));
+        assert_eq!(rows[0].significance, Vec::<String>::new());
+        assert_eq!(rows[1].significance, vec!["+BM25"]);
+        assert_eq!(rows[2].significance, vec!["+BM25"], "level with bce: {:?}", rows[2].p_values);
+        assert_eq!(rows[2].p_values.len(), 2);
+        assert!(table(&rows).contains("| +BM25 |"));
     }
 
     #[test]
