@@ -1,6 +1,8 @@
 //! Showing jobs: tables, details, and a progress bar that follows `WatchJob`.
 
 use crate::client::JobControl;
+use clap::Subcommand;
+use distill_proto as pb;
 use distill_proto::{job_event, Job, JobKind, JobState};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -124,4 +126,98 @@ pub fn conclude(job: &Job) -> anyhow::Result<()> {
         JobState::Failed => anyhow::bail!("job {} failed: {}", job.id, job.error),
         other => anyhow::bail!("job {} ended {}", job.id, state_name(other)),
     }
+}
+
+/// Where a job started from the command line writes, its name, and whether to follow it.
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// Where the job writes (a path or object-store URL); default: in the service's store.
+    #[arg(long, default_value = "")]
+    pub output: String,
+    /// Shown in job lists.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Print the job id and return instead of following the job.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    List {
+        /// Only jobs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Watch {
+        id: String,
+    },
+    Cancel {
+        id: String,
+    },
+    /// Queue a FAILED or CANCELLED job again (it continues where it stopped) and follow it.
+    Resume {
+        id: String,
+    },
+}
+
+/// Follows a job just started, with a progress bar (or prints its id with --detach).
+pub async fn follow(client: &mut impl JobControl, job: pb::Job, what: &str, detach: bool) -> anyhow::Result<()> {
+    if detach {
+        println!("{}", job.id);
+        return Ok(());
+    }
+    follow_to_end(client, job, what).await.map(drop)
+}
+
+/// Follows a job to its end with a progress bar, says how it ended (an error unless it
+/// succeeded) and returns its final record.
+pub async fn follow_to_end(client: &mut impl JobControl, job: pb::Job, what: &str) -> anyhow::Result<pb::Job> {
+    eprintln!("{what}: job {}", job.id);
+    let job = watch(client, &job.id).await?;
+    conclude(&job)?;
+    Ok(job)
+}
+
+pub async fn job_command(client: &mut impl JobControl, command: JobsCommand) -> anyhow::Result<()> {
+    match command {
+        JobsCommand::List { state } => {
+            let state = state.as_deref().map(parse_state).transpose()?.unwrap_or(pb::JobState::Unspecified);
+            print_table(&client.list(state).await?);
+            Ok(())
+        }
+        JobsCommand::Get { id } => {
+            print_job(&client.get(&id).await?);
+            Ok(())
+        }
+        JobsCommand::Watch { id } => {
+            let job = watch(client, &id).await?;
+            conclude(&job)
+        }
+        JobsCommand::Cancel { id } => {
+            let job = client.cancel(&id).await?;
+            println!("job {}: {}", job.id, state_name(job.state()));
+            Ok(())
+        }
+        JobsCommand::Resume { id } => {
+            let job = client.resume(&id).await?;
+            eprintln!("job {} resumed (attempt {})", job.id, job.resumes + 1);
+            let job = watch(client, &job.id).await?;
+            conclude(&job)
+        }
+    }
+}
+
+pub fn parse_state(s: &str) -> anyhow::Result<pb::JobState> {
+    Ok(match s {
+        "queued" => pb::JobState::Queued,
+        "running" => pb::JobState::Running,
+        "succeeded" => pb::JobState::Succeeded,
+        "failed" => pb::JobState::Failed,
+        "cancelled" => pb::JobState::Cancelled,
+        other => anyhow::bail!("unknown state '{other}'"),
+    })
 }

@@ -15,7 +15,7 @@
 mod fetch;
 mod report;
 
-use crate::client::{Connection, JobControl};
+use crate::client::Connection;
 use crate::jobs;
 use distill_proto as pb;
 use report::SystemResult;
@@ -223,13 +223,6 @@ fn labeling(
     }
 }
 
-async fn follow(client: &mut impl JobControl, job: pb::Job, what: &str) -> anyhow::Result<pb::Job> {
-    eprintln!("{what}: job {}", job.id);
-    let job = jobs::watch(client, &job.id).await?;
-    jobs::conclude(&job)?;
-    Ok(job)
-}
-
 /// The teacher's re-ranking of the test run: its scores over the first candidates, the rest of the
 /// BM25 run below them in their order, as the trainer's evaluation treats a student.
 async fn teacher_run(
@@ -390,7 +383,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "demo-train",
     );
     let job = teacher.start_labeling(spec).await?.into_inner();
-    follow(&mut teacher, job, "labelling the training queries").await?;
+    jobs::follow_to_end(&mut teacher, job, "labelling the training queries").await?;
     let label_train_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let spec = labeling(
@@ -402,7 +395,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "demo-test",
     );
     let job = teacher.start_labeling(spec).await?.into_inner();
-    follow(&mut teacher, job, "the teacher on the test queries").await?;
+    jobs::follow_to_end(&mut teacher, job, "the teacher on the test queries").await?;
     let label_test_s = t.elapsed().as_secs_f64();
 
     let qrels = distill_formats::read_qrels(distill_store::open_text(&p.test_qrels).await?, &p.test_qrels)?;
@@ -450,7 +443,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         };
         let t = Instant::now();
         let job = trainer.start_training(spec).await?.into_inner();
-        follow(&mut trainer, job, &format!("training the {objective} student")).await?;
+        jobs::follow_to_end(&mut trainer, job, &format!("training the {objective} student")).await?;
         students.push((objective.clone(), out, t.elapsed().as_secs_f64()));
     }
 
@@ -473,7 +466,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             max_queries: 0,
         };
         let job = trainer.start_evaluation(spec).await?.into_inner();
-        follow(&mut trainer, job, &format!("evaluating the {objective} student")).await?;
+        jobs::follow_to_end(&mut trainer, job, &format!("evaluating the {objective} student")).await?;
         // The evaluation's own run, measured here too for its per-query values.
         let run_file = s(&eval_out.join("run.trec"));
         let run = distill_formats::read_run(distill_store::open_text(&run_file).await?, &run_file)?;
