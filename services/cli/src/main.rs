@@ -11,6 +11,7 @@ mod label;
 mod retrieve;
 mod score;
 mod shards;
+mod sweep;
 mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -42,6 +43,9 @@ enum Command {
     },
     /// Metrics of an existing run against qrels, as trec_eval computes them.
     Eval(eval::EvalArgs),
+    /// A grid of students (objectives x backbones x layers x learning rates x seeds x datasets)
+    /// trained and evaluated on the trainer service, tabled with significance marks.
+    Sweep(sweep::SweepArgs),
     /// Runs against a baseline run with significance tests (paired t-test or randomization).
     Compare(compare::CompareArgs),
     /// Score (query, passage) JSON lines with a cross-encoder directory.
@@ -88,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(args) => eval::run(&args).await,
         Command::Compare(args) => compare::run(&args).await,
+        Command::Sweep(args) => sweep::run(&args, &cli.conn).await,
         Command::Retrieve(args) => retrieve::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Health(args) => health::run(args, &cli.conn).await,

@@ -12,6 +12,72 @@ pub enum ScheduleArg {
     Constant,
 }
 
+/// The training flags besides the learning rate and the seed (which a sweep varies).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HyperArgs {
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: u32,
+    /// Passages per query (lists layout).
+    #[arg(long, default_value_t = 8)]
+    pub group_size: u32,
+    /// Optimizer steps (0: --epochs passes over the data).
+    #[arg(long, default_value_t = 0)]
+    pub max_steps: u64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub accumulation: u32,
+    #[arg(long, default_value_t = 32)]
+    pub max_query_length: u32,
+    #[arg(long, default_value_t = 256)]
+    pub max_length: u32,
+    /// Temperature of infonce / kl_div / adr_mse.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub shuffle_buffer: u32,
+    /// fp32, or bf16: mixed precision (bf16 matmuls, f32 master weights and optimizer state), for GPUs.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
+}
+
+impl HyperArgs {
+    /// The hyperparameters of a job with learning rate `lr` and seed `seed`.
+    pub fn with(&self, lr: f64, seed: u64) -> pb::Hyperparameters {
+        pb::Hyperparameters {
+            learning_rate: lr,
+            batch_size: self.batch_size,
+            group_size: self.group_size,
+            max_steps: self.max_steps,
+            epochs: self.epochs,
+            warmup_steps: self.warmup_steps,
+            schedule: match self.schedule {
+                ScheduleArg::Linear => pb::LrSchedule::Linear,
+                ScheduleArg::Cosine => pb::LrSchedule::Cosine,
+                ScheduleArg::Constant => pb::LrSchedule::Constant,
+            } as i32,
+            weight_decay: Some(self.weight_decay),
+            max_grad_norm: Some(self.max_grad_norm),
+            gradient_accumulation: self.accumulation,
+            seed,
+            max_query_length: self.max_query_length,
+            max_length: self.max_length,
+            temperature: self.temperature,
+            shuffle_buffer: self.shuffle_buffer,
+            precision: self.precision.clone(),
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Committed dataset (repeat for several): a path or object-store URL.
@@ -35,41 +101,10 @@ pub struct TrainArgs {
     pub objective: String,
     #[arg(long, default_value_t = 2e-5)]
     pub lr: f64,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: u32,
-    /// Passages per query (lists layout).
-    #[arg(long, default_value_t = 8)]
-    pub group_size: u32,
-    /// Optimizer steps (0: --epochs passes over the data).
-    #[arg(long, default_value_t = 0)]
-    pub max_steps: u64,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u32,
-    #[arg(long, default_value_t = 0)]
-    pub warmup_steps: u64,
-    #[arg(long, value_enum, default_value = "linear")]
-    pub schedule: ScheduleArg,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    /// Clip gradients to this global norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 1)]
-    pub accumulation: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    #[arg(long, default_value_t = 32)]
-    pub max_query_length: u32,
-    #[arg(long, default_value_t = 256)]
-    pub max_length: u32,
-    /// Temperature of infonce / kl_div / adr_mse.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 1024)]
-    pub shuffle_buffer: u32,
-    /// fp32, or bf16: mixed precision (bf16 matmuls, f32 master weights and optimizer state), for GPUs.
-    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
-    pub precision: String,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
     #[arg(long, default_value_t = 100)]
     pub checkpoint_every: u64,
     /// Evaluate every N steps (and at the end) on --eval-run; 0: only at the end.
@@ -96,29 +131,8 @@ pub fn training_spec(a: &TrainArgs, teacher_addr: &str) -> pb::TrainingSpec {
         backbone_layers: a.backbone_layers,
         freeze_word_embeddings: a.freeze_word_embeddings,
         objective: a.objective.clone(),
-        hyperparameters: Some(pb::Hyperparameters {
-            learning_rate: a.lr,
-            batch_size: a.batch_size,
-            group_size: a.group_size,
-            max_steps: a.max_steps,
-            epochs: a.epochs,
-            warmup_steps: a.warmup_steps,
-            schedule: match a.schedule {
-                ScheduleArg::Linear => pb::LrSchedule::Linear,
-                ScheduleArg::Cosine => pb::LrSchedule::Cosine,
-                ScheduleArg::Constant => pb::LrSchedule::Constant,
-            } as i32,
-            weight_decay: Some(a.weight_decay),
-            max_grad_norm: Some(a.max_grad_norm),
-            gradient_accumulation: a.accumulation,
-            seed: a.seed,
-            max_query_length: a.max_query_length,
-            max_length: a.max_length,
-            temperature: a.temperature,
-            shuffle_buffer: a.shuffle_buffer,
-            precision: a.precision.clone(),
-        }),
-        evaluation: a.eval.spec("", a.max_query_length, a.max_length, "", ""),
+        hyperparameters: Some(a.hyper.with(a.lr, a.seed)),
+        evaluation: a.eval.spec("", a.hyper.max_query_length, a.hyper.max_length, "", ""),
         eval_every_steps: a.eval_every,
         validation_metric: a.validation_metric.clone(),
         checkpoint_every_steps: a.checkpoint_every,
