@@ -10,7 +10,7 @@ use distill_jobs::{JobEntry, Jobs};
 use distill_proto::{candidate_source::Source, LabelingSpec, OutputLayout, Progress};
 use distill_shards::{DatasetReader, DatasetWriter, Fence, Layout, Manifest, ShardError, WriterOptions};
 use distill_store::Location;
-use futures::StreamExt;
+use futures::stream::{BoxStream, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -196,23 +196,10 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
     jobs.set_progress(entry, progress(resume.cursor, total, &writer, &counters), true).await;
 
     let mut last_report = Instant::now();
-    // Queries are scored in calls of `queries_per_call` (a model ensemble packs their pairs by
-    // length), `parallelism` calls at a time (an LLM teacher's requests overlap), and written in
-    // source order, so the cursor stays a prefix of the source.
     let teacher_ref = teacher.as_ref();
     let todo: Vec<(usize, &QueryCandidates)> = queries.iter().enumerate().skip(resume.cursor as usize).collect();
-    let mut pending: Vec<futures::future::BoxFuture<'_, _>> = Vec::new();
-    for chunk in todo.chunks(teacher.queries_per_call().max(1)) {
-        let chunk = chunk.to_vec();
-        pending.push(Box::pin(async move {
-            let qs: Vec<&QueryCandidates> = chunk.iter().map(|(_, q)| *q).collect();
-            let result = teacher_ref.score_queries(&qs).await;
-            (chunk, result)
-        }));
-    }
-    let mut scored = futures::stream::iter(pending).buffered(teacher.parallelism().max(1));
-    let mut ready: std::collections::VecDeque<(usize, &QueryCandidates, (teachers::Scores, teachers::Scores))> =
-        Default::default();
+    let mut scored = scoring(teacher_ref, todo);
+    let mut ready: std::collections::VecDeque<(usize, &QueryCandidates, QueryScores)> = Default::default();
     loop {
         if ready.is_empty() {
             let next = tokio::select! {
@@ -230,36 +217,8 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
             }
             ready.extend(chunk.into_iter().zip(results).map(|((i, q), r)| (i, q, r)));
         }
-        let Some((i, q, (scores, extra))) = ready.pop_front() else { break };
-        let members = member_scores(q, &scores, &extra);
-        let members_of = |docid: &str| members.get(docid).map(|m| m.to_vec());
-        match layout {
-            Layout::Triples => match sampling::triple_rows(q, &scores.combined, &extra.combined, &params) {
-                Ok(mut rows) => {
-                    for r in &mut rows {
-                        r.pos_member_scores = members_of(&r.pos_id);
-                        r.neg_member_scores = members_of(&r.neg_id);
-                    }
-                    writer.append_triples(rows)?
-                }
-                Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
-            },
-            Layout::Lists => {
-                let (row, unscored) = sampling::list_row(q, &scores.combined);
-                if unscored > 0 {
-                    *counters.entry("unscored_candidates".into()).or_default() += unscored as f64;
-                }
-                match row {
-                    Ok(mut row) => {
-                        for item in &mut row.items {
-                            item.member_scores = members_of(&item.doc_id);
-                        }
-                        writer.append_lists([row])?
-                    }
-                    Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
-                }
-            }
-        }
+        let Some((i, q, scores)) = ready.pop_front() else { break };
+        append_rows(&mut writer, &params, q, &scores, &mut counters)?;
         let done = i as u64 + 1;
         teacher_ref.check_outage(&carried, total - done)?;
         let all = merged(&counters, teacher_ref);
@@ -272,19 +231,105 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
     }
     drop(scored);
     let counters = merged(&counters, teacher_ref);
+    let extra = manifest_extra(spec, &params, total, &counters)?;
+    let manifest = writer.commit(extra).await?;
+    let p = Progress {
+        done: total,
+        total,
+        unit: "queries".into(),
+        rows: manifest.rows,
+        shards: manifest.shards.len() as u64,
+        bytes: manifest.bytes,
+        counters: counters.into_iter().collect(),
+    };
+    jobs.set_progress(entry, p, true).await;
+    Ok(Outcome::Committed(Box::new(manifest)))
+}
+
+/// A query's teacher scores: of its candidates, and of its relevant documents the first stage
+/// missed.
+type QueryScores = (teachers::Scores, teachers::Scores);
+/// Scored chunks of queries, in source order: the chunk (index, query) and its scores.
+type Scored<'a> = BoxStream<'a, (Vec<(usize, &'a QueryCandidates)>, Result<Vec<QueryScores>, Error>)>;
+
+/// Queries are scored in calls of `queries_per_call` (a model ensemble packs their pairs by
+/// length), `parallelism` calls at a time (an LLM teacher's requests overlap), and come back in
+/// source order, so that the cursor stays a prefix of the source.
+fn scoring<'a>(teacher: &'a dyn teachers::Teacher, todo: Vec<(usize, &'a QueryCandidates)>) -> Scored<'a> {
+    let mut pending: Vec<futures::future::BoxFuture<'a, _>> = Vec::new();
+    for chunk in todo.chunks(teacher.queries_per_call().max(1)) {
+        let chunk = chunk.to_vec();
+        pending.push(Box::pin(async move {
+            let qs: Vec<&QueryCandidates> = chunk.iter().map(|(_, q)| *q).collect();
+            let result = teacher.score_queries(&qs).await;
+            (chunk, result)
+        }));
+    }
+    futures::stream::iter(pending).buffered(teacher.parallelism().max(1)).boxed()
+}
+
+/// Appends the rows of query `q` in the writer's layout (each with its members' scores), or
+/// counts why it has none.
+fn append_rows(
+    writer: &mut DatasetWriter,
+    params: &SamplingParams,
+    q: &QueryCandidates,
+    (scores, extra): &QueryScores,
+    counters: &mut BTreeMap<String, f64>,
+) -> Result<(), Error> {
+    let members = member_scores(q, scores, extra);
+    let members_of = |docid: &str| members.get(docid).map(|m| m.to_vec());
+    match writer.layout() {
+        Layout::Triples => match sampling::triple_rows(q, &scores.combined, &extra.combined, params) {
+            Ok(mut rows) => {
+                for r in &mut rows {
+                    r.pos_member_scores = members_of(&r.pos_id);
+                    r.neg_member_scores = members_of(&r.neg_id);
+                }
+                writer.append_triples(rows)?
+            }
+            Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
+        },
+        Layout::Lists => {
+            let (row, unscored) = sampling::list_row(q, &scores.combined);
+            if unscored > 0 {
+                *counters.entry("unscored_candidates".into()).or_default() += unscored as f64;
+            }
+            match row {
+                Ok(mut row) => {
+                    for item in &mut row.items {
+                        item.member_scores = members_of(&item.doc_id);
+                    }
+                    writer.append_lists([row])?
+                }
+                Err(skip) => *counters.entry(skip.counter().into()).or_default() += 1.0,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the manifest records of the job: its source, sampling, queries, counters (and part).
+fn manifest_extra(
+    spec: &LabelingSpec,
+    params: &SamplingParams,
+    total: u64,
+    counters: &BTreeMap<String, f64>,
+) -> Result<serde_json::Value, Error> {
+    let sampling = spec.sampling.unwrap_or_default();
     let mut extra = serde_json::json!({
-        "source": match &source.source {
+        "source": match spec.source.as_ref().and_then(|s| s.source.as_ref()) {
             Some(Source::Trec(t)) => serde_json::json!({"run": t.run, "queries": t.queries, "collection": t.collection, "qrels": t.qrels}),
             Some(Source::Jsonl(j)) => serde_json::json!({"jsonl": j.path}),
             None => serde_json::Value::Null,
         },
         "sampling": {
-            "depth": sampling_spec.depth,
+            "depth": sampling.depth,
             "negatives_per_query": params.negatives,
             "positives_from_qrels": params.positives_from_qrels,
             "min_relevance": params.min_relevance,
             "seed": params.seed,
-            "max_queries": sampling_spec.max_queries,
+            "max_queries": sampling.max_queries,
         },
         "queries": total,
         "counters": counters,
@@ -292,17 +337,5 @@ async fn label(job: LabelingJob<'_>, output: Location) -> Result<Outcome, Error>
     if let Some(part) = Part::of(spec)? {
         extra["partition"] = serde_json::json!({"index": part.index, "count": part.count});
     }
-    let manifest = writer.commit(extra).await?;
-    let mut p = Progress {
-        done: total,
-        total,
-        unit: "queries".into(),
-        rows: manifest.rows,
-        shards: manifest.shards.len() as u64,
-        bytes: manifest.bytes,
-        ..Default::default()
-    };
-    p.counters = counters.into_iter().collect();
-    jobs.set_progress(entry, p, true).await;
-    Ok(Outcome::Committed(Box::new(manifest)))
+    Ok(extra)
 }

@@ -235,13 +235,10 @@ impl Jobs {
     /// is the one resumed), to continue from its progress records or checkpoints.
     pub async fn reopen(&self, id: &str) -> Result<Arc<JobEntry>, Error> {
         let entry = self.find(id).await?;
-        if self.holds(&entry) {
-            // Ended here just now: its record is on its way (wait for it), or could not be written
-            // while the store was unreachable (write it first).
-            drop(entry.persist_lock.lock().await);
-            if entry.unsaved.load(Ordering::SeqCst) {
-                self.save_again(&entry).await?;
-            }
+        if self.holds(&entry) && entry.snapshot().state().is_terminal() {
+            // Ended here just now: its record may not say so yet (on its way, or not writable
+            // while the store was unreachable). Written first, so that the record read says so.
+            self.save_again(&entry).await?;
         }
         let mut job = self.read_record(id).await?.unwrap_or_else(|| entry.snapshot());
         if !matches!(job.state(), JobState::Failed | JobState::Cancelled) {
@@ -340,7 +337,7 @@ impl Jobs {
         self.persist(entry).await.inspect_err(|e| {
             tracing::warn!(job = %entry.id(), error = %e, "job record still not written (the store is unreachable?)")
         })?;
-        tracing::info!(job = %entry.id(), "job record written after the store came back");
+        tracing::info!(job = %entry.id(), "job record written (again)");
         if entry.snapshot().state().is_terminal() && self.holds(entry) {
             self.release(entry).await;
         }
