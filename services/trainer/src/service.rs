@@ -110,10 +110,10 @@ impl TrainerState {
     async fn train(&self, spec: TrainingSpec, output: Location, entry: Arc<JobEntry>) -> Result<Done, Error> {
         let prepared = training::prepare(&spec, &self.grants).await?;
         let jobs = self.jobs.clone();
-        let handle = tokio::runtime::Handle::current();
+        let job = training::JobContext { jobs, entry, runtime: tokio::runtime::Handle::current() };
         let out = output.clone();
         let device = self.device.clone();
-        let outcome = tokio::task::spawn_blocking(move || training::run(prepared, out, jobs, entry, handle, device))
+        let outcome = tokio::task::spawn_blocking(move || training::run(prepared, out, job, device))
             .await
             .map_err(|e| Error::Internal(format!("training thread: {e}")))??;
         Ok(match outcome {

@@ -297,205 +297,304 @@ pub async fn prepare(spec: &TrainingSpec, grants: &crate::access::Grants) -> Res
     })
 }
 
+/// A job's record and runtime as its blocking thread reaches them: where it reports progress,
+/// which entry it is, and the runtime its store calls run on.
+pub struct JobContext {
+    pub jobs: Arc<Jobs>,
+    pub entry: Arc<JobEntry>,
+    pub runtime: tokio::runtime::Handle,
+}
+
 /// Runs the job to its end (or cancellation) on the calling blocking thread.
-pub fn run(
-    prepared: Prepared,
+pub fn run(prepared: Prepared, output: Location, job: JobContext, device: Device) -> Result<Outcome, Error> {
+    // This blocking thread runs every forward pass of the job, under these modes until it ends.
+    let precision = distill_models::parse_precision(&prepared.hyper.precision).unwrap_or(None);
+    let _modes = distill_models::layers::TrainingModes::set(precision, prepared.freeze_word_embeddings);
+    let (mut job, sources) = TrainingRun::start(prepared, output, job, device)?;
+    let hyper = &job.hyper;
+    let stream = StreamOptions {
+        batch_size: hyper.batch_size,
+        shuffle_buffer: hyper.shuffle_buffer,
+        seed: hyper.seed,
+        groups: GroupOptions { group_size: hyper.group_size, positive_from_labels: job.positive_from_labels },
+        epochs: if hyper.max_steps > 0 { None } else { Some(hyper.epochs) },
+    };
+    let tokenizer = job.model.tokenizer.clone();
+    let (batches, _producer) = data::spawn_producer(sources, tokenizer, stream, job.state.position, 4);
+    while job.state.step < job.total_steps {
+        let Some(done) = job.step(&batches)? else { return Ok(Outcome::Cancelled) };
+        let last = job.state.step == job.total_steps;
+        job.log(done, last);
+        if job.eval_due(last) && job.evaluate()?.is_none() {
+            return Ok(Outcome::Cancelled);
+        }
+        if job.state.step.is_multiple_of(job.hyper.checkpoint_every) && !last {
+            job.checkpoint()?;
+        }
+    }
+    job.finish()
+}
+
+/// What one optimizer step did: its loss (mean over micro-batches), pairs scored, learning rate
+/// and gradient norm.
+struct StepDone {
+    loss: f64,
+    pairs: usize,
+    lr: f64,
+    grad_norm: f64,
+}
+
+/// Losses, steps and pairs since the last log line, and since when.
+struct Window {
+    loss: f64,
+    steps: u64,
+    pairs: usize,
+    since: Instant,
+}
+
+/// A training job in progress on its blocking thread: the model, its optimizer and state, what it
+/// is trained and evaluated with, and where it reports to.
+struct TrainingRun {
+    model: CrossEncoder,
+    opt: AdamW,
+    state: TrainerState,
+    hyper: Hyper,
+    objective: Objective,
+    total_steps: u64,
+    eval: Option<EvalData>,
+    validation_metric: Option<String>,
+    positive_from_labels: bool,
     output: Location,
     jobs: Arc<Jobs>,
     entry: Arc<JobEntry>,
     handle: tokio::runtime::Handle,
     device: Device,
-) -> Result<Outcome, Error> {
-    let Prepared {
-        hyper,
-        objective,
-        sources,
-        total_steps,
-        backbone_dir,
-        backbone_layers,
-        freeze_word_embeddings,
-        eval,
-        validation_metric,
-        positive_from_labels,
-        ..
-    } = prepared;
-    // This blocking thread runs every forward pass of the job, under these modes until it ends.
-    let precision = distill_models::parse_precision(&hyper.precision).unwrap_or(None);
-    let _modes = distill_models::layers::TrainingModes::set(precision, freeze_word_embeddings);
-    let model = CrossEncoder::load_layers(
-        &backbone_dir,
-        hyper.max_query_length,
-        hyper.max_length,
-        &device,
-        candle_core::DType::F32,
-        backbone_layers,
-    )?;
-    let checkpoints = output.child("checkpoints");
-    let mut state = TrainerState { total_steps, ..Default::default() };
-    let mut opt = AdamW::new(&model.varmap, AdamWConfig { weight_decay: hyper.weight_decay, ..Default::default() })?;
+    window: Window,
+}
 
-    // Resume from the newest complete checkpoint, if any.
-    let latest = handle.block_on(checkpoints.exists("latest.json"))?;
-    if latest {
-        let pointer: serde_json::Value = serde_json::from_slice(&handle.block_on(checkpoints.get("latest.json"))?)
+impl TrainingRun {
+    /// Loads the student, then resumes from the newest complete checkpoint if there is one (or
+    /// initialises a head the backbone lacks). Returns the run and the data sources.
+    fn start(
+        prepared: Prepared,
+        output: Location,
+        JobContext { jobs, entry, runtime: handle }: JobContext,
+        device: Device,
+    ) -> Result<(TrainingRun, Vec<data::Source>), Error> {
+        let Prepared { hyper, objective, sources, total_steps, backbone_dir, backbone_layers, .. } = prepared;
+        let (mql, ml) = (hyper.max_query_length, hyper.max_length);
+        let model = CrossEncoder::load_layers(&backbone_dir, mql, ml, &device, DType::F32, backbone_layers)?;
+        let opt = AdamW::new(&model.varmap, AdamWConfig { weight_decay: hyper.weight_decay, ..Default::default() })?;
+        let mut job = TrainingRun {
+            model,
+            opt,
+            state: TrainerState { total_steps, ..Default::default() },
+            hyper,
+            objective,
+            total_steps,
+            eval: prepared.eval,
+            validation_metric: prepared.validation_metric,
+            positive_from_labels: prepared.positive_from_labels,
+            output,
+            jobs,
+            entry,
+            handle,
+            device,
+            window: Window { loss: 0.0, steps: 0, pairs: 0, since: Instant::now() },
+        };
+        if !job.resume()? && job.model.new_head() {
+            job.model.init_missing(job.hyper.seed)?;
+            let why = format!(
+                "{}: no classification head in the backbone, a new one was initialised",
+                backbone_dir.display()
+            );
+            job.jobs.log(&job.entry, "info", why);
+        }
+        Ok((job, sources))
+    }
+
+    /// Takes weights, optimizer moments and state from the newest complete checkpoint, if any.
+    fn resume(&mut self) -> Result<bool, Error> {
+        let checkpoints = self.output.child("checkpoints");
+        if !self.handle.block_on(checkpoints.exists("latest.json"))? {
+            return Ok(false);
+        }
+        let get = |loc: &Location, name: &str| self.handle.block_on(loc.get(name));
+        let pointer: serde_json::Value = serde_json::from_slice(&get(&checkpoints, "latest.json")?)
             .map_err(|e| Error::Internal(format!("{}: {e}", checkpoints.uri_of("latest.json"))))?;
         let dir = checkpoints.child(pointer["dir"].as_str().unwrap_or_default());
-        state = serde_json::from_slice(&handle.block_on(dir.get("state.json"))?)
+        self.state = serde_json::from_slice(&get(&dir, "state.json")?)
             .map_err(|e| Error::Internal(format!("{}: {e}", dir.uri_of("state.json"))))?;
-        let weights = candle_core::safetensors::load_buffer(&handle.block_on(dir.get("model.safetensors"))?, &device)?;
-        let vars = model.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+        let weights = candle_core::safetensors::load_buffer(&get(&dir, "model.safetensors")?, &self.device)?;
+        let vars = self.model.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         for (name, var) in vars.iter() {
             let t = weights.get(name).ok_or_else(|| Error::Internal(format!("{}: no tensor '{name}'", dir.uri())))?;
             var.set(t)?;
         }
         drop(vars);
-        let moments =
-            candle_core::safetensors::load_buffer(&handle.block_on(dir.get("optimizer.safetensors"))?, &device)?;
-        opt.load_state(&moments, state.step).map_err(|e| Error::Internal(format!("{}: {e}", dir.uri())))?;
-        jobs.log(&entry, "info", format!("resumed from {} at step {}", dir.uri(), state.step));
-    } else if model.new_head() {
-        model.init_missing(hyper.seed)?;
-        jobs.log(
-            &entry,
-            "info",
-            format!("{}: no classification head in the backbone, a new one was initialised", backbone_dir.display()),
-        );
+        let moments = candle_core::safetensors::load_buffer(&get(&dir, "optimizer.safetensors")?, &self.device)?;
+        self.opt.load_state(&moments, self.state.step).map_err(|e| Error::Internal(format!("{}: {e}", dir.uri())))?;
+        self.jobs.log(&self.entry, "info", format!("resumed from {} at step {}", dir.uri(), self.state.step));
+        Ok(true)
     }
 
-    let stream = StreamOptions {
-        batch_size: hyper.batch_size,
-        shuffle_buffer: hyper.shuffle_buffer,
-        seed: hyper.seed,
-        groups: GroupOptions { group_size: hyper.group_size, positive_from_labels },
-        epochs: if hyper.max_steps > 0 { None } else { Some(hyper.epochs) },
-    };
-    let (batches, _producer) = data::spawn_producer(sources, model.tokenizer.clone(), stream, state.position, 4);
-
-    let mut window = (0f64, 0u64, 0usize, Instant::now()); // loss sum, steps, pairs, since
-    while state.step < total_steps {
-        if entry.cancel.is_cancelled() {
-            return Ok(Outcome::Cancelled);
+    /// One optimizer step over `accumulation` micro-batches; `None` when the job was cancelled.
+    fn step(&mut self, batches: &std::sync::mpsc::Receiver<Result<Batch, Error>>) -> Result<Option<StepDone>, Error> {
+        if self.entry.cancel.is_cancelled() {
+            return Ok(None);
         }
-        let step = state.step;
+        let step = self.state.step;
         let mut grads: Option<Grads> = None;
-        let mut loss_value = 0f64;
-        let mut pairs = 0usize;
-        for micro in 0..hyper.accumulation {
-            let Some(batch) = next_batch(&batches, &entry)? else { return Ok(Outcome::Cancelled) };
-            let batch = batch.to_device(&device)?;
-            distill_models::layers::seed_dropout(Some(dropout_seed(hyper.seed, step, micro)));
-            let scores = model
-                .backbone
-                .forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, true)?
-                .reshape((batch.groups, batch.width))?;
-            let groups = ScoreGroups {
-                scores,
-                mask: batch.mask.clone(),
-                labels: Some(batch.labels.clone()),
-                teacher_scores: batch.teacher_scores.clone(),
-                teacher_ranks: batch.teacher_ranks.clone(),
-            };
-            let loss = objective.loss(&groups)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(Error::Diverged(format!(
-                    "the {} loss became {value} at step {} (micro-batch {micro}); lower the learning rate or check the teacher scores",
-                    objective.name(),
-                    step + 1
-                )));
-            }
-            loss_value += value / hyper.accumulation as f64;
-            let loss = (loss / hyper.accumulation as f64)?;
-            let g = opt.grads(&loss.backward()?);
+        let (mut loss, mut pairs) = (0f64, 0usize);
+        for micro in 0..self.hyper.accumulation {
+            let Some(batch) = next_batch(batches, &self.entry)? else { return Ok(None) };
+            let batch = batch.to_device(&self.device)?;
+            distill_models::layers::seed_dropout(Some(dropout_seed(self.hyper.seed, step, micro)));
+            let (value, g) = self.micro_step(&batch, micro)?;
+            loss += value / self.hyper.accumulation as f64;
             match &mut grads {
                 Some(acc) => acc.accumulate(g)?,
                 None => grads = Some(g),
             }
             pairs += batch.groups * batch.width;
-            state.position = Position { epoch: batch.epoch, consumed: batch.consumed };
+            self.state.position = Position { epoch: batch.epoch, consumed: batch.consumed };
         }
         distill_models::layers::seed_dropout(None);
-        let grads = grads.expect("at least one micro-batch");
-        let lr = hyper.lr(step, total_steps);
-        // Clipping by global norm on the device, the update scaling inside (on CUDA no host read
-        // between the backward pass and the update); the norm read once the update is queued. A
-        // non-finite norm fails the job before anything is saved.
-        let grad_norm = match grads.clip_on_device(hyper.max_grad_norm)? {
+        let lr = self.hyper.lr(step, self.total_steps);
+        let grad_norm = self.update(&grads.expect("at least one micro-batch"), lr)?;
+        self.state.step += 1;
+        Ok(Some(StepDone { loss, pairs, lr, grad_norm }))
+    }
+
+    /// The loss of one micro-batch and its gradients (scaled for the accumulation).
+    fn micro_step(&self, batch: &Batch, micro: usize) -> Result<(f64, Grads), Error> {
+        let scores = self
+            .model
+            .backbone
+            .forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, true)?
+            .reshape((batch.groups, batch.width))?;
+        let groups = ScoreGroups {
+            scores,
+            mask: batch.mask.clone(),
+            labels: Some(batch.labels.clone()),
+            teacher_scores: batch.teacher_scores.clone(),
+            teacher_ranks: batch.teacher_ranks.clone(),
+        };
+        let loss = self.objective.loss(&groups)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(Error::Diverged(format!(
+                "the {} loss became {value} at step {} (micro-batch {micro}); lower the learning rate or check the teacher scores",
+                self.objective.name(),
+                self.state.step + 1
+            )));
+        }
+        let loss = (loss / self.hyper.accumulation as f64)?;
+        Ok((value, self.opt.grads(&loss.backward()?)))
+    }
+
+    /// Clips by global norm on the device, the update scaling inside (on CUDA no host read between
+    /// the backward pass and the update), and applies AdamW; the norm is read once the update is
+    /// queued. A non-finite norm fails the job before anything is saved.
+    fn update(&mut self, grads: &Grads, lr: f64) -> Result<f64, Error> {
+        let grad_norm = match grads.clip_on_device(self.hyper.max_grad_norm)? {
             Some((norm, coef)) => {
-                opt.update_scaled(&grads, lr, Some(&coef))?;
+                self.opt.update_scaled(grads, lr, Some(&coef))?;
                 norm.to_vec1::<f32>()?[0] as f64
             }
             None => {
                 let norm = grads.global_norm()?;
                 if norm.is_finite() {
-                    opt.update(&grads, lr)?;
+                    self.opt.update(grads, lr)?;
                 }
                 norm
             }
         };
         if !grad_norm.is_finite() {
-            return Err(Error::Diverged(format!("the gradient norm became {grad_norm} at step {}", step + 1)));
+            return Err(Error::Diverged(format!(
+                "the gradient norm became {grad_norm} at step {}",
+                self.state.step + 1
+            )));
         }
-        state.step += 1;
-        window.0 += loss_value;
-        window.1 += 1;
-        window.2 += pairs;
-
-        let log_every = (total_steps / 200).max(1);
-        let last = state.step == total_steps;
-        if state.step.is_multiple_of(log_every) || last {
-            let secs = window.3.elapsed().as_secs_f64().max(1e-9);
-            let record = serde_json::json!({
-                "step": state.step, "epoch": state.position.epoch, "loss": window.0 / window.1 as f64,
-                "lr": lr, "grad_norm": grad_norm, "pairs_per_s": window.2 as f64 / secs,
-            });
-            state.history.push(record);
-            let counters = HashMap::from([
-                ("loss".to_string(), window.0 / window.1 as f64),
-                ("lr".to_string(), lr),
-                ("pairs_per_s".to_string(), window.2 as f64 / secs),
-                ("epoch".to_string(), state.position.epoch as f64),
-            ]);
-            let progress =
-                Progress { done: state.step, total: total_steps, unit: "steps".into(), counters, ..Default::default() };
-            handle.block_on(jobs.set_progress(&entry, progress, false));
-            jobs.metric(&entry, "loss", window.0 / window.1 as f64, state.step);
-            window = (0.0, 0, 0, Instant::now());
-        }
-
-        let eval_due =
-            eval.is_some() && ((hyper.eval_every > 0 && state.step.is_multiple_of(hyper.eval_every)) || last);
-        if eval_due {
-            let data = eval.as_ref().expect("checked");
-            let stop = || if entry.cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
-            let Some(run) = data.rerank(&model, 32, |_, _| stop())? else { return Ok(Outcome::Cancelled) };
-            let values = data.measure(&run);
-            let mut record = serde_json::json!({"step": state.step});
-            for (name, v) in &values {
-                record[format!("eval_{name}")] = (*v).into();
-                jobs.metric(&entry, &format!("eval_{name}"), *v, state.step);
-            }
-            state.history.push(record);
-            let metric = validation_metric.clone().expect("set with the evaluation");
-            let value = values.iter().find(|(n, _)| *n == metric).map(|(_, v)| *v).unwrap_or(f64::NAN);
-            jobs.log(&entry, "info", format!("step {}: {metric} = {value:.4}", state.step));
-            if state.best.as_ref().is_none_or(|b| value > b.value) {
-                state.best = Some(Best { metric, value, step: state.step });
-                handle.block_on(jobs.confirm(&entry))?;
-                handle.block_on(export(&model, &output.child("best")))?;
-            }
-        }
-
-        if state.step.is_multiple_of(hyper.checkpoint_every) && !last {
-            handle.block_on(save_checkpoint(&model, &opt, &state, &checkpoints, (&jobs, &entry)))?;
-            handle.block_on(write_history(&state, &output))?;
-        }
+        Ok(grad_norm)
     }
-    // Exports, like checkpoints, only while this replica holds the job.
-    handle.block_on(jobs.confirm(&entry))?;
-    handle.block_on(export(&model, &output.child("final")))?;
-    handle.block_on(write_history(&state, &output))?;
-    Ok(Outcome::Finished { steps: state.step, best: state.best })
+
+    /// Adds the step to the window; every 1/200 of the run (and at the end) records the window's
+    /// mean loss, learning rate, gradient norm and speed in the history and the job's progress.
+    fn log(&mut self, done: StepDone, last: bool) {
+        let w = &mut self.window;
+        (w.loss, w.steps, w.pairs) = (w.loss + done.loss, w.steps + 1, w.pairs + done.pairs);
+        let log_every = (self.total_steps / 200).max(1);
+        if !self.state.step.is_multiple_of(log_every) && !last {
+            return;
+        }
+        let (loss, secs) = (w.loss / w.steps as f64, w.since.elapsed().as_secs_f64().max(1e-9));
+        let pairs_per_s = w.pairs as f64 / secs;
+        let epoch = self.state.position.epoch;
+        self.state.history.push(serde_json::json!({
+            "step": self.state.step, "epoch": epoch, "loss": loss,
+            "lr": done.lr, "grad_norm": done.grad_norm, "pairs_per_s": pairs_per_s,
+        }));
+        let counters = HashMap::from([
+            ("loss".to_string(), loss),
+            ("lr".to_string(), done.lr),
+            ("pairs_per_s".to_string(), pairs_per_s),
+            ("epoch".to_string(), epoch as f64),
+        ]);
+        let (step, total) = (self.state.step, self.total_steps);
+        let progress = Progress { done: step, total, unit: "steps".into(), counters, ..Default::default() };
+        self.handle.block_on(self.jobs.set_progress(&self.entry, progress, false));
+        self.jobs.metric(&self.entry, "loss", loss, step);
+        self.window = Window { loss: 0.0, steps: 0, pairs: 0, since: Instant::now() };
+    }
+
+    /// Whether the model is evaluated after this step: every `eval_every` steps and after the last.
+    fn eval_due(&self, last: bool) -> bool {
+        let every = self.hyper.eval_every;
+        self.eval.is_some() && ((every > 0 && self.state.step.is_multiple_of(every)) || last)
+    }
+
+    /// Re-ranks the evaluation run, records its metrics, and exports the model as `best/` when the
+    /// validation metric improved. `None` when the job was cancelled meanwhile.
+    fn evaluate(&mut self) -> Result<Option<()>, Error> {
+        let data = self.eval.as_ref().expect("evaluated only with evaluation data");
+        let entry = &self.entry;
+        let stop = || if entry.cancel.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        let Some(run) = data.rerank(&self.model, 32, |_, _| stop())? else { return Ok(None) };
+        let values = data.measure(&run);
+        let step = self.state.step;
+        let mut record = serde_json::json!({"step": step});
+        for (name, v) in &values {
+            record[format!("eval_{name}")] = (*v).into();
+            self.jobs.metric(entry, &format!("eval_{name}"), *v, step);
+        }
+        self.state.history.push(record);
+        let metric = self.validation_metric.clone().expect("set with the evaluation");
+        let value = values.iter().find(|(n, _)| *n == metric).map(|(_, v)| *v).unwrap_or(f64::NAN);
+        self.jobs.log(entry, "info", format!("step {step}: {metric} = {value:.4}"));
+        if self.state.best.as_ref().is_none_or(|b| value > b.value) {
+            self.state.best = Some(Best { metric, value, step });
+            // Exports, like checkpoints, only while this replica holds the job.
+            self.handle.block_on(self.jobs.confirm(entry))?;
+            self.handle.block_on(export(&self.model, &self.output.child("best")))?;
+        }
+        Ok(Some(()))
+    }
+
+    fn checkpoint(&self) -> Result<(), Error> {
+        let checkpoints = self.output.child("checkpoints");
+        let holder = (self.jobs.as_ref(), self.entry.as_ref());
+        self.handle.block_on(save_checkpoint(&self.model, &self.opt, &self.state, &checkpoints, holder))?;
+        self.handle.block_on(write_history(&self.state, &self.output))
+    }
+
+    /// Exports `final/` (while this replica holds the job) and the history.
+    fn finish(self) -> Result<Outcome, Error> {
+        self.handle.block_on(self.jobs.confirm(&self.entry))?;
+        self.handle.block_on(export(&self.model, &self.output.child("final")))?;
+        self.handle.block_on(write_history(&self.state, &self.output))?;
+        Ok(Outcome::Finished { steps: self.state.step, best: self.state.best })
+    }
 }
 
 async fn put_tensors(loc: &Location, name: &str, tensors: &HashMap<String, Tensor>) -> Result<(), Error> {
