@@ -317,33 +317,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     eprintln!("using {}", minilm.display());
 
     step(2, of, "queries from the bundled Debian collection", t0);
-    let p = Paths {
-        collection: s(&data.join("collection.tsv.zst")),
-        train_queries: s(&work.join("data/queries.train.tsv")),
-        test_queries: s(&work.join("data/queries.test.tsv")),
-        train_qrels: s(&data.join("qrels.train.txt.zst")),
-        test_qrels: s(&data.join("qrels.test.txt.zst")),
-        train_run: s(&work.join("runs/bm25.train.trec")),
-        test_run: s(&work.join("runs/bm25.test.trec")),
-    };
-    let n_train =
-        sample_lines(&data.join("queries.train.tsv.zst"), a.train_queries, Path::new(&p.train_queries)).await?;
-    let n_test = sample_lines(&data.join("queries.test.tsv.zst"), a.test_queries, Path::new(&p.test_queries)).await?;
-    eprintln!("{n_train} training queries, {n_test} test queries (spread evenly over the splits)");
+    let (p, n_train, n_test) = sample_queries(&a, &data, &work).await?;
 
     step(3, of, "first stage: BM25 (tantivy) over 60k passages", t0);
-    for (queries, run, k) in [(&p.train_queries, &p.train_run, a.depth as usize), (&p.test_queries, &p.test_run, 100)] {
-        crate::retrieve::run(crate::retrieve::RetrieveArgs {
-            collection: p.collection.clone(),
-            queries: queries.clone(),
-            output: PathBuf::from(run),
-            k,
-            index: Some(work.join("bm25-index")),
-            max_queries: 0,
-            tag: "bm25".into(),
-        })
-        .await?;
-    }
+    first_stage(&a, &p, &work).await?;
 
     step(4, of, "starting the teacher and trainer services", t0);
     // The services may use the demo's work directory, the bundled data and the weights, nothing else.
@@ -366,116 +343,20 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         token_file: None,
         ca_cert: None,
     };
-    let mut teacher = conn.teacher().await?;
-    let mut trainer = conn.trainer().await?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let run = Demo { a: &a, p: &p, work: &work, minilm: &minilm, stamp };
 
     step(5, of, "teacher labels: MiniLM bi-encoder + BM25 (z-normalised mean)", t0);
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
-    let train_lists = work.join(format!("datasets/train-{stamp}"));
-    let test_lists = work.join(format!("datasets/test-{stamp}"));
-    let t = Instant::now();
-    let spec = labeling(
-        Split { run: &p.train_run, queries: &p.train_queries, qrels: &p.train_qrels },
-        &p,
-        teacher_spec(&minilm, a.teacher_max_length),
-        a.depth,
-        &train_lists,
-        "demo-train",
-    );
-    let job = teacher.start_labeling(spec).await?.into_inner();
-    jobs::follow_to_end(&mut teacher, job, "labelling the training queries").await?;
-    let label_train_s = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let spec = labeling(
-        Split { run: &p.test_run, queries: &p.test_queries, qrels: &p.test_qrels },
-        &p,
-        teacher_spec(&minilm, a.teacher_max_length),
-        a.rerank_depth,
-        &test_lists,
-        "demo-test",
-    );
-    let job = teacher.start_labeling(spec).await?.into_inner();
-    jobs::follow_to_end(&mut teacher, job, "the teacher on the test queries").await?;
-    let label_test_s = t.elapsed().as_secs_f64();
-
+    let labelled = run.label(&mut conn.teacher().await?).await?;
     let qrels = distill_formats::read_qrels(distill_store::open_text(&p.test_qrels).await?, &p.test_qrels)?;
-    let bm25 = distill_formats::read_run(distill_store::open_text(&p.test_run).await?, &p.test_run)?;
-    let mut rows = vec![measure("BM25".into(), "tantivy, k1 1.2, b 0.75".into(), 0.0, &bm25, &qrels)?];
-    let what = format!("MiniLM-L6 bi-encoder + BM25, z-norm mean, top {}", a.rerank_depth);
-    rows.push(measure("teacher".into(), what, label_test_s, &teacher_run(&test_lists, &bm25).await?, &qrels)?);
-    eprintln!("BM25 nDCG@10 {:.4}, teacher {:.4}", rows[0].ndcg_10, rows[1].ndcg_10);
+    let mut rows = run.baselines(&labelled, &qrels).await?;
 
     step(6, of, &format!("students: {} from MiniLM's first {} layers", a.objectives.join(", "), a.layers), t0);
-    let mut students = Vec::new();
-    for objective in &a.objectives {
-        let out = work.join(format!("students/{objective}-{stamp}"));
-        let spec = pb::TrainingSpec {
-            datasets: vec![s(&train_lists)],
-            backbone: s(&minilm),
-            backbone_layers: a.layers,
-            freeze_word_embeddings: a.freeze_word_embeddings,
-            objective: objective.clone(),
-            hyperparameters: Some(pb::Hyperparameters {
-                learning_rate: a.lr,
-                batch_size: a.batch_size,
-                group_size: a.group_size,
-                max_steps: a.steps,
-                epochs: 0,
-                warmup_steps: a.steps / 10,
-                schedule: pb::LrSchedule::Linear as i32,
-                weight_decay: Some(0.01),
-                max_grad_norm: Some(1.0),
-                gradient_accumulation: 1,
-                seed: a.seed,
-                max_query_length: 32,
-                max_length: a.max_length,
-                temperature: 1.0,
-                shuffle_buffer: 1024,
-                precision: a.precision.clone(),
-            }),
-            evaluation: None,
-            eval_every_steps: 0,
-            validation_metric: String::new(),
-            checkpoint_every_steps: a.steps,
-            output_uri: s(&out),
-            name: format!("demo-{objective}"),
-            teacher_job: None,
-        };
-        let t = Instant::now();
-        let job = trainer.start_training(spec).await?.into_inner();
-        jobs::follow_to_end(&mut trainer, job, &format!("training the {objective} student")).await?;
-        students.push((objective.clone(), out, t.elapsed().as_secs_f64()));
-    }
+    let mut trainer = conn.trainer().await?;
+    let students = run.train_students(&mut trainer, &labelled.train).await?;
 
     step(7, of, &format!("evaluating the students on {n_test} test queries (top {})", a.rerank_depth), t0);
-    for (objective, out, seconds) in &students {
-        let eval_out = work.join(format!("evaluations/{objective}-{stamp}"));
-        let spec = pb::EvaluationSpec {
-            model: s(&out.join("final")),
-            run: p.test_run.clone(),
-            queries: p.test_queries.clone(),
-            collection: p.collection.clone(),
-            qrels: p.test_qrels.clone(),
-            top_k: a.rerank_depth,
-            metrics: vec!["ndcg@10".into(), "mrr@10".into()],
-            output_uri: s(&eval_out),
-            batch_size: 32,
-            max_query_length: 32,
-            max_length: a.max_length,
-            name: format!("demo-{objective}"),
-            max_queries: 0,
-        };
-        let job = trainer.start_evaluation(spec).await?.into_inner();
-        jobs::follow_to_end(&mut trainer, job, &format!("evaluating the {objective} student")).await?;
-        // The evaluation's own run, measured here too for its per-query values.
-        let run_file = s(&eval_out.join("run.trec"));
-        let run = distill_formats::read_run(distill_store::open_text(&run_file).await?, &run_file)?;
-        let what = format!(
-            "MiniLM {} layers, {} steps x {}x{} pairs, {} tokens",
-            a.layers, a.steps, a.batch_size, a.group_size, a.max_length
-        );
-        rows.push(measure(format!("student {objective}"), what, *seconds, &run, &qrels)?);
-    }
+    rows.extend(run.evaluate_students(&mut trainer, &students, &qrels).await?);
     let bce = rows.iter().position(|r| r.system == "student bce");
     report::mark_significance(&mut rows, bce);
     drop((teacher_svc, trainer_svc));
@@ -485,7 +366,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "train_queries": n_train, "test_queries": n_test, "depth": a.depth, "rerank_depth": a.rerank_depth,
         "layers": a.layers, "max_length": a.max_length, "steps": a.steps, "batch_size": a.batch_size,
         "group_size": a.group_size, "lr": a.lr, "freeze_word_embeddings": a.freeze_word_embeddings, "seed": a.seed, "teacher_max_length": a.teacher_max_length,
-        "label_train_s": label_train_s, "label_test_s": label_test_s, "total_s": t0.elapsed().as_secs_f64(),
+        "label_train_s": labelled.train_s, "label_test_s": labelled.test_s, "total_s": t0.elapsed().as_secs_f64(),
     });
     report::write(&work, &rows, &title, &settings)?;
     println!("\n{title}\n\n{}", report::table(&rows));
@@ -495,4 +376,197 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         work.display()
     );
     Ok(())
+}
+
+/// Samples the training and test queries into the work directory; their files and counts.
+async fn sample_queries(a: &DemoArgs, data: &Path, work: &Path) -> anyhow::Result<(Paths, usize, usize)> {
+    let p = Paths {
+        collection: s(&data.join("collection.tsv.zst")),
+        train_queries: s(&work.join("data/queries.train.tsv")),
+        test_queries: s(&work.join("data/queries.test.tsv")),
+        train_qrels: s(&data.join("qrels.train.txt.zst")),
+        test_qrels: s(&data.join("qrels.test.txt.zst")),
+        train_run: s(&work.join("runs/bm25.train.trec")),
+        test_run: s(&work.join("runs/bm25.test.trec")),
+    };
+    let n_train =
+        sample_lines(&data.join("queries.train.tsv.zst"), a.train_queries, Path::new(&p.train_queries)).await?;
+    let n_test = sample_lines(&data.join("queries.test.tsv.zst"), a.test_queries, Path::new(&p.test_queries)).await?;
+    eprintln!("{n_train} training queries, {n_test} test queries (spread evenly over the splits)");
+    Ok((p, n_train, n_test))
+}
+
+/// BM25 runs of the training queries (at the labelling depth) and of the test queries (top 100).
+async fn first_stage(a: &DemoArgs, p: &Paths, work: &Path) -> anyhow::Result<()> {
+    for (queries, run, k) in [(&p.train_queries, &p.train_run, a.depth as usize), (&p.test_queries, &p.test_run, 100)] {
+        crate::retrieve::run(crate::retrieve::RetrieveArgs {
+            collection: p.collection.clone(),
+            queries: queries.clone(),
+            output: PathBuf::from(run),
+            k,
+            index: Some(work.join("bm25-index")),
+            max_queries: 0,
+            tag: "bm25".into(),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The demo's settings and files, for the steps that talk to the services.
+struct Demo<'a> {
+    a: &'a DemoArgs,
+    p: &'a Paths,
+    work: &'a Path,
+    minilm: &'a Path,
+    /// Names this run's datasets, students and evaluations apart from earlier runs'.
+    stamp: u64,
+}
+
+/// The teacher's datasets of the training and the test queries, and how long each took.
+struct Labelled {
+    train: PathBuf,
+    test: PathBuf,
+    train_s: f64,
+    test_s: f64,
+}
+
+impl Demo<'_> {
+    /// The teacher labels the training queries (at the labelling depth) and the test queries (at
+    /// the re-ranking depth).
+    async fn label(&self, teacher: &mut crate::client::Teacher) -> anyhow::Result<Labelled> {
+        let (a, p) = (self.a, self.p);
+        let train = self.work.join(format!("datasets/train-{}", self.stamp));
+        let test = self.work.join(format!("datasets/test-{}", self.stamp));
+        let mut timed = Vec::new();
+        for (split, depth, out, name, what) in [
+            (
+                Split { run: &p.train_run, queries: &p.train_queries, qrels: &p.train_qrels },
+                a.depth,
+                &train,
+                "demo-train",
+                "labelling the training queries",
+            ),
+            (
+                Split { run: &p.test_run, queries: &p.test_queries, qrels: &p.test_qrels },
+                a.rerank_depth,
+                &test,
+                "demo-test",
+                "the teacher on the test queries",
+            ),
+        ] {
+            let t = Instant::now();
+            let spec = labeling(split, p, teacher_spec(self.minilm, a.teacher_max_length), depth, out, name);
+            let job = teacher.start_labeling(spec).await?.into_inner();
+            jobs::follow_to_end(teacher, job, what).await?;
+            timed.push(t.elapsed().as_secs_f64());
+        }
+        Ok(Labelled { train, test, train_s: timed[0], test_s: timed[1] })
+    }
+
+    /// BM25's row and the teacher's (its scores over the test run's first candidates).
+    async fn baselines(
+        &self,
+        labelled: &Labelled,
+        qrels: &distill_formats::Qrels,
+    ) -> anyhow::Result<Vec<SystemResult>> {
+        let p = self.p;
+        let bm25 = distill_formats::read_run(distill_store::open_text(&p.test_run).await?, &p.test_run)?;
+        let mut rows = vec![measure("BM25".into(), "tantivy, k1 1.2, b 0.75".into(), 0.0, &bm25, qrels)?];
+        let what = format!("MiniLM-L6 bi-encoder + BM25, z-norm mean, top {}", self.a.rerank_depth);
+        let teacher = teacher_run(&labelled.test, &bm25).await?;
+        rows.push(measure("teacher".into(), what, labelled.test_s, &teacher, qrels)?);
+        eprintln!("BM25 nDCG@10 {:.4}, teacher {:.4}", rows[0].ndcg_10, rows[1].ndcg_10);
+        Ok(rows)
+    }
+
+    /// A student per objective from MiniLM's first layers; (objective, its output, seconds).
+    async fn train_students(
+        &self,
+        trainer: &mut crate::client::Trainer,
+        dataset: &Path,
+    ) -> anyhow::Result<Vec<(String, PathBuf, f64)>> {
+        let a = self.a;
+        let mut students = Vec::new();
+        for objective in &a.objectives {
+            let out = self.work.join(format!("students/{objective}-{}", self.stamp));
+            let spec = pb::TrainingSpec {
+                datasets: vec![s(dataset)],
+                backbone: s(self.minilm),
+                backbone_layers: a.layers,
+                freeze_word_embeddings: a.freeze_word_embeddings,
+                objective: objective.clone(),
+                hyperparameters: Some(pb::Hyperparameters {
+                    learning_rate: a.lr,
+                    batch_size: a.batch_size,
+                    group_size: a.group_size,
+                    max_steps: a.steps,
+                    epochs: 0,
+                    warmup_steps: a.steps / 10,
+                    schedule: pb::LrSchedule::Linear as i32,
+                    weight_decay: Some(0.01),
+                    max_grad_norm: Some(1.0),
+                    gradient_accumulation: 1,
+                    seed: a.seed,
+                    max_query_length: 32,
+                    max_length: a.max_length,
+                    temperature: 1.0,
+                    shuffle_buffer: 1024,
+                    precision: a.precision.clone(),
+                }),
+                evaluation: None,
+                eval_every_steps: 0,
+                validation_metric: String::new(),
+                checkpoint_every_steps: a.steps,
+                output_uri: s(&out),
+                name: format!("demo-{objective}"),
+                teacher_job: None,
+            };
+            let t = Instant::now();
+            let job = trainer.start_training(spec).await?.into_inner();
+            jobs::follow_to_end(trainer, job, &format!("training the {objective} student")).await?;
+            students.push((objective.clone(), out, t.elapsed().as_secs_f64()));
+        }
+        Ok(students)
+    }
+
+    /// Each student re-ranks the test run on the trainer; its row, measured from that run.
+    async fn evaluate_students(
+        &self,
+        trainer: &mut crate::client::Trainer,
+        students: &[(String, PathBuf, f64)],
+        qrels: &distill_formats::Qrels,
+    ) -> anyhow::Result<Vec<SystemResult>> {
+        let (a, p) = (self.a, self.p);
+        let mut rows = Vec::new();
+        for (objective, out, seconds) in students {
+            let eval_out = self.work.join(format!("evaluations/{objective}-{}", self.stamp));
+            let spec = pb::EvaluationSpec {
+                model: s(&out.join("final")),
+                run: p.test_run.clone(),
+                queries: p.test_queries.clone(),
+                collection: p.collection.clone(),
+                qrels: p.test_qrels.clone(),
+                top_k: a.rerank_depth,
+                metrics: vec!["ndcg@10".into(), "mrr@10".into()],
+                output_uri: s(&eval_out),
+                batch_size: 32,
+                max_query_length: 32,
+                max_length: a.max_length,
+                name: format!("demo-{objective}"),
+                max_queries: 0,
+            };
+            let job = trainer.start_evaluation(spec).await?.into_inner();
+            jobs::follow_to_end(trainer, job, &format!("evaluating the {objective} student")).await?;
+            // The evaluation's own run, measured here too for its per-query values.
+            let run_file = s(&eval_out.join("run.trec"));
+            let run = distill_formats::read_run(distill_store::open_text(&run_file).await?, &run_file)?;
+            let what = format!(
+                "MiniLM {} layers, {} steps x {}x{} pairs, {} tokens",
+                a.layers, a.steps, a.batch_size, a.group_size, a.max_length
+            );
+            rows.push(measure(format!("student {objective}"), what, *seconds, &run, qrels)?);
+        }
+        Ok(rows)
+    }
 }
