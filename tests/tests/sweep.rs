@@ -70,6 +70,9 @@ async fn a_sweep_tables_its_cells_and_resumes() {
         assert_eq!(row["p_vs_bce"].is_null(), objective == "bce");
     }
     assert!(table.contains("| first stage |") && table.contains("† differs from bce"), "{table}");
+    let svg = std::fs::read_to_string(format!("{out}/results.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains(">margin_mse<"), "{svg}");
+    assert_eq!(svg.matches("class=\"whisker\"").count(), 2, "a bar with its whisker per objective");
 
     // Run again: everything is done.
     let (_, stderr) = sweep(&f, &trainer, &dataset, &out);

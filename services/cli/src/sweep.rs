@@ -4,7 +4,8 @@
 //! again, nor the training of one whose export is. The results as the study lays them out:
 //! `results.md` and `results.json`, rows objectives, columns the other settings, mean ± std over
 //! seeds, marked where a cell differs significantly (paired t-test over the test queries on the
-//! seeds' mean per query, p < 0.05) from the BCE row (†) and from the first stage (‡).
+//! seeds' mean per query, p < 0.05) from the BCE row (†) and from the first stage (‡); and
+//! `results.svg`, the means as bars with ± std whiskers.
 
 use crate::client::{Connection, JobControl, Trainer};
 use crate::evaluate::EvalSource;
@@ -237,6 +238,17 @@ async fn results(a: &SweepArgs, out: &Location, cells: &[Cell]) -> anyhow::Resul
     settings.sort();
     settings.dedup();
     let (md, table_json) = table(a, &metrics[0].name, &settings, &runs, &first_stage);
+    let bars: Vec<(String, f64, f64)> = table_json
+        .iter()
+        .zip(a.objectives.iter().flat_map(|o| settings.iter().map(move |s| (o, s))))
+        .map(|(row, (o, s))| {
+            let label =
+                if settings.len() > 1 { format!("{} · {}", o.trim(), column_name(a, s)) } else { o.trim().into() };
+            (label, row["mean"].as_f64().unwrap_or(f64::NAN), row["std"].as_f64().unwrap_or(0.0))
+        })
+        .collect();
+    let svg = bars_svg(&metrics[0].name, &bars, mean_std(&first_stage.per_seed).0);
+    out.put("results.svg", svg.into_bytes().into()).await?;
     let json = serde_json::json!({
         "metric": metrics[0].name, "first_stage": mean_std(&first_stage.per_seed).0,
         "cells": cell_json, "table": table_json,
@@ -295,6 +307,47 @@ fn table(
         a.seeds.len()
     ));
     (md, json)
+}
+
+/// Horizontal bars of each cell's mean (label, mean, std) with a ± std whisker, on a 0..1 axis,
+/// the first stage's value as a dashed line.
+fn bars_svg(metric: &str, bars: &[(String, f64, f64)], first_stage: f64) -> String {
+    use std::fmt::Write;
+    let (left, width, bar_h, gap, top) = (220.0, 500.0, 16.0, 8.0, 40.0);
+    let x = |v: f64| left + width * v.clamp(0.0, 1.0);
+    let bottom = top + (bar_h + gap) * bars.len() as f64;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" \
+         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"22\" font-size=\"14\">{metric}: mean ± std over seeds</text>\n",
+        left + width + 60.0,
+        bottom + 40.0
+    );
+    for (i, (label, mean, std)) in bars.iter().enumerate() {
+        let y = top + (bar_h + gap) * i as f64;
+        let label = label.replace('&', "&amp;").replace('<', "&lt;");
+        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text>", left - 8.0, y + 12.0);
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"#3b6ea8\"/>",
+            x(*mean) - left
+        );
+        let (lo, hi, mid) = (x(mean - std), x(mean + std), y + bar_h / 2.0);
+        let _ = writeln!(
+            s,
+            "<line class=\"whisker\" x1=\"{lo:.1}\" y1=\"{mid}\" x2=\"{hi:.1}\" y2=\"{mid}\" stroke=\"black\"/>"
+        );
+        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\">{mean:.4}</text>", hi + 4.0, y + 12.0);
+    }
+    let fx = x(first_stage);
+    let _ = writeln!(
+        s,
+        "<line x1=\"{fx:.1}\" y1=\"{}\" x2=\"{fx:.1}\" y2=\"{bottom}\" stroke=\"#333\" stroke-dasharray=\"4 3\"/>\n\
+         <text x=\"{fx:.1}\" y=\"{}\" text-anchor=\"middle\">first stage {first_stage:.4}</text>\n</svg>",
+        top - 6.0,
+        bottom + 16.0
+    );
+    s
 }
 
 /// A column's name: the settings that vary across the grid (or "all").
