@@ -9,7 +9,7 @@ Usage: python3 scripts/bench/sass-stats.py [--ptx PATH] [--filter flash] [--loop
 Reads the CUDA build's kernels.ptx (newest under target/cuda, or --ptx), assembles it for sm_90
 with the toolkit's ptxas (scripts/cuda-toolkit.sh's CUDA_ROOT, or target/cuda-toolkit/root) and
 disassembles it with cuobjdump + nvdisasm, which PyPI ships (nvidia-cuda-cuobjdump,
-nvidia-cuda-nvdisasm): fetched once into target/sass-tools if missing. Session 12 used this reading
+nvidia-cuda-nvdisasm): fetched once into target/sass-tools if missing. Commit e096da8 (2026-11-28) used this reading
 to find the flash kernels' generic operand loads and the elementwise kernels' per-element 64-bit
 modulo (docs/perf.md).
 """
