@@ -145,16 +145,9 @@ fn compare_metric(args: &CompareArgs, evaluations: &[Evaluation], m: usize) -> V
 
 /// The values of metric `m` of the queries both evaluations have, in the baseline's order; says
 /// on stderr when either has queries the other lacks.
-fn paired(base: &Evaluation, other: &Evaluation, m: usize, path: &str) -> (Vec<f64>, Vec<f64>) {
-    let theirs: std::collections::HashMap<&str, f64> =
-        other.per_query.iter().map(|(q, v)| (q.as_str(), v[m])).collect();
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for (q, v) in &base.per_query {
-        if let Some(x) = theirs.get(q.as_str()) {
-            a.push(v[m]);
-            b.push(*x);
-        }
-    }
+fn paired<'a>(base: &'a Evaluation, other: &'a Evaluation, m: usize, path: &str) -> (Vec<f64>, Vec<f64>) {
+    let values = |e: &'a Evaluation| e.per_query.iter().map(move |(q, v)| (q.as_str(), v[m]));
+    let (a, b) = significance::on_common_queries(values(base), values(other));
     if a.len() != base.per_query.len() || a.len() != other.per_query.len() {
         eprintln!(
             "{path}: compared on the {} queries both runs have (baseline {}, this run {})",

@@ -202,8 +202,9 @@ fn mean_std(x: &[f64]) -> (f64, f64) {
 }
 
 /// The p-value of a paired t-test of `b` against `a` over the queries both have.
-fn p_value(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> f64 {
-    let (x, y): (Vec<f64>, Vec<f64>) = b.iter().filter_map(|(q, v)| a.get(q).map(|u| (*u, *v))).unzip();
+fn p_value<'a>(a: &'a BTreeMap<String, f64>, b: &'a BTreeMap<String, f64>) -> f64 {
+    let values = |m: &'a BTreeMap<String, f64>| m.iter().map(|(q, v)| (q.as_str(), *v));
+    let (x, y) = distill_eval::significance::on_common_queries(values(a), values(b));
     paired_t(&x, &y).1
 }
 

@@ -50,6 +50,16 @@ pub fn randomization(a: &[f64], b: &[f64], permutations: u32, seed: u64) -> f64 
     (k + 1) as f64 / (f64::from(permutations) + 1.0)
 }
 
+/// The values of the queries both runs have, paired as (baseline's, other's), in the baseline's
+/// order: what the tests above take. Queries only one run has are left out.
+pub fn on_common_queries<'a>(
+    baseline: impl IntoIterator<Item = (&'a str, f64)>,
+    other: impl IntoIterator<Item = (&'a str, f64)>,
+) -> (Vec<f64>, Vec<f64>) {
+    let theirs: std::collections::HashMap<&str, f64> = other.into_iter().collect();
+    baseline.into_iter().filter_map(|(q, v)| theirs.get(q).map(|x| (v, *x))).unzip()
+}
+
 fn differences(a: &[f64], b: &[f64]) -> Vec<f64> {
     assert_eq!(a.len(), b.len(), "paired samples of different sizes");
     a.iter().zip(b).map(|(x, y)| y - x).collect()

@@ -35,10 +35,7 @@ pub fn mark_significance(rows: &mut [SystemResult], reference: Option<usize>) {
             if i == b || (b != 0 && i == 0) {
                 continue;
             }
-            let theirs: std::collections::HashMap<&str, f64> =
-                rows[b].per_query.iter().map(|(q, v)| (q.as_str(), *v)).collect();
-            let (a, x): (Vec<f64>, Vec<f64>) =
-                rows[i].per_query.iter().filter_map(|(q, v)| theirs.get(q.as_str()).map(|t| (*t, *v))).unzip();
+            let (a, x) = distill_eval::significance::on_common_queries(per_query(&rows[b]), per_query(&rows[i]));
             if a.len() < 2 {
                 continue;
             }
@@ -51,6 +48,11 @@ pub fn mark_significance(rows: &mut [SystemResult], reference: Option<usize>) {
             rows[i].p_values.push((name, p));
         }
     }
+}
+
+/// A row's (query, nDCG@10) pairs.
+fn per_query(row: &SystemResult) -> impl Iterator<Item = (&str, f64)> {
+    row.per_query.iter().map(|(q, v)| (q.as_str(), *v))
 }
 
 /// "student bce" -> "bce".
