@@ -180,11 +180,7 @@ impl Jobs {
         if held.is_some() {
             return Ok(None); // running here: this replica's copy is the newest
         }
-        let lease = match job.state().is_terminal() {
-            true => None,
-            false => self.claim(&job.id).await?,
-        };
-        let Some(lease) = lease else {
+        let Some(lease) = self.claim_unfinished(&mut job).await? else {
             self.show(job);
             return Ok(None);
         };
@@ -222,6 +218,27 @@ impl Jobs {
         if before.progress != job.progress {
             entry.emit(&job.id, job_event::Event::Progress(job.progress.clone().unwrap_or_default()));
         }
+    }
+
+    /// The lease of `job`, read as unfinished, for this replica, with `job` read again under it:
+    /// a holder writes its job's last record before it lets the lease go, so a record read before
+    /// the claim may be out of date (the job ended since). `None`, with `job` as it now is, when
+    /// the job has ended or another replica holds it.
+    async fn claim_unfinished(&self, job: &mut Job) -> Result<Option<(u64, i64)>, Error> {
+        if job.state().is_terminal() {
+            return Ok(None);
+        }
+        let Some(lease) = self.claim(&job.id).await? else { return Ok(None) };
+        if let Some(current) = self.read_record(&job.id).await? {
+            *job = current;
+        }
+        if !job.state().is_terminal() {
+            return Ok(Some(lease));
+        }
+        if let Some(l) = &self.leases {
+            l.release(&job.id).await?;
+        }
+        Ok(None)
     }
 
     /// `id`'s lease for this replica (term, expiry), or `None` when another holds it.
@@ -600,5 +617,27 @@ mod tests {
         assert_eq!(stored.state(), JobState::Queued, "b's record stands");
         assert_eq!(stored.resumes, 1);
         assert!(b.holds(&b.get("j1").unwrap()));
+    }
+
+    #[tokio::test]
+    async fn a_job_read_as_running_just_before_it_failed_is_not_taken_over() {
+        let dir = Location::parse("memory://table-stale/jobs").unwrap();
+        let (a, _) = Jobs::load(dir.clone(), replica("a", 60_000)).await.unwrap();
+        let spec = JobSpec { spec: Some(job_spec::Spec::Labeling(LabelingSpec::default())) };
+        let entry = a.create(JobKind::Labeling, spec, "memory://x".into(), "j1".into()).await.unwrap();
+        a.set_state(&entry, JobState::Running, "").await;
+        let (b, resume) = Jobs::load(dir.clone(), replica("b", 60_000)).await.unwrap();
+        assert!(resume.is_empty(), "a holds the job");
+        // b reads the record while the job runs; the job fails and a lets its lease go; then b
+        // handles what it read (its sync is slower than the failure).
+        let stale = Job::decode(dir.get("j1.pb").await.unwrap()).unwrap();
+        a.set_state(&entry, JobState::Failed, "the teacher is down").await;
+        assert!(b.adopt(stale).await.unwrap().is_none(), "b must not resume a failed job");
+        let stored = Job::decode(dir.get("j1.pb").await.unwrap()).unwrap();
+        assert_eq!((stored.state(), stored.resumes), (JobState::Failed, 0));
+        assert_eq!(b.get("j1").unwrap().snapshot().state(), JobState::Failed, "b shows the record as it is");
+        // ResumeJob on a still works: the lease b claimed for its check is free again.
+        let reopened = a.reopen("j1").await.unwrap();
+        assert_eq!(reopened.snapshot().state(), JobState::Queued);
     }
 }
