@@ -76,7 +76,10 @@ pub fn run(a: &ScoreArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .map(|r| (r["query"].as_str().unwrap_or_default(), r["passage"].as_str().unwrap_or_default()))
         .collect();
+    let started = std::time::Instant::now();
     let scores = scorer(&pairs)?;
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("scored {} pairs in {took:.2} s ({:.1} pairs/s)", pairs.len(), pairs.len() as f64 / took);
     let mut out: Box<dyn Write> = match &a.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,

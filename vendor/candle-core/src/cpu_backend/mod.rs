@@ -344,6 +344,19 @@ impl ReduceSum<'_> {
                     }
                     return Ok(dst);
                 };
+                // distill: reduced dims that follow each other (a bias's or a norm weight's
+                // gradient sums the leading dims) add whole rows into the destination, in the
+                // order the loop below adds them one element at a time.
+                if let Some((outer, reduce, inner)) = self.block_of_dims(src_l.shape()) {
+                    for (o, dst) in dst.chunks_exact_mut(inner).enumerate().take(outer) {
+                        for row in src[o * reduce * inner..(o + 1) * reduce * inner].chunks_exact(inner) {
+                            for (d, &s) in dst.iter_mut().zip(row) {
+                                *d += s;
+                            }
+                        }
+                    }
+                    return Ok(dst);
+                }
                 for (unstr_index, &src) in src.iter().enumerate() {
                     let mut dst_index = unstr_index;
                     // Set the reduce_dims indexes to 0.
@@ -369,6 +382,21 @@ impl ReduceSum<'_> {
             }
         }
         Ok(dst)
+    }
+}
+
+impl ReduceSum<'_> {
+    /// distill: (outer, reduced, inner) element counts when the reduced dims are one run of
+    /// consecutive dims, none of them the last.
+    fn block_of_dims(&self, shape: &Shape) -> Option<(usize, usize, usize)> {
+        let (&first, &last) = (self.reduce_dims.first()?, self.reduce_dims.last()?);
+        let consecutive = self.reduce_dims.windows(2).all(|w| w[1] == w[0] + 1);
+        let dims = shape.dims();
+        if !consecutive || last + 1 >= dims.len() || shape.elem_count() == 0 {
+            return None;
+        }
+        let product = |d: &[usize]| d.iter().product::<usize>();
+        Some((product(&dims[..first]), product(&dims[first..=last]), product(&dims[last + 1..])))
     }
 }
 
