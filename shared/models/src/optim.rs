@@ -141,6 +141,12 @@ impl AdamW {
             {
                 continue;
             }
+            if p.var.dtype() == DType::F32 && p.var.device().is_cpu() {
+                let s = fused_scale.to_vec1::<f32>()?[0];
+                let k = [decay, c.beta1, c.beta2, bc2, lr / bc1, c.eps].map(|x| x as f32);
+                update_on_cpu(p.var.as_tensor(), &p.m, &p.v, &g.contiguous()?, s, k)?;
+                continue;
+            }
             let g = match &scale {
                 Some(s) => g.broadcast_mul(s)?,
                 None => g,
@@ -162,8 +168,7 @@ impl AdamW {
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::with_capacity(self.params.len() * 2);
         for p in &self.params {
-            let copy =
-                |t: &Tensor| if t.device().is_cuda() { t.copy().unwrap_or_else(|_| t.clone()) } else { t.clone() };
+            let copy = |t: &Tensor| t.copy().unwrap_or_else(|_| t.clone());
             out.insert(format!("m.{}", p.name), copy(&p.m));
             out.insert(format!("v.{}", p.name), copy(&p.v));
         }
@@ -194,6 +199,62 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update of an f32 parameter on the CPU, in place and in one pass over its elements
+/// (the composite in [`AdamW::update_scaled`] makes about fifteen, each a new tensor), chunks in
+/// parallel; the arithmetic of the CUDA kernel (`adamw_at` in kernels.cu). `k` = [weight decay
+/// factor, beta1, beta2, bc2, lr / bc1, eps]; `s` multiplies the gradient first.
+fn update_on_cpu(param: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, s: f32, k: [f32; 6]) -> Result<()> {
+    use rayon::prelude::*;
+    let [decay, beta1, beta2, bc2, step, eps] = k;
+    let (g_storage, g_layout) = g.storage_and_layout();
+    let g = match (&*g_storage, g_layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(c), Some((a, b))) => &c.as_slice::<f32>()?[a..b],
+        _ => candle_core::bail!("adamw: the gradient is not a contiguous f32 CPU tensor"),
+    };
+    in_place(param, |p| {
+        in_place(m, |m| {
+            in_place(v, |v| {
+                if [p.len(), m.len(), v.len()].iter().any(|&n| n != g.len()) {
+                    candle_core::bail!("adamw: parameter, moments and gradient of different sizes");
+                }
+                const CHUNK: usize = 64 * 1024;
+                p.par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(((p, m), v), g)| {
+                        for i in 0..p.len() {
+                            let gi = g[i] * s;
+                            m[i] = beta1 * m[i] + (1.0 - beta1) * gi;
+                            v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi;
+                            p[i] = p[i] * decay - step * (m[i] / ((v[i] / bc2).sqrt() + eps));
+                        }
+                    });
+                Ok(())
+            })
+        })
+    })
+}
+
+/// Runs `f` on the elements of `t` (a contiguous f32 CPU tensor), in place: `t` and every tensor
+/// sharing its storage see the change (as `Var::set` does).
+fn in_place(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    struct Op<F>(std::cell::RefCell<Option<F>>);
+    impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for Op<F> {
+        fn name(&self) -> &'static str {
+            "adamw-in-place"
+        }
+        fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<()> {
+            let (candle_core::CpuStorage::F32(data), Some((a, b))) = (storage, layout.contiguous_offsets()) else {
+                candle_core::bail!("adamw: not a contiguous f32 tensor")
+            };
+            let f = self.0.borrow_mut().take().expect("an in-place op runs once");
+            f(&mut data[a..b])
+        }
+    }
+    t.inplace_op1(&Op(std::cell::RefCell::new(Some(f))))
 }
 
 impl Grads {

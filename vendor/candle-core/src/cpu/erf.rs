@@ -29,8 +29,39 @@ pub fn erf_f64(x: f64) -> f64 {
     libm::erf(x)
 }
 
+/// distill: erf without branches or calls, so that a loop over a slice vectorises (libm's
+/// `erff` was 8% of a MiniLM training step on 2 cores, through GELU and its gradient): Abramowitz
+/// & Stegun 7.1.26 (absolute error 1.5e-7; 4.7e-7 measured in f32 arithmetic), the form PyTorch's
+/// vectorised CPU erf uses, with [`exp_f32`].
+#[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
-    libm::erff(x)
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_72, 1.421_413_8, -1.453_152_1, 1.061_405_4];
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = (((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0];
+    let y = 1.0 - poly * t * exp_f32(-a * a);
+    y.copysign(x)
+}
+
+/// distill: e^x for f32 without branches or calls (Cephes' `expf`: x = n ln 2 + r with ln 2 in
+/// two parts, a degree-6 polynomial for e^r, 2^n put into the exponent bits), within 2 ulp of
+/// `f32::exp` for x in [-87, 88]; x is clamped to that range (e^-87 is 1.6e-38: below it the
+/// result would be subnormal).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const C: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1];
+    let x = x.clamp(-87.0, 88.0);
+    // Rounded to the nearest integer by adding and taking away 1.5 * 2^23 (no `roundf` call
+    // where SSE4.1 is not assumed).
+    const ROUND: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let poly = ((((C[0] * r + C[1]) * r + C[2]) * r + C[3]) * r + C[4]) * r + C[5];
+    let e = poly * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// `erf_inv` calculates the inverse error function

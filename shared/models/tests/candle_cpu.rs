@@ -1,6 +1,7 @@
-//! The vendored candle-core's sum over a run of consecutive dims that stops before the last
-//! (vendor/README.md): the same bits as candle's element-by-element path, which a view that is
-//! not contiguous still takes, and the values of a sum written out here.
+//! The vendored candle-core's CPU changes (vendor/README.md): the sum over a run of consecutive
+//! dims that stops before the last (the same bits as candle's element-by-element path, which a
+//! view that is not contiguous still takes, and the values of a sum written out here), and erf and
+//! exp without branches (against libm in f64).
 
 use candle_core::{Device, Tensor};
 
@@ -50,5 +51,34 @@ fn sums_over_leading_and_middle_dims_equal_the_strided_path() {
         for (got, want) in fast.iter().zip(&want) {
             assert!((*got as f64 - want).abs() < 1e-4, "{dims:?} over {reduce:?}: {got} vs {want}");
         }
+    }
+}
+
+#[test]
+fn erf_and_exp_without_branches_stay_within_their_stated_error() {
+    use candle_core::cpu::erf::{erf_f32, erf_f64, exp_f32};
+    let (mut erf_worst, mut exp_worst) = (0f64, 0f64);
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 5e-5; // [-10, 10]
+        erf_worst = erf_worst.max((erf_f32(x) as f64 - erf_f64(x as f64)).abs());
+        let y = i as f32 * 4.4e-4; // [-88, 88]
+        if y >= -87.0 {
+            let want = (y as f64).exp();
+            exp_worst = exp_worst.max(((exp_f32(y) as f64 - want) / want).abs());
+        }
+    }
+    assert!(erf_worst < 5e-7, "erf: {erf_worst:e}");
+    assert!(exp_worst < 3e-7, "exp: {exp_worst:e} relative");
+    assert_eq!(erf_f32(0.0), 0.0);
+    assert_eq!((erf_f32(12.0), erf_f32(-12.0)), (1.0, -1.0));
+    assert_eq!(exp_f32(-1000.0), exp_f32(-87.0));
+    // GELU through candle's op, against the definition in f64.
+    let xs: Vec<f32> = (-400..=400).map(|i| i as f32 / 50.0).collect();
+    let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+    let gelu = t.gelu_erf().unwrap().to_vec1::<f32>().unwrap();
+    for (x, g) in xs.iter().zip(gelu) {
+        let x = *x as f64;
+        let want = 0.5 * x * (1.0 + erf_f64(x / std::f64::consts::SQRT_2));
+        assert!((g as f64 - want).abs() < 1e-6 * (1.0 + x.abs()), "gelu({x}) = {g}, want {want}");
     }
 }
