@@ -581,7 +581,23 @@ macro_rules! unary_op {
     };
 }
 
-unary_op!(Exp, "exp", v, v.exp(), vs_exp, vd_exp);
+/// distill: `exp` with f32 through the branch-free `cpu::erf::exp_f32`, which the compiler
+/// vectorises in the unary maps (libm's `expf` per element was 8% of scoring MiniLM at 256 tokens
+/// on 2 cores: the composite softmax's exponentials); other dtypes as upstream.
+trait ExpOf {
+    fn exp_of(self) -> Self;
+}
+macro_rules! exp_of_upstream {
+    ($($t: ty),*) => {$(impl ExpOf for $t { #[inline(always)] fn exp_of(self) -> Self { self.exp() } })*};
+}
+exp_of_upstream!(bf16, f16, f64, f8e4m3);
+impl ExpOf for f32 {
+    #[inline(always)]
+    fn exp_of(self) -> Self {
+        crate::cpu::erf::exp_f32(self)
+    }
+}
+unary_op!(Exp, "exp", v, v.exp_of(), vs_exp, vd_exp);
 unary_op!(Log, "log", v, v.ln(), vs_ln, vd_ln);
 unary_op!(Sin, "sin", v, v.sin(), vs_sin, vd_sin);
 unary_op!(Cos, "cos", v, v.cos(), vs_cos, vd_cos);

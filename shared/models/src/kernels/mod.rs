@@ -38,13 +38,44 @@
 //! - softmax: y = exp(x - max) / Σ exp(x - max), dx = y ⊙ (g - Σ g ⊙ y)
 //! - normalise: x̂ = (x - μ) / σ with σ = sqrt(var + eps), dx = (g - mean(g) - x̂ mean(g ⊙ x̂)) / σ
 
+use candle_core::cpu::erf::exp_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+/// Defines `$name($args)` that runs `$body` (inline functions only) compiled for the widest
+/// vectors this CPU has: AVX-512, else AVX2 with FMA, else the build's baseline (SSE2), chosen at
+/// run time.
+macro_rules! widest_vectors {
+    ($name: ident ($($arg: ident: $t: ty),*) $body: block) => {
+        fn $name($($arg: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $t),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $t),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just now).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just now).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
 /// The CPU kernels (off by default) and the CUDA kernels (on by default).
 static FUSED_CPU: AtomicBool = AtomicBool::new(false);
 static FUSED_CUDA: AtomicBool = AtomicBool::new(true);
+/// The CPU kernels measured faster than candle's composites where no gradient is kept (the
+/// attention probabilities for scoring: docs/perf.md, "CPU against PyTorch"): on by default, off
+/// with the composites everywhere (`set_fused(false)`, `DISTILL_FUSED_KERNELS=0`).
+static FASTER_CPU: AtomicBool = AtomicBool::new(true);
 /// The CUDA kernels not yet run on a GPU, by family: off there by default until `distill-bench
 /// --check-kernels` has passed on one. Their CUDA source runs in the emulated tests and their CPU
 /// twins pass the composite checks. Each family can be turned on alone (`set_unproven`,
@@ -131,6 +162,7 @@ static FROM_ENV: std::sync::Once = std::sync::Once::new();
 pub fn set_fused(on: bool) {
     FROM_ENV.call_once(|| {});
     FUSED_CPU.store(on, Ordering::Relaxed);
+    FASTER_CPU.store(on, Ordering::Relaxed);
     FUSED_CUDA.store(on, Ordering::Relaxed);
     UNPROVEN_CUDA.store(if on { ALL_UNPROVEN } else { 0 }, Ordering::Relaxed);
 }
@@ -139,6 +171,7 @@ pub fn set_fused(on: bool) {
 pub fn set_fused_default() {
     set_fused(false);
     FUSED_CUDA.store(true, Ordering::Relaxed);
+    FASTER_CPU.store(true, Ordering::Relaxed);
 }
 
 /// The defaults, plus these families of the CUDA kernels not yet proven on a GPU.
@@ -155,7 +188,10 @@ fn from_env() {
             FUSED_CPU.store(true, Ordering::Relaxed);
             UNPROVEN_CUDA.store(ALL_UNPROVEN, Ordering::Relaxed);
         }
-        Ok("0") => FUSED_CUDA.store(false, Ordering::Relaxed),
+        Ok("0") => {
+            FUSED_CUDA.store(false, Ordering::Relaxed);
+            FASTER_CPU.store(false, Ordering::Relaxed);
+        }
         Ok(list) => match Unproven::parse_list(list) {
             Ok(families) => UNPROVEN_CUDA.store(families.iter().fold(0, |bits, f| bits | f.bit()), Ordering::Relaxed),
             Err(e) => tracing::warn!("DISTILL_FUSED_KERNELS: {e}; the defaults stay"),
@@ -172,6 +208,15 @@ fn fused_for(x: &Tensor) -> bool {
             candle_core::Device::Cuda(_) => cfg!(feature = "cuda") && FUSED_CUDA.load(Ordering::Relaxed),
             _ => false,
         }
+}
+
+/// Whether `x` (f32, on the CPU, in a forward pass that keeps no graph) takes a CPU kernel that
+/// is faster than the composite there (see [`FASTER_CPU`]), or every fused kernel is on.
+fn faster_on_cpu(x: &Tensor) -> bool {
+    from_env();
+    x.dtype() == DType::F32
+        && x.device().is_cpu()
+        && (FUSED_CPU.load(Ordering::Relaxed) || (FASTER_CPU.load(Ordering::Relaxed) && !crate::layers::grad_enabled()))
 }
 
 /// Whether a family of the kernels not yet proven on a GPU runs on `x`'s device: on the CPU with
@@ -362,10 +407,35 @@ impl CustomOp2 for GeluErfGrad {
 
 /// GELU, erf form (BERT's `gelu`), with its backward.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !fused_for(x) {
-        return x.gelu_erf();
+    if fused_for(x) {
+        return x.contiguous()?.apply_op1(GeluErf);
     }
-    x.contiguous()?.apply_op1(GeluErf)
+    if faster_on_cpu(x) {
+        return x.contiguous()?.apply_op1_no_bwd(&GeluErfScoring);
+    }
+    x.gelu_erf()
+}
+
+/// GELU (erf) for scoring on the CPU: candle's formula and erf, compiled for the widest vectors
+/// the CPU has (candle's map runs at the build's baseline, SSE2). No backward.
+struct GeluErfScoring;
+
+widest_vectors!(gelu_erf_widest(y: &mut [f32], x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = (candle_core::cpu::erf::erf_f32(x * FRAC_1_SQRT_2) + 1.0) * 0.5 * x;
+    }
+});
+
+impl CustomOp1 for GeluErfScoring {
+    fn name(&self) -> &'static str {
+        "distill-gelu-erf-scoring"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let y = map_rows(x, x.len().clamp(1, MIN_CHUNK), gelu_erf_widest);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -465,6 +535,36 @@ struct MaskedSoftmax {
     scale: f32,
 }
 
+/// One row of [`MaskedSoftmax`]: `y = softmax(x · scale + b)`, in loops without calls or a serial
+/// sum, so that each vectorises.
+#[inline(always)]
+fn masked_softmax_row(y: &mut [f32], x: &[f32], b: &[f32], scale: f32) {
+    for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+        *y = x * scale + b;
+    }
+    let max = y.iter().fold(f32::NEG_INFINITY, |m, &y| m.max(y));
+    let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
+    y.iter_mut().for_each(|y| *y = exp_f32(*y - max));
+    let inv = 1.0 / lanes_sum(y);
+    y.iter_mut().for_each(|y| *y *= inv);
+}
+
+widest_vectors!(masked_softmax_row_widest(y: &mut [f32], x: &[f32], b: &[f32], scale: f32) {
+    masked_softmax_row(y, x, b, scale)
+});
+
+/// The sum of `x` in eight interleaved partial sums (a serial f32 sum does not vectorise).
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
 impl CustomOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "distill-masked-softmax"
@@ -478,15 +578,7 @@ impl CustomOp2 for MaskedSoftmax {
         y.par_chunks_mut(cols).zip(x.par_chunks(cols)).enumerate().for_each(|(row, (y, x))| {
             let start = (row / per_batch) * batch_stride + (row % q_len) * row_stride;
             let b = &bias[start..start + cols];
-            let max = x.iter().zip(b).map(|(x, b)| x * self.scale + b).fold(f32::NEG_INFINITY, f32::max);
-            let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
-            let mut sum = 0f32;
-            for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
-                *y = (x * self.scale + b - max).exp();
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
+            masked_softmax_row_widest(y, x, b, self.scale);
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -524,7 +616,7 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
     let dtype = scores.dtype();
     let scores = scores.to_dtype(DType::F32)?;
     let bias = bias.to_dtype(DType::F32)?.detach();
-    let probs = if !fused_for(&scores) {
+    let probs = if !(fused_for(&scores) || faster_on_cpu(&scores)) {
         softmax_last_dim(&scores.affine(scale, 0.0)?.broadcast_add(&bias)?)?
     } else {
         scores.contiguous()?.apply_op2(&bias.contiguous()?, MaskedSoftmax { scale: scale as f32 })?
