@@ -286,49 +286,175 @@ fn random_ids(vocab: usize, batch: usize, seq: usize, dev: &Device) -> anyhow::R
     Ok((ids, types, mask))
 }
 
-fn main() -> anyhow::Result<()> {
-    distill_models::alloc::keep_freed_memory();
-    let args = Args::parse();
-    let dev = distill_models::parse_device(&args.device)?;
-    let kernels = match args.kernels.as_str() {
+/// Sets which kernels run (`--kernels`); returns how the table names the choice.
+fn set_kernels(choice: &str, dev: &Device) -> anyhow::Result<String> {
+    Ok(match choice {
         "auto" => {
             distill_models::kernels::set_fused_default();
-            if dev.is_cuda() {
-                "fused (proven on a GPU)"
-            } else {
-                "composite"
-            }
+            if dev.is_cuda() { "fused (proven on a GPU)" } else { "composite" }.to_string()
         }
         "fused" => {
             distill_models::kernels::set_fused(true);
-            "fused"
+            "fused".to_string()
         }
         "composite" => {
             distill_models::kernels::set_fused(false);
-            "composite"
+            "composite".to_string()
         }
         list => {
             let families = distill_models::kernels::Unproven::parse_list(list)
                 .map_err(|e| anyhow::anyhow!("--kernels {list}: auto, fused, composite or a list of families: {e}"))?;
             distill_models::kernels::set_unproven(&families);
-            list
+            list.to_string()
         }
+    })
+}
+
+/// `--check-kernels`: the fused kernels against the composite ops on `dev`.
+fn check_kernels(args: &Args, dev: &Device) -> anyhow::Result<()> {
+    let groups: Vec<&str> = args.check_only.iter().map(String::as_str).collect();
+    let checks = distill_models::kernels::check_against_composite(dev, &groups)?;
+    for line in &checks.lines {
+        println!("{line}");
+    }
+    let on = distill_models::device_name(dev);
+    anyhow::ensure!(
+        checks.bad.is_empty(),
+        "fused kernels differ from the composite ops on {on}: {}",
+        checks.bad.join("; ")
+    );
+    println!("fused kernels match the composite ops on {on}");
+    Ok(())
+}
+
+/// What one benchmark row is about.
+struct Bench<'a> {
+    args: &'a Args,
+    name: &'a str,
+    dev: &'a Device,
+    kernels: &'a str,
+}
+
+/// Scoring throughput (or, with `--op-stats`, what one batch dispatches).
+fn bench_score(b: &Bench, dtype: DType) -> anyhow::Result<serde_json::Value> {
+    let args = b.args;
+    let built = build(b.name, args.model.as_deref(), dtype, b.dev)?;
+    let (ids, types, mask) = random_ids(built.vocab, args.score_batch, args.seq, b.dev)?;
+    let score = || -> anyhow::Result<()> {
+        distill_models::layers::no_grad(|| built.backbone.forward(&ids, &types, &mask, false))?;
+        Ok(())
     };
+    let mode = format!("score-{}", args.score_dtype);
+    if args.op_stats {
+        let row = counted(args.op_times.then_some(b.dev), |phase| {
+            score()?;
+            phase("forward");
+            Ok(())
+        })?;
+        return Ok(counted_row(row, b.name, &mode, args.score_batch, args.seq, b.kernels));
+    }
+    let t = timed(b.dev, args.warmup, args.iters, score)?;
+    let n = args.score_batch as f64;
+    Ok(serde_json::json!({"model": b.name, "mode": mode, "params": built.params,
+        "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": b.kernels,
+        "first_token_only": args.first_token_only,
+        "tflops": 2.0 * built.params as f64 * n * args.seq as f64 / t / 1e12}))
+}
+
+/// Training-step throughput: forward, a MarginMSE-like loss on pairs, backward, clipping as the
+/// trainer does it (the norm and the coefficient on the device, the update scaling inside: no
+/// host read in the step) and AdamW; with `--op-stats`, what one step dispatches by phase.
+fn bench_train(b: &Bench) -> anyhow::Result<serde_json::Value> {
+    let args = b.args;
+    let built = build(b.name, args.model.as_deref(), DType::F32, b.dev)?;
+    let mut opt = AdamW::new(&built.varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
+    let (ids, types, mask) = random_ids(built.vocab, args.train_batch, args.seq, b.dev)?;
+    let target = Tensor::randn(0f32, 1.0, args.train_batch / 2, b.dev)?;
+    let _modes = distill_models::layers::TrainingModes::set(
+        distill_models::parse_precision(&args.train_precision)?,
+        args.freeze_word_embeddings,
+    );
+    let loss = || -> anyhow::Result<Tensor> {
+        let s = built.backbone.forward(&ids, &types, &mask, true)?.reshape((args.train_batch / 2, 2))?;
+        let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
+        Ok((margin - &target)?.sqr()?.mean_all()?)
+    };
+    let mut update = |g: &candle_core::backprop::GradStore| -> anyhow::Result<()> {
+        let grads = opt.grads(g);
+        let clip = grads.clip_on_device(1.0)?;
+        opt.update_scaled(&grads, 1e-5, clip.as_ref().map(|(_, coef)| coef))?;
+        Ok(())
+    };
+    let mode = format!("train-{}", args.train_precision);
+    if args.op_stats {
+        let row = counted(args.op_times.then_some(b.dev), |phase| {
+            let l = loss()?;
+            phase("forward");
+            let g = l.backward()?;
+            phase("backward");
+            update(&g)?;
+            phase("optimizer");
+            Ok(())
+        })?;
+        return Ok(counted_row(row, b.name, &mode, args.train_batch, args.seq, b.kernels));
+    }
+    let t = timed(b.dev, args.warmup, args.iters, || update(&loss()?.backward()?))?;
+    let (fwd, fwd_bwd) = if args.breakdown { breakdown(b, &loss)? } else { (f64::NAN, f64::NAN) };
+    let n = args.train_batch as f64;
+    Ok(serde_json::json!({"model": b.name, "mode": mode, "params": built.params, "batch": args.train_batch,
+        "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": b.kernels,
+        "first_token_only": args.first_token_only, "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
+        "tflops": 6.0 * built.params as f64 * n * args.seq as f64 / t / 1e12}))
+}
+
+/// Where a training step's time goes: the forward pass (keeping the graph), and forward + backward.
+fn breakdown(b: &Bench, loss: &dyn Fn() -> anyhow::Result<Tensor>) -> anyhow::Result<(f64, f64)> {
+    let iters = b.args.iters.min(5);
+    let fwd = timed(b.dev, 1, iters, || loss().map(drop))?;
+    let fwd_bwd = timed(b.dev, 1, iters, || loss()?.backward().map(drop).map_err(Into::into))?;
+    Ok((fwd, fwd_bwd))
+}
+
+/// The tables printed after the JSON lines.
+fn print_tables(rows: &[serde_json::Value], op_stats: bool) {
+    if op_stats {
+        println!(
+            "\n{:<16} {:<15} {:>6} {:>10} {:>12} {:>10}",
+            "model", "mode", "batch", "operations", "GB moved", "matmul TF"
+        );
+        for r in rows {
+            println!(
+                "{:<16} {:<15} {:>6} {:>10} {:>12.3} {:>10.3}",
+                r["model"].as_str().unwrap_or_default(),
+                r["mode"].as_str().unwrap_or_default(),
+                r["batch"].as_u64().unwrap_or_default(),
+                r["calls"].as_u64().unwrap_or_default(),
+                r["bytes"].as_f64().unwrap_or_default() / 1e9,
+                r["flops"].as_f64().unwrap_or_default() / 1e12
+            );
+        }
+    }
+    println!("\n{:<16} {:<15} {:>9} {:>10} {:>8}", "model", "mode", "params(M)", "pairs/s", "TFLOP/s");
+    for r in rows.iter().filter(|r| r.get("pairs_per_s").is_some()) {
+        println!(
+            "{:<16} {:<15} {:>9.1} {:>10.0} {:>8.2}",
+            r["model"].as_str().unwrap_or_default(),
+            r["mode"].as_str().unwrap_or_default(),
+            r["params"].as_f64().unwrap_or_default() / 1e6,
+            r["pairs_per_s"].as_f64().unwrap_or_default(),
+            r["tflops"].as_f64().unwrap_or_default()
+        );
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    distill_models::alloc::keep_freed_memory();
+    let args = Args::parse();
+    let dev = distill_models::parse_device(&args.device)?;
+    let kernels = set_kernels(&args.kernels, &dev)?;
     distill_models::layers::first_token_only(args.first_token_only);
     if args.check_kernels {
-        let groups: Vec<&str> = args.check_only.iter().map(String::as_str).collect();
-        let checks = distill_models::kernels::check_against_composite(&dev, &groups)?;
-        for line in &checks.lines {
-            println!("{line}");
-        }
-        let on = distill_models::device_name(&dev);
-        anyhow::ensure!(
-            checks.bad.is_empty(),
-            "fused kernels differ from the composite ops on {on}: {}",
-            checks.bad.join("; ")
-        );
-        println!("fused kernels match the composite ops on {on}");
-        return Ok(());
+        return check_kernels(&args, &dev);
     }
     let score_dtype = match args.score_dtype.as_str() {
         "f32" => DType::F32,
@@ -346,125 +472,17 @@ fn main() -> anyhow::Result<()> {
     };
     let mut rows = Vec::new();
     for name in &names {
+        let bench = Bench { args: &args, name, dev: &dev, kernels: &kernels };
         if args.modes.iter().any(|m| m == "score") {
-            let b = build(name, args.model.as_deref(), score_dtype, &dev)?;
-            let (ids, types, mask) = random_ids(b.vocab, args.score_batch, args.seq, &dev)?;
-            let score = || -> anyhow::Result<()> {
-                distill_models::layers::no_grad(|| b.backbone.forward(&ids, &types, &mask, false))?;
-                Ok(())
-            };
-            let mode = format!("score-{}", args.score_dtype);
-            if args.op_stats {
-                let row = counted(args.op_times.then_some(&dev), |phase| {
-                    score()?;
-                    phase("forward");
-                    Ok(())
-                })?;
-                rows.push(counted_row(row, name, &mode, args.score_batch, args.seq, kernels));
-            } else {
-                let t = timed(&dev, args.warmup, args.iters, score)?;
-                let n = args.score_batch as f64;
-                rows.push(serde_json::json!({"model": name, "mode": mode, "params": b.params,
-                    "batch": args.score_batch, "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
-                    "first_token_only": args.first_token_only,
-                    "tflops": 2.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}));
-            }
-            println!("{}", rows.last().unwrap());
+            rows.push(bench_score(&bench, score_dtype)?);
+            println!("{}", rows[rows.len() - 1]);
         }
         if args.modes.iter().any(|m| m == "train") {
-            let b = build(name, args.model.as_deref(), DType::F32, &dev)?;
-            let mut opt = AdamW::new(&b.varmap, AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
-            let (ids, types, mask) = random_ids(b.vocab, args.train_batch, args.seq, &dev)?;
-            let target = Tensor::randn(0f32, 1.0, args.train_batch / 2, &dev)?;
-            distill_models::layers::autocast(distill_models::parse_precision(&args.train_precision)?);
-            distill_models::layers::freeze_word_embeddings(args.freeze_word_embeddings);
-            let loss = || -> anyhow::Result<Tensor> {
-                let s = b.backbone.forward(&ids, &types, &mask, true)?.reshape((args.train_batch / 2, 2))?;
-                let margin = (s.narrow(1, 0, 1)?.squeeze(1)? - s.narrow(1, 1, 1)?.squeeze(1)?)?;
-                Ok((margin - &target)?.sqr()?.mean_all()?)
-            };
-            // Clipping as the trainer does it: the norm and the coefficient on the device, the
-            // update scaling inside (no host read in the step).
-            let step = || -> anyhow::Result<()> {
-                let grads = opt.grads(&loss()?.backward()?);
-                let clip = grads.clip_on_device(1.0)?;
-                opt.update_scaled(&grads, 1e-5, clip.as_ref().map(|(_, coef)| coef))?;
-                Ok(())
-            };
-            let mode = format!("train-{}", args.train_precision);
-            if args.op_stats {
-                let row = counted(args.op_times.then_some(&dev), |phase| {
-                    let l = loss()?;
-                    phase("forward");
-                    let g = l.backward()?;
-                    phase("backward");
-                    let grads = opt.grads(&g);
-                    let clip = grads.clip_on_device(1.0)?;
-                    opt.update_scaled(&grads, 1e-5, clip.as_ref().map(|(_, coef)| coef))?;
-                    phase("optimizer");
-                    Ok(())
-                })?;
-                distill_models::layers::autocast(None);
-                distill_models::layers::freeze_word_embeddings(false);
-                rows.push(counted_row(row, name, &mode, args.train_batch, args.seq, kernels));
-                println!("{}", rows.last().unwrap());
-                continue;
-            }
-            let t = timed(&dev, args.warmup, args.iters, step)?;
-            // Where the step's time goes: the forward pass (keeping the graph) and forward + backward.
-            let (fwd, fwd_bwd) = if args.breakdown {
-                let fwd = timed(&dev, 1, args.iters.min(5), || {
-                    loss()?;
-                    Ok(())
-                })?;
-                let fwd_bwd = timed(&dev, 1, args.iters.min(5), || {
-                    loss()?.backward()?;
-                    Ok(())
-                })?;
-                (fwd, fwd_bwd)
-            } else {
-                (f64::NAN, f64::NAN)
-            };
-            distill_models::layers::autocast(None);
-            distill_models::layers::freeze_word_embeddings(false);
-            let n = args.train_batch as f64;
-            rows.push(
-                serde_json::json!({"model": name, "mode": mode, "params": b.params, "batch": args.train_batch,
-                "seq": args.seq, "s": t, "pairs_per_s": n / t, "kernels": kernels,
-                "first_token_only": args.first_token_only, "forward_s": fwd, "backward_s": fwd_bwd - fwd, "optimizer_s": t - fwd_bwd,
-                "tflops": 6.0 * b.params as f64 * n * args.seq as f64 / t / 1e12}),
-            );
-            println!("{}", rows.last().unwrap());
+            rows.push(bench_train(&bench)?);
+            println!("{}", rows[rows.len() - 1]);
         }
     }
-    if args.op_stats {
-        println!(
-            "\n{:<16} {:<15} {:>6} {:>10} {:>12} {:>10}",
-            "model", "mode", "batch", "operations", "GB moved", "matmul TF"
-        );
-        for r in &rows {
-            println!(
-                "{:<16} {:<15} {:>6} {:>10} {:>12.3} {:>10.3}",
-                r["model"].as_str().unwrap_or_default(),
-                r["mode"].as_str().unwrap_or_default(),
-                r["batch"],
-                r["calls"],
-                r["bytes"].as_f64().unwrap_or_default() / 1e9,
-                r["flops"].as_f64().unwrap_or_default() / 1e12
-            );
-        }
-    }
-    println!("\n{:<16} {:<15} {:>9} {:>10} {:>8}", "model", "mode", "params(M)", "pairs/s", "TFLOP/s");
-    for r in rows.iter().filter(|r| r.get("pairs_per_s").is_some()) {
-        println!(
-            "{:<16} {:<15} {:>9.1} {:>10.0} {:>8.2}",
-            r["model"].as_str().unwrap_or_default(),
-            r["mode"].as_str().unwrap_or_default(),
-            r["params"].as_f64().unwrap_or_default() / 1e6,
-            r["pairs_per_s"].as_f64().unwrap_or_default(),
-            r["tflops"].as_f64().unwrap_or_default()
-        );
-    }
+    print_tables(&rows, args.op_stats);
     if let Some(path) = &args.json {
         let device = format!("{:?}", dev.location());
         std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({"device": device, "rows": rows}))?)?;
