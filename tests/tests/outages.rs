@@ -5,6 +5,8 @@
 
 use distill_e2e::*;
 use distill_proto as pb;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -176,4 +178,96 @@ async fn an_evaluation_job_waits_out_an_s3_outage() {
         let (a, b) = (s3.file_of(&format!("through/{file}")), s3.file_of(&format!("undisturbed/{file}")));
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "{file} differs after the outage");
     }
+}
+
+/// A TCP proxy in front of the S3 server that, once told to, holds PUTs of progress records: it
+/// neither passes them on nor answers, so that the client's request times out (object_store's
+/// default request timeout, 30 s).
+struct CuttingProxy {
+    endpoint: String,
+    /// PUTs still to cut off.
+    to_cut: Arc<AtomicUsize>,
+}
+
+impl CuttingProxy {
+    async fn start(upstream: &str) -> CuttingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let to_cut = Arc::new(AtomicUsize::new(0));
+        let (cuts, upstream) = (to_cut.clone(), upstream.trim_start_matches("http://").to_string());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::pipe(client, upstream.clone(), cuts.clone()));
+            }
+        });
+        CuttingProxy { endpoint, to_cut }
+    }
+
+    async fn pipe(mut client: tokio::net::TcpStream, upstream: String, cuts: Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+        let (mut from_client, mut from_server) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        loop {
+            tokio::select! {
+                read = client.read(&mut from_client) => {
+                    let Ok(n @ 1..) = read else { return };
+                    let take = || cuts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1)).is_ok();
+                    if is_progress_put(&from_client[..n]) && take() {
+                        // Never passed on nor answered: the client's request times out.
+                        while let Ok(1..) = client.read(&mut from_client).await {}
+                        return;
+                    }
+                    if server.write_all(&from_client[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                read = server.read(&mut from_server) => {
+                    let Ok(n @ 1..) = read else { return };
+                    if client.write_all(&from_server[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `request` starts a PUT of a shard's progress record (`_progress/…json`, put-if-absent).
+fn is_progress_put(request: &[u8]) -> bool {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    line.starts_with("PUT ")
+        && line.split(' ').nth(1).is_some_and(|p| p.contains("/_progress/") && p.ends_with(".json"))
+}
+
+/// A write cut off in transit (here: no answer within the request timeout) is sent again:
+/// object_store leaves such a PUT to its caller (to it a PUT is not idempotent: the first may have
+/// been written); distill's writes may be repeated (a put-if-absent finds its own bytes). Without
+/// that, the shard's commit fails the job. The job goes on in the same attempt with the undisturbed rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_labelling_job_sends_writes_cut_off_in_transit_again() {
+    let s3 = S3Server::start("distill");
+    let proxy = CuttingProxy::start(&s3.endpoint).await;
+    let f = Fixture::new(400, 25);
+    let bucket = format!("s3://{}", s3.bucket);
+    let env: Vec<(&str, String)> = s3
+        .env()
+        .into_iter()
+        .map(|(k, v)| if k == "AWS_ENDPOINT_URL" { (k, proxy.endpoint.clone()) } else { (k, v) })
+        .collect();
+    let svc = Service::teacher(format!("{bucket}/teacher"), &["--allow-location", &bucket], &env);
+    let mut client = svc.client().await;
+    let uri = format!("{bucket}/datasets/cut-off");
+    let id = client.start_labeling(tiny_shards_spec(&f, &uri, 3, "cut")).await.unwrap().into_inner().id;
+    wait_until(&mut client, &id, "2 shards were committed", |p| p.shards >= 2).await;
+    proxy.to_cut.store(1, Ordering::SeqCst);
+    let job = wait_job(&mut client, &id, TIMEOUT).await;
+    assert_succeeded(&job);
+    assert_eq!(job.resumes, 0, "the same attempt went on");
+    assert_eq!(proxy.to_cut.load(Ordering::SeqCst), 0, "the cut happened: make the job longer");
+
+    let full = format!("{bucket}/datasets/undisturbed");
+    let full_id = client.start_labeling(tiny_shards_spec(&f, &full, 3, "cut")).await.unwrap().into_inner().id;
+    assert_succeeded(&wait_job(&mut client, &full_id, TIMEOUT).await);
+    assert_eq!(rows(&uri, &s3), rows(&full, &s3), "no row lost or written twice");
 }

@@ -96,6 +96,42 @@ pub fn set_retries(retries: Retries) -> bool {
     RETRIES.set(retries).is_ok()
 }
 
+/// Runs a write, and again while it fails cut off in transit ([`cut_off_in_transit`]), with the
+/// backoff and time bound of [`Retries`]. object_store retries a request whose connection broke or
+/// timed out only when the request is idempotent, and a PUT is not to it (the first try may have
+/// reached the store); ours may be sent again: `put` writes the same bytes, and `put_if_absent`
+/// counts an object holding its bytes as its own write.
+async fn resend_cut_off<T, F: std::future::Future<Output = object_store::Result<T>>>(
+    write: impl Fn() -> F,
+) -> object_store::Result<T> {
+    let bound = RETRIES.get_or_init(Retries::from_env).timeout;
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        match write().await {
+            Err(e) if cut_off_in_transit(&e) && started.elapsed() + pause < bound => {
+                tracing::info!(error = %e, "a write was cut off in transit: sending it again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(15));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether `e` is a request that broke off or timed out after it was sent (no answer came).
+fn cut_off_in_transit(e: &object_store::Error) -> bool {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HttpError>() {
+            return matches!(h.kind(), HttpErrorKind::Interrupted | HttpErrorKind::Timeout);
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn retry_config() -> object_store::RetryConfig {
     let r = *RETRIES.get_or_init(Retries::from_env);
     object_store::RetryConfig {
@@ -246,7 +282,10 @@ impl Location {
 
     /// Writes (or replaces) an object, durably (see [`Location::sync`]).
     pub async fn put(&self, name: &str, data: Bytes) -> Result<()> {
-        self.store.put(&self.path(name), PutPayload::from(data)).await.map_err(|e| self.err(name, e))?;
+        let path = self.path(name);
+        resend_cut_off(|| self.store.put(&path, PutPayload::from(data.clone())))
+            .await
+            .map_err(|e| self.err(name, e))?;
         self.sync(name).await
     }
 
@@ -275,7 +314,8 @@ impl Location {
     /// outage) finds its own write.
     pub async fn put_if_absent(&self, name: &str, data: Bytes) -> Result<()> {
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&self.path(name), PutPayload::from(data.clone()), opts).await {
+        let path = self.path(name);
+        match resend_cut_off(|| self.store.put_opts(&path, PutPayload::from(data.clone()), opts.clone())).await {
             Ok(_) => {}
             Err(e) => {
                 let err = self.err(name, e);
@@ -500,6 +540,19 @@ mod tests {
             Err(_) => Err(std::io::Error::other("open failed")),
         };
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn writes_cut_off_in_transit_are_told_apart_from_other_failures() {
+        use object_store::client::{HttpError, HttpErrorKind};
+        let failed = |kind| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(kind, std::io::Error::from(std::io::ErrorKind::ConnectionReset))),
+        };
+        assert!(cut_off_in_transit(&failed(HttpErrorKind::Interrupted)));
+        assert!(cut_off_in_transit(&failed(HttpErrorKind::Timeout)));
+        assert!(!cut_off_in_transit(&failed(HttpErrorKind::Decode)));
+        assert!(!cut_off_in_transit(&object_store::Error::NotFound { path: "x".into(), source: "gone".into() }));
     }
 
     #[tokio::test]
