@@ -73,6 +73,16 @@ async fn a_sweep_tables_its_cells_and_resumes() {
     let svg = std::fs::read_to_string(format!("{out}/results.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains(">margin_mse<"), "{svg}");
     assert_eq!(svg.matches("class=\"whisker\"").count(), 2, "a bar with its whisker per objective");
+    // One smoothed loss curve per cell: as many points as its metrics.jsonl has loss records.
+    let curves = std::fs::read_to_string(format!("{out}/learning_curves.svg")).unwrap();
+    assert!(curves.starts_with("<svg") && curves.trim_end().ends_with("</svg>"), "{curves}");
+    assert_eq!(curves.matches("<polyline").count(), 4, "{curves}");
+    let history = std::fs::read_to_string(format!("{out}/cells/bce_b0_l0_lr2e-3_s1_d0/student/metrics.jsonl")).unwrap();
+    let losses = history.lines().filter(|l| l.contains("\"loss\"")).count();
+    assert!(losses >= 1, "{history}");
+    assert!(curves.contains(">bce_b0_l0_lr2e-3_s1_d0<"), "{curves}");
+    let line = curves.lines().find(|l| l.starts_with("<polyline")).unwrap();
+    assert_eq!(line.split("points=\"").nth(1).unwrap().split_whitespace().count(), losses, "{line}");
 
     // Run again: everything is done.
     let (_, stderr) = sweep(&f, &trainer, &dataset, &out);

@@ -5,7 +5,8 @@
 //! `results.md` and `results.json`, rows objectives, columns the other settings, mean ± std over
 //! seeds, marked where a cell differs significantly (paired t-test over the test queries on the
 //! seeds' mean per query, p < 0.05) from the BCE row (†) and from the first stage (‡); and
-//! `results.svg`, the means as bars with ± std whiskers.
+//! `results.svg`, the means as bars with ± std whiskers; `learning_curves.svg`, every cell's
+//! training loss against steps (its `metrics.jsonl`), smoothed.
 
 use crate::client::{Connection, JobControl, Trainer};
 use crate::evaluate::EvalSource;
@@ -250,6 +251,7 @@ async fn results(a: &SweepArgs, out: &Location, cells: &[Cell]) -> anyhow::Resul
         .collect();
     let svg = bars_svg(&metrics[0].name, &bars, mean_std(&first_stage.per_seed).0);
     out.put("results.svg", svg.into_bytes().into()).await?;
+    out.put("learning_curves.svg", learning_curves(out, cells).await?.into_bytes().into()).await?;
     let json = serde_json::json!({
         "metric": metrics[0].name, "first_stage": mean_std(&first_stage.per_seed).0,
         "cells": cell_json, "table": table_json,
@@ -257,6 +259,47 @@ async fn results(a: &SweepArgs, out: &Location, cells: &[Cell]) -> anyhow::Resul
     out.put("results.json", serde_json::to_vec_pretty(&json)?.into()).await?;
     out.put("results.md", md.clone().into_bytes().into()).await?;
     Ok(md)
+}
+
+/// Weight of the previous value in the learning curves' exponential moving average.
+const SMOOTHING: f64 = 0.8;
+
+/// Every cell's training loss against steps (from its `metrics.jsonl`), smoothed, on one chart.
+async fn learning_curves(out: &Location, cells: &[Cell]) -> anyhow::Result<String> {
+    let mut series = Vec::new();
+    for cell in cells {
+        let history = match out.child(&format!("cells/{}/student", cell.id())).get("metrics.jsonl").await {
+            Ok(bytes) => bytes,
+            Err(distill_store::StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        series.push((cell.id(), smoothed(&loss_points(&history))));
+    }
+    let refs: Vec<(&str, &[(f64, f64)])> = series.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
+    let title = format!("training loss (moving average, weight {SMOOTHING} on the past)");
+    Ok(distill_eval::plot::line_chart(&title, "step", "loss", &refs))
+}
+
+/// The (step, loss) records of a trainer's `metrics.jsonl` (lines that are not JSON skipped).
+fn loss_points(jsonl: &[u8]) -> Vec<(f64, f64)> {
+    String::from_utf8_lossy(jsonl)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| Some((r["step"].as_f64()?, r["loss"].as_f64()?)))
+        .collect()
+}
+
+/// An exponential moving average of the y values ([`SMOOTHING`] on the past), starting at the first.
+fn smoothed(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut avg = None;
+    points
+        .iter()
+        .map(|&(x, y)| {
+            let a = avg.map_or(y, |a: f64| SMOOTHING * a + (1.0 - SMOOTHING) * y);
+            avg = Some(a);
+            (x, a)
+        })
+        .collect()
 }
 
 /// Metric `m` of every query.
@@ -371,5 +414,20 @@ fn column_name(a: &SweepArgs, (dataset, backbone, layers, lr): &Setting) -> Stri
         "all".into()
     } else {
         parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_learning_curves_are_a_moving_average_of_the_loss_records() {
+        let jsonl = b"{\"step\": 10, \"loss\": 1.0}\nnot json\n{\"step\": 10, \"eval_ndcg@10\": 0.5}\n{\"step\": 20, \"loss\": 0.0}\n";
+        let points = loss_points(jsonl);
+        assert_eq!(points, vec![(10.0, 1.0), (20.0, 0.0)]);
+        let s = smoothed(&points);
+        assert_eq!(s[0], (10.0, 1.0));
+        assert!((s[1].1 - SMOOTHING).abs() < 1e-12, "{s:?}");
     }
 }

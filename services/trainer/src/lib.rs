@@ -19,7 +19,6 @@ pub mod error;
 pub mod evaluation;
 pub mod limits;
 pub mod objectives;
-pub mod plot;
 pub mod service;
 pub mod teacher_link;
 pub mod training;

@@ -17,11 +17,11 @@
 use crate::data::{self, Batch, GroupOptions, Position, StreamOptions};
 use crate::evaluation::EvalData;
 use crate::objectives::{Objective, ScoreGroups};
-use crate::plot;
 use crate::teacher_link::TeacherJob;
 use crate::Error;
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
+use distill_eval::plot;
 use distill_jobs::{JobEntry, Jobs};
 use distill_models::optim::{AdamW, AdamWConfig, Grads};
 use distill_models::CrossEncoder;

@@ -19,8 +19,9 @@
 //! | `p@k` | `P_k` | relevant in the top k / k |
 //!
 //! [`significance`] compares runs' per-query values: paired t-test, randomization test,
-//! corrections for several comparisons.
+//! corrections for several comparisons. [`plot`] draws loss and metric curves as SVG.
 
+pub mod plot;
 pub mod significance;
 
 use distill_formats::{sort_trec_eval, Qrels, RankedList};
