@@ -119,6 +119,8 @@ impl AdamW {
         }
         drop(items);
         drop(listed);
+        // The scale as a number for the in-place CPU update: read once per step, not per tensor.
+        let cpu_scale = if first.var.device().is_cpu() { Some(fused_scale.to_vec1::<f32>()?[0]) } else { None };
         for (p, g) in self.params.iter_mut().zip(&grads.0) {
             let Some(g) = g else { continue };
             let g = g.to_dtype(DType::F32)?.detach();
@@ -141,8 +143,7 @@ impl AdamW {
             {
                 continue;
             }
-            if p.var.dtype() == DType::F32 && p.var.device().is_cpu() {
-                let s = fused_scale.to_vec1::<f32>()?[0];
+            if let (DType::F32, Some(s)) = (p.var.dtype(), cpu_scale) {
                 let k = [decay, c.beta1, c.beta2, bc2, lr / bc1, c.eps].map(|x| x as f32);
                 update_on_cpu(p.var.as_tensor(), &p.m, &p.v, &g.contiguous()?, s, k)?;
                 continue;

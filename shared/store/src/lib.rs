@@ -96,6 +96,10 @@ pub fn set_retries(retries: Retries) -> bool {
     RETRIES.set(retries).is_ok()
 }
 
+/// The pause before the first retry of an S3 call, and the longest between two.
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
+const LONGEST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Runs a write, and again while it fails cut off in transit ([`cut_off_in_transit`]), with the
 /// backoff and time bound of [`Retries`]. object_store retries a request whose connection broke or
 /// timed out only when the request is idempotent, and a PUT is not to it (the first try may have
@@ -106,13 +110,13 @@ async fn resend_cut_off<T, F: std::future::Future<Output = object_store::Result<
 ) -> object_store::Result<T> {
     let bound = RETRIES.get_or_init(Retries::from_env).timeout;
     let started = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(500);
+    let mut pause = FIRST_BACKOFF;
     loop {
         match write().await {
             Err(e) if cut_off_in_transit(&e) && started.elapsed() + pause < bound => {
                 tracing::info!(error = %e, "a write was cut off in transit: sending it again in {pause:?}");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(15));
+                pause = (pause * 2).min(LONGEST_BACKOFF);
             }
             done => return done,
         }
@@ -137,11 +141,7 @@ fn retry_config() -> object_store::RetryConfig {
     object_store::RetryConfig {
         max_retries: r.max_retries,
         retry_timeout: r.timeout,
-        backoff: object_store::BackoffConfig {
-            init_backoff: std::time::Duration::from_millis(500),
-            max_backoff: std::time::Duration::from_secs(15),
-            base: 3.0,
-        },
+        backoff: object_store::BackoffConfig { init_backoff: FIRST_BACKOFF, max_backoff: LONGEST_BACKOFF, base: 3.0 },
     }
 }
 
